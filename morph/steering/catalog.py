@@ -1,0 +1,156 @@
+"""The feature catalog: named features for one model, from `features.json` manifests.
+
+Manifests live in `vectors/<model-id>/features.json` (shipped with morph) and in the
+user's data dir (`morph vectors build` output); a user entry overrides a shipped one with
+the same name and method. Names resolve to the SAE feature when both an SAE and a
+diffmean version exist; `formal@diffmean` names the method explicitly.
+
+Scales are fractions of the layer's residual norm: vector files store the direction
+stretched to that norm (see vector.residual_relative), so `formal=0.3` adds 30% of it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from morph import paths
+from morph.errors import MorphError
+from morph.steering.vector import ControlVector, combine, split_scale
+
+MANIFEST = "features.json"
+METHOD_PREFERENCE = ("sae", "diffmean")  # which method a bare name picks first
+
+
+@dataclass
+class Feature:
+    name: str
+    description: str
+    method: str  # "sae" | "diffmean" | other producers
+    file: str  # relative to the manifest's directory
+    layer: int
+    default_scale: float
+    residual_norm: float | None = None
+    latents: list[int] = field(default_factory=list)
+    latent_weights: list[float] = field(default_factory=list)
+    explanation: str = ""
+    scores: dict[str, Any] = field(default_factory=dict)
+    source: str = ""  # "shipped" | "user" (not stored)
+    path: Path | None = None  # resolved vector file (not stored)
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}@{self.method}"
+
+    def load_vector(self) -> ControlVector:
+        assert self.path is not None
+        return ControlVector.load(self.path)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d.pop("source")
+        d.pop("path")
+        return d
+
+
+def _read_manifest(directory: Path, source: str) -> list[Feature]:
+    path = directory / MANIFEST
+    if not path.is_file():
+        return []
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise MorphError(f"{path}: unreadable features manifest ({e})") from None
+    out = []
+    known = set(Feature.__dataclass_fields__) - {"source", "path"}
+    for entry in raw.get("features", []):
+        kw = {k: v for k, v in entry.items() if k in known}
+        try:
+            f = Feature(**kw)
+        except TypeError as e:
+            raise MorphError(f"{path}: bad feature entry {entry.get('name')!r} ({e})") from None
+        f.source = source
+        f.path = directory / f.file
+        out.append(f)
+    return out
+
+
+def write_entries(directory: Path, features: Iterable[Feature], model_id: str, extra: dict | None = None) -> Path:
+    """Merge `features` into directory/features.json (same name+method replaced), atomically."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / MANIFEST
+    current: dict = {"model_id": model_id, "features": []}
+    if path.is_file():
+        current = json.loads(path.read_text(encoding="utf-8"))
+    new = {f.key: f.to_json() for f in features}
+    kept = [e for e in current.get("features", []) if f"{e['name']}@{e['method']}" not in new]
+    current["features"] = sorted(kept + list(new.values()), key=lambda e: (e["name"], e["method"]))
+    current["model_id"] = model_id
+    if extra:
+        current.update(extra)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".features.", suffix=".json")
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        json.dump(current, fh, indent=2, sort_keys=False)
+        fh.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+class Catalog:
+    def __init__(self, model_id: str, dirs: list[tuple[Path, str]] | None = None):
+        self.model_id = model_id
+        if dirs is None:
+            dirs = [
+                (paths.shipped_vectors_dir() / model_id, "shipped"),
+                (paths.user_vectors_dir() / model_id, "user"),
+            ]
+        by_key: dict[str, Feature] = {}
+        for d, source in dirs:  # later dirs override earlier ones
+            for f in _read_manifest(d, source):
+                by_key[f.key] = f
+        self.features = sorted(by_key.values(), key=lambda f: (f.name, METHOD_PREFERENCE.index(f.method) if f.method in METHOD_PREFERENCE else 9))
+
+    def names(self) -> list[str]:
+        return sorted({f.name for f in self.features})
+
+    def get(self, spec: str) -> Feature:
+        """`formal` (preferred method) or `formal@diffmean`."""
+        name, _, method = spec.partition("@")
+        cands = [f for f in self.features if f.name == name and (not method or f.method == method)]
+        if not cands:
+            avail = ", ".join(self.names()) or "none"
+            if method and any(f.name == name for f in self.features):
+                methods = ", ".join(f.method for f in self.features if f.name == name)
+                raise MorphError(f"feature {name!r} has no {method!r} version (has: {methods})")
+            raise MorphError(f"unknown feature {name!r} for {self.model_id} (available: {avail})")
+        return cands[0]  # sorted by METHOD_PREFERENCE
+
+    def search(self, query: str) -> list[Feature]:
+        q = query.lower()
+        return [
+            f for f in self.features
+            if q in f.name.lower() or q in f.description.lower() or q in f.explanation.lower()
+        ]
+
+    def vector(self, profile: dict[str, float | None]) -> ControlVector | None:
+        """Scaled sum of the profile's features (scale None = the feature's default)."""
+        parts = []
+        for spec, scale in profile.items():
+            f = self.get(spec)
+            parts.append((f.load_vector(), f.default_scale if scale is None else float(scale)))
+        return combine(parts)
+
+
+def parse_feature_args(specs: Iterable[str]) -> dict[str, float | None]:
+    """`-f formal -f concise=0.2` -> {"formal": None, "concise": 0.2} (None: default scale)."""
+    out: dict[str, float | None] = {}
+    for spec in specs:
+        name, scale = split_scale(spec, default=None)
+        if not name:
+            raise MorphError(f"{spec!r}: empty feature name")
+        out[name] = scale
+    return out

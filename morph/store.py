@@ -1,0 +1,163 @@
+"""SQLite history: $XDG_DATA_HOME/tinymorph/morph.db (stdlib sqlite3, WAL).
+
+Schema changes are an ordered list of small migration functions; `user_version` records
+how many ran. Logging must never cost the user their output: `safe()` turns a locked or
+corrupt database into one warning line on stderr.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from morph import paths
+
+
+def _m1_core(db: sqlite3.Connection) -> None:
+    db.executescript(
+        """
+        CREATE TABLE runs (
+            id INTEGER PRIMARY KEY,
+            ts REAL NOT NULL,
+            command TEXT NOT NULL,          -- steer | serve | ...
+            model TEXT,
+            features TEXT,                  -- JSON {name: scale}
+            mode TEXT,
+            input TEXT,
+            output TEXT,
+            finish_reason TEXT,
+            ttft_s REAL,
+            tok_per_s REAL,
+            prompt_tokens INTEGER,
+            gen_tokens INTEGER,
+            timings TEXT                    -- JSON, the engine's Timings
+        );
+        CREATE INDEX runs_ts ON runs(ts);
+
+        CREATE TABLE documents (
+            id INTEGER PRIMARY KEY,
+            path TEXT NOT NULL UNIQUE,      -- absolute path of the user's file
+            profile TEXT,                   -- JSON {feature: scale}, restored on reopen
+            created REAL NOT NULL,
+            updated REAL NOT NULL
+        );
+        CREATE TABLE versions (
+            id INTEGER PRIMARY KEY,
+            document_id INTEGER NOT NULL REFERENCES documents(id),
+            ts REAL NOT NULL,
+            content TEXT NOT NULL,
+            sha256 TEXT NOT NULL
+        );
+        CREATE INDEX versions_doc ON versions(document_id, ts);
+        CREATE TABLE suggestions (
+            id INTEGER PRIMARY KEY,
+            document_id INTEGER REFERENCES documents(id),
+            ts REAL NOT NULL,
+            action TEXT NOT NULL,           -- accepted | word | line | dismissed | cancelled
+            text TEXT NOT NULL,             -- the whole suggestion shown
+            accepted TEXT,                  -- the part taken into the document
+            features TEXT,
+            ttft_s REAL,
+            tok_per_s REAL
+        );
+
+        CREATE TABLE repl_sessions (
+            id INTEGER PRIMARY KEY,
+            started REAL NOT NULL,
+            model TEXT,
+            mode TEXT,
+            features TEXT,
+            title TEXT
+        );
+        CREATE TABLE repl_turns (
+            id INTEGER PRIMARY KEY,
+            session_id INTEGER NOT NULL REFERENCES repl_sessions(id),
+            ts REAL NOT NULL,
+            role TEXT NOT NULL,             -- user | assistant | note
+            content TEXT NOT NULL,
+            features TEXT,
+            timings TEXT
+        );
+        CREATE INDEX repl_turns_session ON repl_turns(session_id, id);
+        """
+    )
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_m1_core]
+
+
+def connect(path: Path | None = None, timeout: float = 2.0) -> sqlite3.Connection:
+    db = sqlite3.connect(str(path or paths.db_path()), timeout=timeout)
+    db.row_factory = sqlite3.Row
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA foreign_keys=ON")
+    migrate(db)
+    return db
+
+
+def migrate(db: sqlite3.Connection) -> None:
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    for i, step in enumerate(MIGRATIONS[version:], start=version + 1):
+        with db:
+            step(db)
+            db.execute(f"PRAGMA user_version = {i}")
+
+
+@contextlib.contextmanager
+def safe(what: str = "history") -> Iterator[list]:
+    """`with safe() as box:` -> box[0] is a connection, or the block is skipped with a warning.
+
+    Usage:
+        with store.safe() as box:
+            if box: log_run(box[0], ...)
+    """
+    db = None
+    box: list = []
+    try:
+        db = connect()
+        box.append(db)
+        yield box
+    except sqlite3.Error as e:
+        print(f"morph: warning: {what} not saved ({paths.db_path()}: {e})", file=sys.stderr)
+    finally:
+        if db is not None:
+            db.close()
+
+
+def _json(v: Any) -> str | None:
+    return None if v is None else json.dumps(v, sort_keys=True)
+
+
+def log_run(
+    db: sqlite3.Connection,
+    command: str,
+    model: str,
+    features: dict,
+    mode: str | None,
+    input: str,
+    output: str,
+    finish_reason: str | None,
+    timings: dict | None,
+) -> int:
+    t = timings or {}
+    with db:
+        cur = db.execute(
+            "INSERT INTO runs (ts, command, model, features, mode, input, output, finish_reason,"
+            " ttft_s, tok_per_s, prompt_tokens, gen_tokens, timings)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                time.time(), command, model, _json(features), mode, input, output, finish_reason,
+                t.get("ttft_s"), t.get("tok_per_s"), t.get("prompt_tokens"), t.get("gen_tokens"),
+                _json(timings),
+            ),
+        )
+    return int(cur.lastrowid)
+
+
+def recent_runs(db: sqlite3.Connection, limit: int = 20) -> list[sqlite3.Row]:
+    return db.execute("SELECT * FROM runs ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
