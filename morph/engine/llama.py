@@ -204,6 +204,32 @@ class LlamaEngine:
             self._prime(tokens, threading.Event())
             return self._last_logits()
 
+    def continuation_logprobs(
+        self, prompt: str, continuation: str, steering: ControlVector | None = None
+    ) -> np.ndarray:
+        """Log-probability of each token of `continuation` after `prompt`, under `steering`.
+
+        Used to score features (does "formal" raise the formal wording?) and fluency.
+        """
+        ctx_tokens = self.tokenize(prompt)
+        cont = self.tokenize(continuation, add_bos=False)
+        tokens = ctx_tokens + cont
+        if not cont or len(tokens) > self.llm.n_batch:
+            raise MorphError(f"continuation scoring needs 1..{self.llm.n_batch} tokens")
+        llm = self.llm
+        with self._lock:
+            self.set_steering(steering)
+            self._reset_kv()
+            llm._batch.set_batch(tokens, n_past=0, logits_all=True)
+            llm._ctx.decode(llm._batch)
+            n_vocab = llm.n_vocab()
+            logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(len(tokens), n_vocab))
+            rows = logits[len(ctx_tokens) - 1 : len(tokens) - 1].astype(np.float64)
+            self._reset_kv()  # the batch bypassed the token bookkeeping: start clean
+        m = rows.max(axis=1, keepdims=True)
+        lse = (m + np.log(np.exp(rows - m).sum(axis=1, keepdims=True)))[:, 0]
+        return rows[np.arange(len(cont)), cont] - lse
+
     def prepare_tokens(self, request: Request) -> list[int]:
         if request.messages is not None:
             text = self.format_chat(request.messages)

