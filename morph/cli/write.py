@@ -1,0 +1,64 @@
+"""`morph write FILE`: the full-screen editor with streamed, steerable ghost text."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from morph.cli import cli
+from morph.errors import MorphError
+from morph.steering.catalog import parse_feature_args
+
+
+@cli.command("write")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--emacs", "keys", flag_value="emacs", help="Emacs keys instead of vi.")
+@click.option("--vi", "keys", flag_value="vi", help="vi keys (the default unless config says otherwise).")
+@click.option("-f", "--feature", "features", multiple=True, metavar="NAME[=SCALE]",
+              help="Steer suggestions with a feature (repeatable); replaces the document's stored profile.")
+@click.option("--no-suggest", is_flag=True, help="Edit without loading the model (no ghost text).")
+@click.option("--no-log", is_flag=True, help="Keep no versions, suggestion log or profile in morph.db.")
+@click.pass_obj
+def write_cmd(obj, file, keys, features, no_suggest, no_log):
+    """Edit FILE (created on first save) with ghost-text suggestions from the local model.
+
+    \b
+    vi keys by default: i to insert, Esc for normal mode, :w :wq :q! as usual.
+    Ghost text: Tab accepts, Ctrl-Right the next word, Ctrl-E the next line, Ctrl-] dismisses.
+    F2 opens the feature panel; :feature NAME SCALE steers from the command line.
+    K explains the word under the cursor; \\e \\c expand / compress the sentence.
+    """
+    from morph.config import load_config
+    from morph.editor import Editor
+    from morph.editor.buffer import read_text
+
+    # Refuse unusable files before loading anything (non-UTF-8: one line, exit 1, untouched).
+    read_text(Path(file).expanduser().absolute())
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        raise MorphError("morph write needs a terminal (for pipes use `morph steer`)")
+    profile = parse_feature_args(features) if features else None
+    rt = None
+    if no_suggest:
+        cfg = load_config()
+        engine = catalog = None
+        model_name = "no model"
+    else:
+        rt = obj.runtime()
+        cfg, engine, catalog, model_name = rt.config, rt.engine, rt.catalog, rt.model_name
+    try:
+        ed = Editor(
+            file,
+            engine=engine,
+            catalog=catalog,
+            config=cfg,
+            model_name=model_name,
+            keys=keys,
+            profile=profile,
+            log=not no_log,
+        )
+        ed.run()
+    finally:
+        if rt is not None:
+            rt.close()

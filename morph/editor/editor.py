@@ -1,0 +1,485 @@
+"""Editor: the application state of `morph write FILE`.
+
+Holds the file buffer, the steering profile, the suggestion controller, the engine worker
+thread, the background writer (history rows, recovery file) and the prompt-toolkit
+Application. Key bindings, layout, ex commands, the feature panel and the seed UX live in
+their own modules and call back into this object.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from prompt_toolkit.application import Application
+from prompt_toolkit.buffer import Buffer
+from prompt_toolkit.cursor_shapes import ModalCursorShapeConfig
+from prompt_toolkit.enums import EditingMode
+from prompt_toolkit.key_binding.vi_state import InputMode
+
+from morph.config import Config
+from morph.editor import history, recovery
+from morph.editor.buffer import EditorBuffer
+from morph.editor.ghost import SuggestionController
+from morph.editor.history import Background
+from morph.editor.worker import EngineWorker
+from morph.errors import MorphError
+
+MIRROR_DELAY_S = 1.0  # recovery file written this long after a change (issue: within 2 s)
+SCALE_LIMIT = 2.0
+
+
+@dataclass
+class Confirm:
+    """A one-key question in the message line: {key: action}; other keys cancel."""
+
+    question: str
+    choices: dict[str, Callable[[], None]]
+    on_cancel: Callable[[], None] | None = None
+
+
+class Editor:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        engine=None,
+        catalog=None,
+        config: Config | None = None,
+        model_name: str = "",
+        keys: str | None = None,
+        profile: dict[str, float | None] | None = None,
+        log: bool = True,
+        input=None,
+        output=None,
+    ):
+        self.config = config or Config()
+        self.ebuf = EditorBuffer(path)  # MorphError for files we must not edit
+        self.buffer: Buffer = self.ebuf.buffer
+        self.path: Path = self.ebuf.path
+        self.engine = engine
+        self.catalog = catalog
+        self.model_name = model_name or (engine.info.file.name if engine is not None else "no model")
+        self.keys = keys or self.config.editor_keys
+        self.log_enabled = log
+        self.message: tuple[str, str] = ("", "")  # (style class, text)
+        self.confirm: Confirm | None = None
+        self.loop = None
+        self._quit_armed = 0.0
+        self._mirror_handle = None
+        self._mirrored = False  # a recovery file of ours exists
+        self._trace_fh = _open_trace()
+
+        self.command_buffer = Buffer(name="command", multiline=False)
+        self.bg = Background(on_error=lambda m: self.post(self.error, m))
+        self.worker = EngineWorker(engine, on_error=self._worker_error) if engine is not None else None
+        self.suggest = SuggestionController(self)
+
+        self.profile: dict[str, float] = {}
+        self.steering = None
+        self._init_profile(profile)
+        self.recovered = self._check_recovery()
+
+        from morph.editor.panel import FeaturePanel
+        from morph.editor.seed import SeedUX
+
+        self.panel = FeaturePanel(self)
+        self.seed = SeedUX(self)
+        self.app = self._create_app(input, output)
+        self.buffer.on_text_changed += self._on_text_changed
+        self.buffer.on_cursor_position_changed += self.suggest.on_change
+
+    # --- construction ------------------------------------------------------------
+
+    def _create_app(self, input, output) -> Application:
+        from morph.editor.key_bindings import build_key_bindings
+        from morph.editor.layout import build_layout
+        from morph.editor.style import editor_style
+
+        app = Application(
+            layout=build_layout(self),
+            key_bindings=build_key_bindings(self),
+            style=editor_style(),
+            editing_mode=EditingMode.EMACS if self.keys == "emacs" else EditingMode.VI,
+            full_screen=True,
+            mouse_support=False,
+            cursor=ModalCursorShapeConfig(),
+            input=input,
+            output=output,
+        )
+        app.ttimeoutlen = 0.05  # a lone Esc leaves insert mode without a noticeable wait
+        app.timeoutlen = 0.5
+        app.key_processor.after_key_press += self._after_key
+        return app
+
+    def _init_profile(self, override: dict[str, float | None] | None) -> None:
+        """-f on the command line, else the document's stored profile, else the config's."""
+        stored = None
+        if override is None and self.log_enabled:
+            from morph import store
+
+            with store.safe("steering profile") as box:
+                if box:
+                    stored = history.load_profile(box[0], self.path)
+        if override is not None:
+            source = override
+        elif stored is not None:
+            source = stored
+        else:
+            source = dict(self.config.features)
+        if self.catalog is None:
+            return
+        dropped = []
+        for spec, scale in source.items():
+            try:
+                f = self.catalog.get(spec)
+            except MorphError:
+                if override is not None:
+                    raise
+                dropped.append(spec)
+                continue
+            self.profile[f.key] = f.default_scale if scale is None else float(scale)
+        self._rebuild_steering(persist=False)
+        if dropped:
+            self.message = ("message.error", f"features no longer available: {', '.join(dropped)}")
+
+    def _check_recovery(self):
+        rec = recovery.read(self.path)
+        if rec is None:
+            return None
+        if rec.text == self.buffer.text:
+            recovery.remove(self.path)  # nothing was lost
+            return None
+        if rec.owner_alive:
+            self.message = (
+                "message.error",
+                f"{self.ebuf.display_name} is open in another morph (pid {rec.pid}); its unsaved text is kept",
+            )
+            return None
+        return rec
+
+    # --- running -------------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            self.app.run(pre_run=self._pre_run)
+        finally:
+            self.shutdown()
+
+    def _pre_run(self) -> None:
+        self.loop = self.app.loop
+        self.app.vi_state.input_mode = InputMode.NAVIGATION  # vi starts in normal mode
+        if self.recovered is not None:
+            self.offer_recovery(self.recovered)
+        elif not self.message[1]:
+            self.info(self._open_message())
+        self.suggest.schedule(0)  # warm the KV cache with the text before the cursor
+
+    def _open_message(self) -> str:
+        name = self.ebuf.display_name
+        if self.ebuf.is_new:
+            return f'"{name}" [new file]'
+        t = self.buffer.text
+        return f'"{name}" {t.count(chr(10)) + (0 if t.endswith(chr(10)) or not t else 1)}L, {len(self.ebuf.encode())}B'
+
+    def shutdown(self) -> None:
+        self.suggest.cancel_timer()
+        if self._mirror_handle is not None:
+            self._mirror_handle.cancel()
+        if self.worker is not None:
+            self.worker.close()
+        self.bg.flush()
+        self.bg.close()
+        if self._trace_fh is not None:
+            self._trace_fh.close()
+            self._trace_fh = None
+
+    def post(self, fn: Callable, *args) -> None:
+        """Run fn(*args) on the UI thread (safe to call from any thread)."""
+        loop = self.loop
+        if loop is None:
+            return
+        try:
+            loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the loop is closed: the app has exited
+            pass
+
+    def invalidate(self) -> None:
+        self.app.invalidate()
+
+    def trace(self, ev: str, **kw) -> None:
+        """MORPH_EDITOR_TRACE=FILE: JSON lines with CLOCK_MONOTONIC times (bench/editor.py)."""
+        if self._trace_fh is not None:
+            kw.update(ev=ev, t=time.monotonic())
+            self._trace_fh.write(json.dumps(kw) + "\n")
+
+    # --- modes ---------------------------------------------------------------------
+
+    def main_focused(self) -> bool:
+        try:
+            return self.app.layout.current_buffer is self.buffer
+        except Exception:
+            return False
+
+    def insert_mode(self) -> bool:
+        if not self.main_focused():
+            return False
+        if self.app.editing_mode == EditingMode.EMACS:
+            return True
+        return self.app.vi_state.input_mode in (InputMode.INSERT, InputMode.INSERT_MULTIPLE)
+
+    def mode_name(self) -> str:
+        if self.command_line_focused():
+            return "COMMAND"
+        if self.app.editing_mode == EditingMode.EMACS:
+            return "EMACS"
+        if self.buffer.selection_state is not None:
+            return "VISUAL"
+        return {
+            InputMode.INSERT: "INSERT",
+            InputMode.INSERT_MULTIPLE: "INSERT",
+            InputMode.NAVIGATION: "NORMAL",
+            InputMode.REPLACE: "REPLACE",
+            InputMode.REPLACE_SINGLE: "REPLACE",
+        }.get(self.app.vi_state.input_mode, "NORMAL")
+
+    def busy_with_popup(self) -> bool:
+        return self.panel.is_open or self.seed.active or self.confirm is not None or self.command_line_focused()
+
+    def command_line_focused(self) -> bool:
+        try:
+            return self.app.layout.current_buffer is self.command_buffer
+        except Exception:
+            return False
+
+    def _after_key(self, _=None) -> None:
+        # Leaving insert mode (vi Esc) dismisses a suggestion shown or on its way.
+        if self.suggest.current is not None and not self.insert_mode():
+            self.suggest.dismiss()
+
+    # --- messages --------------------------------------------------------------------
+
+    def info(self, text: str) -> None:
+        self.message = ("message", text)
+        self.invalidate()
+
+    def error(self, text: str) -> None:
+        self.message = ("message.error", text)
+        self.invalidate()
+
+    def ask(self, question: str, choices: dict[str, Callable[[], None]], on_cancel=None) -> None:
+        self.suggest.dismiss()
+        self.confirm = Confirm(question, choices, on_cancel)
+        self.invalidate()
+
+    def answer(self, key: str) -> None:
+        c = self.confirm
+        if c is None:
+            return
+        self.confirm = None
+        self.message = ("", "")
+        action = c.choices.get(key)
+        if action is not None:
+            action()
+        elif c.on_cancel is not None:
+            c.on_cancel()
+        self.invalidate()
+
+    def _worker_error(self, job, exc: BaseException) -> None:
+        msg = str(exc) if isinstance(exc, MorphError) else f"{type(exc).__name__}: {exc}"
+        self.post(self.error, f"{job.kind} failed: {msg}")
+
+    # --- command line ------------------------------------------------------------------
+
+    def open_command_line(self, text: str = "") -> None:
+        self.suggest.dismiss()
+        self.command_buffer.reset()
+        self.command_buffer.insert_text(text)
+        self.app.layout.focus(self.command_buffer)
+        self.app.vi_state.input_mode = InputMode.INSERT
+
+    def close_command_line(self) -> None:
+        self.command_buffer.reset()
+        self.app.layout.focus(self.buffer)
+        self.app.vi_state.input_mode = InputMode.NAVIGATION
+
+    def run_command_line(self) -> None:
+        from morph.editor.commands import execute
+
+        line = self.command_buffer.text
+        self.close_command_line()
+        execute(self, line)
+
+    # --- text changes, recovery -----------------------------------------------------------
+
+    def _on_text_changed(self, _=None) -> None:
+        self.suggest.on_change()
+        if self._mirror_handle is None and self.loop is not None:
+            self._mirror_handle = self.loop.call_later(MIRROR_DELAY_S, self._mirror)
+
+    def _mirror(self) -> None:
+        self._mirror_handle = None
+        path = self.path
+        if self.ebuf.modified:
+            text = self.buffer.text
+            self.bg.submit(lambda: recovery.write(path, text), db=False)
+            self._mirrored = True
+        elif self._mirrored:
+            self.bg.submit(lambda: recovery.remove(path), db=False)
+            self._mirrored = False
+
+    def offer_recovery(self, rec) -> None:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(rec.ts))
+        n = len(rec.text)
+
+        def restore():
+            self.buffer.save_to_undo_stack()
+            self.buffer.text = rec.text
+            self.buffer.cursor_position = min(len(rec.text), self.buffer.cursor_position)
+            self._mirrored = True
+            self.info(f"recovered {n} characters from {when}: :w to keep them, u to undo")
+
+        def discard():
+            recovery.remove(self.path)
+            self.info("recovery file discarded")
+
+        self.ask(
+            f"Unsaved text of this file from {when} ({n} chars) was recovered. "
+            "[r]estore it, [d]iscard it, or any other key to keep it for later",
+            {"r": restore, "d": discard},
+            on_cancel=lambda: self.info("recovery kept for the next start"),
+        )
+
+    # --- saving and quitting ---------------------------------------------------------------
+
+    def write(self, target: str | None = None, force: bool = False, then: Callable[[], None] | None = None) -> None:
+        """`:w [PATH]`; asks before overwriting a file changed on disk since it was read."""
+        own = target is None or Path(target).expanduser().absolute() == self.path
+        if own and not force and self.ebuf.changed_on_disk():
+            def yes():
+                if self._save(None) and then is not None:
+                    then()
+
+            self.ask(
+                f"{self.ebuf.display_name} changed on disk since it was read. Overwrite it? [y/n]",
+                {"y": yes},
+                on_cancel=lambda: self.info("not written (:e! is not supported; save elsewhere with :w PATH)"),
+            )
+            return
+        if not own and not force and Path(target).expanduser().exists():
+            self.error(f"E13: {target} exists (add ! to overwrite)")
+            return
+        if self._save(None if own else target) and then is not None:
+            then()
+
+    def _save(self, target: str | None) -> bool:
+        try:
+            written = self.ebuf.save(None if target is None else Path(target))
+        except OSError as e:
+            where = e.filename or (target or self.ebuf.display_name)
+            self.error(f"E: not written: {where}: {e.strerror or e} (the buffer is kept)")
+            return False
+        text = self.buffer.text if target is None else None
+        nbytes = len(self.ebuf.encode())
+        self.info(f'"{target or self.ebuf.display_name}" {nbytes}B written')
+        if target is None:
+            path = self.path
+            if self.log_enabled:
+                self.bg.submit(lambda db: history.add_version(db, path, text))
+            if not self.ebuf.modified:
+                self.bg.submit(lambda: recovery.remove(path), db=False)
+                self._mirrored = False
+        _ = written
+        return True
+
+    def quit(self, force: bool = False) -> None:
+        if self.ebuf.modified and not force:
+            self.error("E37: No write since last change (add ! to override)")
+            return
+        self.suggest.dismiss()
+        if self.worker is not None:
+            self.worker.cancel()
+        if force:  # the user chose to drop the unsaved text
+            self.bg.submit(lambda p=self.path: recovery.remove(p), db=False)
+        elif not self.ebuf.modified:
+            self.bg.submit(lambda p=self.path: recovery.remove(p), db=False)
+        if self._mirror_handle is not None:
+            self._mirror_handle.cancel()
+            self._mirror_handle = None
+        self.app.exit()
+
+    def ctrl_q(self) -> None:
+        """Emacs-friendly quit: a second Ctrl-Q within 3 s drops unsaved changes."""
+        if not self.ebuf.modified:
+            self.quit()
+        elif time.monotonic() - self._quit_armed < 3.0:
+            self.quit(force=True)
+        else:
+            self._quit_armed = time.monotonic()
+            self.error("unsaved changes: Ctrl-S saves; Ctrl-Q again quits without saving")
+
+    # --- steering ------------------------------------------------------------------------
+
+    def set_feature(self, spec: str, scale: float | None) -> str:
+        """Turn a feature on at `scale` (None: its default); returns its key. MorphError if unknown."""
+        if self.catalog is None:
+            raise MorphError("no feature catalog (no model loaded)")
+        f = self.catalog.get(spec)
+        s = f.default_scale if scale is None else float(scale)
+        if abs(s) > SCALE_LIMIT:
+            raise MorphError(f"scale {s} is outside -{SCALE_LIMIT}..{SCALE_LIMIT}")
+        self.profile[f.key] = round(s, 4)
+        self._rebuild_steering()
+        return f.key
+
+    def unset_feature(self, spec: str) -> str:
+        if self.catalog is None:
+            raise MorphError("no feature catalog (no model loaded)")
+        f = self.catalog.get(spec)
+        self.profile.pop(f.key, None)
+        self._rebuild_steering()
+        return f.key
+
+    def _rebuild_steering(self, persist: bool = True) -> None:
+        cv = None
+        if self.profile and self.catalog is not None:
+            cv = self.catalog.vector(self.profile)
+            if cv is not None and self.engine is not None:
+                cv.validate(self.engine.info.n_embd, self.engine.info.n_layer)
+        self.steering = cv
+        self.suggest.invalidate_warm()
+        if persist:
+            self.suggest.drop("cancelled")
+            if self.log_enabled:
+                path, prof = self.path, dict(self.profile)
+                self.bg.submit(lambda db: history.save_profile(db, path, prof))
+
+    def features_label(self) -> str:
+        if not self.profile:
+            return "no features"
+        return " ".join(f"{k.split('@')[0]} {v:+.2f}" for k, v in sorted(self.profile.items()))
+
+    # --- history ---------------------------------------------------------------------------
+
+    def log_suggestion(self, action, text, accepted, features, ttft_s, tok_per_s) -> None:
+        self.trace("log", action=action, chars=len(text), accepted=len(accepted or ""))
+        if not self.log_enabled or not text:
+            return
+        path = self.path
+        self.bg.submit(
+            lambda db: history.log_suggestion(db, path, action, text, accepted, features, ttft_s, tok_per_s)
+        )
+
+
+def _open_trace():
+    p = os.environ.get("MORPH_EDITOR_TRACE")
+    if not p:
+        return None
+    try:
+        return open(p, "a", buffering=1, encoding="utf-8")
+    except OSError:
+        return None

@@ -1,0 +1,401 @@
+"""Ghost text: streamed suggestions drawn dim at the cursor, anywhere in the document.
+
+`SuggestionController` decides when to ask (a debounce after typing), builds the prompt
+(a bounded window of the text before the cursor whose start only moves in large steps,
+so the engine's KV prefix reuse evaluates just the newly typed tokens), runs the request
+on the engine worker thread, and applies accept/dismiss. `GhostProcessor` draws the
+first suggestion line inside the cursor's line; `GhostBufferControl` adds the further
+lines as virtual lines below it (prompt-toolkit's AppendAutoSuggestion only draws at the
+end of the buffer).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+
+from prompt_toolkit.layout.controls import BufferControl, UIContent
+from prompt_toolkit.layout.processors import Processor, Transformation, TransformationInput
+from prompt_toolkit.mouse_events import MouseEvent
+
+from morph.engine.base import Request
+
+GHOST_STYLE = "class:ghost"
+WINDOW_CHARS = 4000  # prompt window before the cursor (~900 tokens of English)
+WINDOW_STEP = 1000  # the window start moves in steps of this many characters
+TEMPERATURE = 0.2
+SEED = 7  # same context, same suggestion (and reproducible tests)
+_WORD = re.compile(r"\s*[^\s]+")
+
+
+def prompt_window(before: str, max_chars: int = WINDOW_CHARS, step: int = WINDOW_STEP) -> str:
+    """The last <= max_chars of `before`, starting at a clean boundary that is stable while typing.
+
+    The raw start (len - max_chars) is rounded up to a multiple of `step`, then moved to the
+    next paragraph, line or word start within that step. Typing at the end therefore keeps
+    the same start (and the same tokens) for `step` characters.
+    """
+    n = len(before)
+    if n <= max_chars:
+        return before
+    lo = ((n - max_chars) // step + 1) * step
+    for sep in ("\n\n", "\n", " "):
+        j = before.find(sep, lo, lo + step)
+        if j >= 0:
+            return before[j + len(sep):]
+    return before[lo:]
+
+
+def next_word(text: str) -> str:
+    m = _WORD.match(text)
+    return m.group(0) if m else text
+
+
+def next_line(text: str) -> str:
+    """Up to and including the next newline (all of it if there is none)."""
+    i = text.find("\n")
+    return text if i < 0 else text[: i + 1]
+
+
+@dataclass(eq=False)
+class Suggestion:
+    anchor_text: str  # buffer text the suggestion belongs to
+    anchor_cursor: int
+    strip: int  # leading whitespace still to drop (the prompt lost trailing blanks)
+    features: dict
+    t_request: float
+    text: str = ""  # what is shown (not yet accepted)
+    full: str = ""  # everything received
+    accepted: str = ""  # taken into the document so far
+    t_first: float | None = None
+    done: bool = False
+    timings: object | None = None
+    job: object | None = None
+    logged: bool = False
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def ttft_s(self) -> float | None:
+        return None if self.t_first is None else self.t_first - self.t_request
+
+
+class SuggestionController:
+    def __init__(self, editor):
+        self.ed = editor
+        self.current: Suggestion | None = None
+        self._timer = None
+        self._applying = False  # our own edits do not count as typing
+        self.last_ttft_s: float | None = None
+        self.last_tok_per_s: float | None = None
+        self._warmed: str | None = None  # prompt last brought into the KV cache
+
+    # --- state -------------------------------------------------------------------
+
+    def shown(self) -> bool:
+        """A suggestion with text that still belongs to the buffer and cursor as they are."""
+        s = self.current
+        if s is None or not s.text:
+            return False
+        b = self.ed.buffer
+        return b.cursor_position == s.anchor_cursor and b.text == s.anchor_text
+
+    def visible(self) -> bool:
+        return self.shown() and self.ed.insert_mode()
+
+    @property
+    def text(self) -> str:
+        return self.current.text if self.current else ""
+
+    # --- triggers (UI thread) -------------------------------------------------------
+
+    def on_change(self, _=None) -> None:
+        """Buffer text or cursor moved: drop the suggestion, ask again after a pause."""
+        if self._applying:
+            return
+        self.drop("cancelled")
+        self.schedule()
+
+    def schedule(self, delay_ms: int | None = None) -> None:
+        self.cancel_timer()
+        if self.ed.engine is None:
+            return
+        loop = self.ed.loop
+        if loop is None:
+            return
+        delay = (self.ed.config.debounce_ms if delay_ms is None else delay_ms) / 1000.0
+        self._timer = loop.call_later(delay, self._settled)
+
+    def cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _settled(self) -> None:
+        self._timer = None
+        if self.ed.busy_with_popup():
+            return
+        if self.ed.insert_mode() and self._can_suggest_here():
+            self.start()
+        else:
+            self.warm()
+
+    def _can_suggest_here(self) -> bool:
+        doc = self.ed.buffer.document
+        if not doc.text_before_cursor.strip():
+            return False
+        nxt = doc.current_char
+        return not (nxt and (nxt.isalnum() or nxt == "_"))  # not inside a word
+
+    def _prompt(self) -> tuple[str, int]:
+        window = prompt_window(self.ed.buffer.document.text_before_cursor)
+        # BPE tokens carry their leading space: end the prompt before trailing blanks and
+        # drop as much leading whitespace from the suggestion.
+        stripped = window.rstrip(" \t")
+        return stripped, len(window) - len(stripped)
+
+    # --- requests ------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Ask the engine to continue the text before the cursor (UI thread)."""
+        ed = self.ed
+        prompt, strip = self._prompt()
+        if not prompt:
+            return
+        s = Suggestion(
+            anchor_text=ed.buffer.text,
+            anchor_cursor=ed.buffer.cursor_position,
+            strip=strip,
+            features=dict(ed.profile),
+            t_request=time.perf_counter(),
+        )
+        self.current = s
+        req = Request(
+            prompt=prompt,
+            max_tokens=ed.config.suggestion_tokens,
+            temperature=TEMPERATURE,
+            top_p=0.9,
+            seed=SEED,
+            stop=["\n\n"],
+            steering=ed.steering,
+        )
+        ed.trace("request", chars=len(prompt))
+        post = ed.post
+
+        def run(job):
+            req.cancel = job.cancel
+            for ev in ed.engine.stream(req):
+                if ev.text:
+                    post(self._on_piece, s, ev.text)
+                if ev.done:
+                    post(self._on_done, s, ev)
+
+        s.job = ed.worker.submit("suggest", run)
+        self._warmed = prompt
+
+    def warm(self) -> None:
+        """Bring the window before the cursor into the KV cache (no tokens generated)."""
+        ed = self.ed
+        prompt, _ = self._prompt()
+        if not prompt or prompt == self._warmed:
+            return
+        self._warmed = prompt
+        req = Request(prompt=prompt, max_tokens=0, steering=ed.steering)
+
+        def run(job):
+            req.cancel = job.cancel
+            for _ev in ed.engine.stream(req):
+                pass
+
+        ed.worker.submit("warm", run)
+
+    def invalidate_warm(self) -> None:
+        self._warmed = None
+
+    # --- results (UI thread, via call_soon_threadsafe) ---------------------------------
+
+    def _on_piece(self, s: Suggestion, piece: str) -> None:
+        if s is not self.current:
+            return
+        s.full += piece
+        if s.strip:
+            lead = len(piece) - len(piece.lstrip(" \t"))
+            cut = min(lead, s.strip)
+            piece = piece[cut:]
+            s.strip = 0 if piece else s.strip - cut
+        if not piece:
+            return
+        if s.t_first is None and not s.text and piece.strip():
+            s.t_first = time.perf_counter()
+            self.last_ttft_s = s.ttft_s
+            self.ed.trace("first", ttft_ms=round(s.ttft_s * 1000, 2))
+        s.text += piece
+        self.ed.invalidate()
+
+    def _on_done(self, s: Suggestion, ev) -> None:
+        if s is not self.current:
+            return
+        s.done = True
+        s.timings = ev.timings
+        if ev.timings is not None and ev.timings.gen_tokens > 1:
+            self.last_tok_per_s = ev.timings.tok_per_s
+        self.ed.trace(
+            "done", finish=ev.finish_reason, **(ev.timings.as_dict() if ev.timings else {})
+        )
+        self.ed.invalidate()
+
+    # --- accept / dismiss (UI thread) --------------------------------------------------
+
+    def accept(self, how: str = "all") -> bool:
+        """Insert all of the suggestion, its next word, or its next line."""
+        if not self.visible():
+            return False
+        s = self.current
+        assert s is not None
+        part = {"all": lambda t: t, "word": next_word, "line": next_line}[how](s.text)
+        self._applying = True
+        try:
+            self.ed.buffer.save_to_undo_stack()  # one undo step per acceptance
+            self.ed.buffer.insert_text(part)
+        finally:
+            self._applying = False
+        s.accepted += part
+        s.extra["how"] = how
+        s.text = s.text[len(part):]
+        s.anchor_text = self.ed.buffer.text
+        s.anchor_cursor = self.ed.buffer.cursor_position
+        if not s.text and (s.done or how == "all"):
+            self._log(s, "accepted" if how == "all" and s.accepted == part else how)
+            self.current = None
+            self.ed.worker.cancel(("suggest",))
+            self.schedule()
+        self.ed.invalidate()
+        return True
+
+    def dismiss(self) -> bool:
+        """Esc / Ctrl-]: hide the suggestion and stop generating it."""
+        had = self.shown()
+        self.cancel_timer()
+        self.drop("dismissed" if had else "cancelled")
+        return had
+
+    def drop(self, action: str) -> None:
+        s = self.current
+        if s is None:
+            return
+        self.current = None
+        self.ed.worker.cancel(("suggest",))
+        if s.accepted:  # partly taken (word/line), the rest typed over or dismissed
+            self._log(s, s.extra.get("how", "word"))
+        elif s.text:
+            self._log(s, action)
+        self.ed.invalidate()
+
+    def _log(self, s: Suggestion, action: str) -> None:
+        if s.logged:
+            return
+        s.logged = True
+        tps = s.timings.tok_per_s if s.timings is not None else None
+        self.ed.log_suggestion(action, s.accepted + s.text, s.accepted or None, s.features, s.ttft_s, tps)
+
+
+def _split_fragments(fragments, x: int):
+    """Split a fragment list at character position x."""
+    before, after = [], []
+    pos = 0
+    for frag in fragments:
+        style, text = frag[0], frag[1]
+        if pos >= x:
+            after.append(frag)
+        elif pos + len(text) <= x:
+            before.append(frag)
+        else:
+            k = x - pos
+            before.append((style, text[:k]))
+            after.append((style, text[k:]))
+        pos += len(text)
+    return before, after
+
+
+class GhostProcessor(Processor):
+    """Draws the suggestion's first line at the cursor, inside the line (not only at the end)."""
+
+    def __init__(self, controller: SuggestionController):
+        self.ctl = controller
+        self.tail: list = []  # what followed the cursor, for GhostBufferControl's last virtual line
+
+    def apply_transformation(self, ti: TransformationInput) -> Transformation:
+        doc = ti.document
+        if ti.lineno != doc.cursor_position_row or not self.ctl.visible():
+            return Transformation(ti.fragments)
+        lines = self.ctl.text.split("\n")
+        first = lines[0]
+        cx = ti.source_to_display(doc.cursor_position_col)
+        before, after = _split_fragments(ti.fragments, cx)
+        n = len(first)
+        if len(lines) == 1:
+            frags = before + [(GHOST_STYLE, first)] + after
+            self.tail = []
+        else:
+            frags = before + [(GHOST_STYLE, first)]
+            self.tail = after
+
+        def s2d(i: int) -> int:
+            return i if i <= cx else i + n
+
+        def d2s(i: int) -> int:
+            return i if i <= cx else max(cx, i - n)
+
+        return Transformation(frags, source_to_display=s2d, display_to_source=d2s)
+
+
+class GhostBufferControl(BufferControl):
+    """A BufferControl that shows a multi-line suggestion as virtual lines under the cursor."""
+
+    def __init__(self, *a, ghost: GhostProcessor, **kw):
+        super().__init__(*a, **kw)
+        self.ghost = ghost
+        self._extra = (0, 0)  # (cursor row, virtual lines) of the last render
+
+    def create_content(self, width: int, height: int, preview_search: bool = False) -> UIContent:
+        content = super().create_content(width, height, preview_search)
+        ctl = self.ghost.ctl
+        self._extra = (0, 0)
+        if not ctl.visible() or "\n" not in ctl.text:
+            return content
+        lines = ctl.text.split("\n")
+        k = len(lines) - 1
+        row = self.buffer.document.cursor_position_row
+        self._extra = (row, k)
+        ghost = self.ghost
+
+        def get_line(i: int):
+            if i <= row:
+                return content.get_line(i)
+            if i < row + k:
+                return [(GHOST_STYLE, lines[i - row]), ("", " ")]
+            if i == row + k:
+                content.get_line(row)  # makes the processor compute the tail
+                return [(GHOST_STYLE, lines[-1])] + list(ghost.tail) + [("", " ")]
+            return content.get_line(i - k)
+
+        out = UIContent(
+            get_line=get_line,
+            line_count=content.line_count + k,
+            cursor_position=content.cursor_position,
+            menu_position=content.menu_position,
+        )
+        return out
+
+    def mouse_handler(self, mouse_event: MouseEvent):
+        row, k = self._extra
+        y = mouse_event.position.y
+        if k and y > row:
+            y = row if y <= row + k else y - k
+            mouse_event = MouseEvent(
+                position=mouse_event.position._replace(y=y),
+                event_type=mouse_event.event_type,
+                button=mouse_event.button,
+                modifiers=mouse_event.modifiers,
+            )
+        return super().mouse_handler(mouse_event)

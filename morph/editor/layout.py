@@ -1,0 +1,85 @@
+"""Screen layout: the document, a status bar, a message/command line, and floats
+(feature panel, definition popup, telescopic preview)."""
+
+from __future__ import annotations
+
+from prompt_toolkit.filters import Condition
+from prompt_toolkit.layout import (
+    ConditionalContainer,
+    Float,
+    FloatContainer,
+    HSplit,
+    Layout,
+    ScrollOffsets,
+    Window,
+)
+from prompt_toolkit.layout.controls import BufferControl, FormattedTextControl
+from prompt_toolkit.layout.processors import BeforeInput
+
+from morph.editor.ghost import GhostBufferControl, GhostProcessor
+from morph.editor.lexer import lexer_for
+
+
+def status_fragments(ed):
+    s = ed.suggest
+    left = [
+        ("class:status.mode", f" {ed.mode_name()} "),
+        ("class:status", f" {ed.ebuf.display_name}"),
+    ]
+    if ed.ebuf.modified:
+        left.append(("class:status.modified", " [+]"))
+    if ed.ebuf.is_new and not ed.ebuf.modified:
+        left.append(("class:status", " [new]"))
+    left.append(("class:status", f"  {ed.model_name}  "))
+    left.append(("class:status.features", ed.features_label()))
+    right = []
+    if s.last_ttft_s is not None:
+        t = f"TTFT {s.last_ttft_s * 1000:.0f} ms"
+        if s.last_tok_per_s:
+            t += f"  {s.last_tok_per_s:.0f} tok/s"
+        right.append(("class:status.timing", t))
+    right.append(("class:status", "  F2 features "))
+    return left + [("class:status", "  ")] + right
+
+
+def message_fragments(ed):
+    if ed.confirm is not None:
+        return [("class:message.question", ed.confirm.question)]
+    style, text = ed.message
+    return [(f"class:{style}" if style and not style.startswith("class:") else style, text)]
+
+
+def build_layout(ed) -> Layout:
+    ghost = GhostProcessor(ed.suggest)
+    control = GhostBufferControl(
+        buffer=ed.buffer,
+        lexer=lexer_for(ed.path),
+        input_processors=[ghost],
+        ghost=ghost,
+    )
+    ed.main_control = control
+    main = Window(
+        control,
+        wrap_lines=True,
+        scroll_offsets=ScrollOffsets(top=1, bottom=1),
+    )
+    ed.main_window = main
+    status = Window(FormattedTextControl(lambda: status_fragments(ed)), height=1, style="class:status")
+    cmd_focused = Condition(ed.command_line_focused)
+    command = ConditionalContainer(
+        Window(BufferControl(ed.command_buffer, input_processors=[BeforeInput(":")]), height=1),
+        filter=cmd_focused,
+    )
+    message = ConditionalContainer(
+        Window(FormattedTextControl(lambda: message_fragments(ed)), height=1, wrap_lines=False),
+        filter=~cmd_focused,
+    )
+    body = FloatContainer(
+        content=HSplit([main, status, command, message]),
+        floats=[
+            Float(content=ed.seed.popup_container(), xcursor=True, ycursor=True),
+            Float(content=ed.seed.preview_container(), top=1),
+            Float(content=ed.panel.container(), top=1),
+        ],
+    )
+    return Layout(body, focused_element=main)

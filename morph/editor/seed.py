@@ -1,0 +1,352 @@
+"""Seed UX: inline definitions and telescopic text, through the engine with active steering.
+
+Explain (K in vi normal mode, F3, :explain): a popup at the cursor explains the word (or
+the visual selection) in the context of its sentence; any key closes it.
+Telescopic text (\\e \\c \\E \\C in normal mode, F4/F5, :expand/:compress [para]): the
+sentence or paragraph under the cursor is rewritten longer or shorter, streamed into a
+preview; Enter or y replaces the original, Esc or n keeps it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from prompt_toolkit.filters import Condition
+from prompt_toolkit.key_binding import KeyBindings
+from prompt_toolkit.keys import Keys
+from prompt_toolkit.layout import ConditionalContainer, Dimension, Window
+from prompt_toolkit.layout.controls import FormattedTextControl
+from prompt_toolkit.widgets import Frame
+
+from morph.engine.base import Request
+
+_SENT_END = re.compile(r"[.!?]+[\"'”’)\]]*(?=\s|$)")
+_WORD = re.compile(r"[\w'’-]+")
+
+EXPLAIN_SYSTEM = "You are a concise writing assistant. You explain what words mean in context."
+REWRITE_SYSTEM = (
+    "You are a writing assistant. You rewrite text as asked, keeping its meaning, voice and "
+    "tense. Reply with the new text only, no preamble."
+)
+
+
+def paragraph_span(text: str, pos: int) -> tuple[int, int]:
+    """[start, end) of the paragraph (blank-line separated) around pos, without its trailing newline."""
+    start = text.rfind("\n\n", 0, pos)
+    start = 0 if start < 0 else start + 2
+    end = text.find("\n\n", pos)
+    end = len(text) if end < 0 else end
+    while end > start and text[end - 1] == "\n":
+        end -= 1
+    while start < end and text[start] in " \t\n":
+        start += 1
+    return start, max(start, end)
+
+
+def sentence_span(text: str, pos: int) -> tuple[int, int]:
+    """[start, end) of the sentence around pos (inside its paragraph), without trailing blanks."""
+    p0, p1 = paragraph_span(text, pos)
+    para = text[p0:p1]
+    rel = max(0, min(pos - p0, len(para)))
+    start = 0
+    for m in _SENT_END.finditer(para):
+        if m.end() > rel or m.end() == len(para):
+            end = m.end()
+            break
+        start = m.end()
+    else:
+        end = len(para)
+    while start < end and para[start].isspace():
+        start += 1
+    return p0 + start, p0 + end
+
+
+def word_at(text: str, pos: int) -> tuple[int, int] | None:
+    for m in _WORD.finditer(text, max(0, pos - 64), min(len(text), pos + 64)):
+        if m.start() <= pos < m.end() or (m.end() == pos and pos == len(text)):
+            return m.start(), m.end()
+    return None
+
+
+def explain_messages(word: str, sentence: str) -> list[dict]:
+    return [
+        {"role": "system", "content": EXPLAIN_SYSTEM},
+        {
+            "role": "user",
+            "content": f'Sentence: "{sentence}"\n\nIn this sentence, what does "{word}" mean? '
+            "Answer in one or two short sentences.",
+        },
+    ]
+
+
+def telescope_messages(kind: str, scope: str, text: str) -> tuple[list[dict], int]:
+    """(messages, max_tokens) for expanding or compressing `text`."""
+    n = len(text.split())
+    if kind == "expand":
+        target = max(n * 2, n + 15)
+        ask = f"Expand this {scope} into a more detailed version of about {target} words."
+        max_tokens = min(400, int(target * 1.8) + 20)
+    else:
+        target = max(3, n // 2)
+        ask = f"Compress this {scope} into a shorter version of at most {target} words."
+        max_tokens = min(200, int(n * 1.5) + 10)
+    msgs = [
+        {"role": "system", "content": REWRITE_SYSTEM},
+        {"role": "user", "content": f"{ask}\n\n{text}"},
+    ]
+    return msgs, max_tokens
+
+
+def clean_reply(text: str) -> str:
+    t = text.strip()
+    if len(t) >= 2 and t[0] == t[-1] and t[0] in "\"'":
+        t = t[1:-1].strip()
+    return t
+
+
+@dataclass
+class Popup:
+    title: str
+    text: str = ""
+    done: bool = False
+
+
+@dataclass
+class Preview:
+    kind: str
+    scope: str
+    start: int
+    end: int
+    original: str
+    anchor_text: str
+    text: str = ""
+    done: bool = False
+    error: str = ""
+
+
+class SeedUX:
+    def __init__(self, editor):
+        self.ed = editor
+        self.popup: Popup | None = None
+        self.preview: Preview | None = None
+        self._popup_win = Window(
+            FormattedTextControl(self._popup_fragments, focusable=True, key_bindings=self._popup_keys(), show_cursor=False),
+            width=Dimension(max=64),
+            height=Dimension(max=10),
+            wrap_lines=True,
+            style="class:popup",
+        )
+        self._preview_win = Window(
+            FormattedTextControl(self._preview_fragments, focusable=True, key_bindings=self._preview_keys(), show_cursor=False),
+            width=Dimension(min=40, max=100, preferred=100),
+            wrap_lines=True,
+            style="class:popup",
+        )
+
+    @property
+    def active(self) -> bool:
+        return self.popup is not None or self.preview is not None
+
+    def popup_container(self):
+        return ConditionalContainer(self._popup_win, filter=Condition(lambda: self.popup is not None))
+
+    def preview_container(self):
+        return ConditionalContainer(
+            Frame(self._preview_win, title=lambda: self._preview_title(), style="class:popup"),
+            filter=Condition(lambda: self.preview is not None),
+        )
+
+    # --- explain --------------------------------------------------------------------------
+
+    def explain(self) -> None:
+        ed = self.ed
+        if not self._engine_ready():
+            return
+        buf = ed.buffer
+        text = buf.text
+        if buf.selection_state is not None:
+            a, b = buf.document.selection_range()
+            word = text[a:b].strip()
+            buf.exit_selection()
+            pos = a
+        else:
+            span = word_at(text, buf.cursor_position)
+            if span is None:
+                ed.error("no word under the cursor")
+                return
+            word = text[span[0]:span[1]]
+            pos = span[0]
+        if not word:
+            ed.error("no word under the cursor")
+            return
+        s0, s1 = sentence_span(text, pos)
+        sentence = " ".join(text[s0:s1].split())
+        popup = Popup(title=word[:40])
+        self.popup = popup
+        ed.suggest.dismiss()
+        ed.app.layout.focus(self._popup_win)
+        req = Request(messages=explain_messages(word, sentence), max_tokens=80, temperature=0.2, steering=ed.steering)
+        self._submit("explain", req, lambda piece: self._popup_piece(popup, piece), lambda: self._popup_done(popup))
+        ed.invalidate()
+
+    def _popup_piece(self, popup: Popup, piece: str) -> None:
+        if popup is self.popup:
+            popup.text += piece
+            self.ed.invalidate()
+
+    def _popup_done(self, popup: Popup) -> None:
+        if popup is self.popup:
+            popup.done = True
+            popup.text = popup.text.strip()
+            self.ed.invalidate()
+
+    def close_popup(self) -> None:
+        self.popup = None
+        self.ed.worker.cancel(("explain",))
+        self._refocus()
+
+    # --- telescopic text ------------------------------------------------------------------
+
+    def telescope(self, kind: str, scope: str) -> None:
+        ed = self.ed
+        if not self._engine_ready():
+            return
+        text = ed.buffer.text
+        pos = ed.buffer.cursor_position
+        a, b = (sentence_span if scope == "sentence" else paragraph_span)(text, pos)
+        original = text[a:b]
+        if not original.strip():
+            ed.error(f"no {scope} under the cursor")
+            return
+        pv = Preview(kind, scope, a, b, original, text)
+        self.preview = pv
+        ed.suggest.dismiss()
+        ed.app.layout.focus(self._preview_win)
+        msgs, max_tokens = telescope_messages(kind, scope, " ".join(original.split()) if scope == "sentence" else original)
+        req = Request(messages=msgs, max_tokens=max_tokens, temperature=0.3, steering=ed.steering)
+        self._submit("telescope", req, lambda piece: self._preview_piece(pv, piece), lambda: self._preview_done(pv))
+        ed.invalidate()
+
+    def _preview_piece(self, pv: Preview, piece: str) -> None:
+        if pv is self.preview:
+            pv.text += piece
+            self.ed.invalidate()
+
+    def _preview_done(self, pv: Preview) -> None:
+        if pv is self.preview:
+            pv.done = True
+            pv.text = clean_reply(pv.text)
+            self.ed.invalidate()
+
+    def accept_preview(self) -> None:
+        pv = self.preview
+        ed = self.ed
+        if pv is None:
+            return
+        if not pv.done:
+            ed.info("still writing: wait for the preview to finish (Esc rejects)")
+            return
+        self.preview = None
+        self._refocus()
+        if ed.buffer.text != pv.anchor_text:
+            ed.error("the document changed; preview discarded")
+            return
+        new = clean_reply(pv.text)
+        if not new:
+            ed.error("empty rewrite; nothing changed")
+            return
+        buf = ed.buffer
+        buf.save_to_undo_stack()
+        buf.text = pv.anchor_text[: pv.start] + new + pv.anchor_text[pv.end:]
+        buf.cursor_position = pv.start
+        ed.info(f"{pv.scope} {pv.kind}ed ({len(pv.original.split())} -> {len(new.split())} words); u undoes it")
+
+    def reject_preview(self) -> None:
+        self.preview = None
+        self.ed.worker.cancel(("telescope",))
+        self._refocus()
+        self.ed.info("kept the original")
+
+    # --- plumbing -----------------------------------------------------------------------
+
+    def _engine_ready(self) -> bool:
+        if self.ed.engine is None or self.ed.worker is None:
+            self.ed.error("no model loaded")
+            return False
+        return True
+
+    def _submit(self, kind: str, req: Request, on_piece, on_done) -> None:
+        ed = self.ed
+        post = ed.post
+
+        def run(job):
+            req.cancel = job.cancel
+            for ev in ed.engine.stream(req):
+                if ev.text:
+                    post(on_piece, ev.text)
+            post(on_done)
+
+        ed.suggest.invalidate_warm()  # chat prompts replace the KV cache's prefix
+        ed.worker.submit(kind, run)
+
+    def _refocus(self) -> None:
+        self.ed.app.layout.focus(self.ed.buffer)
+        self.ed.suggest.schedule()
+        self.ed.invalidate()
+
+    def _popup_fragments(self):
+        p = self.popup
+        if p is None:
+            return []
+        body = p.text.strip() or ("…" if not p.done else "(no answer)")
+        return [("class:popup.title", f" {p.title} "), ("", "\n"), ("", body), ("class:popup.dim", "\n(any key closes)")]
+
+    def _preview_title(self) -> str:
+        pv = self.preview
+        if pv is None:
+            return ""
+        state = "Enter/y accept · Esc/n reject" if pv.done else "writing… Esc cancels"
+        return f"{pv.kind} {pv.scope}  ({state})"
+
+    def _preview_fragments(self):
+        pv = self.preview
+        if pv is None:
+            return []
+        return [
+            ("class:preview.old", " ".join(pv.original.split()) + "\n\n"),
+            ("class:preview.new", (pv.text.strip() or "…")),
+        ]
+
+    def _popup_keys(self) -> KeyBindings:
+        kb = KeyBindings()
+
+        @kb.add(Keys.Any, eager=True)
+        @kb.add("escape", eager=True)
+        @kb.add("enter", eager=True)
+        def _(e):
+            self.close_popup()
+
+        return kb
+
+    def _preview_keys(self) -> KeyBindings:
+        kb = KeyBindings()
+
+        @kb.add("enter", eager=True)
+        @kb.add("y", eager=True)
+        @kb.add("tab", eager=True)
+        def _(e):
+            self.accept_preview()
+
+        @kb.add("escape", eager=True)
+        @kb.add("n", eager=True)
+        @kb.add("q", eager=True)
+        @kb.add("c-c", eager=True)
+        def _(e):
+            self.reject_preview()
+
+        @kb.add(Keys.Any, eager=True)
+        def _(e):
+            pass  # the document is frozen while the preview is open
+
+        return kb
