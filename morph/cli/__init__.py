@@ -70,5 +70,6 @@ from morph.cli import steer as _steer  # noqa: E402,F401
 from morph.cli import log as _log  # noqa: E402,F401
 from morph.cli import features as _features  # noqa: E402,F401
 from morph.cli import vectors as _vectors  # noqa: E402,F401
+from morph.cli import repl as _repl  # noqa: E402,F401
 from morph.cli import write as _write  # noqa: E402,F401
 from morph.cli import history as _history  # noqa: E402,F401

@@ -1,0 +1,79 @@
+"""`morph repl`: an interactive loop for quick steered drafting (see morph/repl/)."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from morph import tasks
+from morph.cli import cli
+from morph.errors import MorphError
+from morph.steering.catalog import parse_feature_args
+
+NOT_A_TTY = ("morph: error: `morph repl` needs a terminal on stdin; for piped text use "
+             "`morph steer` (e.g. `echo hi | morph steer -f formal`)")
+
+
+@cli.command("repl")
+@click.option("-f", "--feature", "features", multiple=True, metavar="NAME[=SCALE]",
+              help="Feature to start with (repeatable); change them with /feature.")
+@click.option("--mode", type=click.Choice(tasks.MODES), default="chat", show_default=True,
+              help="chat: a conversation; rewrite: each input rewritten; continue: raw continuation.")
+@click.option("--max-tokens", type=click.IntRange(1, None), default=256, show_default=True,
+              help="Longest reply in tokens.")
+@click.option("--temperature", type=click.FloatRange(0, 5), default=0.7, show_default=True)
+@click.option("--seed", type=int, default=None)
+@click.option("--emacs", is_flag=True, help="Emacs keys (default: vi, or `keys` in config.toml's [editor]).")
+@click.option("--resume", "resume", is_flag=False, flag_value="last", default=None, metavar="[ID]",
+              help="Continue the last logged session, or session ID.")
+@click.option("--list", "list_sessions", is_flag=True, help="List logged sessions and exit.")
+@click.option("--no-log", is_flag=True, help="Do not record this session in morph.db.")
+@click.pass_obj
+def repl_cmd(obj, features=(), mode="chat", max_tokens=256, temperature=0.7, seed=None, emacs=False,
+             resume=None, list_sessions=False, no_log=False):
+    """Chat with the model, steering it with features as you go.
+
+    \b
+    Enter sends; Alt-Enter (Esc Enter) inserts a newline; Ctrl-C stops a reply;
+    Ctrl-D quits. /help lists the slash commands (/feature, /mode, /save, ...).
+    """
+    from morph.repl import log as replog
+    from morph.repl.commands import format_sessions
+
+    if list_sessions:
+        for line in format_sessions(replog.list_sessions(50)):
+            click.echo(line)
+        return
+    if not sys.stdin.isatty():
+        click.echo(NOT_A_TTY, err=True)
+        sys.exit(2)
+    resume_id = None
+    if resume not in (None, "last"):
+        try:
+            resume_id = int(resume.lstrip("#"))
+        except ValueError:
+            raise MorphError(f"--resume takes a session number (see `morph repl --list`), not {resume!r}") from None
+    profile = parse_feature_args(features)
+    rt = obj.runtime()
+    from morph.repl.app import Repl
+
+    if not features and resume is None:
+        profile = dict(rt.config.features)
+    keys = "emacs" if emacs else rt.config.editor_keys
+    app = None
+    try:
+        app = Repl(rt, keys=keys, mode=mode, features=profile, max_tokens=max_tokens,
+                   temperature=temperature, seed=seed, log=not no_log, verbose=obj.verbose,
+                   open_runtime=lambda spec: _open(obj, spec))
+        if resume is not None:
+            app.resume(resume_id)
+        app.run()
+    finally:
+        (app.rt if app is not None else rt).close()
+
+
+def _open(obj, spec: str):
+    from morph.runtime import open_runtime
+
+    return open_runtime(spec, gpu=obj.gpu)
