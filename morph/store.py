@@ -110,23 +110,30 @@ def migrate(db: sqlite3.Connection) -> None:
 
 @contextlib.contextmanager
 def safe(what: str = "history") -> Iterator[list]:
-    """`with safe() as box:` -> box[0] is a connection, or the block is skipped with a warning.
+    """`with safe() as box:` -> box[0] is a connection; on a database error, one warning.
 
-    Usage:
-        with store.safe() as box:
-            if box: log_run(box[0], ...)
+    The block must check `if box:` (empty when the database could not be opened). Errors
+    inside the block are reported the same way and do not propagate: logging never costs
+    the user their output.
     """
     db = None
     box: list = []
     try:
         db = connect()
         box.append(db)
+    except sqlite3.Error as e:
+        _warn(what, e)
+    try:
         yield box
     except sqlite3.Error as e:
-        print(f"morph: warning: {what} not saved ({paths.db_path()}: {e})", file=sys.stderr)
+        _warn(what, e)
     finally:
         if db is not None:
             db.close()
+
+
+def _warn(what: str, e: Exception) -> None:
+    print(f"morph: warning: {what} not saved ({paths.db_path()}: {e})", file=sys.stderr)
 
 
 def _json(v: Any) -> str | None:
