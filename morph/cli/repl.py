@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 import click
+from click.core import ParameterSource
 
 from morph import tasks
 from morph.cli import cli
@@ -61,13 +62,18 @@ def repl_cmd(obj, features=(), mode="chat", max_tokens=256, temperature=0.7, see
     if not features and resume is None:
         profile = dict(rt.config.features)
     keys = "emacs" if emacs else rt.config.editor_keys
+    mode_given = click.get_current_context().get_parameter_source("mode") == ParameterSource.COMMANDLINE
     app = None
     try:
-        app = Repl(rt, keys=keys, mode=mode, features=profile, max_tokens=max_tokens,
-                   temperature=temperature, seed=seed, log=not no_log, verbose=obj.verbose,
-                   open_runtime=lambda spec: _open(obj, spec))
+        app = Repl(rt, keys=keys, mode=mode, features=None if resume else profile,
+                   max_tokens=max_tokens, temperature=temperature, seed=seed, log=not no_log,
+                   verbose=obj.verbose, open_runtime=lambda spec: _open(obj, spec))
         if resume is not None:
             app.resume(resume_id)
+            for spec, scale in profile.items():  # -f given with --resume wins over the log
+                app.session.set_feature(spec, scale)
+            if mode_given:
+                app.session.set_mode(mode)
         app.run()
     finally:
         (app.rt if app is not None else rt).close()

@@ -87,6 +87,7 @@ class Repl:
         self.session.set_mode(mode)
         for spec, scale in (features or {}).items():
             self.session.set_feature(spec, scale)
+        self._bannered = False
         self._real_tty = input is None and sys.stdin.isatty()
         self.on_piece: list[Callable[[str], None]] = []  # called with each streamed piece
         if history is None:
@@ -142,6 +143,9 @@ class Repl:
     # --- the loop ---------------------------------------------------------------------
 
     def banner(self) -> None:
+        if self._bannered:
+            return
+        self._bannered = True
         self.note(f"morph repl: {self.session.model_name}, {self.session.mode} mode. "
                   "Enter sends, Alt-Enter adds a line, /help lists commands, Ctrl-D quits")
 
@@ -266,16 +270,21 @@ class Repl:
 
     def resume(self, session_id: int | None) -> None:
         info, turns = load_session(session_id)
+        self.banner()
         for w in self.session.restore(info, turns):
             self.note(w)
-        n = sum(1 for t in turns if t.role == "user")
-        self.note(f"resumed session #{info.id}: {n} inputs, {len(self.session.context) // 2} "
-                  f"exchanges in context, mode {self.session.mode}")
+        n, ctx = sum(1 for t in turns if t.role == "user"), len(self.session.context) // 2
+        self.note(f"resumed session #{info.id}: {n} input{'s' if n != 1 else ''}, "
+                  f"{ctx} exchange{'s' if ctx != 1 else ''} in context, mode {self.session.mode}")
         if info.model and info.model != self.session.model_name:
             self.note(f"that session used {info.model}; this one uses {self.session.model_name}")
-        last = [t for t in self.session.transcript if t.role in ("user", "assistant")][-2:]
-        for t in last:
-            self.say(("> " if t.role == "user" else "") + t.content.strip())
+        for t in [t for t in self.session.transcript if t.role in ("user", "assistant")][-2:]:
+            if t.role == "user":
+                self.say("> " + t.content.strip().replace("\n", "\n  "))
+            elif t.content.strip():
+                self.say(t.content.strip())
+            if t.finish_reason == "cancelled":
+                self.note("cancelled")
 
     def switch_model(self, spec: str) -> None:
         models.resolve(spec)  # unknown names fail here, before anything is unloaded
