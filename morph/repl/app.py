@@ -109,6 +109,8 @@ class Repl:
             input=input,
             output=output,
         )
+        # Esc waits this long for a following Enter (Esc Enter = newline) before it acts alone.
+        self.prompt_session.app.timeoutlen = 0.5
 
     # --- output -----------------------------------------------------------------------
 
