@@ -137,6 +137,7 @@ def test_slash_commands(rt, tmp_path):
         "Hello!",
         f"/save {f}",
         f"/save --append --transcript {f}",
+        f"/save {tmp_path}/missing/x.md",
         "/mode rewrite",
         "/mode bogus",
         "/model",
@@ -158,6 +159,7 @@ def test_slash_commands(rt, tmp_path):
     assert text.startswith(reply.content.strip())
     assert "## you (chat)\n\nHello!" in text and "## morph (testfeat=0.2)" in text
     assert not list(tmp_path.glob(".out.md.*"))  # no temp files left behind
+    assert f"error: {tmp_path}/missing: no such directory" in out
     assert "mode: rewrite" in out and "error: unknown mode 'bogus'" in out and s.mode == "rewrite"
     assert f"model: {s.model_name}" in out and "error: unknown model 'no-such-model'" in out
     assert "Hello!" in out.split("/feature NAME")[0]  # /history listed this session

@@ -60,7 +60,8 @@ def dispatch(app, line: str) -> None:
     if cmd is None:
         near = [c for c in COMMANDS if c.startswith(name[:2])]
         hint = f" (did you mean {', '.join('/' + c for c in near)}?)" if near else ""
-        raise MorphError(f"unknown command /{name}{hint}; /help lists them")
+        raise MorphError(f"unknown command /{name}{hint}; /help lists them "
+                         "(start a line with // to send text that begins with /)")
     cmd.run(app, args)
 
 
