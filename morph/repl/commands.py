@@ -242,7 +242,7 @@ def format_sessions(sessions: Iterable[replog.SessionInfo], current: int | None 
         when = dt.datetime.fromtimestamp(s.started).strftime("%Y-%m-%d %H:%M")
         feats = ",".join(f"{k}={v:g}" for k, v in s.features.items()) or "-"
         mark = "*" if s.id == current else " "
-        out.append(f"{mark}#{s.id:<4} {when} {s.n_turns:>3} turns  {s.mode:<8} [{feats}] {s.title[:50]}")
+        out.append(f"{mark}#{s.id:<4} {when} {s.n_turns:>3} input{'s' if s.n_turns != 1 else ' '} {s.mode:<8} [{feats}] {s.title[:50]}")
     return out or ["no logged sessions yet"]
 
 
