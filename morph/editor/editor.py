@@ -178,6 +178,7 @@ class Editor:
         elif not self.message[1]:
             self.info(self._open_message())
         self.suggest.schedule(0)  # warm the KV cache with the text before the cursor
+        self.trace("ready")
 
     def _open_message(self) -> str:
         name = self.ebuf.display_name

@@ -359,6 +359,10 @@ class GhostBufferControl(BufferControl):
 
     def create_content(self, width: int, height: int, preview_search: bool = False) -> UIContent:
         content = super().create_content(width, height, preview_search)
+        if content.menu_position is None:
+            # Popups attached to this window (the explain float) need the cursor even
+            # while they have the focus; prompt-toolkit records it only for the focused one.
+            content.menu_position = content.cursor_position
         ctl = self.ghost.ctl
         self._extra = (0, 0)
         if not ctl.visible() or "\n" not in ctl.text:

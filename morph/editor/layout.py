@@ -11,6 +11,7 @@ from prompt_toolkit.layout import (
     HSplit,
     Layout,
     ScrollOffsets,
+    VSplit,
     Window,
 )
 from prompt_toolkit.layout.controls import BufferControl, FormattedTextControl
@@ -20,11 +21,20 @@ from morph.editor.ghost import GhostBufferControl, GhostProcessor
 from morph.editor.lexer import lexer_for
 
 
+def short_name(name: str, limit: int = 40) -> str:
+    if len(name) <= limit:
+        return name
+    parts = name.split("/")
+    tail = parts[-1]
+    if len(parts) > 1 and len(parts[-2]) + len(tail) + 3 <= limit:
+        tail = parts[-2] + "/" + tail
+    return "…/" + tail if len(tail) + 2 <= limit else "…" + tail[-(limit - 1):]
+
+
 def status_fragments(ed):
-    s = ed.suggest
     left = [
         ("class:status.mode", f" {ed.mode_name()} "),
-        ("class:status", f" {ed.ebuf.display_name}"),
+        ("class:status", f" {short_name(ed.ebuf.display_name)}"),
     ]
     if ed.ebuf.modified:
         left.append(("class:status.modified", " [+]"))
@@ -32,6 +42,11 @@ def status_fragments(ed):
         left.append(("class:status", " [new]"))
     left.append(("class:status", f"  {ed.model_name}  "))
     left.append(("class:status.features", ed.features_label()))
+    return left
+
+
+def status_right_fragments(ed):
+    s = ed.suggest
     right = []
     if s.last_ttft_s is not None:
         t = f"TTFT {s.last_ttft_s * 1000:.0f} ms"
@@ -39,7 +54,7 @@ def status_fragments(ed):
             t += f"  {s.last_tok_per_s:.0f} tok/s"
         right.append(("class:status.timing", t))
     right.append(("class:status", "  F2 features "))
-    return left + [("class:status", "  ")] + right
+    return right
 
 
 def message_fragments(ed):
@@ -64,7 +79,13 @@ def build_layout(ed) -> Layout:
         scroll_offsets=ScrollOffsets(top=1, bottom=1),
     )
     ed.main_window = main
-    status = Window(FormattedTextControl(lambda: status_fragments(ed)), height=1, style="class:status")
+    status = VSplit(
+        [
+            Window(FormattedTextControl(lambda: status_fragments(ed)), height=1, wrap_lines=False),
+            Window(FormattedTextControl(lambda: status_right_fragments(ed)), height=1, dont_extend_width=True),
+        ],
+        style="class:status",
+    )
     cmd_focused = Condition(ed.command_line_focused)
     command = ConditionalContainer(
         Window(BufferControl(ed.command_buffer, input_processors=[BeforeInput(":")]), height=1),
@@ -77,7 +98,8 @@ def build_layout(ed) -> Layout:
     body = FloatContainer(
         content=HSplit([main, status, command, message]),
         floats=[
-            Float(content=ed.seed.popup_container(), xcursor=True, ycursor=True),
+            # attach_to_window: place it at the document's cursor, not the popup's own.
+            Float(content=ed.seed.popup_container(), xcursor=True, ycursor=True, attach_to_window=main),
             Float(content=ed.seed.preview_container(), top=1),
             Float(content=ed.panel.container(), top=1),
         ],

@@ -21,6 +21,8 @@ from prompt_toolkit.widgets import Frame
 
 from morph.engine.base import Request
 
+EXPLAIN_TOKENS = 80
+REWRITE_TOKENS = 400  # cap for expand; compress needs fewer
 _SENT_END = re.compile(r"[.!?]+[\"'”’)\]]*(?=\s|$)")
 _WORD = re.compile(r"[\w'’-]+")
 
@@ -86,11 +88,11 @@ def telescope_messages(kind: str, scope: str, text: str) -> tuple[list[dict], in
     if kind == "expand":
         target = max(n * 2, n + 15)
         ask = f"Expand this {scope} into a more detailed version of about {target} words."
-        max_tokens = min(400, int(target * 1.8) + 20)
+        max_tokens = min(REWRITE_TOKENS, int(target * 1.8) + 20)
     else:
         target = max(3, n // 2)
         ask = f"Compress this {scope} into a shorter version of at most {target} words."
-        max_tokens = min(200, int(n * 1.5) + 10)
+        max_tokens = min(REWRITE_TOKENS // 2, int(n * 1.5) + 10)
     msgs = [
         {"role": "system", "content": REWRITE_SYSTEM},
         {"role": "user", "content": f"{ask}\n\n{text}"},
@@ -132,7 +134,7 @@ class SeedUX:
         self.preview: Preview | None = None
         self._popup_win = Window(
             FormattedTextControl(self._popup_fragments, focusable=True, key_bindings=self._popup_keys(), show_cursor=False),
-            width=Dimension(max=64),
+            width=Dimension(min=30, max=64, preferred=64),
             height=Dimension(max=10),
             wrap_lines=True,
             style="class:popup",
@@ -186,7 +188,7 @@ class SeedUX:
         self.popup = popup
         ed.suggest.dismiss()
         ed.app.layout.focus(self._popup_win)
-        req = Request(messages=explain_messages(word, sentence), max_tokens=80, temperature=0.2, steering=ed.steering)
+        req = Request(messages=explain_messages(word, sentence), max_tokens=EXPLAIN_TOKENS, temperature=0.2, steering=ed.steering)
         self._submit("explain", req, lambda piece: self._popup_piece(popup, piece), lambda: self._popup_done(popup))
         ed.invalidate()
 
