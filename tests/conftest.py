@@ -19,7 +19,9 @@ def engine(model_info):
     """One warm LlamaEngine for the whole session (loading costs ~0.3 s, but contexts add up)."""
     from morph.engine.llama import LlamaEngine
 
-    eng = LlamaEngine(model_info, n_ctx=2048)
+    # One thread: on a shared 2-core machine, 2 llama.cpp threads stall badly under load
+    # (FACTS); tests measure correctness, not speed.
+    eng = LlamaEngine(model_info, n_ctx=2048, threads=1)
     yield eng
     eng.close()
 

@@ -103,3 +103,77 @@ def fluency_cost(engine, texts: list[str], cv: ControlVector | None, base: list[
     if base is None:
         return 0.0, nll
     return float(np.mean(nll) - np.mean(base)), nll
+
+
+DEFAULT_SCALES = (0.1, 0.2, 0.3, 0.45)
+FLUENCY_BUDGET = 0.3  # nats/token of extra NLL on neutral text we accept for the default
+
+
+def build_recipe(engine, recipe: Recipe, layer: int, hint: str, fingerprint: str,
+                 scales=DEFAULT_SCALES, budget: float = FLUENCY_BUDGET,
+                 neutral: list[str] | None = None, n_eval: int = 8, progress=None):
+    """Both poles of a recipe as (Feature, ControlVector) pairs, plus a measurement report.
+
+    The default scale is the largest of `scales` whose fluency cost (extra NLL per token
+    on neutral text) stays within `budget`, among those that move the held-out style
+    log-prob difference the right way. FACTS: the usable window is narrow, so measure.
+    """
+    from morph.steering.catalog import Feature
+
+    train, test = split_pairs(recipe)
+    test = test[:n_eval]
+    unit, norm, sep = diffmean_direction(engine, train, layer)
+    neutral = neutral or NEUTRAL_TEXTS
+    _, base_nll = fluency_cost(engine, neutral, None)
+    base_shift = style_shift(engine, test, None)
+    sweep = []
+    for a in scales:
+        row = {"scale": a}
+        for sign, key in ((+1, "pos"), (-1, "neg")):
+            cv = make_vector(unit, layer, norm, hint, {}) * (sign * a)
+            row[f"shift_{key}"] = round(style_shift(engine, test, cv) - base_shift, 4)
+            row[f"dnll_{key}"] = round(fluency_cost(engine, neutral, cv, base_nll)[0], 4)
+        sweep.append(row)
+        if progress:
+            progress(recipe.axis, row)
+    out = []
+    for pole, sign in recipe.poles:
+        key = "pos" if sign > 0 else "neg"
+        ok = [r for r in sweep if r[f"dnll_{key}"] <= budget and sign * r[f"shift_{key}"] > 0]
+        chosen = max(ok, key=lambda r: r["scale"]) if ok else min(sweep, key=lambda r: r["scale"])
+        default = chosen["scale"]
+        scores = {
+            "separation_d": round(sep, 3),
+            "heldout_pairs": len(test),
+            "style_shift_at_default": chosen[f"shift_{key}"] * sign,
+            "extra_nll_at_default": chosen[f"dnll_{key}"],
+        }
+        name = pole["name"]
+        meta = {
+            "name": name, "description": pole["description"], "method": "diffmean",
+            "layer": layer, "default_scale": default, "residual_norm": round(norm, 4),
+            "recipe": recipe.path.name, "pairs_used": len(train), "model_fingerprint": fingerprint,
+        }
+        cv = make_vector(unit * sign, layer, norm, hint, meta)
+        feat = Feature(
+            name=name, description=pole["description"], method="diffmean",
+            file=f"{name}.diffmean.gguf", layer=layer, default_scale=default,
+            residual_norm=round(norm, 4), scores=scores,
+        )
+        out.append((feat, cv))
+    report = {"axis": recipe.axis, "layer": layer, "residual_norm": round(norm, 4),
+              "separation_d": round(sep, 3), "train_pairs": len(train), "heldout_pairs": len(test),
+              "base_nll": round(float(np.mean(base_nll)), 4), "sweep": sweep,
+              "defaults": {f.name: f.default_scale for f, _ in out}}
+    return out, report
+
+
+# Neutral, register-free text for the fluency measure (written for morph).
+NEUTRAL_TEXTS = [
+    "The library opens at nine in the morning and closes at six in the evening.",
+    "Water boils at a lower temperature on a high mountain than at sea level.",
+    "The train from the city arrives at the station every twenty minutes.",
+    "She planted tomatoes and beans in the garden behind the house.",
+    "The report lists the costs of the project for each month of the year.",
+    "Most birds build their nests in spring, when food is easy to find.",
+]

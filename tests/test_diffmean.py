@@ -1,0 +1,95 @@
+"""Difference-of-means features: the command, the shipped vectors, and that they steer."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from morph import paths
+from morph.steering import diffmean as dm
+from morph.steering.catalog import Catalog
+from morph.steering.vector import ControlVector
+
+SHIPPED = paths.shipped_vectors_dir() / "smollm2-135m-instruct"
+
+
+def _diffmean_features():
+    cat = Catalog("smollm2-135m-instruct", [(SHIPPED, "shipped")])
+    return [f for f in cat.features if f.method == "diffmean"]
+
+
+def test_recipes_are_complete():
+    recipes = sorted(paths.recipes_dir().glob("*.json"))
+    assert {r.stem for r in recipes} >= {"formality", "length"}
+    for path in recipes:
+        r = dm.load_recipe(path)
+        assert len(r.pairs) >= 40, path
+
+
+def test_shipped_diffmean_vectors_validate(model_info):
+    feats = _diffmean_features()
+    assert {"formal", "casual", "concise", "elaborate"} <= {f.name for f in feats}
+    for f in feats:
+        cv = ControlVector.load(f.path)
+        cv.validate(model_info.n_embd, model_info.n_layer, where=str(f.path))
+        assert cv.layers == [f.layer] and cv.meta["method"] == "diffmean"
+        assert 0 < f.default_scale <= 0.5
+        # Stored at the layer's residual norm, so scales are fractions of it.
+        assert np.isclose(np.linalg.norm(cv.directions[f.layer]), f.residual_norm, rtol=1e-3)
+
+
+@pytest.mark.parametrize("axis", ["formality", "length"])
+def test_feature_shifts_heldout_style(engine, axis):
+    """Steering with the positive pole raises the log-prob of held-out positive texts
+    relative to their negative twins; the negative pole does the opposite."""
+    recipe = dm.load_recipe(paths.recipes_dir() / f"{axis}.json")
+    _, test = dm.split_pairs(recipe)
+    test = test[:4]
+    by_name = {f.name: f for f in _diffmean_features()}
+    pos, neg = by_name[recipe.positive["name"]], by_name[recipe.negative["name"]]
+    base = dm.style_shift(engine, test, None)
+    up = dm.style_shift(engine, test, pos.load_vector() * pos.default_scale)
+    down = dm.style_shift(engine, test, neg.load_vector() * neg.default_scale)
+    assert up > base + 0.05 and down < base - 0.05, (base, up, down)
+    engine.set_steering(None)
+
+
+def test_diffmean_command_writes_vectors_and_manifest(tmp_path, data_dir):
+    recipe = {
+        "axis": "tiny",
+        "positive": {"name": "shouty", "description": "All caps."},
+        "negative": {"name": "quiet", "description": "Lower case."},
+        "pairs": [{"topic": str(i), "positive": p.upper(), "negative": p.lower()} for i, p in enumerate([
+            "The train leaves at noon", "Bring the blue folder", "We won the match",
+            "Dinner is ready now", "Call me after work"])],
+    }
+    rp = tmp_path / "tiny.json"
+    rp.write_text(json.dumps(recipe))
+    (data_dir).mkdir(parents=True, exist_ok=True)
+    (data_dir / "config.toml").write_text("threads = 1\n")
+    env = dict(os.environ, MORPH_DATA_DIR=str(data_dir))
+    r = subprocess.run([sys.executable, "-m", "morph", "vectors", "diffmean", str(rp), "--layer", "12"],
+                       capture_output=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr.decode()
+    out = data_dir / "vectors" / "smollm2-135m-instruct"
+    manifest = json.loads((out / "features.json").read_text())
+    names = {(e["name"], e["method"]) for e in manifest["features"]}
+    assert names == {("shouty", "diffmean"), ("quiet", "diffmean")}
+    a = ControlVector.load(out / "shouty.diffmean.gguf")
+    b = ControlVector.load(out / "quiet.diffmean.gguf")
+    assert np.allclose(a.directions[12], -b.directions[12])
+    report = json.loads((out / "diffmean.json").read_text())
+    assert report["tiny"]["layer"] == 12 and len(report["tiny"]["sweep"]) >= 2
+    # The new feature is usable right away, by name and by method.
+    r = subprocess.run([sys.executable, "-m", "morph", "steer", "-f", "shouty@diffmean", "--max-tokens", "3",
+                        "--temperature", "0", "--no-log"], input=b"hello there", capture_output=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr.decode()
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"axis": "x"}')
+    r = subprocess.run([sys.executable, "-m", "morph", "vectors", "diffmean", str(bad)], capture_output=True, env=env)
+    assert r.returncode == 1 and "not a contrast-set recipe" in r.stderr.decode()
