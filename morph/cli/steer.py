@@ -56,16 +56,19 @@ def build_steering(rt, features: tuple[str, ...], vectors: tuple[str, ...]):
               help="Any llama.cpp control-vector GGUF (repeatable; SCALE default 1.0).")
 @click.option("--mode", type=click.Choice(["rewrite", "continue"]), default="rewrite", show_default=True,
               help="rewrite: the instruct model rewrites the input; continue: it writes what comes next.")
-@click.option("--max-tokens", type=click.IntRange(1, None), default=512, show_default=True)
+@click.option("--max-tokens", type=click.IntRange(1, None), default=None,
+              help="Tokens to generate [default: rewrite about twice the input's length, continue 256].")
 @click.option("--temperature", type=click.FloatRange(0, 5), default=0.7, show_default=True,
               help="0 = greedy (deterministic).")
 @click.option("--top-p", type=click.FloatRange(0, 1), default=0.95, show_default=True)
 @click.option("--seed", type=int, default=None, help="Sampling seed (reproducible output).")
+@click.option("--repeat-penalty", type=click.FloatRange(1.0, 3.0), default=1.1, show_default=True,
+              help="Discourage repeating recent tokens (1.0 = off); small models loop without it.")
 @click.option("--echo", is_flag=True, help="In continue mode, print the input before the continuation.")
 @click.option("--no-log", is_flag=True, help="Do not record this run in the history database.")
 @click.option("-v", "--verbose", count=True, help="Timings on stderr.")
 @click.pass_obj
-def steer_cmd(obj, features, vectors, mode, max_tokens, temperature, top_p, seed, echo, no_log, verbose):
+def steer_cmd(obj, features, vectors, mode, max_tokens, temperature, top_p, seed, repeat_penalty, echo, no_log, verbose):
     """Read text on stdin, write steered text to stdout (streamed).
 
     \b
@@ -80,9 +83,11 @@ def steer_cmd(obj, features, vectors, mode, max_tokens, temperature, top_p, seed
     rt = obj.runtime()
     try:
         logged, cv = build_steering(rt, features, vectors)
+        if max_tokens is None:
+            max_tokens = 256 if mode == "continue" else min(1024, 2 * len(rt.engine.tokenize(text)) + 48)
         req = tasks.build_request(
             mode, text, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-            seed=seed, steering=cv,
+            seed=seed, repeat_penalty=repeat_penalty, steering=cv,
         )
         out, finish, timings = _stream_to_stdout(rt.engine, req, echo_text=text if (echo and mode == "continue") else None)
         if (obj.verbose or verbose) and timings is not None:

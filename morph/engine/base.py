@@ -25,6 +25,8 @@ class Request:
     temperature: float = 0.7
     top_p: float = 0.95
     top_k: int = 40
+    repeat_penalty: float = 1.0  # >1 discourages repeating the last `repeat_last_n` tokens
+    repeat_last_n: int = 64
     seed: int | None = None
     stop: Sequence[str] = ()
     steering: ControlVector | None = None  # already combined and scaled

@@ -261,6 +261,9 @@ class LlamaEngine:
         from llama_cpp import _internals as internals
 
         s = internals.LlamaSampler()
+        if request.repeat_penalty and request.repeat_penalty != 1.0:
+            # Tiny models loop easily, steered ones more so: a mild penalty keeps them going.
+            s.add_penalties(self.llm.n_vocab(), int(request.repeat_last_n), float(request.repeat_penalty), 0.0, 0.0)
         if request.temperature <= 0:
             s.add_greedy()
         else:
