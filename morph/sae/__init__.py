@@ -1,0 +1,7 @@
+"""The SAE pipeline: corpus, TopK sparse autoencoder, latent evidence, named features.
+
+corpus.py (prompts + the model's continuations, captured while generating) -> train.py
+(numpy TopK SAE) -> io.py (SAE GGUF) -> evidence.py (frequencies, top contexts) ->
+select.py (contrast-set ranking, steering probes, default scales) -> interpret.py
+(self-explanation) -> build.py (`morph vectors build`). sweep.py: the layer sweep.
+"""

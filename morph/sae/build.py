@@ -1,0 +1,209 @@
+"""`morph vectors build`: corpus -> SAE -> evidence -> named features, for one model.
+
+Outputs (in `<data dir>/vectors/<model-id>/`, the layout of the shipped `vectors/`):
+`sae-L<layer>.gguf`, `sae-L<layer>.evidence.json.gz`, `<name>.gguf` per named feature,
+entries in `features.json` (merged: diffmean entries stay), and `build.json`, the record
+of this run (corpus make-up, SAE scores, per-feature sweeps, stage timings).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from morph import paths
+from morph.errors import MorphError
+from morph.models import ModelInfo
+from morph.sae import corpus as corpus_mod
+from morph.sae import evidence as ev_mod
+from morph.sae.train import SAEConfig, train_sae
+
+# Default SAE layer per model id, from a measured sweep (see vectors/<model>/README.md);
+# other models get the same relative depth.
+SWEPT_LAYERS = {"smollm2-135m-instruct": 16}
+RELATIVE_DEPTH = 16 / 30
+
+
+def default_layer(info: ModelInfo) -> int:
+    if info.model_id in SWEPT_LAYERS:
+        return SWEPT_LAYERS[info.model_id]
+    return max(1, min(info.n_layer - 2, round(RELATIVE_DEPTH * info.n_layer)))
+
+
+def pick_threads() -> int:
+    """All cores on a quiet machine, one when it is busy: two llama.cpp threads that must
+    meet at ~1,000 barriers per step stall when a neighbour takes a core (FACTS)."""
+    from morph.engine.llama import default_threads
+
+    n = default_threads()
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return n
+    return 1 if load > n - 0.5 else n
+
+
+@dataclass
+class BuildConfig:
+    layer: int | None = None
+    width: int = 4096
+    k: int = 32
+    tokens: int = 320_000
+    seed: int = 0
+    epochs: float = 2.0
+    threads: int | None = None
+    n_seq: int = 32
+    recipes: list[Path] | None = None  # default: every shipped recipe
+
+
+Progress = Callable[[str, int | None], Callable[[int], None]]  # (stage, total) -> advance
+
+
+def build(info: ModelInfo, cfg: BuildConfig, out_dir: Path | None = None,
+          progress: Progress | None = None, log: Callable[[str], None] = lambda s: None) -> dict:
+    from morph.engine.llama import LlamaEngine
+    from morph.sae.batch import BatchRunner
+    from morph.sae.interpret import explain
+    from morph.sae.io import save_sae
+    from morph.sae.select import Scorer, select_axis
+    from morph.steering import diffmean as dm
+    from morph.steering.catalog import Feature, write_entries
+    from morph.steering.vector import ControlVector, residual_relative
+
+    layer = default_layer(info) if cfg.layer is None else cfg.layer
+    if not 1 <= layer < info.n_layer:
+        raise MorphError(f"--layer must be within 1..{info.n_layer - 1} for {info.model_id}")
+    out_dir = Path(out_dir) if out_dir else paths.user_vectors_dir() / info.model_id
+    recipes = [dm.load_recipe(p) for p in (cfg.recipes or sorted(paths.recipes_dir().glob("*.json")))]
+    if not recipes:
+        raise MorphError(f"no contrast-set recipes in {paths.recipes_dir()}")
+    threads = cfg.threads or pick_threads()
+    bar = progress or (lambda stage, total: (lambda n: None))
+    timings: dict[str, float] = {}
+    t_all = time.perf_counter()
+    engine = LlamaEngine(info, n_ctx=512, threads=threads)
+    try:
+        # 1. corpus
+        t = time.perf_counter()
+        corp = corpus_mod.build_corpus(
+            engine, [layer], corpus_mod.CorpusConfig(tokens=cfg.tokens, seed=cfg.seed, n_seq=cfg.n_seq),
+            progress=bar("corpus", cfg.tokens))
+        timings["corpus_s"] = round(time.perf_counter() - t, 1)
+        x = corp.acts[layer]
+        norms = np.linalg.norm(x, axis=1)
+        residual_norm = float(np.median(norms))
+        log(f"corpus: {len(corp)} tokens ({corp.stats['generated_rows']} generated) from "
+            f"{corp.stats['documents']} documents in {timings['corpus_s']} s")
+
+        # 2. SAE
+        t = time.perf_counter()
+        scfg = SAEConfig(width=cfg.width, k=cfg.k, epochs=cfg.epochs, seed=cfg.seed)
+        steps = max(1, int(round(scfg.epochs * (len(x) * (1 - 1 / scfg.holdout_every)) // scfg.batch)))
+        adv = bar("train", steps)
+        sae = train_sae(x, scfg, corp.doc, progress=lambda s, i: adv(1))
+        timings["train_s"] = round(time.perf_counter() - t, 1)
+
+        # 3. evidence
+        t = time.perf_counter()
+        idx, val = ev_mod.encode_corpus(sae, x, progress=bar("evidence", len(x)))
+        piece_cache: dict[int, str] = {}
+
+        def piece(tok: int) -> str:
+            if tok not in piece_cache:
+                piece_cache[tok] = engine.llm.detokenize([tok], special=True).decode("utf-8", "replace")
+            return piece_cache[tok]
+
+        ev = ev_mod.build_evidence(sae, idx, val, corp.doc, corp.pos, corp.docs, piece)
+        del idx, val
+        dead = ev_mod.dead_share(ev)
+        timings["evidence_s"] = round(time.perf_counter() - t, 1)
+        sae.meta.update({
+            "layer": layer, "model_id": info.model_id, "model_fingerprint": info.fingerprint,
+            "seed": cfg.seed, "dead_share": round(dead, 5), "residual_norm": round(residual_norm, 4),
+            "corpus": corp.stats,
+        })
+        log(f"SAE L{layer}: width {sae.width}, k {sae.k}, FVU {sae.meta['fvu']} (held out), "
+            f"L0 {sae.meta['l0']}, dead {dead:.1%}, {timings['train_s']} s")
+        del corp
+
+        # 4. named features
+        t = time.perf_counter()
+        runner = BatchRunner(engine, n_seq=32, n_ctx=4096, n_batch=_score_batch(engine))
+        try:
+            scorer = Scorer(engine, runner, layer)
+            picks = []
+            adv = bar("features", len(recipes))
+            for r in recipes:
+                picks += select_axis(engine, sae, layer, residual_norm, r, scorer)
+                adv(1)
+        finally:
+            runner.close()
+        timings["select_s"] = round(time.perf_counter() - t, 1)
+
+        # 5. self-explanation of every latent considered for a feature
+        t = time.perf_counter()
+        ids = sorted({c["latent"] for p in picks for c in p.candidates})
+        texts = explain(engine, sae.W_dec[ids], layer, residual_norm, progress=bar("explain", len(ids)))
+        for j, text in zip(ids, texts):
+            ev["latents"][j]["explanation"] = text
+        timings["explain_s"] = round(time.perf_counter() - t, 1)
+
+        # 6. write
+        sae_name = f"sae-L{layer}.gguf"
+        ev_name = f"sae-L{layer}.evidence.json.gz"
+        sha = save_sae(sae, out_dir / sae_name)
+        ev["sae_sha256"] = sha
+        ev["layer"] = layer
+        ev_mod.save_evidence(ev, out_dir / ev_name)
+        feats = []
+        for p in picks:
+            expl = "; ".join(_latent_expl(ev, j) for j in p.latents)
+            meta = {"name": p.name, "description": p.description, "method": "sae", "sae": sae_name,
+                    "sae_sha256": sha, "latents": p.latents, "weights": p.weights, "layer": layer,
+                    "default_scale": p.default_scale, "residual_norm": round(residual_norm, 4),
+                    "recipe": f"{p.axis}.json", "model_fingerprint": info.fingerprint}
+            cv = ControlVector({layer: residual_relative(p.unit, residual_norm)}, info.hint, meta)
+            cv.save(out_dir / f"{p.name}.gguf")
+            feats.append(Feature(name=p.name, description=p.description, method="sae", file=f"{p.name}.gguf",
+                                 layer=layer, default_scale=p.default_scale,
+                                 residual_norm=round(residual_norm, 4), latents=p.latents,
+                                 latent_weights=p.weights, explanation=expl, scores=p.scores))
+        sae_info = {"file": sae_name, "sha256": sha, "evidence": ev_name, "layer": layer,
+                    "width": sae.width, "k": sae.k, "fvu": sae.meta["fvu"], "l0": sae.meta["l0"],
+                    "dead_share": round(dead, 5), "train_tokens": sae.meta["train_tokens"],
+                    "residual_norm": round(residual_norm, 4)}
+        write_entries(out_dir, feats, info.model_id, extra={"sae": sae_info})
+        timings["total_s"] = round(time.perf_counter() - t_all, 1)
+        report = {
+            "model_id": info.model_id, "model_fingerprint": info.fingerprint, "threads": threads,
+            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k != "recipes"},
+            "sae": sae_info, "sae_training": {k: v for k, v in sae.meta.items() if k != "corpus"},
+            "corpus": sae.meta["corpus"], "timings": timings,
+            "features": [{"name": p.name, "axis": p.axis, "latents": p.latents, "weights": p.weights,
+                          "default_scale": p.default_scale, "scores": p.scores, "candidates": p.candidates,
+                          "explanation": f.explanation} for p, f in zip(picks, feats)],
+        }
+        (out_dir / "build.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        return report
+    finally:
+        engine.close()
+
+
+def _score_batch(engine) -> int:
+    """Tokens per scoring batch: every token's logits are kept, so bound that buffer (~256 MB)."""
+    n_vocab = engine.llm.n_vocab()
+    return int(max(64, min(1024, (256 << 20) // (4 * n_vocab))))
+
+
+def _latent_expl(ev: dict, j: int) -> str:
+    lat = ev["latents"][j]
+    s = f"latent {j}"
+    if lat.get("explanation"):
+        s += f' "{lat["explanation"]}"'
+    return s + f" (fires on {ev_mod.latent_label(ev, j)})"

@@ -1,0 +1,185 @@
+"""Named features from SAE latents: rank on contrast sets, test by steering, pick a scale.
+
+For each recipe (`vectors/recipes/<axis>.json`, pairs of texts saying the same thing in
+two styles) and each of its poles:
+
+1. rank latents by how much more they fire on the pole's texts than on the other pole's
+   (paired effect size of per-text mean activations, training pairs only);
+2. steer with each of the top candidates' decoder directions on a few training pairs and
+   keep the 1-3 that move the log-prob of the pole's wording most (weights ~ that shift);
+3. the vector is the weighted sum of their decoder directions, stretched to the layer's
+   median residual norm (scales are fractions of it);
+4. sweep the scale: style shift on held-out pairs and extra NLL of neutral text; the
+   default is the largest scale within the fluency budget that still shifts the right way.
+
+Split, prompt, neutral texts and budget are the diffmean builder's, so the two methods'
+scores are comparable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from morph.errors import MorphError
+from morph.sae.batch import BatchRunner
+from morph.sae.score import Item, logprobs
+from morph.sae.train import SAE
+from morph.steering import diffmean as dm
+from morph.steering.vector import residual_relative
+
+SCALES = (0.1, 0.2, 0.3, 0.45, 0.6)
+PROBE_SCALE = 0.3
+N_CANDIDATES = 4
+N_PROBE = 6  # training pairs used to compare candidates
+N_EVAL = 8  # held-out pairs for the reported shift (as diffmean)
+
+
+@dataclass
+class Selected:
+    name: str
+    description: str
+    axis: str
+    sign: int  # +1 positive pole, -1 negative pole
+    latents: list[int]
+    weights: list[float]
+    unit: np.ndarray  # unit direction at the layer
+    default_scale: float
+    scores: dict = field(default_factory=dict)
+    candidates: list[dict] = field(default_factory=list)
+
+
+def text_codes(engine, sae: SAE, texts: list[str], layer: int) -> np.ndarray:
+    """Mean SAE code per text (n_texts, width): how much each latent fires on it."""
+    acts = engine.capture(texts, layer)
+    return np.stack([sae.encode_dense(a).mean(axis=0) if len(a) else np.zeros(sae.width, np.float32)
+                     for a in acts])
+
+
+def paired_effect(pos: np.ndarray, neg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(effect size, mean difference) per latent over paired texts."""
+    d = pos - neg
+    mu = d.mean(axis=0)
+    sd = d.std(axis=0, ddof=1) if len(d) > 1 else np.ones_like(mu)
+    return mu / (sd + 1e-6 + 0.05 * np.abs(mu)), mu
+
+
+class Scorer:
+    """Style shift and fluency cost, batched over sequences with their own vectors."""
+
+    def __init__(self, engine, runner: BatchRunner, layer: int):
+        self.engine, self.runner, self.layer = engine, runner, layer
+        self.prefix = engine.tokenize(dm.NEUTRAL_PROMPT)
+        self._tok: dict[str, list[int]] = {}
+
+    def _item(self, text: str, vec) -> Item:
+        if text not in self._tok:
+            self._tok[text] = self.engine.tokenize(text, add_bos=False)
+        return Item(self.prefix + self._tok[text], len(self.prefix), vec)
+
+    def run(self, jobs: list[tuple[str, list[dict], list[str], np.ndarray | None]]) -> dict[str, dict]:
+        """jobs: (key, pairs, neutral texts, vector). Per key: shift (mean over pairs of
+        mean-logprob(positive) - mean-logprob(negative)), per-pair values, and neutral NLL."""
+        items, where = [], []
+        for key, pairs, neutral, vec in jobs:
+            for i, p in enumerate(pairs):
+                items += [self._item(p["positive"], vec), self._item(p["negative"], vec)]
+                where += [(key, "pos", i), (key, "neg", i)]
+            for i, t in enumerate(neutral):
+                items.append(self._item(t, vec))
+                where.append((key, "neu", i))
+        lps = logprobs(self.runner, items, self.layer)
+        out: dict[str, dict] = {key: {"pos": {}, "neg": {}, "neu": {}} for key, *_ in jobs}
+        for (key, kind, i), lp in zip(where, lps):
+            out[key][kind][i] = float(lp.mean())
+        res = {}
+        for key, pairs, neutral, _ in jobs:
+            o = out[key]
+            per = [o["pos"][i] - o["neg"][i] for i in range(len(pairs))]
+            res[key] = {"shift": float(np.mean(per)) if per else 0.0, "per_pair": per,
+                        "nll": float(-np.mean(list(o["neu"].values()))) if neutral else 0.0}
+        return res
+
+
+def select_axis(engine, sae: SAE, layer: int, residual_norm: float, recipe, scorer: Scorer,
+                budget: float = dm.FLUENCY_BUDGET, progress: Callable[[str], None] | None = None,
+                ) -> list[Selected]:
+    train, test = dm.split_pairs(recipe)
+    test = test[:N_EVAL]
+    probe = train[:N_PROBE]
+    pos = text_codes(engine, sae, [p["positive"] for p in train], layer)
+    neg = text_codes(engine, sae, [p["negative"] for p in train], layer)
+    effect, mdiff = paired_effect(pos, neg)
+    neutral = dm.NEUTRAL_TEXTS
+
+    def vec(unit, scale):
+        return residual_relative(unit, residual_norm) * np.float32(scale)
+
+    # Candidates of both poles, probed together with the unsteered baseline.
+    cands: dict[int, list[int]] = {}
+    for sign in (+1, -1):
+        order = np.argsort(-sign * effect, kind="stable")
+        cands[sign] = [int(j) for j in order[:N_CANDIDATES] if sign * mdiff[j] > 0]
+    jobs = [("base", probe, [], None)]
+    for sign, js in cands.items():
+        for j in js:
+            jobs.append((f"{sign}:{j}", probe, [], vec(sae.W_dec[j], PROBE_SCALE)))
+    probed = scorer.run(jobs)
+    base_probe = probed["base"]["shift"]
+
+    picks = []
+    for pole, sign in recipe.poles:
+        rows = []
+        for j in cands[sign]:
+            s = sign * (probed[f"{sign}:{j}"]["shift"] - base_probe)
+            rows.append({"latent": j, "effect_d": round(float(sign * effect[j]), 3),
+                         "mean_diff": round(float(sign * mdiff[j]), 4), "probe_shift": round(s, 4)})
+        if not rows:
+            raise MorphError(f"{recipe.axis}: no latent fires more on {pole['name']!r} texts")
+        good = sorted([r for r in rows if r["probe_shift"] > 0], key=lambda r: -r["probe_shift"])
+        if good:
+            best = good[0]["probe_shift"]
+            chosen = [r for r in good if r["probe_shift"] >= 0.5 * best][:3]
+            w = np.array([r["probe_shift"] for r in chosen])
+        else:  # no candidate steers measurably: fall back to the best-separating latent
+            chosen = rows[:1]
+            w = np.ones(1)
+        w = w / w.sum()
+        lat = [r["latent"] for r in chosen]
+        d = (w[:, None] * sae.W_dec[lat]).sum(axis=0)
+        unit = (d / np.linalg.norm(d)).astype(np.float32)
+        picks.append(Selected(pole["name"], pole["description"], recipe.axis, sign, lat,
+                              [round(float(x), 4) for x in w], unit, SCALES[0], candidates=rows))
+        if progress:
+            progress(f"{pole['name']}: latents {lat}")
+
+    # Scale sweep of every pick in one batched pass (with the baseline).
+    jobs = [("base", test, neutral, None)]
+    for p in picks:
+        for a in SCALES:
+            jobs.append((f"{p.name}@{a}", test, neutral, vec(p.unit, a)))
+    swept = scorer.run(jobs)
+    base = swept["base"]
+    for p in picks:
+        sweep = []
+        for a in SCALES:
+            r = swept[f"{p.name}@{a}"]
+            sweep.append({"scale": a, "shift": round(p.sign * (r["shift"] - base["shift"]), 4),
+                          "extra_nll": round(r["nll"] - base["nll"], 4),
+                          "wins": int(sum(p.sign * (x - y) > 0 for x, y in zip(r["per_pair"], base["per_pair"])))})
+        ok = [r for r in sweep if r["extra_nll"] <= budget and r["shift"] > 0]
+        chosen = max(ok, key=lambda r: r["scale"]) if ok else sweep[0]
+        p.default_scale = chosen["scale"]
+        p.scores = {
+            "heldout_pairs": len(test),
+            "style_shift_at_default": chosen["shift"],
+            "extra_nll_at_default": chosen["extra_nll"],
+            "heldout_wins_at_default": f"{chosen['wins']}/{len(test)}",
+            "activation_effect_d": max(c["effect_d"] for c in p.candidates if c["latent"] in p.latents),
+            "probe_shift": max(c["probe_shift"] for c in p.candidates if c["latent"] in p.latents),
+            "sweep": sweep,
+            "within_budget": bool(ok),
+        }
+    return picks
