@@ -11,6 +11,7 @@ script reads next to the bytes the app writes to the terminal.
 - keystroke_ms: a key is sent while a suggestion is streaming (after its first piece,
   before its last); latency = send -> the first terminal output that contains the typed
   character (a '§', which the model never writes, so ghost text cannot be mistaken for it).
+  A backspace then removes the mark and starts the next suggestion.
 - ttft_ms: after typing a word (keys 40 ms apart) and pausing: the suggestion request
   (debounce elapsed) -> its first piece on the UI thread; screen_ttft_ms adds the render
   (-> the next terminal output). engine_ttft_ms and evaluated_tokens come from the engine.
@@ -102,7 +103,7 @@ class App:
             os.execve(argv[0], argv, env)
         fcntl.ioctl(self.fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
         self.chunks: list[tuple[float, bytes]] = []
-        self.lock = threading.Lock()
+        self.cond = threading.Condition()
         self.alive = True
         self.t = threading.Thread(target=self._read, daemon=True)
         self.t.start()
@@ -121,8 +122,9 @@ class App:
                 break
             if b"\x1b[6n" in data:  # answer cursor-position requests like a terminal
                 os.write(self.fd, b"\x1b[1;1R")
-            with self.lock:
+            with self.cond:
                 self.chunks.append((now, data))
+                self.cond.notify_all()
 
     def send(self, s: str) -> float:
         t = time.monotonic()
@@ -132,17 +134,21 @@ class App:
     def output_after(self, t: float, contains: bytes | None = None, timeout: float = 5.0) -> float | None:
         """Time of the first output chunk after t (that, with what followed, contains `contains`)."""
         end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            with self.lock:
-                acc = b""
-                for ts, data in self.chunks:
+        i, acc = 0, b""
+        with self.cond:
+            while True:
+                while i < len(self.chunks):
+                    ts, data = self.chunks[i]
+                    i += 1
                     if ts < t:
                         continue
                     acc += data
                     if contains is None or contains in acc:
                         return ts
-            time.sleep(0.001)
-        return None
+                left = end - time.monotonic()
+                if left <= 0:
+                    return None
+                self.cond.wait(left)
 
     def close(self) -> None:
         self.alive = False
@@ -211,6 +217,8 @@ def main() -> None:
     ap.add_argument("--keys", type=int, default=60, help="keystrokes sent while a suggestion streams")
     ap.add_argument("--words", type=int, default=2000)
     ap.add_argument("--debounce-ms", type=int, default=250)
+    ap.add_argument("--keep", action="store_true", help="keep the temp dir (trace, document)")
+    ap.add_argument("--threads", type=int, default=None, help="passed to morph write (default: its own)")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="morph-bench-editor-"))
@@ -225,6 +233,12 @@ def main() -> None:
     env = dict(os.environ, MORPH_DATA_DIR=str(data_dir), MORPH_EDITOR_TRACE=str(trace.path),
                TERM="xterm-256color", COLUMNS="100", LINES="30")
     argv = [sys.executable, "-m", "morph", "write", str(doc), "-f", f"{feat['spec']}={feat['scale']}"]
+    if args.threads:
+        argv += ["--threads", str(args.threads)]
+    from morph.cli.write import editor_threads
+    from morph.engine.llama import default_threads
+
+    threads = editor_threads(args.threads, default_threads())
     print(f"bench/editor: {len(text.split())} words, steering {feat}", file=sys.stderr)
     t_start = time.monotonic()
     app = App(argv, env)
@@ -265,7 +279,7 @@ def main() -> None:
             print(f"  ttft {i + 1}/{args.samples}: {ttft[-1]:.1f} ms (engine {engine_ttft[-1] if engine_ttft else 0:.1f}, "
                   f"evaluated {evaluated[-1] if evaluated else '?'})", file=sys.stderr)
 
-        keys, streaming = [], 0
+        keys, streaming, parts = [], 0, []
         after = app.send(" ")  # start a suggestion; each typed mark starts the next one
         for i in range(args.keys):
             # Wait for a suggestion to be streaming, then type one character.
@@ -283,18 +297,47 @@ def main() -> None:
             done_before = any(e["ev"] == "done" and req["t"] <= e["t"] <= t_send for e in trace.events)
             streaming += 0 if done_before else 1
             keys.append((t_out - t_send) * 1000)
+            k = trace.wait("key", t_send, 1)
+            r = trace.wait("render", k["t"], 1) if k else None
+            rs = trace.wait("render_start", k["t"], 1) if k else None
+            if k and r and rs:
+                parts.append(((k["t"] - t_send) * 1000, (rs["t"] - k["t"]) * 1000,
+                              (r["t"] - rs["t"]) * 1000, (t_out - r["t"]) * 1000))
+            # Delete the mark again: the next suggestion continues ordinary prose (and that
+            # keystroke starts it).
+            after = app.send("\x7f")
             print(f"  key {i + 1}/{args.keys}: {keys[-1]:.2f} ms{'' if not done_before else ' (stream had ended)'}",
                   file=sys.stderr)
             time.sleep(0.02)
+
+        # Baseline: the same keystroke when no suggestion is being generated.
+        idle = []
+        for i in range(max(5, args.keys // 4)):
+            req = trace.wait("request", after, 10)
+            if req is None or trace.wait("done", req["t"], 30) is None:
+                continue
+            time.sleep(0.05)
+            t_send = app.send(MARK)
+            t_out = app.output_after(t_send, contains=MARK.encode("utf-8"), timeout=5)
+            if t_out is not None:
+                idle.append((t_out - t_send) * 1000)
+            after = app.send("\x7f")
 
         out = {
             "bench": "editor",
             "document_words": len(text.split()),
             "steering": feat,
             "debounce_ms": args.debounce_ms,
+            "generation_threads": threads,
             "startup_s": round(startup_s, 2),
             "first_suggestion_cold_engine_ttft_ms": round(cold * 1000, 1) if cold else None,
             "keystroke_ms": summary(keys) | {"sent_while_streaming": streaming},
+            "keystroke_idle_ms": summary(idle),
+            # where a keystroke's time goes: send -> key handled -> render starts -> ends -> pty
+            "keystroke_parts_ms": {
+                name: summary([p[i] for p in parts])
+                for i, name in enumerate(["to_key_handled", "to_render_start", "render", "to_pty_output"])
+            },
             "ttft_ms": summary(ttft),
             "screen_ttft_ms": summary(screen),
             "engine_ttft_ms": summary(engine_ttft),
@@ -312,7 +355,10 @@ def main() -> None:
         }
     finally:
         app.close()
-        subprocess.run(["rm", "-rf", str(tmp)])
+        if args.keep:
+            print(f"kept {tmp}", file=sys.stderr)
+        else:
+            subprocess.run(["rm", "-rf", str(tmp)])
     print(json.dumps(out, indent=2))
 
 

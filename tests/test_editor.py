@@ -566,3 +566,26 @@ def test_explain_popup_and_telescope_preview(session):
     wait(lambda: s.ed.seed.preview is not None and s.ed.seed.preview.done, what="preview 2")
     s.send("y")
     wait(lambda: s.ed.buffer.text == "A short answer. Boats slept in the dark water.\n", what="accept")
+
+
+def test_markdown_lexer_lines_and_fences():
+    from prompt_toolkit.document import Document
+
+    from morph.editor.lexer import CODE_STYLE, MarkdownLexer
+
+    doc = Document("# Title\n\nSome *emph* text.\n```\n# not a heading\n```\nafter")
+    get = MarkdownLexer().lex_document(doc)
+    assert any("heading" in st for st, _t in get(0))
+    assert "".join(t for _s, t in get(2)) == "Some *emph* text."
+    assert any("emph" in st for st, _t in get(2))
+    assert get(4) == [(CODE_STYLE, "# not a heading")]
+    assert not any(st == CODE_STYLE for st, _t in get(6))
+
+
+def test_editor_leaves_a_core_for_the_ui():
+    from morph.cli.write import editor_threads
+
+    assert editor_threads(None, 2) == 1
+    assert editor_threads(None, 1) == 1
+    assert editor_threads(None, 8) == 7
+    assert editor_threads(3, 2) == 3  # an explicit choice wins

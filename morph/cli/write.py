@@ -20,8 +20,10 @@ from morph.steering.catalog import parse_feature_args
               help="Steer suggestions with a feature (repeatable); replaces the document's stored profile.")
 @click.option("--no-suggest", is_flag=True, help="Edit without loading the model (no ghost text).")
 @click.option("--no-log", is_flag=True, help="Keep no versions, suggestion log or profile in morph.db.")
+@click.option("--threads", type=click.IntRange(1, None), default=None,
+              help="CPU threads for generation (default: config `threads`, else all cores but one).")
 @click.pass_obj
-def write_cmd(obj, file, keys, features, no_suggest, no_log):
+def write_cmd(obj, file, keys, features, no_suggest, no_log, threads):
     """Edit FILE (created on first save) with ghost-text suggestions from the local model.
 
     \b
@@ -45,7 +47,7 @@ def write_cmd(obj, file, keys, features, no_suggest, no_log):
         engine = catalog = None
         model_name = "no model"
     else:
-        rt = obj.runtime()
+        rt = _editor_runtime(obj, threads)
         cfg, engine, catalog, model_name = rt.config, rt.engine, rt.catalog, rt.model_name
     try:
         ed = Editor(
@@ -62,3 +64,25 @@ def write_cmd(obj, file, keys, features, no_suggest, no_log):
     finally:
         if rt is not None:
             rt.close()
+
+
+def editor_threads(configured: int | None, cores: int) -> int:
+    """All cores but one, so the UI thread always has a core: on a shared 2-core machine
+    two generation threads stall each other behind any neighbour (bench/editor.py and the
+    report: TTFT 40-4,500 ms with 2 threads vs 18-33 ms with 1 under the same load)."""
+    return configured if configured else max(1, cores - 1)
+
+
+def _editor_runtime(obj, threads: int | None):
+    from morph import models
+    from morph.config import load_config
+    from morph.engine import load_engine
+    from morph.engine.llama import default_threads
+    from morph.runtime import Runtime
+    from morph.steering.catalog import Catalog
+
+    cfg = load_config()
+    info = models.check(models.resolve(obj.model or cfg.model))
+    n = editor_threads(threads or cfg.threads, default_threads())
+    engine = load_engine(info, gpu=obj.gpu, n_ctx=cfg.n_ctx, threads=n)
+    return Runtime(cfg, info, engine, Catalog(info.model_id))

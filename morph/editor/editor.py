@@ -114,6 +114,9 @@ class Editor:
         app.ttimeoutlen = 0.05  # a lone Esc leaves insert mode without a noticeable wait
         app.timeoutlen = 0.5
         app.key_processor.after_key_press += self._after_key
+        if self._trace_fh is not None:
+            app.before_render += lambda _: self.trace("render_start")
+            app.after_render += lambda _: self.trace("render")
         return app
 
     def _init_profile(self, override: dict[str, float | None] | None) -> None:
@@ -258,6 +261,8 @@ class Editor:
             return False
 
     def _after_key(self, _=None) -> None:
+        if self._trace_fh is not None:
+            self.trace("key")
         # Leaving insert mode (vi Esc) dismisses a suggestion shown or on its way.
         if self.suggest.current is not None and not self.insert_mode():
             self.suggest.dismiss()

@@ -25,6 +25,7 @@ GHOST_STYLE = "class:ghost"
 WINDOW_CHARS = 4000  # prompt window before the cursor (~900 tokens of English)
 WINDOW_STEP = 1000  # the window start moves in steps of this many characters
 TEMPERATURE = 0.2
+POST_INTERVAL_S = 0.03
 SEED = 7  # same context, same suggestion (and reproducible tests)
 _WORD = re.compile(r"\s*[^\s]+")
 
@@ -179,15 +180,28 @@ class SuggestionController:
             stop=["\n\n"],
             steering=ed.steering,
         )
-        ed.trace("request", chars=len(prompt))
+        ed.trace("request", chars=len(prompt), start=len(ed.buffer.document.text_before_cursor) - len(prompt) - strip)
         post = ed.post
 
         def run(job):
+            # The first piece goes to the screen at once; later ones are batched so the UI
+            # redraws at most every POST_INTERVAL_S instead of once per token.
             req.cancel = job.cancel
+            pending: list[str] = []
+            last = 0.0
+            visible = False  # until text that is not blank went out, send every piece
             for ev in ed.engine.stream(req):
                 if ev.text:
-                    post(self._on_piece, s, ev.text)
+                    pending.append(ev.text)
+                    now = time.perf_counter()
+                    if not visible or now - last >= POST_INTERVAL_S:
+                        post(self._on_piece, s, "".join(pending))
+                        visible = visible or any(p.strip() for p in pending)
+                        pending.clear()
+                        last = now
                 if ev.done:
+                    if pending:
+                        post(self._on_piece, s, "".join(pending))
                     post(self._on_done, s, ev)
 
         s.job = ed.worker.submit("suggest", run)

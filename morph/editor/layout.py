@@ -6,6 +6,7 @@ from __future__ import annotations
 from prompt_toolkit.filters import Condition
 from prompt_toolkit.layout import (
     ConditionalContainer,
+    Dimension,
     Float,
     FloatContainer,
     HSplit,
@@ -75,6 +76,9 @@ def build_layout(ed) -> Layout:
     ed.main_control = control
     main = Window(
         control,
+        # An explicit preferred height: otherwise prompt-toolkit renders the buffer from
+        # its first line just to learn how tall it would like to be, on every keystroke.
+        height=Dimension(min=1, preferred=10_000),
         wrap_lines=True,
         scroll_offsets=ScrollOffsets(top=1, bottom=1),
     )

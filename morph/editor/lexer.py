@@ -1,24 +1,76 @@
-"""Markdown highlighting with pygments, lexing from the nearest blank line (not the file start).
+"""Markdown highlighting with pygments, one line at a time, cached.
 
-A keystroke makes a new document; lexing from the start of a long file on every one would
-cost milliseconds per line drawn. Blank lines are safe restart points for Markdown prose.
+prompt-toolkit's PygmentsLexer re-lexes from a sync point at least 50 lines back on every
+keystroke (each keystroke is a new document), which costs tens of milliseconds on a long
+document. Markdown is line-local apart from fenced code blocks, so we lex each line on its
+own with pygments' MarkdownLexer, cache the result by line text (typing re-lexes one
+line), and mark fenced blocks with one cheap scan per document.
 """
 
 from __future__ import annotations
 
+import re
+from functools import lru_cache
 from pathlib import Path
+from typing import Callable
 
-from prompt_toolkit.lexers import Lexer, PygmentsLexer, RegexSync, SimpleLexer
+from prompt_toolkit.document import Document
+from prompt_toolkit.formatted_text import StyleAndTextTuples
+from prompt_toolkit.lexers import Lexer, PygmentsLexer, SimpleLexer
+from prompt_toolkit.styles.pygments import pygments_token_to_classname
 
 MARKDOWN_SUFFIXES = {".md", ".markdown", ".mdown", ".mkd", ".txt", ""}
+_FENCE = re.compile(r"^\s{0,3}(```|~~~)")
+CODE_STYLE = "class:pygments.literal.string.backtick"
+
+
+class MarkdownLexer(Lexer):
+    def __init__(self):
+        from pygments.lexers.markup import MarkdownLexer as PygmentsMarkdown
+
+        self._pygments = PygmentsMarkdown(stripnl=False, ensurenl=False)
+        self._lex_line = lru_cache(maxsize=8192)(self._lex_line_uncached)
+
+    def _lex_line_uncached(self, line: str) -> tuple:
+        out = []
+        for _i, token, text in self._pygments.get_tokens_unprocessed(line):
+            if text:
+                out.append(("class:" + pygments_token_to_classname(token), text))
+        return tuple(out)
+
+    def lex_document(self, document: Document) -> Callable[[int], StyleAndTextTuples]:
+        lines = document.lines
+        fenced: list[bool] | None = None
+
+        def in_fence(i: int) -> bool:
+            nonlocal fenced
+            if fenced is None:
+                fenced, inside = [], False
+                for ln in lines:
+                    if _FENCE.match(ln):
+                        fenced.append(True)  # the fence line itself is code-styled
+                        inside = not inside
+                    else:
+                        fenced.append(inside)
+            return fenced[i]
+
+        def get_line(i: int) -> StyleAndTextTuples:
+            if i >= len(lines):
+                return []
+            line = lines[i]
+            if not line:
+                return []
+            if in_fence(i):
+                return [(CODE_STYLE, line)]
+            return list(self._lex_line(line))
+
+        return get_line
 
 
 def lexer_for(path: Path) -> Lexer:
-    if path.suffix.lower() in MARKDOWN_SUFFIXES:
-        from pygments.lexers.markup import MarkdownLexer
-
-        return PygmentsLexer(MarkdownLexer, sync_from_start=False, syntax_sync=RegexSync(r"^\s*$"))
     try:
+        if path.suffix.lower() in MARKDOWN_SUFFIXES:
+            return MarkdownLexer()
         from pygments.lexers import get_lexer_for_filename
         from pygments.util import ClassNotFound
 
@@ -26,6 +78,6 @@ def lexer_for(path: Path) -> Lexer:
             cls = type(get_lexer_for_filename(path.name))
         except ClassNotFound:
             return SimpleLexer()
-        return PygmentsLexer(cls, sync_from_start=False, syntax_sync=RegexSync(r"^\s*$"))
+        return PygmentsLexer(cls, sync_from_start=False)
     except ImportError:  # pygments is a dependency; stay usable without it anyway
         return SimpleLexer()
