@@ -32,8 +32,10 @@ class MarkdownLexer(Lexer):
         self._lex_line = lru_cache(maxsize=8192)(self._lex_line_uncached)
 
     def _lex_line_uncached(self, line: str) -> tuple:
-        out = []
-        for _i, token, text in self._pygments.get_tokens_unprocessed(line):
+        # Pygments' rules expect the newline (headings are `^#.+\n`); lex it, then drop it.
+        out, n = [], len(line)
+        for i, token, text in self._pygments.get_tokens_unprocessed(line + "\n"):
+            text = text[: max(0, n - i)]
             if text:
                 out.append(("class:" + pygments_token_to_classname(token), text))
         return tuple(out)
