@@ -146,7 +146,13 @@ class Editor:
                 dropped.append(spec)
                 continue
             self.profile[f.key] = f.default_scale if scale is None else float(scale)
-        self._rebuild_steering(persist=False)
+        try:
+            self._rebuild_steering(persist=False)
+        except MorphError as e:
+            if override is not None:
+                raise
+            self.profile, self.steering = {}, None
+            dropped.append(f"steering off ({e})")
         if dropped:
             self.message = ("message.error", f"features no longer available: {', '.join(dropped)}")
 
@@ -438,8 +444,13 @@ class Editor:
         s = f.default_scale if scale is None else float(scale)
         if abs(s) > SCALE_LIMIT:
             raise MorphError(f"scale {s} is outside -{SCALE_LIMIT}..{SCALE_LIMIT}")
+        before = dict(self.profile)
         self.profile[f.key] = round(s, 4)
-        self._rebuild_steering()
+        try:
+            self._rebuild_steering()
+        except MorphError:
+            self.profile = before  # a broken vector file: keep steering as it was
+            raise
         return f.key
 
     def unset_feature(self, spec: str) -> str:

@@ -26,11 +26,10 @@ REWRITE_TOKENS = 400  # cap for expand; compress needs fewer
 _SENT_END = re.compile(r"[.!?]+[\"'”’)\]]*(?=\s|$)")
 _WORD = re.compile(r"[\w'’-]+")
 
-EXPLAIN_SYSTEM = "You are a concise writing assistant. You explain what words mean in context."
-REWRITE_SYSTEM = (
-    "You are a writing assistant. You rewrite text as asked, keeping its meaning, voice and "
-    "tense. Reply with the new text only, no preamble."
-)
+# Prompts chosen by trying variants on SmolLM2-135M (greedy): a one-sentence question
+# explains best; "longer and more descriptive" expands where "expand into a more
+# detailed version" echoed the input; "at most N words" compresses.
+WRITER_SYSTEM = "You are a writing assistant."
 
 
 def paragraph_span(text: str, pos: int) -> tuple[int, int]:
@@ -73,11 +72,10 @@ def word_at(text: str, pos: int) -> tuple[int, int] | None:
 
 def explain_messages(word: str, sentence: str) -> list[dict]:
     return [
-        {"role": "system", "content": EXPLAIN_SYSTEM},
         {
             "role": "user",
-            "content": f'Sentence: "{sentence}"\n\nIn this sentence, what does "{word}" mean? '
-            "Answer in one or two short sentences.",
+            "content": f'What does "{word}" mean in the sentence "{sentence}"? '
+            "Reply with a one-sentence definition.",
         },
     ]
 
@@ -86,18 +84,14 @@ def telescope_messages(kind: str, scope: str, text: str) -> tuple[list[dict], in
     """(messages, max_tokens) for expanding or compressing `text`."""
     n = len(text.split())
     if kind == "expand":
-        target = max(n * 2, n + 15)
-        ask = f"Expand this {scope} into a more detailed version of about {target} words."
-        max_tokens = min(REWRITE_TOKENS, int(target * 1.8) + 20)
-    else:
-        target = max(3, n // 2)
-        ask = f"Compress this {scope} into a shorter version of at most {target} words."
-        max_tokens = min(REWRITE_TOKENS // 2, int(n * 1.5) + 10)
-    msgs = [
-        {"role": "system", "content": REWRITE_SYSTEM},
-        {"role": "user", "content": f"{ask}\n\n{text}"},
-    ]
-    return msgs, max_tokens
+        msgs = [
+            {"role": "system", "content": WRITER_SYSTEM},
+            {"role": "user", "content": f"Make this {scope} longer and more descriptive:\n\n{text}"},
+        ]
+        return msgs, min(REWRITE_TOKENS, int(n * 4) + 40)
+    target = max(3, n // 2)
+    msgs = [{"role": "user", "content": f"Shorten this {scope} to at most {target} words.\n\n{text}"}]
+    return msgs, min(REWRITE_TOKENS // 2, int(n * 1.5) + 10)
 
 
 def clean_reply(text: str) -> str:
