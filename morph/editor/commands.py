@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 from morph.errors import MorphError
@@ -111,6 +112,7 @@ def complete(ed) -> None:
         return
     if len(cands) == 1:
         buf.text = cands[0] + " "
-        buf.cursor_position = len(buf.text)
     elif cands:
-        ed.info("  ".join(cands))
+        buf.text = os.path.commonprefix(cands)
+        ed.info("  ".join(cands))  # shown when the command line closes
+    buf.cursor_position = len(buf.text)
