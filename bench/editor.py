@@ -8,8 +8,8 @@ else a random direction written into a private data dir). The app writes a trace
 (MORPH_EDITOR_TRACE: suggestion request / first piece / done, CLOCK_MONOTONIC) that this
 script reads next to the bytes the app writes to the terminal.
 
-- keystroke_ms: a key is sent while a suggestion is streaming (after its first piece,
-  before its last); latency = send -> the first terminal output that contains the typed
+- keystroke_ms: a key is sent while a suggestion is streaming (0-150 ms after its first
+  piece, at random; `sent_while_streaming` counts those sent before its last piece); latency = send -> the first terminal output that contains the typed
   character (a '§', which the model never writes, so ghost text cannot be mistaken for it).
   A backspace then removes the mark and starts the next suggestion.
 - ttft_ms: after typing a word (keys 40 ms apart) and pausing: the suggestion request
@@ -171,13 +171,14 @@ class Trace:
 
     def poll(self) -> list[dict]:
         try:
-            with open(self.path, encoding="utf-8") as fh:
+            with open(self.path, "rb") as fh:
                 fh.seek(self.pos)
                 data = fh.read()
-                self.pos = fh.tell()
         except FileNotFoundError:
             return []
-        new = [json.loads(line) for line in data.splitlines() if line.strip()]
+        cut = data.rfind(b"\n") + 1  # a line may be half written: read it next time
+        self.pos += cut
+        new = [json.loads(line) for line in data[:cut].decode("utf-8").splitlines() if line.strip()]
         self.events.extend(new)
         return new
 
@@ -209,6 +210,25 @@ def summary(values: list[float]) -> dict:
         "max": round(max(values), 2) if values else None,
         "mean": round(statistics.fmean(values), 2) if values else None,
     }
+
+
+PARTS = ["to_input_read", "to_key_handled", "to_render_start", "render", "to_pty_output"]
+
+
+def key_parts(trace: Trace, t_send: float, t_out: float) -> tuple | None:
+    i = trace.wait("input", t_send, 1)
+    k = trace.wait("key", i["t"], 1) if i else None
+    rs = trace.wait("render_start", k["t"], 1) if k else None
+    r = trace.wait("render", rs["t"], 1) if rs else None
+    if not (i and k and rs and r):
+        return None
+    ts = [t_send, i["t"], k["t"], rs["t"], r["t"], t_out]
+    return tuple((b - a) * 1000 for a, b in zip(ts, ts[1:]))
+
+
+def parts_summary(parts: list) -> dict:
+    parts = [p for p in parts if p is not None]
+    return {name: summary([p[i] for p in parts]) for i, name in enumerate(PARTS)}
 
 
 def main() -> None:
@@ -289,6 +309,9 @@ def main() -> None:
             fst = trace.wait("first", req["t"], 10)
             if fst is None:
                 continue
+            # A moment into the stream chosen at random, as a typist's next key would be
+            # (right after the first piece it would always meet that piece's redraw).
+            time.sleep(rng.uniform(0.0, 0.15))
             t_send = after = app.send(MARK)
             t_out = app.output_after(t_send, contains=MARK.encode("utf-8"), timeout=5)
             if t_out is None:
@@ -297,12 +320,7 @@ def main() -> None:
             done_before = any(e["ev"] == "done" and req["t"] <= e["t"] <= t_send for e in trace.events)
             streaming += 0 if done_before else 1
             keys.append((t_out - t_send) * 1000)
-            k = trace.wait("key", t_send, 1)
-            r = trace.wait("render", k["t"], 1) if k else None
-            rs = trace.wait("render_start", k["t"], 1) if k else None
-            if k and r and rs:
-                parts.append(((k["t"] - t_send) * 1000, (rs["t"] - k["t"]) * 1000,
-                              (r["t"] - rs["t"]) * 1000, (t_out - r["t"]) * 1000))
+            parts.append(key_parts(trace, t_send, t_out))
             # Delete the mark again: the next suggestion continues ordinary prose (and that
             # keystroke starts it).
             after = app.send("\x7f")
@@ -311,7 +329,7 @@ def main() -> None:
             time.sleep(0.02)
 
         # Baseline: the same keystroke when no suggestion is being generated.
-        idle = []
+        idle, idle_parts = [], []
         for i in range(max(5, args.keys // 4)):
             req = trace.wait("request", after, 10)
             if req is None or trace.wait("done", req["t"], 30) is None:
@@ -321,6 +339,7 @@ def main() -> None:
             t_out = app.output_after(t_send, contains=MARK.encode("utf-8"), timeout=5)
             if t_out is not None:
                 idle.append((t_out - t_send) * 1000)
+                idle_parts.append(key_parts(trace, t_send, t_out))
             after = app.send("\x7f")
 
         out = {
@@ -333,11 +352,10 @@ def main() -> None:
             "first_suggestion_cold_engine_ttft_ms": round(cold * 1000, 1) if cold else None,
             "keystroke_ms": summary(keys) | {"sent_while_streaming": streaming},
             "keystroke_idle_ms": summary(idle),
-            # where a keystroke's time goes: send -> key handled -> render starts -> ends -> pty
-            "keystroke_parts_ms": {
-                name: summary([p[i] for p in parts])
-                for i, name in enumerate(["to_key_handled", "to_render_start", "render", "to_pty_output"])
-            },
+            # where a keystroke's time goes: send -> input read -> key handled -> render
+            # starts -> render ends -> bytes on the pty
+            "keystroke_parts_ms": parts_summary(parts),
+            "keystroke_idle_parts_ms": parts_summary(idle_parts),
             "ttft_ms": summary(ttft),
             "screen_ttft_ms": summary(screen),
             "engine_ttft_ms": summary(engine_ttft),

@@ -60,7 +60,7 @@ def write_cmd(obj, file, keys, features, no_suggest, no_log, threads):
             profile=profile,
             log=not no_log,
         )
-        ed.run()
+        ed.run(manage_gc=True)
     finally:
         if rt is not None:
             rt.close()
@@ -86,3 +86,4 @@ def _editor_runtime(obj, threads: int | None):
     n = editor_threads(threads or cfg.threads, default_threads())
     engine = load_engine(info, gpu=obj.gpu, n_ctx=cfg.n_ctx, threads=n)
     return Runtime(cfg, info, engine, Catalog(info.model_id))
+

@@ -25,7 +25,7 @@ GHOST_STYLE = "class:ghost"
 WINDOW_CHARS = 4000  # prompt window before the cursor (~900 tokens of English)
 WINDOW_STEP = 1000  # the window start moves in steps of this many characters
 TEMPERATURE = 0.2
-POST_INTERVAL_S = 0.03
+POST_INTERVAL_S = 0.05  # 20 redraws/s while streaming: smooth, and fewer for a key to wait behind
 SEED = 7  # same context, same suggestion (and reproducible tests)
 _WORD = re.compile(r"\s*[^\s]+")
 
