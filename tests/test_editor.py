@@ -589,3 +589,14 @@ def test_editor_leaves_a_core_for_the_ui():
     assert editor_threads(None, 1) == 1
     assert editor_threads(None, 8) == 7
     assert editor_threads(3, 2) == 3  # an explicit choice wins
+
+
+def test_crlf_and_bom_survive_a_save(session, tmp_path):
+    p = tmp_path / "win.md"
+    raw = "\ufeffline one\r\nline two\r\n".encode("utf-8")
+    p.write_bytes(raw)
+    s = session(p, engine=None)
+    assert s.ed.buffer.text == "\ufeffline one\nline two\n"
+    s.send("jA!" + ESC + ":wq" + ENTER)
+    assert s.exited()
+    assert p.read_bytes() == "\ufeffline one\r\nline two!\r\n".encode("utf-8")

@@ -433,7 +433,7 @@ class Editor:
 
     def _save(self, target: str | None) -> bool:
         try:
-            written = self.ebuf.save(None if target is None else Path(target))
+            self.ebuf.save(None if target is None else Path(target))
         except OSError as e:
             where = e.filename or (target or self.ebuf.display_name)
             self.error(f"E: not written: {where}: {e.strerror or e} (the buffer is kept)")
@@ -448,7 +448,6 @@ class Editor:
             if not self.ebuf.modified:
                 self.bg.submit(lambda: recovery.remove(path), db=False)
                 self._mirrored = False
-        _ = written
         return True
 
     def quit(self, force: bool = False) -> None:

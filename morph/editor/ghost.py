@@ -279,7 +279,7 @@ class SuggestionController:
         s.anchor_text = self.ed.buffer.text
         s.anchor_cursor = self.ed.buffer.cursor_position
         if not s.text and (s.done or how == "all"):
-            self._log(s, "accepted" if how == "all" and s.accepted == part else how)
+            self._log(s, "accepted" if how == "all" else how)
             self.current = None
             self.ed.worker.cancel(("suggest",))
             self.schedule()

@@ -278,10 +278,12 @@ class SeedUX:
 
         def run(job):
             req.cancel = job.cancel
-            for ev in ed.engine.stream(req):
-                if ev.text:
-                    post(on_piece, ev.text)
-            post(on_done)
+            try:
+                for ev in ed.engine.stream(req):
+                    if ev.text:
+                        post(on_piece, ev.text)
+            finally:  # also after an error (reported by the worker): no endless "…"
+                post(on_done)
 
         ed.suggest.invalidate_warm()  # chat prompts replace the KV cache's prefix
         ed.worker.submit(kind, run)
