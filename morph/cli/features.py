@@ -49,7 +49,13 @@ def list_cmd(obj, as_json=False):
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
 def show_cmd(obj, name, as_json):
-    """Details of one feature (NAME or NAME@METHOD)."""
+    """Details of one feature (NAME or NAME@METHOD), or of an SAE latent (ID or latent:ID)."""
+    from morph.sae import evidence
+
+    j = evidence.parse_latent(name)
+    if j is not None:
+        _show_latent(_catalog(obj), j, as_json)
+        return
     f = _catalog(obj).get(name)
     if as_json:
         click.echo(json.dumps(f.to_json() | {"source": f.source, "path": str(f.path)}, indent=2))
@@ -70,9 +76,51 @@ def show_cmd(obj, name, as_json):
 @click.pass_obj
 def search_cmd(obj, query, as_json):
     """Features whose name, description or explanation mention QUERY."""
-    hits = _catalog(obj).search(query)
+    from morph.sae import evidence
+
+    cat = _catalog(obj)
+    hits = cat.search(query)
+    found = evidence.find_evidence(cat.model_id)
+    latents = []
+    if found is not None:
+        ev = found[0]
+        latents = [evidence.latent_record(ev, j) for j in evidence.search_latents(ev, query)]
     if as_json:
-        click.echo(json.dumps([f.to_json() for f in hits], indent=2))
+        click.echo(json.dumps({"features": [f.to_json() for f in hits],
+                               "latents": [{k: v for k, v in r.items() if k != "contexts"} for r in latents]},
+                              indent=2))
         return
     for f in hits:
         click.echo(_row(f))
+    for r in latents:
+        label = r["explanation"] or ", ".join(json.dumps(t) for t in r["fires_on"])
+        click.echo(f"latent:{r['latent']:<6} freq {r['frequency']:<9.2%} {label}")
+    if not hits and not latents:
+        click.echo(f"nothing matches {query!r}", err=True)
+
+
+def _show_latent(cat: Catalog, j: int, as_json: bool) -> None:
+    from morph.errors import MorphError
+    from morph.sae import evidence
+
+    found = evidence.find_evidence(cat.model_id)
+    if found is None:
+        raise MorphError(f"no SAE for {cat.model_id}; build one with `morph vectors build`")
+    ev, sae, directory = found
+    bold = ("\x1b[1m[", "]\x1b[0m") if not as_json and click.get_text_stream("stdout").isatty() else ("[[", "]]")
+    rec = evidence.latent_record(ev, j, mark=bold)
+    used = [f.key for f in cat.features if j in f.latents]
+    rec |= {"layer": sae["layer"], "sae": str(directory / sae["file"]), "used_by": used}
+    if as_json:
+        click.echo(json.dumps(rec, indent=2, ensure_ascii=False))
+        return
+    click.echo(f"latent {j} of {directory / sae['file']} (layer {sae['layer']})")
+    click.echo(f"  frequency {rec['frequency']:.3%} of {ev['n_tokens']} corpus tokens, "
+               f"mean activation {rec['mean_activation']:g} when active")
+    if rec["explanation"]:
+        click.echo(f"  self-explanation: {rec['explanation']}")
+    click.echo(f"  fires most on: {', '.join(json.dumps(t, ensure_ascii=False) for t in rec['fires_on']) or '-'}")
+    if used:
+        click.echo(f"  used by: {', '.join(used)}")
+    for c in rec["contexts"]:
+        click.echo(f"  {c['activation']:>7.3f}  {c['text']}  ({c['genre']})")

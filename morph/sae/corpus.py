@@ -29,6 +29,7 @@ from morph import tasks
 from morph.errors import MorphError
 
 PROMPTS = Path(__file__).resolve().parent.parent / "data" / "corpus" / "prompts.jsonl"
+OUTLIER = 4.0  # rows whose norm exceeds this multiple of the median are sinks, not text
 CONTINUE_USER = "Continue this text:\n\n{text}"
 
 
@@ -56,6 +57,8 @@ class CorpusConfig:
     top_k: int = 50
     top_p: float = 0.95
     max_prompt: int = 240  # prompt tokens kept per job (a chat prompt is ~150)
+    # Share of rows taken by re-capturing generated text in another framing (see reframe).
+    reframe: float = 0.35
 
 
 @dataclass
@@ -154,92 +157,196 @@ def build_corpus(
     prompts: list[dict] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> Corpus:
-    """Generate continuations and capture `l_out-L` for each layer until cfg.tokens rows."""
+    """Generate continuations and capture `l_out-L` for each layer until cfg.tokens rows.
+
+    Each sequence has its own KV stream (no cross-sequence attention cost); a new job's
+    prompt is evaluated in a call of its own, then every running sequence advances by one
+    token per call (consecutive sequence ids, so llama.cpp keeps the batch order).
+    """
     from morph.sae.batch import BatchRunner, sample_rows
 
     prompts = prompts if prompts is not None else load_prompts()
-    d = engine.n_embd
-    target = int(cfg.tokens)
-    acts = {L: np.empty((target, d), np.float32) for L in layers}
-    row_doc = np.empty(target, np.int32)
-    row_pos = np.empty(target, np.int32)
+    total = int(cfg.tokens)
+    target = total - int(round(cfg.reframe * total))  # rows from the generation pass
+    acts = {L: np.empty((total, engine.n_embd), np.float32) for L in layers}
+    row_doc = np.empty(total, np.int32)
+    row_pos = np.empty(total, np.int32)
     n_rows = 0
     docs: list[dict] = []
     jobs = iter_jobs(engine, prompts, cfg.max_prompt)
     eog = engine._lc.llama_vocab_is_eog
     vocab = engine.llm._model.vocab
-    n_ctx = cfg.n_seq * (cfg.max_prompt + cfg.max_new + 8)
-    n_batch = max(512, cfg.n_seq + cfg.max_prompt)
-    # slot -> [job, doc index, tokens fed so far, generated ids, next token, rng]
-    slots: list[list | None] = [None] * cfg.n_seq
-    waiting: Job | None = None  # next job, drawn but not yet placed
-    counts = Counter()
-    with BatchRunner(engine, n_seq=cfg.n_seq, n_ctx=n_ctx, n_batch=n_batch) as runner:
+    per_seq = -(-(cfg.max_prompt + cfg.max_new + 8) // 256) * 256  # llama.cpp pads n_ctx to 256
+    counts: Counter = Counter()
+    # Per slot: (job, doc index, rng); the next token to feed and its position.
+    slots: list[tuple[Job, int, np.random.Generator] | None] = [None] * cfg.n_seq
+    nxt = [0] * cfg.n_seq
+    npos = [0] * cfg.n_seq
+
+    def collect(seq: list[int], pos: list[int], captured: dict[int, np.ndarray]) -> None:
+        nonlocal n_rows
+        keep = [i for i, (s, p) in enumerate(zip(seq, pos)) if p >= slots[s][0].skip]
+        keep = keep[: target - n_rows]
+        if not keep:
+            return
+        k = np.asarray(keep)
+        for L in layers:
+            acts[L][n_rows : n_rows + len(k)] = captured[L][k]
+        for j, i in enumerate(keep):
+            d = slots[seq[i]][1]
+            row_doc[n_rows + j] = d
+            row_pos[n_rows + j] = pos[i]
+        n_rows += len(k)
+        if progress:
+            progress(len(k))
+
+    def advance(s: int, tok: int) -> None:
+        """Record sampled token `tok` for slot s, or end its job."""
+        job, d, _ = slots[s]
+        n_gen = len(docs[d]["tokens"]) - docs[d]["n_prompt"]
+        if eog(vocab, tok):
+            counts["stop_eog"] += 1
+        elif n_gen >= cfg.max_new:
+            counts["stop_length"] += 1
+        elif _looping(docs[d]["tokens"][docs[d]["n_prompt"]:]):
+            counts["stop_loop"] += 1
+        else:
+            nxt[s], npos[s] = tok, len(docs[d]["tokens"])
+            docs[d]["tokens"].append(tok)
+            return
+        slots[s] = None
+
+    with BatchRunner(engine, n_seq=cfg.n_seq, n_ctx=cfg.n_seq * per_seq,
+                     n_batch=max(cfg.max_prompt, cfg.n_seq), unified=False) as runner:
         while n_rows < target:
-            toks, pos, seq, want = [], [], [], []
-            for s, st in enumerate(slots):  # one decode token per running sequence
-                if st is not None:
-                    toks.append(st[4]); pos.append(st[2]); seq.append(s); want.append(True)
-            for s in range(cfg.n_seq):  # start new jobs in free slots while the batch has room
-                if slots[s] is not None:
+            for s in range(cfg.n_seq):  # refill free slots, one prompt per call
+                if slots[s] is not None or n_rows >= target:
                     continue
-                if waiting is None:
-                    waiting = next(jobs)
-                job = waiting
-                if len(toks) + len(job.tokens) > n_batch:
-                    break
-                waiting = None
+                job = next(jobs)
                 runner.clear(s)
                 docs.append({"genre": job.genre, "kind": job.kind, "n_prompt": len(job.tokens),
                              "tokens": list(job.tokens)})
-                slots[s] = [job, len(docs) - 1, 0, [], None, np.random.default_rng([cfg.seed, job.id])]
+                slots[s] = (job, len(docs) - 1, np.random.default_rng([cfg.seed, job.id]))
                 n = len(job.tokens)
-                toks += job.tokens; pos += range(n); seq += [s] * n
-                want += [False] * (n - 1) + [True]
-            logits, captured = runner.decode(toks, pos, seq, want, layers=layers)
-            # Rows to keep: past the job's excluded prefix.
-            keep = []
-            for i, (s, p) in enumerate(zip(seq, pos)):
-                if p >= slots[s][0].skip:
-                    keep.append(i)
-            keep = keep[: target - n_rows]
-            if keep:
-                k = np.asarray(keep)
-                for L in layers:
-                    acts[L][n_rows : n_rows + len(k)] = captured[L][k]
-                row_doc[n_rows : n_rows + len(k)] = [slots[seq[i]][1] for i in keep]
-                row_pos[n_rows : n_rows + len(k)] = [pos[i] for i in keep]
-                n_rows += len(k)
-                for i in keep:
-                    counts["prompt" if pos[i] < docs[slots[seq[i]][1]]["n_prompt"] else "generated"] += 1
-                if progress:
-                    progress(len(k))
-            # Sample the next token of every sequence that produced logits.
-            out_slots = [s for s, w in zip(seq, want) if w]
-            nxt = sample_rows(np.asarray(logits), [slots[s][5] for s in out_slots],
-                              cfg.temperature, cfg.top_k, cfg.top_p)
-            for s, t in zip(out_slots, nxt.tolist()):
-                st = slots[s]
-                st[2] = len(docs[st[1]]["tokens"])  # everything in the doc has been fed
-                if eog(vocab, t) or len(st[3]) >= cfg.max_new or _looping(st[3]):
-                    counts["stop_eog" if eog(vocab, t) else "stop_len" if len(st[3]) >= cfg.max_new else "stop_loop"] += 1
-                    slots[s] = None
-                    continue
-                st[3].append(t)
-                docs[st[1]]["tokens"].append(t)
-                st[4] = t
-    n_docs = len(docs)
+                logits, cap = runner.decode(job.tokens, list(range(n)), [s] * n,
+                                            [False] * (n - 1) + [True], layers=layers)
+                collect([s] * n, list(range(n)), cap)
+                tok = sample_rows(np.asarray(logits), [slots[s][2]], cfg.temperature, cfg.top_k, cfg.top_p)
+                advance(s, int(tok[0]))
+            live = [s for s in range(cfg.n_seq) if slots[s] is not None]
+            if not live or n_rows >= target:
+                continue
+            logits, cap = runner.decode([nxt[s] for s in live], [npos[s] for s in live], live,
+                                        [True] * len(live), layers=layers)
+            collect(live, [npos[s] for s in live], cap)
+            toks = sample_rows(np.asarray(logits), [slots[s][2] for s in live],
+                               cfg.temperature, cfg.top_k, cfg.top_p)
+            for s, t in zip(live, toks.tolist()):
+                advance(s, t)
+    n_rows = _reframe(engine, layers, docs, acts, row_doc, row_pos, n_rows, total, progress)
     stats = {
-        "rows": n_rows,
-        "prompt_rows": counts["prompt"],
-        "generated_rows": counts["generated"],
-        "documents": n_docs,
-        "by_kind": dict(Counter(d["kind"] for d in docs)),
-        "rows_by_kind": dict(Counter(docs[i]["kind"] for i in row_doc[:n_rows])),
-        "rows_by_genre": dict(sorted(Counter(docs[i]["genre"] for i in row_doc[:n_rows]).items())),
+        "documents_generated": sum(1 for d in docs if not d["kind"].startswith("reframe")),
         "stops": {k: v for k, v in counts.items() if k.startswith("stop_")},
+        "excluded": "position 0 of every document; the shared chat-template prefix of chat jobs; "
+                    f"rows above {OUTLIER}x the median norm",
         "seed": cfg.seed,
         "sampling": {"temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p,
-                     "max_new": cfg.max_new, "n_seq": cfg.n_seq},
+                     "max_new": cfg.max_new, "n_seq": cfg.n_seq, "reframe": cfg.reframe},
     }
-    return Corpus({L: a[:n_rows] for L, a in acts.items()}, row_doc[:n_rows], row_pos[:n_rows], docs, stats)
+    corp = Corpus({L: a[:n_rows] for L, a in acts.items()}, row_doc[:n_rows], row_pos[:n_rows], docs, stats)
+    return drop_outliers(corp)
+
+
+def _reframe(engine, layers, docs, acts, row_doc, row_pos, n_rows, total, progress) -> int:
+    """Fill rows up to `total` with the model's own text seen in another framing.
+
+    A raw continuation (opening + generated text) goes into the rewrite request exactly as
+    `morph steer` sends user text; the answer of a chat or rewrite job becomes a plain
+    document. The tokens are the model's own, the contexts new. Capture stops at the
+    deepest layer (no logits needed): ~2x cheaper per row than generating it.
+    """
+    from morph.sae.batch import BatchRunner
+
+    if n_rows >= total:
+        return n_rows
+    chat = engine.info.has_chat_template
+    skip_rw = shared_prefix(engine, "rewrite") if chat else 1
+    n_batch = 1024
+    pending: list[tuple[list[int], int]] = []  # (tokens, doc index)
+
+    def flush(runner) -> None:
+        nonlocal n_rows, pending
+        toks, pos, seq = [], [], []
+        for s, (t, _) in enumerate(pending):
+            toks += t; pos += range(len(t)); seq += [s] * len(t)
+        runner.clear()
+        _, cap = runner.decode(toks, pos, seq, [False] * len(toks), layers=layers, stop_after=True)
+        off = 0
+        for t, d in pending:
+            skip = docs[d]["n_prompt"]
+            rows = list(range(off + skip, off + len(t)))[: total - n_rows]
+            if rows:
+                r = np.asarray(rows)
+                for L in layers:
+                    acts[L][n_rows : n_rows + len(r)] = cap[L][r]
+                row_doc[n_rows : n_rows + len(r)] = d
+                row_pos[n_rows : n_rows + len(r)] = r - off
+                n_rows += len(r)
+                if progress:
+                    progress(len(r))
+            off += len(t)
+        pending = []
+
+    with BatchRunner(engine, n_seq=16, n_ctx=n_batch, n_batch=n_batch, unified=True) as runner:
+        for d in range(len(docs)):
+            if n_rows >= total:
+                break
+            src = docs[d]
+            gen = src["tokens"][src["n_prompt"]:]
+            if len(gen) < 16 or src["kind"].startswith("reframe"):
+                continue
+            if src["kind"] == "raw" and chat:
+                text = engine.detokenize(src["tokens"])
+                toks, skip, kind = job_tokens(engine, "rewrite", text), skip_rw, "reframe:raw>rewrite"
+            else:
+                toks, skip, kind = engine.tokenize(engine.detokenize(gen)), 1, f"reframe:{src['kind']}>raw"
+            toks = toks[: n_batch // 2]
+            docs.append({"genre": src["genre"], "kind": kind, "n_prompt": skip, "tokens": toks})
+            if sum(len(t) for t, _ in pending) + len(toks) > n_batch or len(pending) == 16:
+                flush(runner)
+            pending.append((toks, len(docs) - 1))
+        if pending and n_rows < total:
+            flush(runner)
+    return n_rows
+
+
+def drop_outliers(c: Corpus, factor: float = OUTLIER) -> Corpus:
+    """Drop rows with a giant norm at any layer. Without a BOS token the attention sink
+    sometimes sits at position 1 or on a lone space (norms of 3,000-24,000 against a
+    median of ~175 at block 16); a handful of such rows would dominate the SAE's loss."""
+    keep = np.ones(len(c), bool)
+    for a in c.acts.values():
+        n = np.linalg.norm(a, axis=1)
+        keep &= n <= factor * np.median(n)
+    c.stats["outliers_dropped"] = int((~keep).sum())
+    if not keep.all():
+        c = Corpus({L: a[keep] for L, a in c.acts.items()}, c.doc[keep], c.pos[keep], c.docs, c.stats)
+    c.stats.update(row_stats(c))
+    return c
+
+
+def row_stats(c: Corpus) -> dict:
+    """Where the rows come from: prompt text, generated text, generated text reframed."""
+    src = Counter()
+    kinds, genres = Counter(), Counter()
+    for d, p in zip(c.doc.tolist(), c.pos.tolist()):
+        doc = c.docs[d]
+        kinds[doc["kind"]] += 1
+        genres[doc["genre"]] += 1
+        if doc["kind"].startswith("reframe"):
+            src["reframed_rows"] += 1
+        else:
+            src["prompt_rows" if p < doc["n_prompt"] else "generated_rows"] += 1
+    return {"rows": len(c), "prompt_rows": src["prompt_rows"], "generated_rows": src["generated_rows"],
+            "reframed_rows": src["reframed_rows"], "documents": len(c.docs),
+            "rows_by_kind": dict(sorted(kinds.items())), "rows_by_genre": dict(sorted(genres.items()))}

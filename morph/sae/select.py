@@ -9,8 +9,8 @@ two styles) and each of its poles:
    keep the 1-3 that move the log-prob of the pole's wording most (weights ~ that shift);
 3. the vector is the weighted sum of their decoder directions, stretched to the layer's
    median residual norm (scales are fractions of it);
-4. sweep the scale: style shift on held-out pairs and extra NLL of neutral text; the
-   default is the largest scale within the fluency budget that still shifts the right way.
+4. sweep the scale on neutral text (extra NLL per token); the default is the largest
+   scale within the fluency budget whose held-out style shift has the right sign.
 
 Split, prompt, neutral texts and budget are the diffmean builder's, so the two methods'
 scores are comparable.
@@ -32,8 +32,8 @@ from morph.steering.vector import residual_relative
 
 SCALES = (0.1, 0.2, 0.3, 0.45, 0.6)
 PROBE_SCALE = 0.3
-N_CANDIDATES = 4
-N_PROBE = 6  # training pairs used to compare candidates
+N_CANDIDATES = 3
+N_PROBE = 4  # training pairs used to compare candidates
 N_EVAL = 8  # held-out pairs for the reported shift (as diffmean)
 
 
@@ -105,7 +105,7 @@ class Scorer:
 
 def select_axis(engine, sae: SAE, layer: int, residual_norm: float, recipe, scorer: Scorer,
                 budget: float = dm.FLUENCY_BUDGET, progress: Callable[[str], None] | None = None,
-                ) -> list[Selected]:
+                full_sweep: bool = False) -> list[Selected]:
     train, test = dm.split_pairs(recipe)
     test = test[:N_EVAL]
     probe = train[:N_PROBE]
@@ -155,31 +155,53 @@ def select_axis(engine, sae: SAE, layer: int, residual_norm: float, recipe, scor
         if progress:
             progress(f"{pole['name']}: latents {lat}")
 
-    # Scale sweep of every pick in one batched pass (with the baseline).
-    jobs = [("base", test, neutral, None)]
+    # Scale: fluency cost at every scale (neutral text only, cheap), then the held-out
+    # style shift at the chosen scale (or at every scale with full_sweep).
+    jobs = [("base", test if full_sweep else [], neutral, None)]
     for p in picks:
         for a in SCALES:
-            jobs.append((f"{p.name}@{a}", test, neutral, vec(p.unit, a)))
+            jobs.append((f"{p.name}@{a}", test if full_sweep else [], neutral, vec(p.unit, a)))
     swept = scorer.run(jobs)
-    base = swept["base"]
+    base_nll = swept["base"]["nll"]
     for p in picks:
-        sweep = []
-        for a in SCALES:
-            r = swept[f"{p.name}@{a}"]
-            sweep.append({"scale": a, "shift": round(p.sign * (r["shift"] - base["shift"]), 4),
-                          "extra_nll": round(r["nll"] - base["nll"], 4),
-                          "wins": int(sum(p.sign * (x - y) > 0 for x, y in zip(r["per_pair"], base["per_pair"])))})
-        ok = [r for r in sweep if r["extra_nll"] <= budget and r["shift"] > 0]
-        chosen = max(ok, key=lambda r: r["scale"]) if ok else sweep[0]
-        p.default_scale = chosen["scale"]
-        p.scores = {
+        sweep = [{"scale": a, "extra_nll": round(swept[f"{p.name}@{a}"]["nll"] - base_nll, 4)} for a in SCALES]
+        if full_sweep:
+            for row in sweep:
+                r = swept[f"{p.name}@{row['scale']}"]
+                row["shift"] = round(p.sign * (r["shift"] - swept["base"]["shift"]), 4)
+        p.scores = {"sweep": sweep}
+    base_test = scorer.run([("base", test, [], None)])["base"] if not full_sweep else swept["base"]
+    # Per pick, scales within budget from the largest down; test them in batched rounds.
+    order = {}
+    for p in picks:
+        ok = [r for r in p.scores["sweep"] if r["extra_nll"] <= budget]
+        order[p.name] = sorted(ok, key=lambda r: -r["scale"]) or p.scores["sweep"][:1]
+    at = {p.name: 0 for p in picks}
+    done: dict[str, tuple[dict, float, int]] = {}
+    while len(done) < len(picks):
+        todo = [p for p in picks if p.name not in done]
+        if full_sweep:
+            res = {p.name: swept[f"{p.name}@{order[p.name][at[p.name]]['scale']}"] for p in todo}
+        else:
+            res = scorer.run([(p.name, test, [], vec(p.unit, order[p.name][at[p.name]]["scale"])) for p in todo])
+        for p in todo:
+            row, r = order[p.name][at[p.name]], res[p.name]
+            shift = p.sign * (r["shift"] - base_test["shift"])
+            wins = sum(p.sign * (x - y) > 0 for x, y in zip(r["per_pair"], base_test["per_pair"]))
+            if shift > 0 or at[p.name] == len(order[p.name]) - 1:
+                done[p.name] = (row, shift, wins)
+            else:
+                at[p.name] += 1
+    for p in picks:
+        row, shift, wins = done[p.name]
+        p.default_scale = row["scale"]
+        p.scores.update({
             "heldout_pairs": len(test),
-            "style_shift_at_default": chosen["shift"],
-            "extra_nll_at_default": chosen["extra_nll"],
-            "heldout_wins_at_default": f"{chosen['wins']}/{len(test)}",
+            "style_shift_at_default": round(shift, 4),
+            "extra_nll_at_default": row["extra_nll"],
+            "heldout_wins_at_default": f"{wins}/{len(test)}",
             "activation_effect_d": max(c["effect_d"] for c in p.candidates if c["latent"] in p.latents),
             "probe_shift": max(c["probe_shift"] for c in p.candidates if c["latent"] in p.latents),
-            "sweep": sweep,
-            "within_budget": bool(ok),
-        }
+            "within_budget": row["extra_nll"] <= budget and shift > 0,
+        })
     return picks

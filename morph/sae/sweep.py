@@ -24,7 +24,7 @@ import numpy as np
 
 from morph import models, paths
 from morph.sae.batch import BatchRunner
-from morph.sae.corpus import CorpusConfig, build_corpus, load_prompts
+from morph.sae.corpus import CorpusConfig, build_corpus, drop_outliers, load_prompts
 from morph.sae.evidence import encode_corpus
 from morph.sae.score import Item, kl, logprobs
 from morph.sae.select import Scorer, select_axis
@@ -91,7 +91,7 @@ def main(argv=None) -> None:
     engine = LlamaEngine(info, n_ctx=512, threads=a.threads or pick_threads())
     t = time.perf_counter()
     if a.corpus:
-        corp = Corpus.load(a.corpus)
+        corp = drop_outliers(Corpus.load(a.corpus))
     else:
         corp = build_corpus(engine, a.layers, CorpusConfig(tokens=a.tokens))
     report = {"model_id": info.model_id, "tokens": len(corp), "corpus": corp.stats,
@@ -120,7 +120,7 @@ def main(argv=None) -> None:
         }
         scorer = Scorer(engine, runner, L)
         for name, r in recipes.items():
-            for p in select_axis(engine, sae, L, norm, r, scorer):
+            for p in select_axis(engine, sae, L, norm, r, scorer, full_sweep=True):
                 row["features"][p.name] = {"latents": p.latents, "default_scale": p.default_scale,
                                            "shift": p.scores["style_shift_at_default"],
                                            "extra_nll": p.scores["extra_nll_at_default"],
