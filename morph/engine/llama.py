@@ -140,13 +140,16 @@ class LlamaEngine:
             cv.validate(self._n_embd, self._n_layer)
             # Always the full buffer: rows not covered would keep their old values.
             buf = cv.to_buffer(self._n_embd, self._n_layer)
+            # But apply it only over the blocks that steer: llama.cpp adds one graph node
+            # per block in [il_start, il_end], zero rows included (bench/engine.py).
+            steered = [il for il, v in cv.directions.items() if np.any(v)]
             rc = self._lc.llama_set_adapter_cvec(
                 ctx,
                 buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
                 buf.size,
                 self._n_embd,
-                1,
-                self._n_layer - 1,
+                min(steered),
+                max(steered),
             )
         if rc != 0:
             raise MorphError("llama.cpp rejected the control vector")
@@ -315,8 +318,6 @@ class LlamaEngine:
                 if llm.n_tokens >= self.n_ctx:
                     finish = "length"
                     break
-                # Evaluate the token before yielding so the cache always matches the text.
-                llm.eval([tok])
                 if stops:
                     cut = _find_stop(pending, stops)
                     if cut is not None:
@@ -332,6 +333,10 @@ class LlamaEngine:
                 elif pending:
                     yield Event(text=pending, token_ids=tuple(pending_ids))
                     pending, pending_ids = "", []
+                # Evaluate after yielding (bench/engine.py: the caller gets each token one
+                # decode step sooner). A caller that stops at the yield leaves a cache that
+                # lacks this token, which the next request's prefix match simply re-evaluates.
+                llm.eval([tok])
             tail = decoder.decode(b"", final=True)
             if finish != "stop" or not stops:
                 pending += tail
