@@ -32,6 +32,7 @@ sys.path.insert(0, str(HERE.parent))
 import _llama_bench  # noqa: E402
 
 from morph import models  # noqa: E402
+from morph.errors import MorphError  # noqa: E402
 from morph.engine.base import Request  # noqa: E402
 from morph.engine.llama import LlamaEngine, default_threads  # noqa: E402
 from morph.steering.vector import ControlVector, residual_relative  # noqa: E402
@@ -223,7 +224,7 @@ def run_llama_bench(exe: Path, model: Path, threads: int, p: int, n: int, d: int
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=RAW_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        raise RuntimeError(
+        raise TimeoutError(
             f"llama-bench took over {RAW_TIMEOUT_S} s: the CPUs are busy (2-thread runs collapse when "
             "another process holds a core); rerun when idle, with --wait-idle, or with --threads 1"
         ) from None
@@ -340,13 +341,19 @@ def main() -> int:
                          "cold_steer1", "steer_process")}
     raw_s = {k: [] for k in ("pp_d0", "tg_d0", "tg_d512", "pp_append")}  # per repetition, tok/s
     raw_rows: list[dict] = []
+    raw_timeouts: list[str] = []
     loads = []
     busy: list[float] = []  # CPU busy fraction just before each repetition (--wait-idle)
 
     def raw(key: str, p: int, n: int, d: int = 0) -> None:
         if exe is None:
             return
-        row = run_llama_bench(exe, info.file.path, threads, p, n, d)
+        try:
+            row = run_llama_bench(exe, info.file.path, threads, p, n, d)
+        except TimeoutError as e:  # a busy machine: lose this sample, keep the run
+            log(f"warning: {e}")
+            raw_timeouts.append(f"rep {r}: p{p} n{n} d{d}")
+            return
         row["rep"] = r
         raw_rows.append(row)
         raw_s[key][-1].append(row["avg_ts"])
@@ -464,8 +471,9 @@ def main() -> int:
         "raw tg128 max/min": ratio(max(tg_all), min(tg_all)) if tg_all else None,
         "load_avg_1min_per_rep": loads,
         "cpu_busy_before_rep": busy or None,
+        "raw_timeouts": raw_timeouts,
     }
-    noisy = bool(tg_all) and max(tg_all) / min(tg_all) > 1.25
+    noisy = bool(raw_timeouts) or (bool(tg_all) and max(tg_all) / min(tg_all) > 1.25)
     if noisy:
         log("warning: raw decode speed varied by more than 25% in this run (busy machine): rerun when quieter")
     noise["noisy"] = noisy
@@ -517,6 +525,6 @@ def main() -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (RuntimeError, subprocess.CalledProcessError) as e:
+    except (RuntimeError, subprocess.CalledProcessError, MorphError) as e:
         print(f"bench: error: {e}", file=sys.stderr)
         sys.exit(1)
