@@ -141,7 +141,8 @@ class LlamaEngine:
             # Always the full buffer: rows not covered would keep their old values.
             buf = cv.to_buffer(self._n_embd, self._n_layer)
             # But apply it only over the blocks that steer: llama.cpp adds one graph node
-            # per block in [il_start, il_end], zero rows included (bench/engine.py).
+            # per block in [il_start, il_end], zero rows included. Same logits bit for bit;
+            # the saving was within noise on 2 cores (steering costs <= 1% either way).
             steered = [il for il, v in cv.directions.items() if np.any(v)]
             rc = self._lc.llama_set_adapter_cvec(
                 ctx,
