@@ -31,11 +31,12 @@ def build_steering(rt, features: tuple[str, ...], vectors: tuple[str, ...]):
     profile = parse_feature_args(features)
     if not features and not vectors:
         profile = dict(rt.config.features)  # config defaults apply only when nothing is given
-    parts = []
+    parts, logged = [], {}
     for spec, scale in profile.items():
         f = rt.catalog.get(spec)
-        parts.append((f.load_vector(), f.default_scale if scale is None else scale))
-    logged = {rt.catalog.get(k).key: (v if v is not None else rt.catalog.get(k).default_scale) for k, v in profile.items()}
+        scale = f.default_scale if scale is None else scale
+        parts.append((f.load_vector(), scale))
+        logged[f.key] = scale
     for spec in vectors:
         path, scale = split_scale(spec, default=1.0)
         cv = ControlVector.load(path)

@@ -10,13 +10,13 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from prompt_toolkit.buffer import Buffer
 from prompt_toolkit.document import Document
 
+from morph import fsutil
 from morph.errors import MorphError
 
 
@@ -80,35 +80,7 @@ def atomic_write(path: Path, data: bytes) -> DiskState:
     On any failure the original file is intact and the temp file is removed; OSError
     propagates to the caller (who keeps the buffer and reports it).
     """
-    target = Path(os.path.realpath(path))  # write through a symlink, keep the link
-    try:
-        mode = stat.S_IMODE(target.stat().st_mode)
-    except FileNotFoundError:
-        umask = os.umask(0)
-        os.umask(umask)
-        mode = 0o666 & ~umask
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".morph-tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    try:  # make the rename itself durable
-        dfd = os.open(target.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+    target = fsutil.atomic_write(path, data)
     st = target.stat()
     return DiskState(st.st_mtime_ns, st.st_size, hashlib.sha256(data).hexdigest())
 

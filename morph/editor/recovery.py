@@ -10,12 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from morph import paths
+from morph import fsutil, paths
 
 
 @dataclass
@@ -52,20 +51,7 @@ def recovery_path(doc_path: Path) -> Path:
 def write(doc_path: Path, text: str) -> Path:
     target = recovery_path(doc_path)
     payload = json.dumps({"path": str(doc_path), "text": text, "ts": time.time(), "pid": os.getpid()})
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".rec.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(payload)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o600)  # drafts are private
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    fsutil.atomic_write(target, payload.encode("utf-8"), mode=0o600)  # drafts are private
     return target
 
 

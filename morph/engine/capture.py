@@ -46,6 +46,27 @@ def _libggml_base():
     return lib
 
 
+def tensor_rows(ggml, t, n_embd: int, edit: Callable[[np.ndarray], np.ndarray | None] | None = None) -> np.ndarray:
+    """Read a host F32 activation tensor as (n_tokens, n_embd); if `edit` returns an array,
+    write it back into the graph (everything downstream sees it) and return that."""
+    n = ggml.ggml_nelements(t)
+    nbytes = ggml.ggml_nbytes(t)
+    if nbytes != n * 4 or ctypes.c_int32.from_address(t).value != GGML_TYPE_F32:
+        raise MorphError(f"{ggml.ggml_get_name(t)!r} is not a contiguous F32 tensor")
+    arr = np.empty((n // n_embd, n_embd), dtype=np.float32)
+    ggml.ggml_backend_tensor_get(t, arr.ctypes.data, 0, nbytes)
+    if edit is None:
+        return arr
+    new = edit(arr)
+    if new is None:
+        return arr
+    new = np.ascontiguousarray(new, dtype=np.float32)
+    if new.shape != arr.shape:
+        raise MorphError("edit changed the activation shape")
+    ggml.ggml_backend_tensor_set(t, new.ctypes.data, 0, nbytes)
+    return new
+
+
 class Capturer:
     """Capture context bound to a LlamaEngine's model. Not thread-safe; one call at a time."""
 
@@ -90,19 +111,8 @@ class Capturer:
                 return name == self._target
             if name != self._target:
                 return True
-            n = self._ggml.ggml_nelements(t)
-            nbytes = self._ggml.ggml_nbytes(t)
-            if nbytes != n * 4 or ctypes.c_int32.from_address(t).value != GGML_TYPE_F32:
-                raise MorphError(f"{name!r} is not a contiguous F32 tensor")
-            arr = np.empty((n // self.n_embd, self.n_embd), dtype=np.float32)
-            self._ggml.ggml_backend_tensor_get(t, arr.ctypes.data, 0, nbytes)
-            if self._edit is not None:
-                new = self._edit(arr)
-                if new is not None:
-                    new = np.ascontiguousarray(new, dtype=np.float32)
-                    assert new.shape == arr.shape
-                    self._ggml.ggml_backend_tensor_set(t, new.ctypes.data, 0, nbytes)
-            else:
+            arr = tensor_rows(self._ggml, t, self.n_embd, self._edit)
+            if self._edit is None:
                 self._chunks.append(arr)
             return not self._stop_after
         except BaseException as e:  # an exception here would silently stop the graph

@@ -7,9 +7,7 @@ arguments; a MorphError from a handler is printed as one line and the session go
 from __future__ import annotations
 
 import datetime as dt
-import os
 import shlex
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -17,7 +15,7 @@ from typing import Callable, Iterable
 from prompt_toolkit.completion import Completer, Completion, PathCompleter
 from prompt_toolkit.document import Document
 
-from morph import tasks
+from morph import fsutil, tasks
 from morph.errors import MorphError
 from morph.repl import log as replog
 
@@ -212,28 +210,10 @@ def save_text(path: Path, text: str, append: bool) -> Path:
             if old and not old.endswith(b"\n"):
                 old += b"\n"
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fsutil.atomic_write(path, old + text.encode("utf-8"), mode=mode)
     except OSError as e:
         raise MorphError(f"{path}: cannot write ({e.strerror})") from None
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(old + text.encode("utf-8"))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode if mode is not None else 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except OSError as e:
-        raise MorphError(f"{path}: cannot write ({e.strerror})") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
-
-
-def _umask() -> int:
-    m = os.umask(0)
-    os.umask(m)
-    return m
 
 
 def format_sessions(sessions: Iterable[replog.SessionInfo], current: int | None = None) -> list[str]:

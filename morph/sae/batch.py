@@ -19,12 +19,11 @@ consecutive ids: callers (the corpus generator) keep to those two shapes.
 
 from __future__ import annotations
 
-import ctypes
 from typing import Callable, Sequence
 
 import numpy as np
 
-from morph.engine.capture import GGML_TYPE_F32, _libggml_base
+from morph.engine.capture import _libggml_base, tensor_rows
 from morph.errors import MorphError
 
 EditFn = Callable[[int, np.ndarray], np.ndarray | None]  # (layer, acts) -> new acts or None
@@ -91,20 +90,8 @@ class BatchRunner:
             layer = self._targets.get(name)
             if layer is None:
                 return True
-            n = self._ggml.ggml_nelements(t)
-            nbytes = self._ggml.ggml_nbytes(t)
-            if nbytes != n * 4 or ctypes.c_int32.from_address(t).value != GGML_TYPE_F32:
-                raise MorphError(f"{name!r} is not a contiguous F32 tensor")
-            arr = np.empty((n // self.n_embd, self.n_embd), dtype=np.float32)
-            self._ggml.ggml_backend_tensor_get(t, arr.ctypes.data, 0, nbytes)
-            if self._edit is not None:
-                new = self._edit(layer, arr)
-                if new is not None:
-                    new = np.ascontiguousarray(new, dtype=np.float32)
-                    if new.shape != arr.shape:
-                        raise MorphError("edit changed the activation shape")
-                    self._ggml.ggml_backend_tensor_set(t, new.ctypes.data, 0, nbytes)
-                    arr = new
+            edit = None if self._edit is None else (lambda a: self._edit(layer, a))
+            arr = tensor_rows(self._ggml, t, self.n_embd, edit)
             self._captured.setdefault(layer, []).append(arr)
             return name != self._stop_at
         except BaseException as e:  # an exception here would silently stop the graph

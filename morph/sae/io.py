@@ -12,11 +12,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from morph import fsutil
 from morph.errors import MorphError
 from morph.sae.train import SAE
 
@@ -42,10 +42,8 @@ def save_sae(sae: SAE, path: str | os.PathLike) -> str:
             raise MorphError(f"SAE metadata lacks {key!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        w = gguf.GGUFWriter(tmp, arch=ARCH)
+    with fsutil.replacing(path) as tmp:
+        w = gguf.GGUFWriter(str(tmp), arch=ARCH)
         w.add_uint32(f"{ARCH}.layer", int(m["layer"]))
         w.add_uint32(f"{ARCH}.k", int(sae.k))
         w.add_uint32(f"{ARCH}.width", int(sae.width))
@@ -66,10 +64,6 @@ def save_sae(sae: SAE, path: str | os.PathLike) -> str:
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return sha256_file(path)
 
 

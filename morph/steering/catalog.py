@@ -12,13 +12,11 @@ stretched to that norm (see vector.residual_relative), so `formal=0.3` adds 30% 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from morph import paths
+from morph import fsutil, paths
 from morph.errors import MorphError
 from morph.steering.vector import ControlVector, combine, split_scale
 
@@ -92,11 +90,7 @@ def write_entries(directory: Path, features: Iterable[Feature], model_id: str, e
     current["model_id"] = model_id
     if extra:
         current.update(extra)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".features.", suffix=".json")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        json.dump(current, fh, indent=2, sort_keys=False)
-        fh.write("\n")
-    os.replace(tmp, path)
+    fsutil.atomic_write(path, (json.dumps(current, indent=2) + "\n").encode("utf-8"))
     return path
 
 

@@ -12,13 +12,13 @@ import json
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
+from morph import fsutil
 from morph.errors import MorphError
 
 _DIR_RE = re.compile(r"^direction\.(\d+)$")
@@ -107,10 +107,8 @@ class ControlVector:
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            w = gguf.GGUFWriter(tmp, arch=ARCH)
+        with fsutil.replacing(path) as tmp:
+            w = gguf.GGUFWriter(str(tmp), arch=ARCH)
             w.add_string("controlvector.model_hint", self.model_hint)
             w.add_int32("controlvector.layer_count", len(self.directions))
             for key, val in sorted(self.meta.items()):
@@ -121,10 +119,6 @@ class ControlVector:
             w.write_kv_data_to_file()
             w.write_tensors_to_file()
             w.close()
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
         return path
 
     @classmethod
