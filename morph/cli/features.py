@@ -67,7 +67,7 @@ def show_cmd(obj, name, as_json):
     if f.explanation:
         click.echo(f"  explanation: {f.explanation}")
     for k, v in f.scores.items():
-        click.echo(f"  {k}: {v}")
+        click.echo(f"  {k}: {json.dumps(v) if isinstance(v, (list, dict)) else v}")
 
 
 @features_cmd.command("search")

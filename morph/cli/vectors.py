@@ -79,9 +79,11 @@ def diffmean_cmd(obj, recipes, layer, out_dir, budget):
               help="llama.cpp threads (default: all cores, or 1 when the machine is busy).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Output directory (default: the data dir's vectors/<model-id>/).")
+@click.option("--corpus", "corpus_cache", type=click.Path(dir_okay=False), default=None,
+              help="Corpus cache (.npz): reused when it matches model, layer, seed and size, else written.")
 @click.option("--json", "as_json", is_flag=True, help="Print the build report as JSON.")
 @click.pass_obj
-def build_cmd(obj, model_spec, layer, width, tokens, seed, k, epochs, threads, out_dir, as_json):
+def build_cmd(obj, model_spec, layer, width, tokens, seed, k, epochs, threads, out_dir, corpus_cache, as_json):
     """The SAE pipeline: corpus, sparse autoencoder, latent evidence, named features.
 
     \b
@@ -100,7 +102,8 @@ def build_cmd(obj, model_spec, layer, width, tokens, seed, k, epochs, threads, o
     info = models.check(models.resolve(model_spec or obj.model or load_config().model))
     if layer is not None and not 1 <= layer < info.n_layer:
         raise click.BadParameter(f"must be within 1..{info.n_layer - 1} for {info.model_id}", param_hint="--layer")
-    cfg = BuildConfig(layer=layer, width=width, k=k, tokens=tokens, seed=seed, epochs=epochs, threads=threads)
+    cfg = BuildConfig(layer=layer, width=width, k=k, tokens=tokens, seed=seed, epochs=epochs, threads=threads,
+                      corpus_cache=Path(corpus_cache) if corpus_cache else None)
     bars = _Bars()
     try:
         report = build(info, cfg, Path(out_dir) if out_dir else None, progress=bars.stage,

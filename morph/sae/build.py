@@ -37,8 +37,9 @@ def default_layer(info: ModelInfo) -> int:
 
 
 def pick_threads() -> int:
-    """All cores on a quiet machine, one when it is busy: two llama.cpp threads that must
-    meet at ~1,000 barriers per step stall when a neighbour takes a core (FACTS)."""
+    """All cores unless the machine is crowded. Two llama.cpp threads meet at ~1,000
+    barriers per step: measured on 2 cores, 137 vs 108 tok/s (2 vs 1 thread) at load 2.3,
+    but 2.6 vs 87 tok/s at load 10, when the other thread is rarely scheduled."""
     from morph.engine.llama import default_threads
 
     n = default_threads()
@@ -46,7 +47,7 @@ def pick_threads() -> int:
         load = os.getloadavg()[0]
     except OSError:
         return n
-    return 1 if load > n - 0.5 else n
+    return 1 if load >= 2 * n else n
 
 
 @dataclass
@@ -60,6 +61,7 @@ class BuildConfig:
     threads: int | None = None
     n_seq: int = 32
     recipes: list[Path] | None = None  # default: every shipped recipe
+    corpus_cache: Path | None = None  # load the corpus from here if it fits, else save it there
 
 
 Progress = Callable[[str, int | None], Callable[[int], None]]  # (stage, total) -> advance
@@ -91,9 +93,15 @@ def build(info: ModelInfo, cfg: BuildConfig, out_dir: Path | None = None,
     try:
         # 1. corpus
         t = time.perf_counter()
-        corp = corpus_mod.build_corpus(
-            engine, [layer], corpus_mod.CorpusConfig(tokens=cfg.tokens, seed=cfg.seed, n_seq=cfg.n_seq),
-            progress=bar("corpus", cfg.tokens))
+        ccfg = corpus_mod.CorpusConfig(tokens=cfg.tokens, seed=cfg.seed, n_seq=cfg.n_seq)
+        corp = _cached_corpus(cfg.corpus_cache, layer, ccfg, info)
+        if corp is None:
+            corp = corpus_mod.build_corpus(engine, [layer], ccfg, progress=bar("corpus", cfg.tokens))
+            corp.stats["model_fingerprint"] = info.fingerprint
+            if cfg.corpus_cache:
+                corp.save(cfg.corpus_cache)
+        else:
+            log(f"corpus: reusing {cfg.corpus_cache}")
         timings["corpus_s"] = round(time.perf_counter() - t, 1)
         x = corp.acts[layer]
         norms = np.linalg.norm(x, axis=1)
@@ -106,7 +114,7 @@ def build(info: ModelInfo, cfg: BuildConfig, out_dir: Path | None = None,
         scfg = SAEConfig(width=cfg.width, k=cfg.k, epochs=cfg.epochs, seed=cfg.seed)
         steps = max(1, int(round(scfg.epochs * (len(x) * (1 - 1 / scfg.holdout_every)) // scfg.batch)))
         adv = bar("train", steps)
-        sae = train_sae(x, scfg, corp.doc, progress=lambda s, i: adv(1))
+        sae = train_sae(x, scfg, corp.groups(), progress=lambda s, i: adv(1))
         timings["train_s"] = round(time.perf_counter() - t, 1)
 
         # 3. evidence
@@ -149,7 +157,7 @@ def build(info: ModelInfo, cfg: BuildConfig, out_dir: Path | None = None,
         # 5. self-explanation of every latent considered for a feature
         t = time.perf_counter()
         ids = sorted({c["latent"] for p in picks for c in p.candidates})
-        texts = explain(engine, sae.W_dec[ids], layer, residual_norm, progress=bar("explain", len(ids)))
+        texts = explain(engine, sae.W_dec[ids], progress=bar("explain", len(ids)))
         for j, text in zip(ids, texts):
             ev["latents"][j]["explanation"] = text
         timings["explain_s"] = round(time.perf_counter() - t, 1)
@@ -195,6 +203,17 @@ def build(info: ModelInfo, cfg: BuildConfig, out_dir: Path | None = None,
         engine.close()
 
 
+def _cached_corpus(path: Path | None, layer: int, ccfg, info: ModelInfo):
+    """A saved corpus built with the same model, layer, seed and size, or None."""
+    if path is None or not Path(path).is_file():
+        return None
+    c = corpus_mod.Corpus.load(path)
+    st = c.stats
+    same = (layer in c.acts and st.get("model_fingerprint") == info.fingerprint and st.get("seed") == ccfg.seed
+            and st.get("requested") == ccfg.tokens)
+    return c if same else None
+
+
 def _score_batch(engine) -> int:
     """Tokens per scoring batch: every token's logits are kept, so bound that buffer (~256 MB)."""
     n_vocab = engine.llm.n_vocab()
@@ -205,5 +224,5 @@ def _latent_expl(ev: dict, j: int) -> str:
     lat = ev["latents"][j]
     s = f"latent {j}"
     if lat.get("explanation"):
-        s += f' "{lat["explanation"]}"'
+        s += f": {lat['explanation']}"
     return s + f" (fires on {ev_mod.latent_label(ev, j)})"

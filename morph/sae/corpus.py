@@ -49,7 +49,7 @@ def load_prompts(path: Path = PROMPTS) -> list[dict]:
 
 @dataclass
 class CorpusConfig:
-    tokens: int = 320_000  # activation rows to collect (after exclusions)
+    tokens: int = 300_000  # activation rows to collect (after exclusions)
     seed: int = 0
     n_seq: int = 32  # sequences decoded together
     max_new: int = 256  # continuation length cap per job
@@ -58,7 +58,7 @@ class CorpusConfig:
     top_p: float = 0.95
     max_prompt: int = 240  # prompt tokens kept per job (a chat prompt is ~150)
     # Share of rows taken by re-capturing generated text in another framing (see reframe).
-    reframe: float = 0.35
+    reframe: float = 0.5
 
 
 @dataclass
@@ -82,6 +82,12 @@ class Corpus:
 
     def __len__(self) -> int:
         return len(self.doc)
+
+    def groups(self) -> np.ndarray:
+        """Per row, the generated document it derives from (reframed copies share their
+        source's id), so a held-out split never sees a copy of a training text."""
+        src = np.array([d.get("src", i) for i, d in enumerate(self.docs)], np.int32)
+        return src[self.doc]
 
     def token_ids(self) -> np.ndarray:
         return np.array([self.docs[d]["tokens"][p] for d, p in zip(self.doc, self.pos)], np.int32)
@@ -250,6 +256,7 @@ def build_corpus(
         "excluded": "position 0 of every document; the shared chat-template prefix of chat jobs; "
                     f"rows above {OUTLIER}x the median norm",
         "seed": cfg.seed,
+        "requested": total,
         "sampling": {"temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p,
                      "max_new": cfg.max_new, "n_seq": cfg.n_seq, "reframe": cfg.reframe},
     }
@@ -257,20 +264,41 @@ def build_corpus(
     return drop_outliers(corp)
 
 
-def _reframe(engine, layers, docs, acts, row_doc, row_pos, n_rows, total, progress) -> int:
-    """Fill rows up to `total` with the model's own text seen in another framing.
+def _reframings(engine, src: dict, rnd: int) -> tuple[list[int], int, str] | None:
+    """Round `rnd` of re-framing one generated document: (tokens, rows to skip, kind).
 
-    A raw continuation (opening + generated text) goes into the rewrite request exactly as
-    `morph steer` sends user text; the answer of a chat or rewrite job becomes a plain
-    document. The tokens are the model's own, the contexts new. Capture stops at the
-    deepest layer (no logits needed): ~2x cheaper per row than generating it.
+    Chat models: a raw continuation (opening + generated text) goes into the rewrite
+    request exactly as `morph steer` sends user text, and its generated part alone becomes
+    a plain document; a chat or rewrite answer becomes a plain document, then the text of
+    a rewrite request. Later rounds (and base models) use the generated text from a later
+    start, i.e. with less context.
+    """
+    gen = src["tokens"][src["n_prompt"]:]
+    if len(gen) < 16:
+        return None
+    chat = engine.info.has_chat_template
+    kind = src["kind"]
+    if chat and rnd < 2:
+        if (kind == "raw") == (rnd == 0):
+            text = engine.detokenize(src["tokens"] if kind == "raw" else gen)
+            return job_tokens(engine, "rewrite", text), shared_prefix(engine, "rewrite"), f"reframe:{kind}>rewrite"
+        return engine.tokenize(engine.detokenize(gen)), 1, f"reframe:{kind}>raw"
+    cut = len(gen) * (rnd - (1 if chat else 0)) // 4  # chat: 1/4; base: 0, 1/4, 2/4
+    if len(gen) - cut < 16:
+        return None
+    return engine.tokenize(engine.detokenize(gen[cut:])), 1, f"reframe:{kind}>raw@{cut}"
+
+
+def _reframe(engine, layers, docs, acts, row_doc, row_pos, n_rows, total, progress) -> int:
+    """Fill rows up to `total` with the model's own text seen in other framings.
+
+    The tokens are the model's own, the contexts new. Capture stops at the deepest layer
+    (no logits needed): ~2.3x cheaper per row than generating it.
     """
     from morph.sae.batch import BatchRunner
 
     if n_rows >= total:
         return n_rows
-    chat = engine.info.has_chat_template
-    skip_rw = shared_prefix(engine, "rewrite") if chat else 1
     n_batch = 1024
     pending: list[tuple[list[int], int]] = []  # (tokens, doc index)
 
@@ -297,24 +325,24 @@ def _reframe(engine, layers, docs, acts, row_doc, row_pos, n_rows, total, progre
             off += len(t)
         pending = []
 
+    sources = [d for d in range(len(docs))]
     with BatchRunner(engine, n_seq=16, n_ctx=n_batch, n_batch=n_batch, unified=True) as runner:
-        for d in range(len(docs)):
-            if n_rows >= total:
-                break
-            src = docs[d]
-            gen = src["tokens"][src["n_prompt"]:]
-            if len(gen) < 16 or src["kind"].startswith("reframe"):
-                continue
-            if src["kind"] == "raw" and chat:
-                text = engine.detokenize(src["tokens"])
-                toks, skip, kind = job_tokens(engine, "rewrite", text), skip_rw, "reframe:raw>rewrite"
-            else:
-                toks, skip, kind = engine.tokenize(engine.detokenize(gen)), 1, f"reframe:{src['kind']}>raw"
-            toks = toks[: n_batch // 2]
-            docs.append({"genre": src["genre"], "kind": kind, "n_prompt": skip, "tokens": toks})
-            if sum(len(t) for t, _ in pending) + len(toks) > n_batch or len(pending) == 16:
-                flush(runner)
-            pending.append((toks, len(docs) - 1))
+        for rnd in range(3):
+            for d in sources:
+                if n_rows >= total:
+                    break
+                got = _reframings(engine, docs[d], rnd)
+                if got is None:
+                    continue
+                toks, skip, kind = got
+                toks = toks[: n_batch // 2]
+                if len(toks) <= skip:
+                    continue
+                docs.append({"genre": docs[d]["genre"], "kind": kind, "n_prompt": skip, "tokens": toks,
+                             "src": d})
+                if sum(len(t) for t, _ in pending) + len(toks) > n_batch or len(pending) == 16:
+                    flush(runner)
+                pending.append((toks, len(docs) - 1))
         if pending and n_rows < total:
             flush(runner)
     return n_rows

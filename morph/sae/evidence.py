@@ -2,7 +2,7 @@
 
 Stored beside the SAE as gzip JSON (`sae-L<layer>.evidence.json.gz`): per latent its
 activation frequency over the corpus, mean activation when active, and the top contexts
-(distinct documents) as token windows with the activating token's index. Token pieces
+(distinct texts) as token windows with the activating token's index. Token pieces
 are stored once in a table and referenced by number, which keeps the file small.
 """
 
@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from morph import fsutil
 from morph.errors import MorphError
 from morph.sae.train import SAE
 
@@ -62,16 +61,17 @@ def build_evidence(sae: SAE, idx: np.ndarray, val: np.ndarray, doc: np.ndarray, 
     latents = []
     for j in range(sae.width):
         a, b = starts[j], starts[j + 1]
-        seen: set[int] = set()
+        seen: set[tuple] = set()
         ctxs = []
         for r, v in zip(row_s[a:b], act_s[a:b]):
             d = int(doc[r])
-            if d in seen:
-                continue
-            seen.add(d)
             p = int(pos[r])
             toks = docs[d]["tokens"]
             lo, hi = max(0, p - BEFORE), min(len(toks), p + AFTER + 1)
+            key = tuple(toks[max(lo, p - 4) : p + 1])  # reframed copies repeat a text: show it once
+            if key in seen:
+                continue
+            seen.add(key)
             ctxs.append({"a": round(float(v), 3), "t": [ref(int(t)) for t in toks[lo:hi]],
                          "m": p - lo, "g": docs[d]["genre"]})
             if len(ctxs) >= top:
@@ -96,15 +96,9 @@ def dead_share(ev: dict) -> float:
 def save_evidence(ev: dict, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with fsutil.replacing(path) as tmp:
         with gzip.GzipFile(tmp, "wb", mtime=0) as fh:  # mtime=0: same bytes for the same data
             fh.write(json.dumps(ev, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

@@ -1,8 +1,12 @@
 """Self-explanation: the model describes a latent's decoder direction in words.
 
 A prompt asks what a placeholder word means; at the placeholder's position the residual
-stream at the SAE layer is replaced by the latent's decoder direction (stretched to a
-multiple of the layer's median norm), and the model continues greedily. Several latents
+stream is replaced by the latent's decoder direction (stretched to a multiple of that
+layer's median norm), and the model continues greedily. The direction comes from the SAE
+layer but is written at an early block (~1/10 of the depth), where the model still reads
+the position as a word: measured on SmolLM2, a latent that fires on " great", " good",
+" wonderful" read as "good or positive" when written at block 3 with 3x the norm, and as
+"The in many languages" when written at block 16, the SAE layer itself. Several latents
 run at once, one sequence each, through the batch runner's eval-callback edit (the
 batched form of `Capturer.logits_with_edit`). The placeholder positions are found by
 tokenising the prompt with two different placeholder words and comparing.
@@ -22,7 +26,8 @@ from morph.sae.batch import BatchRunner
 CHAT_QUESTION = 'What does the word "{w}" mean? Answer in a few words.'
 CHAT_ANSWER = 'The word "{w}" means'
 BASE_PROMPT = 'The meaning of the word "{w}" is "'
-STRENGTH = 1.0  # multiple of the median residual norm written at the placeholder
+STRENGTH = 3.0  # multiple of the insert layer's median residual norm
+DEPTH = 0.1  # insert layer as a fraction of the blocks
 MAX_TOKENS = 12
 
 
@@ -43,10 +48,22 @@ def placeholder_positions(engine) -> tuple[list[int], list[int]]:
     return a, [i for i, (x, y) in enumerate(zip(a, b)) if x != y]
 
 
-def explain(engine, directions: np.ndarray, layer: int, residual_norm: float,
+def insert_layer(engine) -> tuple[int, float]:
+    """(block to write at, its median residual norm on a few corpus openings)."""
+    from morph.sae.corpus import load_prompts
+
+    layer = max(1, round(DEPTH * engine.n_layer))
+    acts = engine.capture([p["text"] for p in load_prompts()[:8]], layer)
+    return layer, float(np.median(np.linalg.norm(np.concatenate(acts), axis=1)))
+
+
+def explain(engine, directions: np.ndarray, layer: int | None = None, residual_norm: float | None = None,
             strength: float = STRENGTH, n_seq: int = 16,
             progress: Callable[[int], None] | None = None) -> list[str]:
-    """One short description per row of `directions` (unit vectors at `layer`)."""
+    """One short description per row of `directions`, written at `layer` (default: the
+    early insert layer) as `strength` x `residual_norm` (that layer's median norm)."""
+    if layer is None or residual_norm is None:
+        layer, residual_norm = insert_layer(engine)
     toks, where = placeholder_positions(engine)
     n = len(toks)
     eog = engine._lc.llama_vocab_is_eog
@@ -102,4 +119,5 @@ def _done(text: str) -> bool:
 
 def _clean(text: str) -> str:
     """The answer's first line, without a trailing period."""
-    return text.strip().split("\n")[0].strip().rstrip(".").strip()
+    t = text.strip().split("\n")[0].strip().rstrip(".").strip()
+    return t.replace('"', "").strip()

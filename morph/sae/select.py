@@ -33,7 +33,9 @@ from morph.steering.vector import residual_relative
 SCALES = (0.1, 0.2, 0.3, 0.45, 0.6)
 PROBE_SCALE = 0.3
 N_CANDIDATES = 3
+N_RANK = 32  # training pairs whose activations rank the latents
 N_PROBE = 4  # training pairs used to compare candidates
+PROBE_TOKENS = 24  # probes score only the first tokens of each text (cost)
 N_EVAL = 8  # held-out pairs for the reported shift (as diffmean)
 
 
@@ -74,18 +76,19 @@ class Scorer:
         self.prefix = engine.tokenize(dm.NEUTRAL_PROMPT)
         self._tok: dict[str, list[int]] = {}
 
-    def _item(self, text: str, vec) -> Item:
+    def _item(self, text: str, vec, max_tokens: int | None = None) -> Item:
         if text not in self._tok:
             self._tok[text] = self.engine.tokenize(text, add_bos=False)
-        return Item(self.prefix + self._tok[text], len(self.prefix), vec)
+        return Item(self.prefix + self._tok[text][:max_tokens], len(self.prefix), vec)
 
-    def run(self, jobs: list[tuple[str, list[dict], list[str], np.ndarray | None]]) -> dict[str, dict]:
+    def run(self, jobs: list[tuple[str, list[dict], list[str], np.ndarray | None]],
+            max_tokens: int | None = None) -> dict[str, dict]:
         """jobs: (key, pairs, neutral texts, vector). Per key: shift (mean over pairs of
         mean-logprob(positive) - mean-logprob(negative)), per-pair values, and neutral NLL."""
         items, where = [], []
         for key, pairs, neutral, vec in jobs:
             for i, p in enumerate(pairs):
-                items += [self._item(p["positive"], vec), self._item(p["negative"], vec)]
+                items += [self._item(p["positive"], vec, max_tokens), self._item(p["negative"], vec, max_tokens)]
                 where += [(key, "pos", i), (key, "neg", i)]
             for i, t in enumerate(neutral):
                 items.append(self._item(t, vec))
@@ -109,8 +112,9 @@ def select_axis(engine, sae: SAE, layer: int, residual_norm: float, recipe, scor
     train, test = dm.split_pairs(recipe)
     test = test[:N_EVAL]
     probe = train[:N_PROBE]
-    pos = text_codes(engine, sae, [p["positive"] for p in train], layer)
-    neg = text_codes(engine, sae, [p["negative"] for p in train], layer)
+    rank = train[:N_RANK]
+    pos = text_codes(engine, sae, [p["positive"] for p in rank], layer)
+    neg = text_codes(engine, sae, [p["negative"] for p in rank], layer)
     effect, mdiff = paired_effect(pos, neg)
     neutral = dm.NEUTRAL_TEXTS
 
@@ -126,7 +130,7 @@ def select_axis(engine, sae: SAE, layer: int, residual_norm: float, recipe, scor
     for sign, js in cands.items():
         for j in js:
             jobs.append((f"{sign}:{j}", probe, [], vec(sae.W_dec[j], PROBE_SCALE)))
-    probed = scorer.run(jobs)
+    probed = scorer.run(jobs, max_tokens=PROBE_TOKENS)
     base_probe = probed["base"]["shift"]
 
     picks = []

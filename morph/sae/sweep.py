@@ -105,7 +105,7 @@ def main(argv=None) -> None:
         t = time.perf_counter()
         x = corp.acts[L]
         norm = float(np.median(np.linalg.norm(x, axis=1)))
-        sae = train_sae(x, SAEConfig(width=a.width, epochs=a.epochs), corp.doc)
+        sae = train_sae(x, SAEConfig(width=a.width, epochs=a.epochs), corp.groups())
         idx, val = encode_corpus(sae, x)
         freq = np.bincount(idx[val > 0].ravel(), minlength=sae.width) / len(x)
         dead = float((freq == 0).mean())

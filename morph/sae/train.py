@@ -32,7 +32,7 @@ class SAEConfig:
     k: int = 32
     epochs: float = 2.0
     batch: int = 1024
-    lr: float = 2e-3
+    lr: float = 4e-3
     warmup: int = 50  # steps
     decay_from: float = 0.7  # linear decay to 0 over the last 30% of steps
     aux_k: int = 256
@@ -92,8 +92,28 @@ class SAE:
         return err / tot if tot > 0 else float("nan")
 
 
+_POOL = None
+
+
+def _argtop(pre: np.ndarray, k: int) -> np.ndarray:
+    return np.argpartition(pre, -k, axis=1)[:, -k:]
+
+
 def topk(pre: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    idx = np.argpartition(pre, -k, axis=1)[:, -k:]
+    """Indices and ReLU'd values of the k largest entries per row. The partition is the
+    costliest step of training and numpy runs it on one core without the GIL, so large
+    batches are split over two threads."""
+    global _POOL
+    if len(pre) >= 512:
+        if _POOL is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            _POOL = ThreadPoolExecutor(2)
+        h = len(pre) // 2
+        a, b = _POOL.map(_argtop, (pre[:h], pre[h:]), (k, k))
+        idx = np.concatenate([a, b])
+    else:
+        idx = _argtop(pre, k)
     val = np.take_along_axis(pre, idx, axis=1)
     np.maximum(val, 0, out=val)
     return idx.astype(np.int32), val
