@@ -62,10 +62,15 @@ def replacing(path: str | os.PathLike) -> Iterator[Path]:
     """For writers that need a file name (GGUFWriter, json.dump): yield a temp path in the
     same directory; on success it replaces `path`, on failure it is removed."""
     target = Path(path)
+    try:
+        mode = stat.S_IMODE(target.stat().st_mode)
+    except FileNotFoundError:
+        mode = _default_mode()  # not mkstemp's 0600: shipped vectors must be readable by all
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".morph-tmp")
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, mode)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
