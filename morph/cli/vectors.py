@@ -70,7 +70,7 @@ def diffmean_cmd(obj, recipes, layer, out_dir, budget):
               help="Model to build for (default: the global --model or the configured one).")
 @click.option("--layer", type=int, default=None, help="SAE layer (default: the measured one, or ~53% depth).")
 @click.option("--width", type=click.IntRange(64, None), default=4096, show_default=True, help="SAE latents.")
-@click.option("--tokens", type=click.IntRange(4096, None), default=320_000, show_default=True,
+@click.option("--tokens", type=click.IntRange(4096, None), default=305_000, show_default=True,
               help="Activation tokens to collect (prompts + the model's continuations).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--k", "k", type=click.IntRange(1, None), default=32, show_default=True, help="Active latents per token.")
@@ -81,9 +81,12 @@ def diffmean_cmd(obj, recipes, layer, out_dir, budget):
               help="Output directory (default: the data dir's vectors/<model-id>/).")
 @click.option("--corpus", "corpus_cache", type=click.Path(dir_okay=False), default=None,
               help="Corpus cache (.npz): reused when it matches model, layer, seed and size, else written.")
+@click.option("--recipe", "recipes", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="Contrast-set recipe(s) to name features from (default: every shipped recipe).")
 @click.option("--json", "as_json", is_flag=True, help="Print the build report as JSON.")
 @click.pass_obj
-def build_cmd(obj, model_spec, layer, width, tokens, seed, k, epochs, threads, out_dir, corpus_cache, as_json):
+def build_cmd(obj, model_spec, layer, width, tokens, seed, k, epochs, threads, out_dir, corpus_cache, recipes,
+              as_json):
     """The SAE pipeline: corpus, sparse autoencoder, latent evidence, named features.
 
     \b
@@ -103,7 +106,8 @@ def build_cmd(obj, model_spec, layer, width, tokens, seed, k, epochs, threads, o
     if layer is not None and not 1 <= layer < info.n_layer:
         raise click.BadParameter(f"must be within 1..{info.n_layer - 1} for {info.model_id}", param_hint="--layer")
     cfg = BuildConfig(layer=layer, width=width, k=k, tokens=tokens, seed=seed, epochs=epochs, threads=threads,
-                      corpus_cache=Path(corpus_cache) if corpus_cache else None)
+                      corpus_cache=Path(corpus_cache) if corpus_cache else None,
+                      recipes=[Path(r) for r in recipes] or None)
     bars = _Bars()
     try:
         report = build(info, cfg, Path(out_dir) if out_dir else None, progress=bars.stage,
@@ -122,8 +126,12 @@ def build_cmd(obj, model_spec, layer, width, tokens, seed, k, epochs, threads, o
         click.echo(f"  {f['name']:<11} latents {','.join(map(str, f['latents'])):<16} scale {f['default_scale']:<5} "
                    f"shift {sc['style_shift_at_default']:+.3f} extra NLL {sc['extra_nll_at_default']:.3f} "
                    f"wins {sc['heldout_wins_at_default']}")
-    click.echo(f"time {t['total_s'] / 60:.1f} min (" + ", ".join(f"{k[:-2]} {v:.0f}s" for k, v in t.items()
-                                                          if k != "total_s") + ")")
+    for f in report.get("rejected", []):
+        sc = f["scores"]
+        click.echo(f"  {f['name']:<11} not written: shift {sc['style_shift_at_default']:+.3f} extra NLL "
+                   f"{sc['extra_nll_at_default']:.3f} wins {sc['heldout_wins_at_default']} (needs a majority)")
+    stages = ", ".join(f"{k[:-2]} {v:.0f}s" for k, v in t.items() if k.endswith("_s") and k != "total_s")
+    click.echo(f"time {t['total_s'] / 60:.1f} min ({stages})" + (" (corpus reused)" if t.get("corpus_reused") else ""))
     out = Path(out_dir) if out_dir else None
     click.echo(f"wrote {out or 'the data dir'}: {s['file']}, {s['evidence']}, "
                f"{len(report['features'])} feature vectors, features.json, build.json", err=True)

@@ -55,7 +55,7 @@ class BuildConfig:
     layer: int | None = None
     width: int = 4096
     k: int = 32
-    tokens: int = 320_000
+    tokens: int = 305_000
     seed: int = 0
     epochs: float = 2.0
     threads: int | None = None
@@ -98,10 +98,14 @@ def build(info: ModelInfo, cfg: BuildConfig, out_dir: Path | None = None,
         if corp is None:
             corp = corpus_mod.build_corpus(engine, [layer], ccfg, progress=bar("corpus", cfg.tokens))
             corp.stats["model_fingerprint"] = info.fingerprint
+            # Train on exactly what a cached corpus holds (float16), so a rebuild from
+            # `--corpus` gives the same SAE bit for bit.
+            corp.acts = {L: a.astype(np.float16).astype(np.float32) for L, a in corp.acts.items()}
             if cfg.corpus_cache:
                 corp.save(cfg.corpus_cache)
         else:
             log(f"corpus: reusing {cfg.corpus_cache}")
+            timings["corpus_reused"] = True  # corpus_s below is only the load
         timings["corpus_s"] = round(time.perf_counter() - t, 1)
         x = corp.acts[layer]
         norms = np.linalg.norm(x, axis=1)
@@ -169,8 +173,15 @@ def build(info: ModelInfo, cfg: BuildConfig, out_dir: Path | None = None,
         ev["sae_sha256"] = sha
         ev["layer"] = layer
         ev_mod.save_evidence(ev, out_dir / ev_name)
+        # A pole whose best latents do not move most held-out pairs its way within the
+        # fluency budget is reported, not shipped: a named feature must steer.
+        kept = [p for p in picks if p.scores.get("accepted")]
+        rejected = [p for p in picks if not p.scores.get("accepted")]
+        for p in rejected:
+            log(f"{p.name}: no SAE latent moves most held-out pairs its way within the fluency budget; "
+                "not written")
         feats = []
-        for p in picks:
+        for p in kept:
             expl = "; ".join(_latent_expl(ev, j) for j in p.latents)
             meta = {"name": p.name, "description": p.description, "method": "sae", "sae": sae_name,
                     "sae_sha256": sha, "latents": p.latents, "weights": p.weights, "layer": layer,
@@ -186,21 +197,37 @@ def build(info: ModelInfo, cfg: BuildConfig, out_dir: Path | None = None,
                     "width": sae.width, "k": sae.k, "fvu": sae.meta["fvu"], "l0": sae.meta["l0"],
                     "dead_share": round(dead, 5), "train_tokens": sae.meta["train_tokens"],
                     "residual_norm": round(residual_norm, 4)}
-        write_entries(out_dir, feats, info.model_id, extra={"sae": sae_info})
+        for stale in out_dir.glob("*.gguf"):  # vectors of an earlier SAE in this directory
+            if stale.name != sae_name and not stale.name.endswith(".diffmean.gguf") and \
+                    stale.name not in {f.file for f in feats} and _is_sae_vector(stale):
+                stale.unlink()
+        write_entries(out_dir, feats, info.model_id, extra={"sae": sae_info}, replace_method="sae")
         timings["total_s"] = round(time.perf_counter() - t_all, 1)
         report = {
             "model_id": info.model_id, "model_fingerprint": info.fingerprint, "threads": threads,
-            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k != "recipes"},
+            "config": {k: (Path(v).name if isinstance(v, Path) else v) for k, v in asdict(cfg).items()
+                       if k != "recipes"},
             "sae": sae_info, "sae_training": {k: v for k, v in sae.meta.items() if k != "corpus"},
             "corpus": sae.meta["corpus"], "timings": timings,
             "features": [{"name": p.name, "axis": p.axis, "latents": p.latents, "weights": p.weights,
                           "default_scale": p.default_scale, "scores": p.scores, "candidates": p.candidates,
-                          "explanation": f.explanation} for p, f in zip(picks, feats)],
+                          "explanation": f.explanation} for p, f in zip(kept, feats)],
+            "rejected": [{"name": p.name, "axis": p.axis, "latents": p.latents, "scores": p.scores,
+                          "candidates": p.candidates} for p in rejected],
         }
         (out_dir / "build.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         return report
     finally:
         engine.close()
+
+
+def _is_sae_vector(path: Path) -> bool:
+    from morph.steering.vector import ControlVector
+
+    try:
+        return ControlVector.load(path).meta.get("method") == "sae"
+    except MorphError:
+        return False
 
 
 def _cached_corpus(path: Path | None, layer: int, ccfg, info: ModelInfo):

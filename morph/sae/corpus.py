@@ -58,7 +58,7 @@ class CorpusConfig:
     top_p: float = 0.95
     max_prompt: int = 240  # prompt tokens kept per job (a chat prompt is ~150)
     # Share of rows taken by re-capturing generated text in another framing (see reframe).
-    reframe: float = 0.5
+    reframe: float = 0.65
 
 
 @dataclass
@@ -185,9 +185,11 @@ def build_corpus(
     per_seq = -(-(cfg.max_prompt + cfg.max_new + 8) // 256) * 256  # llama.cpp pads n_ctx to 256
     counts: Counter = Counter()
     # Per slot: (job, doc index, rng); the next token to feed and its position.
-    slots: list[tuple[Job, int, np.random.Generator] | None] = [None] * cfg.n_seq
-    nxt = [0] * cfg.n_seq
-    npos = [0] * cfg.n_seq
+    # Small budgets get fewer sequences, else prompts alone (~100 rows each) would fill them.
+    n_seq = max(1, min(cfg.n_seq, target // 400))
+    slots: list[tuple[Job, int, np.random.Generator] | None] = [None] * n_seq
+    nxt = [0] * n_seq
+    npos = [0] * n_seq
 
     def collect(seq: list[int], pos: list[int], captured: dict[int, np.ndarray]) -> None:
         nonlocal n_rows
@@ -222,34 +224,43 @@ def build_corpus(
             return
         slots[s] = None
 
-    with BatchRunner(engine, n_seq=cfg.n_seq, n_ctx=cfg.n_seq * per_seq,
-                     n_batch=max(cfg.max_prompt, cfg.n_seq), unified=False) as runner:
-        while n_rows < target:
-            for s in range(cfg.n_seq):  # refill free slots, one prompt per call
-                if slots[s] is not None or n_rows >= target:
+    def generate(limit: int) -> None:
+        """Decode until `limit` rows; jobs still running at the end stop where they are."""
+        nonlocal target
+        target = limit
+        slots[:] = [None] * n_seq
+        with BatchRunner(engine, n_seq=n_seq, n_ctx=n_seq * per_seq,
+                         n_batch=max(cfg.max_prompt, n_seq), unified=False) as runner:
+            while n_rows < target:
+                for s in range(n_seq):  # refill free slots, one prompt per call
+                    if slots[s] is not None or n_rows >= target:
+                        continue
+                    job = next(jobs)
+                    runner.clear(s)
+                    docs.append({"genre": job.genre, "kind": job.kind, "n_prompt": len(job.tokens),
+                                 "tokens": list(job.tokens)})
+                    slots[s] = (job, len(docs) - 1, np.random.default_rng([cfg.seed, job.id]))
+                    n = len(job.tokens)
+                    logits, cap = runner.decode(job.tokens, list(range(n)), [s] * n,
+                                                [False] * (n - 1) + [True], layers=layers)
+                    collect([s] * n, list(range(n)), cap)
+                    tok = sample_rows(np.asarray(logits), [slots[s][2]], cfg.temperature, cfg.top_k, cfg.top_p)
+                    advance(s, int(tok[0]))
+                live = [s for s in range(n_seq) if slots[s] is not None]
+                if not live or n_rows >= target:
                     continue
-                job = next(jobs)
-                runner.clear(s)
-                docs.append({"genre": job.genre, "kind": job.kind, "n_prompt": len(job.tokens),
-                             "tokens": list(job.tokens)})
-                slots[s] = (job, len(docs) - 1, np.random.default_rng([cfg.seed, job.id]))
-                n = len(job.tokens)
-                logits, cap = runner.decode(job.tokens, list(range(n)), [s] * n,
-                                            [False] * (n - 1) + [True], layers=layers)
-                collect([s] * n, list(range(n)), cap)
-                tok = sample_rows(np.asarray(logits), [slots[s][2]], cfg.temperature, cfg.top_k, cfg.top_p)
-                advance(s, int(tok[0]))
-            live = [s for s in range(cfg.n_seq) if slots[s] is not None]
-            if not live or n_rows >= target:
-                continue
-            logits, cap = runner.decode([nxt[s] for s in live], [npos[s] for s in live], live,
-                                        [True] * len(live), layers=layers)
-            collect(live, [npos[s] for s in live], cap)
-            toks = sample_rows(np.asarray(logits), [slots[s][2] for s in live],
-                               cfg.temperature, cfg.top_k, cfg.top_p)
-            for s, t in zip(live, toks.tolist()):
-                advance(s, t)
+                logits, cap = runner.decode([nxt[s] for s in live], [npos[s] for s in live], live,
+                                            [True] * len(live), layers=layers)
+                collect(live, [npos[s] for s in live], cap)
+                toks = sample_rows(np.asarray(logits), [slots[s][2] for s in live],
+                                   cfg.temperature, cfg.top_k, cfg.top_p)
+                for s, t in zip(live, toks.tolist()):
+                    advance(s, t)
+
+    generate(target)
     n_rows = _reframe(engine, layers, docs, acts, row_doc, row_pos, n_rows, total, progress)
+    if n_rows < total:  # too little generated text to re-read (small budgets): generate the rest
+        generate(total)
     stats = {
         "documents_generated": sum(1 for d in docs if not d["kind"].startswith("reframe")),
         "stops": {k: v for k, v in counts.items() if k.startswith("stop_")},
@@ -258,7 +269,7 @@ def build_corpus(
         "seed": cfg.seed,
         "requested": total,
         "sampling": {"temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p,
-                     "max_new": cfg.max_new, "n_seq": cfg.n_seq, "reframe": cfg.reframe},
+                     "max_new": cfg.max_new, "n_seq": n_seq, "reframe": cfg.reframe},
     }
     corp = Corpus({L: a[:n_rows] for L, a in acts.items()}, row_doc[:n_rows], row_pos[:n_rows], docs, stats)
     return drop_outliers(corp)
@@ -369,7 +380,7 @@ def row_stats(c: Corpus) -> dict:
     kinds, genres = Counter(), Counter()
     for d, p in zip(c.doc.tolist(), c.pos.tolist()):
         doc = c.docs[d]
-        kinds[doc["kind"]] += 1
+        kinds[doc["kind"].split("@")[0]] += 1  # "reframe:raw>raw@64": the tail from token 64
         genres[doc["genre"]] += 1
         if doc["kind"].startswith("reframe"):
             src["reframed_rows"] += 1

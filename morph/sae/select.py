@@ -207,5 +207,7 @@ def select_axis(engine, sae: SAE, layer: int, residual_norm: float, recipe, scor
             "activation_effect_d": max(c["effect_d"] for c in p.candidates if c["latent"] in p.latents),
             "probe_shift": max(c["probe_shift"] for c in p.candidates if c["latent"] in p.latents),
             "within_budget": row["extra_nll"] <= budget and shift > 0,
+            # shipped only if it also moves most held-out pairs its way, not just the mean
+            "accepted": row["extra_nll"] <= budget and shift > 0 and 2 * wins > len(test),
         })
     return picks

@@ -77,15 +77,19 @@ def _read_manifest(directory: Path, source: str) -> list[Feature]:
     return out
 
 
-def write_entries(directory: Path, features: Iterable[Feature], model_id: str, extra: dict | None = None) -> Path:
-    """Merge `features` into directory/features.json (same name+method replaced), atomically."""
+def write_entries(directory: Path, features: Iterable[Feature], model_id: str, extra: dict | None = None,
+                  replace_method: str | None = None) -> Path:
+    """Merge `features` into directory/features.json (same name+method replaced), atomically.
+    replace_method: drop every existing entry of that method first (a new SAE makes the old
+    SAE's features meaningless)."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / MANIFEST
     current: dict = {"model_id": model_id, "features": []}
     if path.is_file():
         current = json.loads(path.read_text(encoding="utf-8"))
     new = {f.key: f.to_json() for f in features}
-    kept = [e for e in current.get("features", []) if f"{e['name']}@{e['method']}" not in new]
+    kept = [e for e in current.get("features", [])
+            if f"{e['name']}@{e['method']}" not in new and e["method"] != replace_method]
     current["features"] = sorted(kept + list(new.values()), key=lambda e: (e["name"], e["method"]))
     current["model_id"] = model_id
     if extra:
