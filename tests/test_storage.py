@@ -37,7 +37,7 @@ def test_config_defaults_features_and_threads(tmp_path):
     db = sqlite3.connect(str(root / "morph.db"))
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     feats = json.loads(db.execute("SELECT features FROM runs").fetchone()[0])
-    assert feats == {"formal@diffmean": 0.15}
+    assert feats == {"formal@sae": 0.15}  # a bare name prefers the SAE feature
 
 
 def test_config_file_written_with_comments_and_bad_toml_warns(data_dir, capsys):

@@ -31,6 +31,7 @@ from morph.steering import diffmean as dm
 from morph.steering.vector import residual_relative
 
 SCALES = (0.1, 0.2, 0.3, 0.45, 0.6)
+LOW_SCALES = (0.0125, 0.025, 0.05)  # tried only when 0.1 already costs more than the budget
 PROBE_SCALE = 0.3
 N_CANDIDATES = 3
 N_RANK = 32  # training pairs whose activations rank the latents
@@ -167,8 +168,15 @@ def select_axis(engine, sae: SAE, layer: int, residual_norm: float, recipe, scor
             jobs.append((f"{p.name}@{a}", test if full_sweep else [], neutral, vec(p.unit, a)))
     swept = scorer.run(jobs)
     base_nll = swept["base"]["nll"]
+    # Some directions cost more than the whole budget even at the smallest scale (Gemma 3:
+    # a few huge residual dimensions set the median norm): try smaller scales for those.
+    low = {p.name for p in picks if min(swept[f"{p.name}@{a}"]["nll"] for a in SCALES) - base_nll > budget}
+    if low:
+        swept.update(scorer.run([(f"{p.name}@{a}", test if full_sweep else [], neutral, vec(p.unit, a))
+                                 for p in picks if p.name in low for a in LOW_SCALES]))
     for p in picks:
-        sweep = [{"scale": a, "extra_nll": round(swept[f"{p.name}@{a}"]["nll"] - base_nll, 4)} for a in SCALES]
+        grid = (LOW_SCALES if p.name in low else ()) + SCALES
+        sweep = [{"scale": a, "extra_nll": round(swept[f"{p.name}@{a}"]["nll"] - base_nll, 4)} for a in grid]
         if full_sweep:
             for row in sweep:
                 r = swept[f"{p.name}@{row['scale']}"]
