@@ -185,7 +185,16 @@ def test_prompt_shows_features_and_steering_is_scaled(rt):
     assert app.prompt_session.editing_mode == EditingMode.VI  # vi by default
 
 
-def test_ctrl_c_stops_the_reply_and_the_session_goes_on(rt):
+@pytest.fixture()
+def default_sigint():
+    """A harness started in the background (`cmd &`) inherits SIGINT ignored; a person's
+    Ctrl-C meets Python's default handler, so install it for the test."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
+def test_ctrl_c_stops_the_reply_and_the_session_goes_on(rt, default_sigint):
     def setup(app):
         def interrupt(piece):
             if len(app.session.transcript) == 0 and not fired:
