@@ -15,10 +15,14 @@ from pathlib import Path
 from typing import Iterator
 
 
-def _default_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
+def _mode_for(target: Path) -> int:
+    """The file's current mode; a new file gets the umask's (not mkstemp's 0600)."""
+    try:
+        return stat.S_IMODE(target.stat().st_mode)
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def atomic_write(path: str | os.PathLike, data: bytes, mode: int | None = None) -> Path:
@@ -28,10 +32,7 @@ def atomic_write(path: str | os.PathLike, data: bytes, mode: int | None = None) 
     """
     target = Path(os.path.realpath(path))
     if mode is None:
-        try:
-            mode = stat.S_IMODE(target.stat().st_mode)
-        except FileNotFoundError:
-            mode = _default_mode()
+        mode = _mode_for(target)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".morph-tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -62,10 +63,7 @@ def replacing(path: str | os.PathLike) -> Iterator[Path]:
     """For writers that need a file name (GGUFWriter, json.dump): yield a temp path in the
     same directory; on success it replaces `path`, on failure it is removed."""
     target = Path(path)
-    try:
-        mode = stat.S_IMODE(target.stat().st_mode)
-    except FileNotFoundError:
-        mode = _default_mode()  # not mkstemp's 0600: shipped vectors must be readable by all
+    mode = _mode_for(target)  # shipped vectors must be readable by all
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".morph-tmp")
     os.close(fd)
     try:

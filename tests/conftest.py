@@ -48,3 +48,28 @@ def _no_user_state(tmp_path_factory):
         os.environ.pop("MORPH_DATA_DIR", None)
     else:
         os.environ["MORPH_DATA_DIR"] = old
+
+
+@pytest.fixture(scope="session")
+def pole_shift_failures():
+    """check(engine, {name: Feature}) -> the features that, as real control vectors at their
+    default scale, do not raise their own pole's wording over the other pole's on the 8
+    held-out contrast pairs the build scored. Empty when every feature steers its way."""
+    from morph.steering import diffmean as dm
+
+    def check(engine, feats) -> list:
+        failures = []
+        for path in sorted(paths.recipes_dir().glob("*.json")):
+            r = dm.load_recipe(path)
+            test = dm.split_pairs(r)[1][:8]
+            base = dm.style_shift(engine, test, None)
+            for pole, sign in r.poles:
+                f = feats.get(pole["name"])
+                if f is not None:
+                    steered = dm.style_shift(engine, test, f.load_vector() * f.default_scale)
+                    if not sign * (steered - base) > 0:
+                        failures.append((f.name, round(base, 4), round(steered, 4)))
+        engine.set_steering(None)
+        return failures
+
+    return check

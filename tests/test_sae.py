@@ -119,25 +119,11 @@ def test_every_shipped_vector_validates(model_info):
         assert np.isclose(np.linalg.norm(cv.directions[f.layer]), f.residual_norm, rtol=1e-3)
 
 
-def test_named_features_shift_toward_their_pole(engine):
+def test_named_features_shift_toward_their_pole(engine, pole_shift_failures):
     """On held-out contrast pairs, each SAE feature at its default scale raises the
     log-prob of its own pole's wording relative to the other pole's (real control
     vectors through llama.cpp, not the build's callback path)."""
-    feats = {f.name: f for f in _sae_features()}
-    failures = []
-    for path in sorted(paths.recipes_dir().glob("*.json")):
-        r = dm.load_recipe(path)
-        _, test = dm.split_pairs(r)
-        test = test[:8]  # the held-out pairs the build scored (N_EVAL)
-        base = dm.style_shift(engine, test, None)
-        for pole, sign in r.poles:
-            f = feats.get(pole["name"])
-            if f is None:
-                continue
-            steered = dm.style_shift(engine, test, f.load_vector() * f.default_scale)
-            if not sign * (steered - base) > 0:
-                failures.append((f.name, base, steered))
-    engine.set_steering(None)
+    failures = pole_shift_failures(engine, {f.name: f for f in _sae_features()})
     assert not failures, failures
 
 
@@ -271,3 +257,21 @@ def _umask() -> int:
     m = os.umask(0)
     os.umask(m)
     return m
+
+
+def test_new_sae_manifest_drops_the_old_sae_vectors(tmp_path):
+    """Rewriting the `sae` entries removes vector files only the old entries named; the
+    diffmean entries and their files stay."""
+    from morph.steering.catalog import Feature, write_entries
+
+    def feat(name, method, file):
+        (tmp_path / file).write_bytes(b"x")
+        return Feature(name=name, description=name, method=method, file=file, layer=16, default_scale=0.2)
+
+    write_entries(tmp_path, [feat("formal", "diffmean", "formal.diffmean.gguf"), feat("vivid", "sae", "vivid.gguf"),
+                             feat("formal", "sae", "formal.gguf")], "m")
+    write_entries(tmp_path, [feat("formal", "sae", "formal.gguf")], "m", replace_method="sae")
+    man = json.loads((tmp_path / "features.json").read_text())
+    assert sorted((e["name"], e["method"]) for e in man["features"]) == [("formal", "diffmean"), ("formal", "sae")]
+    assert not (tmp_path / "vivid.gguf").exists()
+    assert (tmp_path / "formal.gguf").exists() and (tmp_path / "formal.diffmean.gguf").exists()

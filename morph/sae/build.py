@@ -197,10 +197,6 @@ def build(info: ModelInfo, cfg: BuildConfig, out_dir: Path | None = None,
                     "width": sae.width, "k": sae.k, "fvu": sae.meta["fvu"], "l0": sae.meta["l0"],
                     "dead_share": round(dead, 5), "train_tokens": sae.meta["train_tokens"],
                     "residual_norm": round(residual_norm, 4)}
-        for stale in out_dir.glob("*.gguf"):  # vectors of an earlier SAE in this directory
-            if stale.name != sae_name and not stale.name.endswith(".diffmean.gguf") and \
-                    stale.name not in {f.file for f in feats} and _is_sae_vector(stale):
-                stale.unlink()
         write_entries(out_dir, feats, info.model_id, extra={"sae": sae_info}, replace_method="sae")
         timings["total_s"] = round(time.perf_counter() - t_all, 1)
         report = {
@@ -219,15 +215,6 @@ def build(info: ModelInfo, cfg: BuildConfig, out_dir: Path | None = None,
         return report
     finally:
         engine.close()
-
-
-def _is_sae_vector(path: Path) -> bool:
-    from morph.steering.vector import ControlVector
-
-    try:
-        return ControlVector.load(path).meta.get("method") == "sae"
-    except MorphError:
-        return False
 
 
 def _cached_corpus(path: Path | None, layer: int, ccfg, info: ModelInfo):

@@ -80,8 +80,8 @@ def _read_manifest(directory: Path, source: str) -> list[Feature]:
 def write_entries(directory: Path, features: Iterable[Feature], model_id: str, extra: dict | None = None,
                   replace_method: str | None = None) -> Path:
     """Merge `features` into directory/features.json (same name+method replaced), atomically.
-    replace_method: drop every existing entry of that method first (a new SAE makes the old
-    SAE's features meaningless)."""
+    replace_method: drop every existing entry of that method first, and the vector files
+    only they named (a new SAE makes the old SAE's features meaningless)."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / MANIFEST
     current: dict = {"model_id": model_id, "features": []}
@@ -90,11 +90,14 @@ def write_entries(directory: Path, features: Iterable[Feature], model_id: str, e
     new = {f.key: f.to_json() for f in features}
     kept = [e for e in current.get("features", [])
             if f"{e['name']}@{e['method']}" not in new and e["method"] != replace_method]
+    dropped = {e["file"] for e in current.get("features", []) if e["method"] == replace_method}
     current["features"] = sorted(kept + list(new.values()), key=lambda e: (e["name"], e["method"]))
     current["model_id"] = model_id
     if extra:
         current.update(extra)
     fsutil.atomic_write(path, (json.dumps(current, indent=2) + "\n").encode("utf-8"))
+    for name in dropped - {e["file"] for e in current["features"]}:
+        (directory / name).unlink(missing_ok=True)
     return path
 
 
