@@ -29,6 +29,9 @@ DEFAULT_TOML = """\
 [features]
 # formal = 0.3
 
+[gpu]
+# tensor_parallel_size = 1   # GPUs per model for --gpu (vLLM tensor parallelism)
+
 [editor]
 # keys = "vi"          # or "emacs"
 # debounce_ms = 250    # pause before a suggestion starts
@@ -45,6 +48,7 @@ class Config:
     editor_keys: str = "vi"
     debounce_ms: int = 250
     suggestion_tokens: int = 32
+    tensor_parallel_size: int = 1
 
 
 def load_config(create: bool = True) -> Config:
@@ -75,6 +79,11 @@ def load_config(create: bool = True) -> Config:
                 cfg.features[name] = float(val)
             elif val == "default":
                 cfg.features[name] = None
+    gpu = raw.get("gpu")
+    if isinstance(gpu, dict):
+        tp = gpu.get("tensor_parallel_size")
+        if isinstance(tp, int) and not isinstance(tp, bool) and tp >= 1:
+            cfg.tensor_parallel_size = tp
     ed = raw.get("editor")
     if isinstance(ed, dict):
         if ed.get("keys") in ("vi", "emacs"):

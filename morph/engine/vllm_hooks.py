@@ -1,0 +1,178 @@
+"""Steering and capture hooks on decoder layers, at torch level (no vLLM import here).
+
+llama.cpp's control vector adds `direction.N` to the output of block N (after its residual
+add, `l_out-N`), at every position. Here a forward hook on decoder layer N adds the same
+row. A vLLM decoder layer returns `(hidden, residual)` whose sum is the residual stream
+after the block, so adding to `hidden` is the same as adding to the sum; a Hugging Face
+layer returns the stream itself (a tensor, or a tuple whose first item is it).
+
+Per-request steering in one batch: the batch is a flat run of tokens from several
+requests. `SteerTable` holds one row of directions per registered vector (row 0 is all
+zeros = unsteered) and a per-token row index `token_rows`, filled before every forward
+pass from the batch's token -> request map. The hook gathers `table[token_rows, layer]`
+and adds it. Both tensors are persistent and updated in place, so the hooks can be
+installed before torch.compile / CUDA-graph capture and stay valid after it.
+
+This module is also what `bench/gpu_check.py` runs on a plain transformers model, so it
+must not import vLLM.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+
+def stream_of(output) -> torch.Tensor:
+    """The residual stream after a layer, from whatever the layer returned."""
+    if isinstance(output, tuple):
+        h = output[0]
+        if len(output) > 1 and isinstance(output[1], torch.Tensor) and output[1].shape == h.shape:
+            return h + output[1]  # vLLM: (hidden, residual)
+        return h
+    return output
+
+
+class SteerTable:
+    """Rows of steering directions and the per-token row map, on the model's device."""
+
+    def __init__(self, n_layer: int, hidden: int, n_rows: int, max_tokens: int,
+                 dtype: torch.dtype, device: torch.device | str, gate: bool = True):
+        self.n_layer = n_layer
+        self.hidden = hidden
+        self.table = torch.zeros(n_rows, n_layer, hidden, dtype=dtype, device=device)
+        self.token_rows = torch.zeros(max_tokens, dtype=torch.long, device=device)
+        # Eager only: skip the gather when no token of the batch is steered. Under
+        # torch.compile the hook must not branch on Python state, so `gate` is False there.
+        self.gate = gate
+        self.active = False
+        self._rows: OrderedDict[str, int] = OrderedDict()  # key -> row, least recent first
+        self._filled = 0  # token_rows[:_filled] may be non-zero
+        self.handles: list = []
+
+    # --- vectors ------------------------------------------------------------------------
+
+    def row_for(self, key: str) -> int | None:
+        row = self._rows.get(key)
+        if row is not None:
+            self._rows.move_to_end(key)
+        return row
+
+    def register(self, key: str, dense: np.ndarray, in_use: Callable[[], set[int]] = set) -> int:
+        """Put a (n_layer, hidden) array in a row (reusing the least recent free row)."""
+        row = self.row_for(key)
+        if row is not None:
+            return row
+        if dense.shape != (self.n_layer, self.hidden):
+            raise ValueError(f"steering array has shape {dense.shape}, expected {(self.n_layer, self.hidden)}")
+        n_rows = self.table.shape[0]
+        used = set(self._rows.values())
+        free = [r for r in range(1, n_rows) if r not in used]
+        if free:
+            row = free[0]
+        else:
+            busy = in_use()
+            for k, r in self._rows.items():  # least recent first
+                if r not in busy:
+                    del self._rows[k]
+                    row = r
+                    break
+            else:
+                raise RuntimeError(f"all {n_rows - 1} steering rows are in use")
+        self.table[row].copy_(torch.from_numpy(np.array(dense, dtype=np.float32)).to(self.table.dtype))
+        self._rows[key] = row
+        return row
+
+    # --- the token -> row map -----------------------------------------------------------
+
+    def set_token_rows(self, rows: np.ndarray | None) -> None:
+        """Rows for the tokens of the next forward pass (None or all zero: unsteered)."""
+        n = 0 if rows is None else len(rows)
+        if n > self.token_rows.shape[0]:
+            raise ValueError(f"{n} tokens exceed the steering map's {self.token_rows.shape[0]}")
+        self.active = bool(n and rows.any())
+        if self.active:
+            self.token_rows[:n].copy_(torch.from_numpy(rows.astype(np.int64)), non_blocking=True)
+            if self._filled > n:
+                self.token_rows[n:self._filled].zero_()
+            self._filled = n
+        elif self._filled:
+            self.token_rows[: self._filled].zero_()
+            self._filled = 0
+
+    # --- hooks --------------------------------------------------------------------------
+
+    def hook(self, layer: int):
+        table, token_rows = self.table, self.token_rows
+
+        def add_steering(module, args, output):
+            if self.gate and not self.active:
+                return None
+            h = output[0] if isinstance(output, tuple) else output
+            flat = h.reshape(-1, h.shape[-1])
+            delta = table[:, layer].index_select(0, token_rows[: flat.shape[0]])
+            h2 = (flat + delta.to(h.dtype)).view_as(h)
+            return (h2, *output[1:]) if isinstance(output, tuple) else h2
+
+        return add_steering
+
+    def install(self, layers: Sequence[torch.nn.Module]) -> None:
+        """Hook every decoder layer but the first (llama.cpp never steers block 0)."""
+        self.remove()
+        for i, layer in enumerate(layers):
+            if 1 <= i < self.n_layer:
+                self.handles.append(layer.register_forward_hook(self.hook(i)))
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+def dense(directions: dict[int, np.ndarray], n_layer: int, hidden: int) -> np.ndarray:
+    """{block: vector} -> (n_layer, hidden) float32, row N for block N (row 0 stays zero)."""
+    out = np.zeros((n_layer, hidden), np.float32)
+    for il, v in directions.items():
+        out[il] = v
+    return out
+
+
+class Capture:
+    """Copies the residual stream (or the final hidden state) of chosen tokens to the host.
+
+    `spans` lists, for the next forward pass, (tag, start, end, first_position) of the
+    tokens to keep; rows are stored per tag and joined in position order by `take`.
+    """
+
+    def __init__(self):
+        self.spans: list[tuple[str, int, int, int]] = []
+        self.layer_of: dict[str, object] = {}  # tag -> layer index or "final"
+        self.rows: dict[str, list[tuple[int, torch.Tensor]]] = {}
+        self.handles: dict[object, object] = {}
+
+    def hook(self, where):
+        def keep(module, args, output):
+            for tag, start, end, pos in self.spans:
+                if self.layer_of.get(tag) == where:
+                    # "final" hooks the final norm: its output (first item) is the hidden state
+                    h = (output[0] if isinstance(output, tuple) else output) if where == "final" else stream_of(output)
+                    h = h.reshape(-1, h.shape[-1])
+                    self.rows.setdefault(tag, []).append((pos, h[start:end].detach().float().cpu()))
+            return None
+
+        return keep
+
+    def ensure(self, where, module: torch.nn.Module) -> None:
+        if where not in self.handles:
+            self.handles[where] = module.register_forward_hook(self.hook(where))
+
+    def take(self, tag: str) -> torch.Tensor | None:
+        parts = self.rows.pop(tag, None)
+        self.layer_of.pop(tag, None)
+        if not parts:
+            return None
+        parts.sort(key=lambda p: p[0])
+        return torch.cat([t for _, t in parts])
