@@ -82,6 +82,7 @@ class WorkerState:
         self.compiled = compiled
         self.capture = Capture()
         self.specs: dict[str, tuple] = {}  # req_id -> (row, apply, prompt_len, capture tag)
+        self.mixed_batches = 0  # forward passes whose tokens carried two or more vectors
 
     def _in_use(self, runner) -> set[int]:
         return {s[0] for rid, s in self.specs.items() if rid in runner.requests and s[0]}
@@ -150,6 +151,8 @@ class WorkerState:
                     rows[first:e] = row
             if tag is not None:
                 spans.append((tag, s, e, p0))
+        if rows is not None and len(set(np.unique(rows).tolist()) - {0}) > 1:
+            self.mixed_batches += 1
         self.table.set_token_rows(rows)
         self.capture.spans = spans
         if len(self.specs) > 2 * len(runner.requests) + 16:
@@ -230,7 +233,8 @@ def rpc_info(worker) -> dict:
     if st is None:
         return {"hooked": False}
     return {"hooked": True, "n_layer": st.n_layer, "hidden": st.hidden, "compiled": st.compiled,
-            "hooks": len(st.table.handles), "rows": int(st.table.table.shape[0])}
+            "hooks": len(st.table.handles), "rows": int(st.table.table.shape[0]),
+            "mixed_batches": st.mixed_batches}
 
 
 def rpc_take(worker, tag: str, logits_rows: tuple[int, int] | None = None):

@@ -13,7 +13,8 @@ PROMPT = "The old lighthouse keeper climbed the stairs and"
 
 
 def greedy(prompt=PROMPT, n=16, **kw):
-    return Request(prompt=prompt, max_tokens=n, temperature=0.0, repeat_penalty=1.0, **kw)
+    kw.setdefault("repeat_penalty", 1.0)
+    return Request(prompt=prompt, max_tokens=n, temperature=0.0, **kw)
 
 
 def test_converted_folder_greedy_equals_transformers(vengine, hf_folder):
