@@ -26,6 +26,7 @@ from morph.errors import MorphError
 from morph.models import ModelFile, ModelInfo, model_id_for
 
 MARKER = "morph-convert.json"  # written last inside the temp folder: provenance of the conversion
+FORMAT = 2  # bump when a conversion made by an older morph must be redone
 _INSTALL = "the GPU engine needs vLLM (and transformers): pip install 'morph[gpu]'"
 
 
@@ -89,7 +90,7 @@ def _source_key(info: ModelInfo) -> dict:
 def is_converted(info: ModelInfo) -> bool:
     d = converted_dir(info)
     m = _read_marker(d)
-    return bool(m) and m.get("size") == info.file.path.stat().st_size
+    return bool(m) and m.get("size") == info.file.path.stat().st_size and m.get("format") == FORMAT
 
 
 @contextlib.contextmanager
@@ -166,6 +167,7 @@ def _write_folder(info: ModelInfo, tmp: Path, log, torch) -> None:
         tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=src_name)
     except (ValueError, KeyError, RuntimeError, OSError) as e:
         raise MorphError(f"{src_name}: transformers cannot convert this GGUF ({_short(e)})") from None
+    _bos_eos_like_llama_cpp(tokenizer, gguf)
     log("[2/3] building a plain model without the GGUF quantization config")
     config = loaded.config
     if hasattr(config, "quantization_config"):
@@ -186,10 +188,23 @@ def _write_folder(info: ModelInfo, tmp: Path, log, torch) -> None:
     tmp.mkdir(parents=True)
     plain.save_pretrained(str(tmp), safe_serialization=True)
     tokenizer.save_pretrained(str(tmp))
-    meta = dict(_source_key(info), model_id=info.model_id, fingerprint=info.fingerprint,
+    meta = dict(_source_key(info), format=FORMAT, model_id=info.model_id, fingerprint=info.fingerprint,
                 transformers=__import__("transformers").__version__)
     # The marker goes last: a folder holding it is complete.
     (tmp / MARKER).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+
+def _bos_eos_like_llama_cpp(tokenizer, gguf: Path) -> None:
+    """llama.cpp adds BOS when the GGUF says `tokenizer.ggml.add_bos_token` (Gemma does;
+    SmolLM2 does not). transformers' GGUF tokenizer drops that flag, and Gemma without its
+    BOS writes garbage: carry it over so both engines see the same token ids."""
+    from morph.models import read_gguf_header
+
+    kv, _ = read_gguf_header(gguf)
+    for flag in ("add_bos_token", "add_eos_token"):
+        val = kv.get(f"tokenizer.ggml.{flag}")
+        if isinstance(val, bool) and hasattr(tokenizer, flag):
+            setattr(tokenizer, flag, val)
 
 
 def _is_tied(key: str, config) -> bool:

@@ -35,7 +35,7 @@ def _vllm_env(verbose: bool) -> None:
     # In-process engine core (no child process): hooks, RPCs and queues stay in this process.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     if not verbose:
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
 
 
 class _Driver(threading.Thread):
@@ -417,6 +417,14 @@ class VllmEngine:
             raise MorphError("empty prompt")
         (tag,) = self._capture_runs([tokens], "final", steering)
         return self._take(tag, (len(tokens) - 1, len(tokens)))[0]
+
+    def logits_batch(self, texts: Sequence[str], steering: ControlVector | None = None) -> np.ndarray:
+        """Next-token logits after each text (one batch through vLLM): (len(texts), n_vocab)."""
+        toks = [self.tokenize(t) for t in texts]
+        if not all(toks):
+            raise MorphError("empty prompt")
+        tags = self._capture_runs(toks, "final", steering)
+        return np.stack([self._take(tag, (len(t) - 1, len(t)))[0] for tag, t in zip(tags, toks)])
 
     def continuation_logprobs(self, prompt: str, continuation: str, steering: ControlVector | None = None) -> np.ndarray:
         """Log-probability of each token of `continuation` after `prompt`, under `steering`."""

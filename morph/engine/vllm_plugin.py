@@ -237,6 +237,16 @@ def rpc_info(worker) -> dict:
             "mixed_batches": st.mixed_batches}
 
 
+def rpc_set_hooks(worker, on: bool) -> int:
+    """Install or remove the steering hooks (eager engines; bench/vllm.py's "no hooks")."""
+    st = worker.model_runner._morph
+    if on:
+        st.table.install(st.layers)
+    else:
+        st.table.remove()
+    return len(st.table.handles)
+
+
 def rpc_take(worker, tag: str, logits_rows: tuple[int, int] | None = None):
     """Captured rows for `tag` (and forget them); with `logits_rows`, the logits of those
     rows of the final hidden state instead."""
