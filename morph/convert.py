@@ -4,7 +4,7 @@ vLLM cannot load our GGUF files on CPU (FACTS), so a model is converted once: tr
 reads the GGUF (dequantising every tensor), the weights go into a plain model built from the
 same config without the GGUF quantization config, and `save_pretrained` writes safetensors
 with the tokenizer (chat template included). The folder lives under the data dir,
-`hf/<model-id>-<size>/`, and is written into a temp folder renamed into place at the end:
+`hf/<model-id>/`, and is written into a temp folder renamed into place at the end:
 an interrupted conversion leaves nothing that looks finished. A user's own Hugging Face
 folder (`--model DIR` with a config.json) is used as is.
 """
@@ -54,8 +54,7 @@ def hf_info(path: Path) -> ModelInfo:
             has_template = bool(json.loads(tok_cfg.read_text(encoding="utf-8")).get("chat_template"))
         except (OSError, ValueError):
             pass
-    marker = _read_marker(path)
-    name = marker.get("model_id") or model_id_for(path)
+    name = model_id_for(path)
     return ModelInfo(
         file=ModelFile(name, path, "hf"),
         arch=str(cfg.get("model_type", "")),
@@ -76,10 +75,10 @@ def _read_marker(folder: Path) -> dict:
 
 
 def converted_dir(info: ModelInfo) -> Path:
-    """Where the converted folder of a GGUF model lives (size in the name: another file of
-    the same name converts apart)."""
-    size = info.file.path.stat().st_size if info.file.path.is_file() else (info.file.expected_size or 0)
-    return paths.data_dir() / "hf" / f"{info.model_id}-{size}"
+    """Where the converted folder of a GGUF model lives: `hf/<model-id>`, so that the folder
+    names the same model id (and vectors) as its GGUF, also for a plain `vllm serve`. Its
+    marker records the source's size: another GGUF of that id converts again, replacing it."""
+    return paths.data_dir() / "hf" / info.model_id
 
 
 def _source_key(info: ModelInfo) -> dict:

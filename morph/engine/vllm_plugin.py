@@ -15,8 +15,9 @@ it too before it builds its in-process engine. It patches, idempotently:
   steering.
 
 A request carries its steering in `SamplingParams.extra_args["morph"]`:
-`{"key": str, "vector": bytes (float32, n_layer x hidden, row N = block N), "apply":
-"all" | "generated", "capture": {"tag": str, "layer": int | "final"}}` (all optional).
+`{"key": str, "vector": bytes (float32, n_layer x hidden, row N = block N), "apply": str,
+"prompt_factor": float (share of the vector on prompt tokens: "all" 1, "generated" 0),
+"capture": {"tag": str, "layer": int | "final"}}` (all optional).
 
 Tensor parallelism: at a decoder layer's boundary the hidden state and the residual are
 whole (RowParallelLinear all-reduces), replicated on every rank, so every rank adds the
@@ -81,28 +82,37 @@ class WorkerState:
         self.table.install(self.layers)
         self.compiled = compiled
         self.capture = Capture()
-        self.specs: dict[str, tuple] = {}  # req_id -> (row, apply, prompt_len, capture tag)
+        self.specs: dict[str, tuple] = {}  # req_id -> (prompt row, generated row, prompt_len, capture tag)
         self.mixed_batches = 0  # forward passes whose tokens carried two or more vectors
 
     def _in_use(self, runner) -> set[int]:
-        return {s[0] for rid, s in self.specs.items() if rid in runner.requests and s[0]}
+        return {r for rid, s in self.specs.items() if rid in runner.requests for r in s[:2] if r}
+
+    def _row(self, runner, key: str, raw, factor: float) -> int:
+        k = key if factor == 1.0 else f"{key}@{factor!r}"
+        row = self.table.row_for(k)
+        if row is None:
+            if raw is None:
+                raise RuntimeError(f"morph steering {key} arrived without its vector")
+            arr = np.frombuffer(bytes(raw), dtype=np.float32).reshape(self.n_layer, self.hidden)
+            row = self.table.register(k, arr * np.float32(factor), lambda: self._in_use(runner))
+        return row
 
     def _resolve(self, runner, rid: str) -> tuple:
+        """-> (row for prompt tokens, row for generated tokens, prompt length, capture tag)."""
         state = runner.requests.get(rid)
         sp = getattr(state, "sampling_params", None)
         m = (sp.extra_args or {}).get(EXTRA_KEY) if sp is not None else None
         if not m:
-            return (0, "all", 0, None)
-        row = 0
+            return (0, 0, 0, None)
+        row_p = row_g = 0
         key = m.get("key")
         if key:
-            row = self.table.row_for(key)
-            if row is None:
-                raw = m.get("vector")
-                if raw is None:
-                    raise RuntimeError(f"morph steering {key} arrived without its vector")
-                arr = np.frombuffer(bytes(raw), dtype=np.float32).reshape(self.n_layer, self.hidden)
-                row = self.table.register(key, arr, lambda: self._in_use(runner))
+            # Where the vector applies: prompt tokens get prompt_factor x the vector
+            # ("all" 1, "generated" 0, "prompt-scaled:F" F), generated tokens all of it.
+            pf = float(m.get("prompt_factor", 1.0))
+            row_g = self._row(runner, key, m.get("vector"), 1.0)
+            row_p = row_g if pf == 1.0 else (0 if pf == 0.0 else self._row(runner, key, m.get("vector"), pf))
         tag = None
         cap = m.get("capture")
         if cap:
@@ -118,8 +128,9 @@ class WorkerState:
                 where = int(where)
                 self.capture.ensure(where, self.layers[where])
             self.capture.layer_of[tag] = where
-        prompt_len = len(state.prompt_token_ids or ())
-        return (row, str(m.get("apply", "all")), prompt_len, tag)
+        # "split": where "generated" starts when scoring a given continuation (default: the prompt's end)
+        prompt_len = int(m.get("split", len(state.prompt_token_ids or ())))
+        return (row_p, row_g, prompt_len, tag)
 
     def before_forward(self, runner) -> None:
         ib = runner.input_batch
@@ -136,19 +147,19 @@ class WorkerState:
             spec = self.specs.get(rid)
             if spec is None:
                 spec = self.specs[rid] = self._resolve(runner, rid)
-            row, apply, prompt_len, tag = spec
-            if not row and tag is None:
+            row_p, row_g, prompt_len, tag = spec
+            if not row_g and tag is None:
                 continue
             s, e = int(qsl[i]), int(qsl[i + 1])
             p0 = int(ib.num_computed_tokens_cpu[i])
-            if row:
+            if row_g:
                 if rows is None:
                     rows = np.zeros(total, np.int64)
-                # "generated": the prompt stays unsteered; tokens from position prompt_len on
-                # (the first sampled token onwards) get the vector.
-                first = s if apply == "all" else max(s, s + prompt_len - p0)
-                if first < e:
-                    rows[first:e] = row
+                # Tokens at positions >= prompt_len (the first sampled token onwards) are
+                # generated ones; the first is sampled from the prompt's last logits.
+                split = min(e, max(s, s + prompt_len - p0))
+                rows[s:split] = row_p
+                rows[split:e] = row_g
             if tag is not None:
                 spans.append((tag, s, e, p0))
         if rows is not None and len(set(np.unique(rows).tolist()) - {0}) > 1:
@@ -354,9 +365,13 @@ def api_steering(body) -> dict | None:
     unknown = set(body) - {"features", "apply", "mode"}
     if unknown:
         raise ValueError(f"unknown 'steering' field(s): {', '.join(sorted(unknown))}")
+    from morph.engine.vllm import prompt_factor
+
     apply = body.get("apply", "all")
-    if apply not in ("all", "generated"):
-        raise ValueError(f"steering.apply must be 'all' or 'generated', not {apply!r}")
+    try:
+        pf = prompt_factor(apply)
+    except MorphError as e:
+        raise ValueError(f"steering.apply: {e}") from None
     if body.get("mode", "residual") != "residual":
         raise ValueError("this server steers the residual stream only (steering.mode 'logits' is morph serve's)")
     feats = body.get("features") or {}
@@ -372,7 +387,7 @@ def api_steering(body) -> dict | None:
     if vector is None:
         return {"apply": apply}
     arr = _dense(vector, n_layer, hidden)
-    return {"key": vector_key(arr), "vector": arr.tobytes(), "apply": apply}
+    return {"key": vector_key(arr), "vector": arr.tobytes(), "apply": apply, "prompt_factor": pf}
 
 
 def _resolve_features(feats: dict):
@@ -390,16 +405,12 @@ def _resolve_features(feats: dict):
         _catalogs[model] = (info, Catalog(info.model_id))
     info, catalog = _catalogs[model]
     requests = {k: (None if v == "default" else v) for k, v in feats.items() if v != "off"}
-    try:
-        from morph.steering import profile  # the shared resolver (issue 9.1), where present
+    if not requests:
+        return info.n_layer, info.n_embd, None
+    from morph.steering import profile
 
-        steering = profile.resolve(catalog, info, requests)
-        return info.n_layer, info.n_embd, steering.vector
-    except ImportError:
-        cv = catalog.vector(requests) if requests else None
-        if cv is not None:
-            cv.validate(info.n_embd, info.n_layer)
-        return info.n_layer, info.n_embd, cv
+    steering = profile.resolve(catalog, info, requests)
+    return info.n_layer, info.n_embd, steering.vector
 
 
 def _dense(cv, n_layer: int, hidden: int) -> np.ndarray:

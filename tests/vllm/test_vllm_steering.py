@@ -16,11 +16,8 @@ from morph.steering.vector import ControlVector
 PROMPT = "The old lighthouse keeper climbed the stairs and"
 
 
-def greedy(prompt=PROMPT, n=16, apply=None, **kw):
-    r = Request(prompt=prompt, max_tokens=n, temperature=0.0, repeat_penalty=1.0, **kw)
-    if apply is not None:
-        r.apply = apply  # Request.apply (issue 9.2); set as an attribute until base.py has it
-    return r
+def greedy(prompt=PROMPT, n=16, **kw):
+    return Request(prompt=prompt, max_tokens=n, temperature=0.0, repeat_penalty=1.0, **kw)
 
 
 def text(eng, **kw):
@@ -73,6 +70,21 @@ def test_generated_only_keeps_the_prompt_unsteered(vengine, formal):
     every = collect(vengine.stream(greedy(n=16, steering=formal))).token_ids
     assert gen[0] == plain[0]  # sampled from the unsteered prompt's logits
     assert gen != plain and gen != every
+    # prompt-scaled:F puts F x the vector on the prompt: F=0 is "generated", F=1 is "all".
+    for f, want in (("0", gen), ("1", every)):
+        r = greedy(n=16, steering=formal)
+        r.apply = f"prompt-scaled:{f}"  # the engine helper's third mode (issue 10.2c)
+        assert collect(vengine.stream(r)).token_ids == want
+    half = greedy(n=16, steering=formal)
+    half.apply = "prompt-scaled:0.5"
+    assert collect(vengine.stream(half)).token_ids not in (plain,)
+    # Scoring a continuation as if generated: unsteered prompt, steered continuation.
+    cont = " descended into the dark."
+    lp_gen = vengine.continuation_logprobs(PROMPT, cont, formal, apply="generated")
+    lp_all = vengine.continuation_logprobs(PROMPT, cont, formal)
+    lp_none = vengine.continuation_logprobs(PROMPT, cont)
+    assert lp_gen[0] == lp_none[0] or abs(lp_gen[0] - lp_none[0]) < 1e-4  # first token: prompt logits
+    assert abs(lp_gen[1:] - lp_none[1:]).max() > 1e-3 and abs(lp_gen - lp_all).max() > 1e-3
 
 
 def test_prefix_cache_never_mixes_steering(vengine, formal):
