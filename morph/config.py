@@ -47,6 +47,7 @@ DEFAULT_TOML = """\
 
 [gpu]
 # tensor_parallel_size = 1   # GPUs per model for --gpu (vLLM tensor parallelism)
+# compile = false            # torch.compile + CUDA graphs: faster decoding, slower start, no capture
 
 [editor]
 # keys = "vi"          # or "emacs"
@@ -67,6 +68,7 @@ class Config:
     debounce_ms: int = 250
     suggestion_tokens: int = 32
     tensor_parallel_size: int = 1
+    gpu_compile: bool = False
 
 
 def load_config(create: bool = True) -> Config:
@@ -102,6 +104,8 @@ def load_config(create: bool = True) -> Config:
         tp = gpu.get("tensor_parallel_size")
         if isinstance(tp, int) and not isinstance(tp, bool) and tp >= 1:
             cfg.tensor_parallel_size = tp
+        if isinstance(gpu.get("compile"), bool):
+            cfg.gpu_compile = gpu["compile"]
     _load_generation(raw, cfg, path)
     ed = raw.get("editor")
     if isinstance(ed, dict):

@@ -49,5 +49,6 @@ def open_runtime(model: str | None = None, gpu: bool = False, n_ctx: int | None 
     cfg = load_config()
     info = model_info(model or cfg.model, gpu)
     engine = load_engine(info, gpu=gpu, n_ctx=n_ctx or cfg.n_ctx, threads=cfg.threads,
-                         tensor_parallel_size=tensor_parallel_size or cfg.tensor_parallel_size)
+                         tensor_parallel_size=tensor_parallel_size or cfg.tensor_parallel_size,
+                         compile=cfg.gpu_compile)
     return Runtime(cfg, info, engine, Catalog(info.model_id))

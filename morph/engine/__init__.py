@@ -10,13 +10,13 @@ __all__ = ["Engine", "Event", "Request", "Timings", "Completion", "collect", "lo
 
 
 def load_engine(info: ModelInfo, gpu: bool = False, n_ctx: int = 4096, threads: int | None = None,
-                tensor_parallel_size: int = 1) -> Engine:
+                tensor_parallel_size: int = 1, compile: bool = False) -> Engine:
     if gpu:
         try:
             from morph.engine.vllm import VllmEngine
         except ImportError as e:
             raise MorphError(f"--gpu needs vLLM: pip install 'morph[gpu]' ({e})") from None
-        return VllmEngine(info, n_ctx=n_ctx, tensor_parallel_size=tensor_parallel_size)
+        return VllmEngine(info, n_ctx=n_ctx, tensor_parallel_size=tensor_parallel_size, enforce_eager=not compile)
     from morph.engine.llama import LlamaEngine
 
     return LlamaEngine(info, n_ctx=n_ctx, threads=threads)

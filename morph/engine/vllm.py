@@ -12,6 +12,7 @@ queue. `stream()` may be called from several threads at once; their requests are
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import queue
@@ -131,6 +132,18 @@ class _Driver(threading.Thread):
             for q in self.outs.values():
                 q.put(e)
             self.outs.clear()
+
+
+@contextlib.contextmanager
+def _edit_registered(fn):
+    from morph.engine.vllm_plugin import EDITS
+
+    eid = uuid.uuid4().hex
+    EDITS[eid] = fn
+    try:
+        yield eid
+    finally:
+        EDITS.pop(eid, None)
 
 
 class VllmEngine:
@@ -397,40 +410,84 @@ class VllmEngine:
 
     # --- scoring and capture (a "capture" request: prompt only, hooks keep its rows) -------
 
-    def _capture_runs(self, token_lists: list[list[int]], where, steering: ControlVector | None = None,
-                      apply: str = "all", split: int | None = None) -> list[str]:
-        """Run prompts (batched) with capture at `where` (a block index or "final"); returns tags."""
+    def _submit(self, jobs: list[dict]) -> list[list[str]]:
+        """Run prompt-only requests (batched) whose rows the worker captures or edits.
+
+        A job: {"tokens", "captures": [(where, edit_id or None)], "steering", "apply",
+        "split", "reuse" (read the prefix cache: only the rows it computes are captured),
+        "private" (a cache salt of its own: edited KV is never reused)}. Returns the tags.
+        """
         from vllm import SamplingParams
 
         if not self.enforce_eager:
             raise MorphError("activation capture needs the eager GPU engine ([gpu] compile = false)")
-        steer = self._steer_args(steering, apply) or {}
-        tags, runs = [], []
-        for toks in token_lists:
+        runs, tags_all = [], []
+        for job in jobs:
+            toks = job["tokens"]
             if len(toks) + 1 > self.n_ctx:
                 raise MorphError(f"text of {len(toks)} tokens exceeds the context of {self.n_ctx}")
-            tag = uuid.uuid4().hex
-            morph = dict(steer, capture={"tag": tag, "layer": where})
-            if split is not None:
-                morph["split"] = int(split)
+            tags, caps = [], []
+            for where, edit_id in job["captures"]:
+                tag = uuid.uuid4().hex
+                tags.append(tag)
+                caps.append({"tag": tag, "layer": where, **({"edit": edit_id} if edit_id else {})})
+            morph = dict(self._steer_args(job.get("steering"), job.get("apply", "all")) or {}, captures=caps)
+            if job.get("split") is not None:
+                morph["split"] = int(job["split"])
+            if job.get("private"):
+                morph["salt"] = uuid.uuid4().hex
             params = SamplingParams(max_tokens=1, temperature=0.0, extra_args={"morph": morph},
-                                    skip_reading_prefix_cache=True)
-            tags.append(tag)
+                                    skip_reading_prefix_cache=not job.get("reuse", False))
+            tags_all.append(tags)
             runs.append(self._run(toks, params))
         for r in runs:  # all submitted before any is read: vLLM batches them
             for item in r:
                 if item == "cancelled":
                     raise MorphError("capture was cancelled")
-        return tags
+        return tags_all
 
-    def _take(self, tag: str, logits_rows=None) -> np.ndarray:
+    def _capture_runs(self, token_lists: list[list[int]], where, steering: ControlVector | None = None,
+                      apply: str = "all", split: int | None = None) -> list[str]:
+        jobs = [{"tokens": t, "captures": [(where, None)], "steering": steering, "apply": apply, "split": split}
+                for t in token_lists]
+        return [tags[0] for tags in self._submit(jobs)]
+
+    def _take(self, tag: str, logits_rows=None, missing_ok: bool = False) -> np.ndarray | None:
         from morph.engine.vllm_plugin import rpc_take
 
         res = self._driver.call(lambda eng: eng.collective_rpc(rpc_take, args=(tag, logits_rows)))
         arr = res[0] if isinstance(res, list) else res
-        if arr is None:
+        if arr is None and not missing_ok:
             raise MorphError("vLLM returned no captured activations")
         return arr
+
+    def logits_with_edit(self, text: str, layer: int, edit) -> np.ndarray:
+        """Next-token logits after `text` (unsteered) with block `layer`'s output replaced by
+        `edit(acts)` (acts: (n_tokens, n_embd); None keeps them). The edit must be row-local
+        (each row's replacement depends on that row only): a long prompt arrives in chunks."""
+        tokens = self.tokenize(text)
+        if not tokens:
+            raise MorphError("empty prompt")
+        if not 0 <= layer < self._n_layer:
+            raise MorphError(f"layer {layer} is outside 0..{self._n_layer - 1}")
+        n = len(tokens)
+
+        def rows_edit(_layer, positions, rows):
+            full = np.zeros((n, self._n_embd), np.float32)
+            full[positions] = rows
+            got = edit(full)
+            return None if got is None else np.asarray(got, np.float32)[positions]
+
+        with _edit_registered(rows_edit) as eid:
+            (tags,) = self._submit([{"tokens": tokens, "captures": [(int(layer), eid), ("final", None)],
+                                     "private": True}])
+        self._take(tags[0], missing_ok=True)
+        return self._take(tags[1], (n - 1, n))[0]
+
+    def batch_runner(self, n_seq: int = 32, n_ctx: int = 8192, n_batch: int = 512, unified: bool = True):
+        """A BatchRunner (engine.base) on vLLM: sequences are token histories re-submitted as
+        prompts, the prefix cache keeping what was computed; captures and edits by hooks."""
+        return VllmBatchRunner(self, n_seq, n_ctx, n_batch)
 
     def logits(self, text: str, steering: ControlVector | None = None, apply: str = "all") -> np.ndarray:
         """Next-token logits after `text` under `steering` (placed as `apply` says: the text
@@ -480,3 +537,121 @@ class VllmEngine:
             out[i] = acts[1:] if drop_first else acts
         empty = np.zeros((0, self._n_embd), np.float32)
         return [empty if a is None else a for a in out]
+
+
+class VllmBatchRunner:
+    """engine.base.BatchRunner on vLLM. vLLM owns its KV cache, so a sequence here is its
+    token history: `decode` appends the batch's tokens to each sequence's history and runs
+    every touched sequence as a prompt; the prefix cache supplies what earlier calls
+    computed (whole blocks), and only the rows of this call are returned. Edits (row-local,
+    as SAE scoring and self-explanation use them) need a sequence cleared before the call,
+    and their KV is kept private. Not thread-safe."""
+
+    def __init__(self, engine: VllmEngine, n_seq: int, n_ctx: int, n_batch: int):
+        self.engine = engine
+        self.n_seq, self.n_ctx, self.n_batch = int(n_seq), int(n_ctx), int(n_batch)
+        self.n_embd, self.n_layer, self.n_vocab = engine.n_embd, engine.n_layer, engine.n_vocab
+        self.hist: list[list[int]] = [[] for _ in range(self.n_seq)]
+
+    def clear(self, seq: int = -1) -> None:
+        for s in (range(self.n_seq) if seq < 0 else [seq]):
+            self.hist[s] = []
+
+    def decode(self, tokens, pos, seq, logits, layers=(), edit=None, stop_after: bool = False):
+        n = len(tokens)
+        if not (len(pos) == len(seq) == len(logits) == n):
+            raise MorphError("decode: tokens, pos, seq and logits differ in length")
+        rows_of: dict[int, list[int]] = {}
+        for i in range(n):
+            rows_of.setdefault(int(seq[i]), []).append(i)
+        if edit is not None and any(self.hist[s][: min(int(pos[r]) for r in rows)] for s, rows in rows_of.items()):
+            raise MorphError("the GPU engine edits activations only in a sequence's first call (clear it first)")
+        for s, rows in rows_of.items():
+            h = self.hist[s]
+            for r in rows:
+                p = int(pos[r])
+                if p > len(h):
+                    raise MorphError(f"decode: position {p} skips ahead of sequence {s}'s {len(h)} tokens")
+                del h[p:]
+                h.append(int(tokens[r]))
+        layers = [int(x) for x in layers]
+        captured = {L: np.zeros((n, self.n_embd), np.float32) for L in layers}
+        out_logits: dict[int, np.ndarray] = {}
+        todo = list(rows_of)
+        for reuse in (edit is None, False):
+            todo = self._run_seqs(todo, rows_of, tokens, pos, logits, layers, edit, reuse, captured, out_logits)
+            if not todo:
+                break
+        if todo:
+            raise MorphError("vLLM did not compute the rows asked for")
+        lg = np.stack([out_logits[r] for r in sorted(out_logits)]) if out_logits else np.zeros((0, self.n_vocab), np.float32)
+        return lg, captured
+
+    def _run_seqs(self, seqs, rows_of, tokens, pos, logits, layers, edit, reuse, captured, out_logits) -> list[int]:
+        """Run the sequences; fill `captured` and `out_logits`; return those whose rows came
+        from the prefix cache (not computed, so not captured): they run again without it."""
+        n = len(tokens)
+        jobs, plan = [], []
+        with contextlib.ExitStack() as stack:
+            for s in seqs:
+                rows = rows_of[s]
+                hist = list(self.hist[s])
+                caps = [(L, None) for L in layers]
+                if edit is not None:
+                    row_at = {int(pos[r]): r for r in rows}
+
+                    def rows_edit(layer, positions, acts, row_at=row_at):
+                        full = np.zeros((n, self.n_embd), np.float32)
+                        idx = [row_at[int(p)] for p in positions]
+                        full[idx] = acts
+                        got = edit(layer, full)
+                        return None if got is None else np.asarray(got, np.float32)[idx]
+
+                    eid = stack.enter_context(_edit_registered(rows_edit))
+                    caps = [(L, eid) for L in layers] + caps
+                want = [r for r in rows if logits[r]]
+                if want:
+                    caps.append(("final", None))
+                jobs.append({"tokens": hist, "captures": caps, "reuse": reuse, "private": edit is not None})
+                plan.append((s, rows, want, len(hist)))
+            tags = self.engine._submit(jobs)
+        again = []
+        for (s, rows, want, length), tg in zip(plan, tags):
+            k = 0
+            if edit is not None:
+                for _ in layers:
+                    self.engine._take(tg[k], missing_ok=True)
+                    k += 1
+            need = min(int(pos[r]) for r in rows)
+            ok = True
+            for L in layers:
+                acts = self.engine._take(tg[k])
+                k += 1
+                first = length - len(acts)  # rows cover positions first..length-1
+                if first > need:
+                    ok = False
+                    continue
+                for r in rows:
+                    captured[L][r] = acts[int(pos[r]) - first]
+            if want:
+                offs = [int(pos[r]) - length for r in want]  # negative: from the end
+                if ok:
+                    got = self.engine._take(tg[k], offs)
+                    if got is not None and len(got) == len(want):
+                        out_logits.update(zip(want, got))
+                    else:
+                        ok = False
+                else:
+                    self.engine._take(tg[k], missing_ok=True)
+            if not ok:
+                again.append(s)
+        return again
+
+    def close(self) -> None:
+        self.hist = [[] for _ in range(self.n_seq)]
+
+    def __enter__(self) -> "VllmBatchRunner":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -141,27 +141,48 @@ def dense(directions: dict[int, np.ndarray], n_layer: int, hidden: int) -> np.nd
 
 
 class Capture:
-    """Copies the residual stream (or the final hidden state) of chosen tokens to the host.
+    """Copies the residual stream (or the final hidden state) of chosen tokens to the host,
+    and applies per-row edits.
 
     `spans` lists, for the next forward pass, (tag, start, end, first_position) of the
-    tokens to keep; rows are stored per tag and joined in position order by `take`.
+    tokens to keep; rows are stored per tag and joined in position order by `take`. A tag
+    with an entry in `edits` is edited instead: `edits[tag](layer, positions, rows)` returns
+    replacement rows (or None), which everything downstream sees. Edits must be row-local:
+    a prompt may reach the model in several chunks.
     """
 
     def __init__(self):
         self.spans: list[tuple[str, int, int, int]] = []
         self.layer_of: dict[str, object] = {}  # tag -> layer index or "final"
         self.rows: dict[str, list[tuple[int, torch.Tensor]]] = {}
+        self.edits: dict[str, Callable] = {}
         self.handles: dict[object, object] = {}
 
     def hook(self, where):
         def keep(module, args, output):
+            new_out = None
             for tag, start, end, pos in self.spans:
-                if self.layer_of.get(tag) == where:
-                    # "final" hooks the final norm: its output (first item) is the hidden state
-                    h = (output[0] if isinstance(output, tuple) else output) if where == "final" else stream_of(output)
-                    h = h.reshape(-1, h.shape[-1])
-                    self.rows.setdefault(tag, []).append((pos, h[start:end].detach().float().cpu()))
-            return None
+                if self.layer_of.get(tag) != where:
+                    continue
+                cur = output if new_out is None else new_out
+                if where == "final":  # the final norm: its output (first item) is the hidden state
+                    h = cur[0] if isinstance(cur, tuple) else cur
+                else:
+                    h = stream_of(cur)
+                rows = h.reshape(-1, h.shape[-1])[start:end]
+                fn = self.edits.get(tag)
+                if fn is None:
+                    self.rows.setdefault(tag, []).append((pos, rows.detach().float().cpu()))
+                    continue
+                got = fn(where, np.arange(pos, pos + end - start), rows.detach().float().cpu().numpy())
+                if got is None:
+                    continue
+                delta = torch.as_tensor(np.asarray(got, np.float32), device=rows.device).to(rows.dtype) - rows
+                first = (cur[0] if isinstance(cur, tuple) else cur).clone()
+                flat = first.view(-1, first.shape[-1])
+                flat[start:end] += delta
+                new_out = (first, *cur[1:]) if isinstance(cur, tuple) else first
+            return new_out
 
         return keep
 
@@ -172,6 +193,7 @@ class Capture:
     def take(self, tag: str) -> torch.Tensor | None:
         parts = self.rows.pop(tag, None)
         self.layer_of.pop(tag, None)
+        self.edits.pop(tag, None)
         if not parts:
             return None
         parts.sort(key=lambda p: p[0])

@@ -36,6 +36,10 @@ import numpy as np
 
 log = logging.getLogger("morph.vllm")
 EXTRA_KEY = "morph"
+# Edit callbacks by id, for activation edits (self-explanation, SAE scoring). A request names
+# one; the worker calls it in its forward pass, so this works only with the worker in this
+# process (VLLM_ENABLE_V1_MULTIPROCESSING=0 and one GPU), which is how VllmEngine runs.
+EDITS: dict[str, object] = {}
 _lock = threading.Lock()
 _registered = False
 
@@ -104,7 +108,7 @@ class WorkerState:
         sp = getattr(state, "sampling_params", None)
         m = (sp.extra_args or {}).get(EXTRA_KEY) if sp is not None else None
         if not m:
-            return (0, 0, 0, None)
+            return (0, 0, 0, ())
         row_p = row_g = 0
         key = m.get("key")
         if key:
@@ -113,9 +117,11 @@ class WorkerState:
             pf = float(m.get("prompt_factor", 1.0))
             row_g = self._row(runner, key, m.get("vector"), 1.0)
             row_p = row_g if pf == 1.0 else (0 if pf == 0.0 else self._row(runner, key, m.get("vector"), pf))
-        tag = None
-        cap = m.get("capture")
-        if cap:
+        tags = []
+        caps = list(m.get("captures") or ())
+        if m.get("capture"):
+            caps.append(m["capture"])
+        for cap in caps:
             if self.compiled:
                 raise RuntimeError("activation capture needs an eager engine (enforce_eager=True)")
             tag = str(cap["tag"])
@@ -128,9 +134,15 @@ class WorkerState:
                 where = int(where)
                 self.capture.ensure(where, self.layers[where])
             self.capture.layer_of[tag] = where
+            if cap.get("edit"):
+                fn = EDITS.get(cap["edit"])
+                if fn is None:
+                    raise RuntimeError("activation edits need the in-process engine (one GPU, no worker processes)")
+                self.capture.edits[tag] = fn
+            tags.append(tag)
         # "split": where "generated" starts when scoring a given continuation (default: the prompt's end)
         prompt_len = int(m.get("split", len(state.prompt_token_ids or ())))
-        return (row_p, row_g, prompt_len, tag)
+        return (row_p, row_g, prompt_len, tuple(tags))
 
     def before_forward(self, runner) -> None:
         ib = runner.input_batch
@@ -147,8 +159,8 @@ class WorkerState:
             spec = self.specs.get(rid)
             if spec is None:
                 spec = self.specs[rid] = self._resolve(runner, rid)
-            row_p, row_g, prompt_len, tag = spec
-            if not row_g and tag is None:
+            row_p, row_g, prompt_len, tags = spec
+            if not row_g and not tags:
                 continue
             s, e = int(qsl[i]), int(qsl[i + 1])
             p0 = int(ib.num_computed_tokens_cpu[i])
@@ -160,7 +172,7 @@ class WorkerState:
                 split = min(e, max(s, s + prompt_len - p0))
                 rows[s:split] = row_p
                 rows[split:e] = row_g
-            if tag is not None:
+            for tag in tags:
                 spans.append((tag, s, e, p0))
         if rows is not None and len(set(np.unique(rows).tolist()) - {0}) > 1:
             self.mixed_batches += 1
@@ -258,9 +270,10 @@ def rpc_set_hooks(worker, on: bool) -> int:
     return len(st.table.handles)
 
 
-def rpc_take(worker, tag: str, logits_rows: tuple[int, int] | None = None):
-    """Captured rows for `tag` (and forget them); with `logits_rows`, the logits of those
-    rows of the final hidden state instead."""
+def rpc_take(worker, tag: str, logits_rows=None):
+    """Captured rows for `tag` (and forget them); with `logits_rows` ((start, end) or a list
+    of row indices; negative counts from the end), the logits of those rows of the final
+    hidden state instead."""
     import torch
 
     st = worker.model_runner._morph
@@ -269,10 +282,16 @@ def rpc_take(worker, tag: str, logits_rows: tuple[int, int] | None = None):
         return None
     if logits_rows is None:
         return h.numpy()
-    a, b = logits_rows
+    if isinstance(logits_rows, tuple):
+        h = h[logits_rows[0]:logits_rows[1]]
+    else:
+        idx = [int(i) for i in logits_rows]
+        if any(not -len(h) <= i < len(h) for i in idx):
+            return None  # those rows came from the prefix cache
+        h = h[torch.as_tensor(idx, dtype=torch.long)]
     p = next(st.model.parameters())
     with torch.inference_mode():
-        logits = st.model.compute_logits(h[a:b].to(device=p.device, dtype=p.dtype))
+        logits = st.model.compute_logits(h.to(device=p.device, dtype=p.dtype))
     return None if logits is None else logits.float().cpu().numpy()
 
 
@@ -280,16 +299,18 @@ def rpc_drop_captures(worker) -> None:
     st = worker.model_runner._morph
     st.capture.rows.clear()
     st.capture.layer_of.clear()
+    st.capture.edits.clear()
 
 
 # --- the engine core: prefix-cache isolation ---------------------------------------------
 
 
 def steering_salt(sp) -> str | None:
+    """Cache salt of a request: its vector and placement; "salt" keeps edited KV private."""
     m = (getattr(sp, "extra_args", None) or {}).get(EXTRA_KEY) if sp is not None else None
-    if not m or not m.get("key"):
+    if not m or not (m.get("key") or m.get("salt")):
         return None
-    return f"morph:{m['key']}:{m.get('apply', 'all')}"
+    return f"morph:{m.get('key')}:{m.get('prompt_factor', m.get('apply', 'all'))}:{m.get('salt', '')}"
 
 
 def _patch_request() -> None:
