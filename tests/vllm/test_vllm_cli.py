@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from morph.engine.base import collect
@@ -210,3 +211,27 @@ def test_vllm_serve_accepts_the_steering_extension(vllm_server, vengine):
     err = bad.json()["error"]
     assert "nonexistent" in err["message"]
     assert chat() == plain
+
+
+def test_vectors_diffmean_gpu_same_format_and_direction(tmp_path, engine, model_info):
+    """`morph --gpu vectors diffmean` (captures and scoring through vLLM) writes the same
+    files as the CPU build, and its direction is the llama.cpp one (Q4 vs dequantised)."""
+    from morph import paths
+    from morph.steering import diffmean as dm
+    from morph.steering.vector import ControlVector
+
+    recipe = paths.recipes_dir() / "formality.json"
+    out = tmp_path / "vec"
+    p = morph(["--gpu", "vectors", "diffmean", str(recipe), "--layer", "16", "--out", str(out)], timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    manifest = json.loads((out / "features.json").read_text())
+    names = {f["name"] for f in manifest["features"]}
+    assert {"formal", "casual"} <= names
+    cv = ControlVector.load(out / "formal.diffmean.gguf")
+    cv.validate(model_info.n_embd, model_info.n_layer)
+    assert list(cv.directions) == [16] and cv.meta["method"] == "diffmean"
+    r = dm.load_recipe(recipe)
+    unit, _, _ = dm.diffmean_direction(engine, dm.split_pairs(r)[0], 16)
+    v = cv.directions[16]
+    cos = float(v @ unit / np.linalg.norm(v) / np.linalg.norm(unit))
+    assert cos > 0.97
