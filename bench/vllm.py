@@ -45,7 +45,6 @@ def main() -> None:
     from morph import runtime
     from morph.engine.base import Request
     from morph.engine.vllm import VllmEngine
-    from morph.engine.vllm_hooks import dense
     from morph.engine.vllm_plugin import rpc_set_hooks, vector_key
     from morph.errors import MorphError
     from morph.steering.catalog import Catalog
