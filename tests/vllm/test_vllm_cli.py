@@ -235,3 +235,26 @@ def test_vectors_diffmean_gpu_same_format_and_direction(tmp_path, engine, model_
     v = cv.directions[16]
     cos = float(v @ unit / np.linalg.norm(v) / np.linalg.norm(unit))
     assert cos > 0.97
+
+
+def test_tensor_parallel_size_reaches_vllm(data_dir, monkeypatch, vengine):
+    """--tensor-parallel-size and [gpu] tensor_parallel_size reach load_engine, and the engine
+    passes it to vLLM (N = 1 here: the only size this machine has)."""
+    from morph import paths, runtime
+
+    (paths.data_dir() / "config.toml").write_text("[gpu]\ntensor_parallel_size = 3\ncompile = true\n")
+    seen = {}
+
+    def fake_load(info, **kw):
+        seen.update(kw)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(runtime, "load_engine", fake_load)
+    for flag, want in ((None, 3), (2, 2)):
+        try:
+            runtime.open_runtime(None, gpu=True, tensor_parallel_size=flag)
+        except SystemExit:
+            pass
+        assert seen["tensor_parallel_size"] == want and seen["compile"] is True
+    assert vengine.tensor_parallel_size == 1
+    assert vengine.llm.llm_engine.vllm_config.parallel_config.tensor_parallel_size == 1
