@@ -170,6 +170,10 @@ class VllmEngine:
         from morph import convert
         from morph.engine import vllm_plugin
 
+        if int(tensor_parallel_size) > 1:
+            # Worker processes: morph's RPCs (capture, info) are functions, which vLLM pickles
+            # only when allowed. The peers are this process's own workers.
+            os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
         self.info = info
         folder = convert.ensure_converted(info, log=log)
         self.folder = folder

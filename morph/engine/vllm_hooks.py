@@ -95,7 +95,7 @@ class SteerTable:
             raise ValueError(f"{n} tokens exceed the steering map's {self.token_rows.shape[0]}")
         self.active = bool(n and rows.any())
         if self.active:
-            self.token_rows[:n].copy_(torch.from_numpy(rows.astype(np.int64)), non_blocking=True)
+            self.token_rows[:n].copy_(torch.from_numpy(rows.astype(np.int64)))
             if self._filled > n:
                 self.token_rows[n:self._filled].zero_()
             self._filled = n
