@@ -192,6 +192,9 @@ class VllmEngine:
         )
         if on_cpu:
             kw["dtype"] = "float32"
+            # vLLM's CPU default is 128-token KV blocks; prefix reuse (the BatchRunner's
+            # decode steps, a keystroke's new tokens) works in whole blocks.
+            kw["block_size"] = 32  # the smallest the CPU attention backend takes (a multiple of 32)
         if max_num_seqs:
             kw["max_num_seqs"] = int(max_num_seqs)
         try:
