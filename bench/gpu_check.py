@@ -15,6 +15,13 @@ Prints one JSON object; exit 1 when a check fails. Under 5 minutes on a CUDA mac
 
 from __future__ import annotations
 
+import os
+import sys
+
+# This file is bench/vllm*.py: with bench/ first on sys.path, `import vllm` would find it.
+_here = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+
 import argparse
 import json
 import sys

@@ -17,6 +17,13 @@ The steering effect must dwarf the engines' disagreement. Prints one JSON object
 
 from __future__ import annotations
 
+import os
+import sys
+
+# This file is bench/vllm*.py: with bench/ first on sys.path, `import vllm` would find it.
+_here = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+
 import argparse
 import json
 import os

@@ -165,8 +165,13 @@ class VllmEngine:
             import vllm  # noqa: F401
             from vllm import LLM
             from vllm.platforms import current_platform
-        except ImportError:
-            raise MorphError(INSTALL_HINT) from None
+        except ImportError as e:
+            import importlib.util
+
+            spec = importlib.util.find_spec("vllm")
+            if spec is None or spec.origin is None:
+                raise MorphError(INSTALL_HINT) from None
+            raise MorphError(f"vLLM is installed but does not import ({e}); see docs/gpu.md") from None
         from morph import convert
         from morph.engine import vllm_plugin
 
