@@ -49,6 +49,12 @@ class SteerTable:
         # torch.compile the hook must not branch on Python state, so `gate` is False there.
         self.gate = gate
         self.active = False
+        # Eager fast paths: the blocks that any row of this batch steers, and the one row
+        # when every token of the batch has the same (then a broadcast add, no gather).
+        self.active_layers: frozenset[int] = frozenset()
+        self.single_row: int | None = None
+        self._row_layers: dict[int, frozenset[int]] = {}
+        self._layer_views = [self.table[:, i] for i in range(n_layer)]  # persistent views
         self._rows: OrderedDict[str, int] = OrderedDict()  # key -> row, least recent first
         self._filled = 0  # token_rows[:_filled] may be non-zero
         self.handles: list = []
@@ -82,7 +88,9 @@ class SteerTable:
                     break
             else:
                 raise RuntimeError(f"all {n_rows - 1} steering rows are in use")
-        self.table[row].copy_(torch.from_numpy(np.array(dense, dtype=np.float32)).to(self.table.dtype))
+        arr = np.array(dense, dtype=np.float32)
+        self.table[row].copy_(torch.from_numpy(arr).to(self.table.dtype))
+        self._row_layers[row] = frozenset(int(i) for i in np.flatnonzero(np.any(arr != 0, axis=1)))
         self._rows[key] = row
         return row
 
@@ -93,7 +101,10 @@ class SteerTable:
         n = 0 if rows is None else len(rows)
         if n > self.token_rows.shape[0]:
             raise ValueError(f"{n} tokens exceed the steering map's {self.token_rows.shape[0]}")
-        self.active = bool(n and rows.any())
+        used = set(np.unique(rows).tolist()) - {0} if n else set()
+        self.active_layers = frozenset().union(*(self._row_layers.get(r, frozenset()) for r in used))
+        self.active = bool(self.active_layers)
+        self.single_row = next(iter(used)) if len(used) == 1 and bool((rows != 0).all()) else None
         if self.active:
             self.token_rows[:n].copy_(torch.from_numpy(rows.astype(np.int64)))
             if self._filled > n:
@@ -106,15 +117,21 @@ class SteerTable:
     # --- hooks --------------------------------------------------------------------------
 
     def hook(self, layer: int):
-        table, token_rows = self.table, self.token_rows
+        rows_at_layer, token_rows = self._layer_views[layer], self.token_rows
 
         def add_steering(module, args, output):
-            if self.gate and not self.active:
-                return None
             h = output[0] if isinstance(output, tuple) else output
-            flat = h.reshape(-1, h.shape[-1])
-            delta = table[:, layer].index_select(0, token_rows[: flat.shape[0]])
-            h2 = (flat + delta.to(h.dtype)).view_as(h)
+            if self.gate:  # eager: skip what adds nothing; one row for all: broadcast
+                if layer not in self.active_layers:
+                    return None
+                if self.single_row is not None:
+                    h2 = h + rows_at_layer[self.single_row]
+                    return (h2, *output[1:]) if isinstance(output, tuple) else h2
+            if h.dim() == 2:  # vLLM: (tokens, hidden)
+                h2 = h + rows_at_layer.index_select(0, token_rows[: h.shape[0]])
+            else:
+                flat = h.reshape(-1, h.shape[-1])
+                h2 = (flat + rows_at_layer.index_select(0, token_rows[: flat.shape[0]])).view_as(h)
             return (h2, *output[1:]) if isinstance(output, tuple) else h2
 
         return add_steering
