@@ -180,8 +180,7 @@ def test_exit_status_is_documented_and_a_bare_group_prints_its_help(data_dir):
 
 @pytest.mark.parametrize("args", [
     ("repl",),
-    pytest.param(("write", "doc.md"), marks=pytest.mark.xfail(
-        strict=True, reason="cli/write.py (the lead's) still raises MorphError, not NeedsTerminal")),
+    ("write", "doc.md"),
 ])
 def test_interactive_commands_without_a_terminal_exit_2(data_dir, tmp_path, args):
     r = subprocess.run([sys.executable, "-m", "morph", *args], stdin=subprocess.DEVNULL, capture_output=True,
