@@ -1,7 +1,8 @@
 """Cross-engine agreement of steering: llama.cpp (Q4 GGUF) vs vLLM (the dequantised folder).
 
-For N prompts (rewrite requests in the chat framing morph uses, built from the shipped
-corpus openings) and each shipped feature at its default scale, the next-token
+For N prompts (the shipped corpus openings, as raw text: the continue framing; a chat
+template's special tokens are tokenised differently by llama.cpp's text tokenizer and
+Hugging Face's) and each shipped feature at its default scale, the next-token
 distribution after the prompt is computed by both engines, unsteered and steered:
 
 - kl_engines_steered: KL(llama steered || vLLM steered): how far the engines disagree;
@@ -57,7 +58,7 @@ def main() -> None:
 
     import numpy as np
 
-    from morph import models, tasks
+    from morph import models
     from morph.engine.llama import LlamaEngine
     from morph.engine.vllm import VllmEngine
     from morph.errors import MorphError
@@ -72,8 +73,7 @@ def main() -> None:
     corpus = Path_corpus()
     texts = []
     for ln in corpus.read_text(encoding="utf-8").splitlines()[: a.prompts]:
-        t = json.loads(ln)["text"]
-        texts.append(llama.format_chat(tasks.rewrite_messages(t)))
+        texts.append(json.loads(ln)["text"])
     assert all(llama.tokenize(t) == vllm.tokenize(t) for t in texts), "tokenizers differ"
 
     def llama_logits(cv):

