@@ -13,6 +13,7 @@ import ctypes
 import os
 import threading
 import time
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -32,6 +33,28 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def load_cpu_backends(llama_cpp, directory: str | os.PathLike | None = None) -> None:
+    """Builds with GGML_BACKEND_DL (the portable one in dist/morph) keep the CPU code in
+    several libggml-cpu-<variant>.so, one per instruction set; ggml scores them against
+    this CPU and loads the best. Its default search path is the executable's directory
+    and the cwd, neither of which holds them here, so name the directory. Builds without
+    it (the default pip build) have the CPU backend linked in: nothing to do."""
+    lib = Path(llama_cpp.__file__).resolve().parent / "lib"
+    if directory is None:
+        from morph import _bundle
+
+        directory = _bundle.backends_dir() or lib
+    if not any(Path(directory).glob("libggml-cpu-*.so")):
+        return
+    ggml = ctypes.CDLL(str(lib / "libggml.so"))
+    ggml.ggml_backend_reg_count.restype = ctypes.c_size_t
+    if ggml.ggml_backend_reg_count() == 0:
+        ggml.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
+        ggml.ggml_backend_load_all_from_path(os.fsencode(directory))
+    if ggml.ggml_backend_reg_count() == 0:
+        raise MorphError(f"no llama.cpp CPU backend in {directory} fits this CPU")
+
+
 class LlamaEngine:
     name = "llama.cpp"
 
@@ -45,6 +68,7 @@ class LlamaEngine:
     ):
         import llama_cpp
 
+        load_cpu_backends(llama_cpp)
         self._lc = llama_cpp
         self.info = info
         self.threads = threads or default_threads()

@@ -1,0 +1,143 @@
+"""The single-file executable's payload: what is unpacked once, not on every start.
+
+`dist/morph` (built by `python3 -m morph._bundle.build`) is a PyInstaller one-file
+executable. PyInstaller unpacks everything in its archive into a fresh temp directory on
+*every* start, which for the 98 MB model alone costs 0.5-3.5 s (zlib, measured here). So
+the large, read-only parts travel in a second ELF section of the executable instead,
+`morphpayload`: an uncompressed tar of the embedded model (with its wheel's dist-info, so
+`morph.models` finds it through package metadata as always), the shipped vectors and
+llama.cpp's CPU backend variants. The first run unpacks it into
+`$XDG_DATA_HOME/tinymorph/bundle/<payload id>/` (atomically: a temp dir, then rename);
+later runs only check that the directory is there.
+
+Outside a bundle (`pip install`), `unpacked()` is None and nothing here runs.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+SECTION = "morphpayload"
+_DONE = ".complete"
+_unpacked: Path | None = None
+
+
+def frozen() -> bool:
+    return bool(getattr(sys, "frozen", False))
+
+
+def elf_section(path: str | os.PathLike, name: str) -> tuple[int, int] | None:
+    """(file offset, size) of the named section of a 64-bit little-endian ELF file."""
+    with open(path, "rb") as fh:
+        eh = fh.read(64)
+        if len(eh) < 64 or eh[:4] != b"\x7fELF" or eh[4] != 2 or eh[5] != 1:
+            return None
+        shoff, = struct.unpack_from("<Q", eh, 0x28)
+        shentsize, shnum, shstrndx = struct.unpack_from("<HHH", eh, 0x3A)
+        fh.seek(shoff)
+        table = fh.read(shentsize * shnum)
+        if len(table) < shentsize * shnum or shstrndx >= shnum:
+            return None
+
+        def header(i):  # sh_name, sh_offset, sh_size
+            b = i * shentsize
+            return struct.unpack_from("<I", table, b)[0], *struct.unpack_from("<QQ", table, b + 0x18)
+
+        _, str_off, str_size = header(shstrndx)
+        fh.seek(str_off)
+        names = fh.read(str_size)
+        want = name.encode()
+        for i in range(shnum):
+            n, off, size = header(i)
+            if names[n:names.find(b"\0", n)] == want:
+                return off, size
+    return None
+
+
+def _payload() -> tuple[str, int, int] | None:
+    found = elf_section(sys.executable, SECTION)
+    if found is None:
+        return None
+    off, size = found
+    with open(sys.executable, "rb") as fh:  # the id: a digest the build wrote first in the section
+        fh.seek(off)
+        head = fh.read(64)
+    ident = head.split(b"\n", 1)[0].decode("ascii", "replace")
+    return ident, off + len(ident) + 1, size - len(ident) - 1
+
+
+def unpacked() -> Path | None:
+    """The unpacked payload directory (unpacking it on first use), or None outside a bundle."""
+    global _unpacked
+    if _unpacked is not None or not frozen():
+        return _unpacked
+    found = _payload()
+    if found is None:
+        return None
+    ident, off, size = found
+    from morph import paths
+    from morph.errors import MorphError
+
+    root = paths.data_dir() / "bundle"
+    target = root / ident
+    if not (target / _DONE).is_file():
+        try:
+            _unpack(off, size, root, target)
+        except OSError as e:
+            raise MorphError(f"cannot unpack the embedded model and vectors into {root} ({e.strerror or e}); "
+                             "give a writable --data-dir") from None
+    if str(target) not in sys.path:  # the model's dist-info: found through package metadata
+        sys.path.append(str(target))
+    _unpacked = target
+    return target
+
+
+def _unpack(off: int, size: int, root: Path, target: Path) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    print(f"morph: unpacking the embedded model and vectors into {target} (first run only)", file=sys.stderr)
+    tmp = Path(tempfile.mkdtemp(prefix=".unpack-", dir=root))
+    try:
+        with open(sys.executable, "rb") as fh:
+            fh.seek(off)
+            with tarfile.open(fileobj=_Window(fh, size), mode="r|") as tar:
+                tar.extractall(tmp, filter="data")
+        (tmp / _DONE).write_text("ok\n")
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / _DONE).is_file():  # not a concurrent first run that won the race
+                raise
+    finally:
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    for old in root.iterdir():  # payloads of older builds
+        if old.name != target.name and not old.name.startswith("."):
+            import shutil
+
+            shutil.rmtree(old, ignore_errors=True)
+
+
+class _Window:
+    """A read-only file object over bytes [start, start+size) of an open file."""
+
+    def __init__(self, fh, size: int):
+        self.fh, self.left = fh, size
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.left if n < 0 else min(n, self.left)
+        data = self.fh.read(n)
+        self.left -= len(data)
+        return data
+
+
+def backends_dir() -> Path | None:
+    """llama.cpp's CPU backend variants (libggml-cpu-*.so), chosen at run time by ggml."""
+    d = unpacked()
+    return d / "ggml" if d is not None and (d / "ggml").is_dir() else None

