@@ -188,16 +188,14 @@ print(sorted({l.rsplit("/", 1)[-1] for l in maps.splitlines() if "libggml-cpu" i
 
 @pytest.mark.skipif(shutil.which("qemu-x86_64") is None or not BUNDLE_PYTHON.is_file(),
                     reason="needs qemu-user and the build venv (build/bundle-venv)")
-def test_portable_build_on_an_older_cpu():
-    """The libraries inside dist/morph (the build venv's: same wheels) on an emulated Nehalem,
-    x86-64-v2 without AVX: ggml picks its SSE4.2 variant. On the plain x86-64 baseline, numpy
-    (baseline x86-64-v2) refuses to import with its own message: that is the CPU floor.
-    (The executable itself cannot run under qemu-user: its bootloader re-executes itself natively.)"""
+@pytest.mark.parametrize("cpu,variant", [("Nehalem", "sse42"), ("qemu64", "x64")])
+def test_portable_build_on_an_older_cpu(cpu, variant):
+    """The libraries inside dist/morph (the build venv's: the same wheels) on emulated older
+    CPUs: Nehalem (x86-64-v2, no AVX) and qemu64 (plain x86-64 with SSE3, the floor); ggml
+    picks the variant that fits and the text is generated. The executable itself cannot
+    run under qemu-user: its bootloader re-executes itself, natively."""
     env = dict(os.environ, ROOT=str(ROOT))
-    r = subprocess.run(["qemu-x86_64", "-cpu", "Nehalem", str(BUNDLE_PYTHON), "-c", OLD_CPU],
+    r = subprocess.run(["qemu-x86_64", "-cpu", cpu, str(BUNDLE_PYTHON), "-c", OLD_CPU],
                        capture_output=True, text=True, env=env, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.startswith("['libggml-cpu-sse42.so'] '") and len(r.stdout.strip()) > 30, r.stdout
-    r = subprocess.run(["qemu-x86_64", "-cpu", "qemu64", str(BUNDLE_PYTHON), "-c", "import numpy"],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode != 0 and "baseline" in r.stderr, r.stderr[-1000:]
+    assert r.stdout.startswith(f"['libggml-cpu-{variant}.so'] '") and len(r.stdout.strip()) > 30, r.stdout
