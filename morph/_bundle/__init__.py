@@ -2,13 +2,15 @@
 
 `dist/morph` (built by `python3 -m morph._bundle.build`) is a PyInstaller one-file
 executable. PyInstaller unpacks everything in its archive into a fresh temp directory on
-*every* start, which for the 98 MB model alone costs 0.5-3.5 s (zlib, measured here). So
-the large, read-only parts travel in a second ELF section of the executable instead,
-`morphpayload`: an uncompressed tar of the embedded model (with its wheel's dist-info, so
-`morph.models` finds it through package metadata as always), the shipped vectors and
-llama.cpp's CPU backend variants. The first run unpacks it into
-`$XDG_DATA_HOME/tinymorph/bundle/<payload id>/` (atomically: a temp dir, then rename);
-later runs only check that the directory is there.
+*every* start: for the 98 MB model that alone costs 0.5-3.5 s (zlib, measured here), and
+even uncompressed, numpy's and llama.cpp's libraries cost ~0.25 s per start. So the
+large, read-only parts travel in a second ELF section of the executable,
+`morphpayload`: an uncompressed tar of `site/` (the numpy and llama_cpp packages, with
+the libraries they load), `ggml/` (llama.cpp's CPU backend variants), the embedded model
+with its wheel's dist-info (so `morph.models` finds it through package metadata as
+always) and `vectors/`. The entry point unpacks it on the first run into
+`<data dir>/bundle/<payload id>/` (a temp dir, then an atomic rename) and puts it on
+sys.path; later runs only check that the directory is complete.
 
 Outside a bundle (`pip install`), `unpacked()` is None and nothing here runs.
 """
@@ -71,6 +73,24 @@ def _payload() -> tuple[str, int, int] | None:
     return ident, off + len(ident) + 1, size - len(ident) - 1
 
 
+def activate(argv: list[str]) -> Path | None:
+    """At start-up, before numpy or llama_cpp is imported: unpack if needed, then import
+    from the payload. The data dir comes from `--data-dir` (looked for before the
+    subcommand, as click will parse it), MORPH_DATA_DIR or the XDG default."""
+    if not frozen():
+        return None
+    from morph import paths
+
+    for i, arg in enumerate(argv):
+        if not arg.startswith("-"):
+            break  # the subcommand: its options are its own
+        if arg == "--data-dir" and i + 1 < len(argv):
+            paths.set_data_dir(argv[i + 1])
+        elif arg.startswith("--data-dir="):
+            paths.set_data_dir(arg.split("=", 1)[1])
+    return unpacked()
+
+
 def unpacked() -> Path | None:
     """The unpacked payload directory (unpacking it on first use), or None outside a bundle."""
     global _unpacked
@@ -83,23 +103,23 @@ def unpacked() -> Path | None:
     from morph import paths
     from morph.errors import MorphError
 
-    root = paths.data_dir() / "bundle"
-    target = root / ident
-    if not (target / _DONE).is_file():
-        try:
+    try:
+        root = paths.data_dir() / "bundle"
+        target = root / ident
+        if not (target / _DONE).is_file():
             _unpack(off, size, root, target)
-        except OSError as e:
-            raise MorphError(f"cannot unpack the embedded model and vectors into {root} ({e.strerror or e}); "
-                             "give a writable --data-dir") from None
-    if str(target) not in sys.path:  # the model's dist-info: found through package metadata
-        sys.path.append(str(target))
+    except OSError as e:
+        raise MorphError(f"cannot unpack the embedded model and libraries into {paths.data_dir()} "
+                         f"({e.strerror or e}); give a writable --data-dir") from None
+    sys.path.insert(0, str(target / "site"))  # numpy, llama_cpp: imported from here
+    sys.path.append(str(target))  # the model's dist-info: found through package metadata
     _unpacked = target
     return target
 
 
 def _unpack(off: int, size: int, root: Path, target: Path) -> None:
     root.mkdir(parents=True, exist_ok=True)
-    print(f"morph: unpacking the embedded model and vectors into {target} (first run only)", file=sys.stderr)
+    print(f"morph: unpacking the embedded model and libraries into {target} (first run only)", file=sys.stderr)
     tmp = Path(tempfile.mkdtemp(prefix=".unpack-", dir=root))
     try:
         with open(sys.executable, "rb") as fh:

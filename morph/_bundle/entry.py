@@ -2,13 +2,15 @@
 
 import sys
 
+from morph import _bundle
+from morph.errors import MorphError
+
 try:
-    from morph.cli import main
-except RuntimeError as e:  # numpy refuses a CPU below its baseline (x86-64-v2) at import
-    if "baseline" not in str(e):
-        raise
-    print(f"morph: error: this CPU lacks instructions the bundled numpy needs ({str(e).splitlines()[0]})",
-          file=sys.stderr)
+    _bundle.activate(sys.argv[1:])  # before anything imports numpy or llama_cpp
+except MorphError as e:
+    print(f"morph: error: {e}", file=sys.stderr)
     sys.exit(1)
+
+from morph.cli import main  # noqa: E402
 
 main()
