@@ -243,7 +243,8 @@ def decode_figures(native: str, portable: str, reps: int, threads: int) -> dict:
         for v in ("x64", "haswell"):
             d = Path(t) / v
             d.mkdir()
-            src = Path(lib) / f"libggml-cpu-{v}.so"
+            src = next((p for p in (Path(lib), Path(lib).parents[1] / "bin") if (p / f"libggml-cpu-{v}.so").is_file()),
+                       Path(lib)) / f"libggml-cpu-{v}.so"  # pip puts them in site-packages/bin
             if src.is_file():
                 shutil.copy(src, d / src.name)
                 forced[v] = str(d)
@@ -283,7 +284,7 @@ def baseline(binary: Path) -> dict:
             mei = None
             for _ in range(120):
                 found = list(Path(env["TMPDIR"]).glob("_MEI*"))
-                if found and any(found[0].rglob("libllama*")):
+                if found and any(found[0].glob("libpython*")):
                     mei = found[0]
                     time.sleep(1.0)
                     break
@@ -294,7 +295,7 @@ def baseline(binary: Path) -> dict:
             p.stdin.close()
             p.kill()
             p.wait()
-        elves = [f for f in list(copy.rglob("*")) + list((bundle / "ggml").glob("*.so")) + [binary]
+        elves = [f for f in list(copy.rglob("*")) + list(bundle.rglob("*.so*")) + [binary]
                  if f.is_file() and not f.is_symlink() and f.open("rb").read(4) == b"\x7fELF"]
         need: dict[str, tuple[int, ...]] = {}
         worst: dict[str, str] = {}
@@ -305,10 +306,11 @@ def baseline(binary: Path) -> dict:
                 if v > need.get(lib, ()):
                     need[lib] = v
                     worst[lib] = f.name
-        bundled = sorted(f.name for f in copy.rglob("lib*.so*") if re.match(r"lib(stdc\+\+|gcc_s|gomp)", f.name))
+        bundled = sorted({f.name for f in [*copy.rglob("lib*.so*"), *bundle.rglob("lib*.so*")]
+                          if re.match(r"lib(stdc\+\+|gcc_s|gomp)", f.name)})
         avx = {}
-        for name in ("libllama.so", "libggml.so", "libggml-base.so"):
-            f = next(copy.rglob(name), None)
+        for name in ("libllama.so", "libggml.so", "libggml-base.so", "libpython3.11.so.1.0"):
+            f = next((g for g in [*copy.rglob(name), *bundle.rglob(name)] if not g.is_symlink()), None)
             if f is not None:
                 dis = subprocess.run(["objdump", "-d", str(f)], capture_output=True, text=True).stdout
                 avx[name] = len(re.findall(r"%[yz]mm\d", dis))
