@@ -293,6 +293,7 @@ def features_strategy() -> st.SearchStrategy:
 
 
 def run_features(data: bytes, sb: Sandbox) -> None:
+    from morph.steering import profile
     from morph.steering.catalog import Catalog
 
     d = sb.state["manifest_dir"]
@@ -301,16 +302,18 @@ def run_features(data: bytes, sb: Sandbox) -> None:
     names = cat.names()
     assert all(isinstance(n, str) for n in names)
     for f in cat.features[:3]:
-        got = cat.get(f.key)
+        got = cat.get(f.key, experimental=True)
         assert got.key == f.key
         cat.search(f.name[:3])
+        f.eval_label, f.measured  # noqa: B018 - what `features list` and the F2 panel show
         try:
-            cv = cat.vector({f.key: None})
+            st_ = profile.resolve(cat, _FakeInfo(), [f.key], experimental=True)
         except MorphError as e:
             _one_line(e)
             continue
-        if cv is not None:
-            cv.validate(N_EMBD, N_LAYER)
+        assert all(math.isfinite(v) and abs(v) <= profile.MAX_SCALE for v in st_.profile.values()), st_.profile
+        if st_.vector is not None:
+            st_.vector.validate(N_EMBD, N_LAYER)
 
 
 def run_features_cli(data: bytes, sb: Sandbox) -> None:
@@ -355,19 +358,22 @@ def _check_cli_result(r, args) -> None:
 # config.toml --------------------------------------------------------------------------------
 
 TOML_KEYS = ["model", "threads", "n_ctx", "keys", "debounce_ms", "suggestion_tokens", "formal", "concise",
-             "features", "editor", "x", "formal@sae", '"a b"', "1"]
+             "features", "editor", "x", "formal@sae", '"a b"', "1", "temperature", "top_p", "top_k",
+             "repeat_penalty", "repeat_last_n", "seed", "rewrite", "continue", "chat", "ghost", "apply"]
 toml_values = st.one_of(
     st.integers(-(2**63), 2**63 - 1).map(str), st.sampled_from(["0", "-1", "256", "255", "1_000", "0x10", "1e3",
                                                                 "nan", "inf", "-inf", "true", "false", "1979-05-27",
                                                                 "07:32:00", "[]", "[1, 2]", "{}", "{ a = 1 }",
                                                                 '"default"', '"vi"', '"emacs"', '""', "'smollm2'",
-                                                                '"\\u0000"', '"/nonexistent.gguf"']),
+                                                                '"\\u0000"', '"/nonexistent.gguf"', '"all"',
+                                                                '"generated"', '"bogus"', "1.1", "0.95", "2e9"]),
     st.floats(allow_nan=False, allow_infinity=False).map(repr),
     st.text(max_size=12).map(json.dumps),
 )
 toml_lines = st.one_of(
     st.builds(lambda k, v: f"{k} = {v}", st.sampled_from(TOML_KEYS), toml_values),
-    st.builds(lambda s: f"[{s}]", st.sampled_from(["features", "editor", "x", "features.formal", "editor.keys"])),
+    st.builds(lambda s: f"[{s}]", st.sampled_from(["features", "editor", "x", "features.formal", "editor.keys",
+                                                  "generation", "steering", "steering.apply", "generation.seed"])),
     st.text(max_size=30),
 )
 
@@ -389,11 +395,16 @@ def run_config(data: bytes, sb: Sandbox) -> None:
 
     sb.data.mkdir(parents=True, exist_ok=True)
     paths.config_path().write_bytes(data)
+    from morph import tasks
+
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         cfg = load_config()
+        d = tasks.defaults(cfg)  # [generation] and [steering.apply] as every command sees them
     assert isinstance(cfg, Config)
-    assert err.getvalue().count("\n") <= 1, err.getvalue()
+    assert all(ln.startswith("morph: warning: ") for ln in err.getvalue().splitlines()), err.getvalue()
+    assert 0.0 <= d.sampling.temperature <= 5.0 and 1.0 <= d.sampling.repeat_penalty <= 3.0
+    assert set(d.apply.values()) <= {"all", "generated"}
     assert cfg.model is None or isinstance(cfg.model, str)
     assert cfg.threads is None or (type(cfg.threads) is int and cfg.threads > 0)
     assert type(cfg.n_ctx) is int and cfg.n_ctx >= 256
