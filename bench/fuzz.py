@@ -620,11 +620,11 @@ def targets() -> list[Target]:
         Target("sae_small", lambda: st.deferred(lambda: mutated_file([_SAE_SEED[0]], header_len=1024)), run_sae, 12000),
         Target("sae_shipped", sae_shipped_strategy, run_sae_shipped, 300, setup=_sae_shipped_header, limit_s=20),
         Target("features_json", features_strategy, run_features, 15000, setup=_features_setup),
-        Target("features_cli", features_strategy, run_features_cli, 1500),
+        Target("features_cli", features_strategy, run_features_cli, 500),
         Target("config_toml", config_strategy, run_config, 15000),
         Target("recovery", recovery_strategy, run_recovery, 15000),
         Target("editor_command", editor_strategy, run_editor, 12000, setup=_editor_setup),
-        Target("steer_stdin", steer_strategy, run_steer, 1500, setup=_steer_setup, limit_s=60),
+        Target("steer_stdin", steer_strategy, run_steer, 600, setup=_steer_setup, limit_s=60),
     ]
     if _has_profile():
         out.append(Target("steering_spec", profile_strategy, run_profile, 8000, setup=_editor_setup))
