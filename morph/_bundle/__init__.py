@@ -137,11 +137,11 @@ def _unpack(off: int, size: int, root: Path, target: Path) -> None:
             import shutil
 
             shutil.rmtree(tmp, ignore_errors=True)
-    for old in root.iterdir():  # payloads of older builds
-        if old.name != target.name and not old.name.startswith("."):
-            import shutil
-
-            shutil.rmtree(old, ignore_errors=True)
+    # Payloads of other builds stay: another version may be running from one right now.
+    others = [p for p in root.iterdir() if p.name != target.name and not p.name.startswith(".")]
+    if others:
+        print(f"morph: {len(others)} payload(s) of other morph builds remain in {root}; remove the ones "
+              "no longer used", file=sys.stderr)
 
 
 class _Window:
