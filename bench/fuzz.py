@@ -178,7 +178,7 @@ class Target:
     strategy: Callable[[], st.SearchStrategy]
     run: Callable[[Any, "Sandbox"], None]
     examples: int  # inputs in a full bench run
-    limit_s: float = 10.0  # per-input time limit (a hang beyond it is a finding)
+    limit_s: float = 10.0  # per-input CPU-time limit (a hang beyond it is a finding)
     setup: Callable[["Sandbox"], None] | None = None
 
 
@@ -669,7 +669,7 @@ def run_target(t: Target, n: int, sb: Sandbox, seed: int, log=None) -> Result:
     if t.setup:
         t.setup(sb)
     strategy = t.strategy()
-    old = signal.signal(signal.SIGALRM, _alarm)
+    old = signal.signal(signal.SIGPROF, _alarm)
     t0 = time.perf_counter()
 
     @settings(max_examples=n, database=None, deadline=None, phases=[Phase.generate], derandomize=False,
@@ -678,7 +678,7 @@ def run_target(t: Target, n: int, sb: Sandbox, seed: int, log=None) -> Result:
     @given(strategy)
     def prop(x):
         res.inputs += 1
-        signal.setitimer(signal.ITIMER_REAL, t.limit_s)
+        signal.setitimer(signal.ITIMER_PROF, t.limit_s)  # CPU time: a starved process is not a hang
         try:
             t.run(x, sb)
             res.accepted += 1
@@ -693,15 +693,15 @@ def run_target(t: Target, n: int, sb: Sandbox, seed: int, log=None) -> Result:
         except (Exception, RecursionError) as e:  # noqa: BLE001 - everything else is a finding
             _record(res, e, x)
         finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.setitimer(signal.ITIMER_PROF, 0)
         if log and res.inputs % 1000 == 0:
             log(f"  {t.name}: {res.inputs} inputs, {len(res.findings)} findings")
 
     try:
         prop()
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
+        signal.setitimer(signal.ITIMER_PROF, 0)
+        signal.signal(signal.SIGPROF, old)
         res.seconds = time.perf_counter() - t0
         teardown = sb.state.pop("teardown", None)
         if teardown is not None:
@@ -729,6 +729,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--target", action="append", help="run only these targets (repeatable)")
     ap.add_argument("--scale", type=float, default=1.0, help="fraction of each target's full input count")
     ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--out", help="also write the JSON here after every target (partial results survive)")
     args = ap.parse_args(argv)
     seed = args.seed if args.seed is not None else random.randrange(2**32)
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
@@ -755,6 +756,8 @@ def main(argv: list[str] | None = None) -> int:
                 paths.set_data_dir(sb.data)
                 res = run_target(t, n, sb, seed, log)
                 out["targets"][t.name] = res.as_dict()
+                if args.out:
+                    Path(args.out).write_text(json.dumps(out, indent=2))
                 log(f"{t.name}: {res.inputs} inputs in {res.seconds:.1f} s, {len(res.findings)} findings")
         finally:
             os.chdir(cwd)
