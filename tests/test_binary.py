@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from test_editor_tmux import TMUX, Tmux, status_line
+from test_editor_tmux import TMUX, Tmux, type_accept_save
 
 ROOT = Path(__file__).resolve().parents[1]
 BINARY = Path(os.environ.get("MORPH_BINARY", ROOT / "dist" / "morph"))
@@ -155,21 +155,10 @@ def test_repl_in_tmux(tmux, box):
 
 def test_write_in_tmux(tmux, box, tmp_path):
     doc = tmp_path / "story.md"
-    s = tmux.start(*box.argv("write", str(doc)))
-    tmux.wait_screen(s, lambda scr: "NORMAL" in scr, 60, "the editor")
     typed = "The weather today is"
-    tmux.send(s, "i")
-    tmux.type(s, typed)
-    tmux.wait_screen(s, lambda scr: len(scr.split("\n")[0].rstrip()) > len(typed) + 2, 90, "ghost text")
-    tmux.send(s, "Tab")
-    tmux.wait_screen(s, lambda scr: "TTFT" in status_line(scr), 30, "timing in the status bar")
-    tmux.send(s, "Escape")
-    tmux.wait_screen(s, lambda scr: "NORMAL" in status_line(scr), 10, "normal mode")
-    tmux.type(s, ":wq")
-    tmux.send(s, "Enter")
-    tmux.wait_exit(s)
+    shown = type_accept_save(tmux, box.argv("write", str(doc)), typed, wait_s=60)
     text = doc.read_text(encoding="utf-8")
-    assert text.startswith(typed) and len(text) > len(typed) + 2
+    assert text.startswith(shown) and len(text) > len(typed) + 2
 
 
 BUNDLE_PYTHON = Path(os.environ.get("MORPH_BUNDLE_PYTHON", ROOT / "build" / "bundle-venv" / "bin" / "python"))
