@@ -729,6 +729,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--target", action="append", help="run only these targets (repeatable)")
     ap.add_argument("--scale", type=float, default=1.0, help="fraction of each target's full input count")
     ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--inputs", action="append", default=[], metavar="NAME=N", help="inputs for one target")
     ap.add_argument("--out", help="also write the JSON here after every target (partial results survive)")
     args = ap.parse_args(argv)
     seed = args.seed if args.seed is not None else random.randrange(2**32)
@@ -748,7 +749,8 @@ def main(argv: list[str] | None = None) -> int:
         os.chdir(root)
         try:
             for t in ts:
-                n = max(1, int(t.examples * args.scale))
+                n = dict(x.split("=") for x in args.inputs).get(t.name)
+                n = int(n) if n else max(1, int(t.examples * args.scale))
                 log(f"{t.name}: {n} inputs")
                 sb = Sandbox(root / t.name)
                 from morph import paths
