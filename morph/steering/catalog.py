@@ -21,6 +21,7 @@ from typing import Any, Iterable
 
 from morph import fsutil, paths
 from morph.errors import MorphError
+from morph.steering.profile import MAX_SCALE
 from morph.steering.vector import ControlVector
 
 MANIFEST = "features.json"
@@ -52,11 +53,12 @@ class Feature:
     def eval_label(self) -> str:
         """What `morph eval` measured, for lists and the editor's panel."""
         ev = self.scores.get("eval")
-        if not isinstance(ev, dict) or "concept_shift" not in ev:
+        num = (int, float)  # a hand-edited manifest may hold anything: no number, no label
+        if not isinstance(ev, dict) or not isinstance(ev.get("concept_shift"), num):
             return "not evaluated"
-        rel = ev.get("relevance_ratio")
-        rel = f"relevance {rel:.0%}" if isinstance(rel, (int, float)) else f"relevance {ev.get('relevance', 0):.2f}"
-        return f"shift {ev['concept_shift']:+.2f} {rel}" + (" experimental" if self.experimental else "")
+        rel, plain = ev.get("relevance_ratio"), ev.get("relevance", 0)
+        rel = f"relevance {rel:.0%}" if isinstance(rel, num) else f"relevance {plain:.2f}" if isinstance(plain, num) else ""
+        return f"shift {ev['concept_shift']:+.2f} {rel}".rstrip() + (" experimental" if self.experimental else "")
 
     @property
     def measured(self) -> float | None:
@@ -117,7 +119,9 @@ def _bad_field(f: Feature) -> str | None:
         ("file", isinstance(f.file, str) and f.file != "" and not Path(f.file).is_absolute()
          and ".." not in Path(f.file).parts),
         ("layer", isinstance(f.layer, int) and not isinstance(f.layer, bool)),
-        ("default_scale", num(f.default_scale)), ("residual_norm", f.residual_norm is None or num(f.residual_norm)),
+        ("default_scale", num(f.default_scale) and abs(f.default_scale) <= MAX_SCALE),  # the one limit
+        ("residual_norm", f.residual_norm is None or num(f.residual_norm)),
+        ("experimental", isinstance(f.experimental, bool)),
         ("latents", isinstance(f.latents, list) and all(isinstance(j, int) for j in f.latents)),
         ("latent_weights", isinstance(f.latent_weights, list) and all(num(w) for w in f.latent_weights)),
         ("scores", isinstance(f.scores, dict)),
