@@ -41,6 +41,9 @@ class Box:
         self.cwd.chmod(0o555)
         self.env = {"HOME": str(self.home), "XDG_DATA_HOME": str(self.xdg), "TMPDIR": str(self.tmp),
                     "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "TERM": "xterm-256color"}
+        # One llama.cpp thread, as in every test: on a shared 2-core machine two threads stall.
+        self.xdg.joinpath("tinymorph").mkdir(parents=True)
+        self.xdg.joinpath("tinymorph", "config.toml").write_text("threads = 1\n")
         self.before = snapshot(tmp)
 
     def argv(self, *args: str) -> list[str]:
@@ -132,7 +135,7 @@ def tmux(box, tmp_path):
     if TMUX is None:
         pytest.skip("tmux is not installed")
     (box.data()).mkdir(parents=True, exist_ok=True)
-    (box.data() / "config.toml").write_text("[editor]\nsuggestion_tokens = 10\ndebounce_ms = 150\n")
+    (box.data() / "config.toml").write_text("threads = 1\n[editor]\nsuggestion_tokens = 10\ndebounce_ms = 150\n")
     t = Tmux(tmp_path, {"TERM": "xterm-256color"})
     yield t
     t.close()
