@@ -1,0 +1,177 @@
+"""What gets measured: targets (a concept and the vectors that claim to steer it) and
+conditions (how a request is steered), and the exact request each condition sends.
+
+Requests are built by `morph.tasks`, the same code `morph steer` uses, with the sampling
+`morph steer` sends (repeat penalty 1.1), made greedy and capped at 80 tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from morph import tasks
+from morph.engine.base import Request
+from morph.errors import MorphError
+from morph.eval.prompts import EvalPrompt
+from morph.steering.vector import ControlVector
+
+GEN = {"max_tokens": 80, "temperature": 0.0, "top_p": 0.95, "repeat_penalty": 1.1}
+DEFAULT_SCALES = (0.5, 1.0, 1.5, 2.0)  # multiples of each vector's default scale
+STEERED = ("diffmean", "sae", "file")  # condition kinds that are one vector alone
+KINDS = ("unsteered", "prompt", "diffmean", "sae", "sae+prompt", "file")
+
+# How the prompting baseline asks for each pole, in the task's own framing:
+# "Rewrite this text <phrase>:" and, for continue, "(Written <phrase>.)" above the text.
+STYLE_PHRASES = {
+    "formal": "in a formal, polite, professional register",
+    "casual": "in a casual, chatty register",
+    "concise": "concisely, in as few words as possible",
+    "elaborate": "in an elaborate, detailed, wordy style",
+    "vivid": "vividly, with sensory, concrete imagery",
+    "plain": "plainly and literally, without imagery",
+    "technical": "in a technical register, with precise terms, numbers and units",
+    "simple": "in simple everyday words a child could follow",
+    "positive": "in a positive, enthusiastic, warm tone",
+    "critical": "in a critical, skeptical, fault-finding tone",
+    "poetic": "poetically, with rhythm and metaphor",
+    "prosaic": "as matter-of-fact, literal prose",
+}
+
+
+@dataclass
+class Source:
+    """One vector that claims to steer a concept: a catalog feature or a user's file."""
+
+    method: str  # "sae" | "diffmean" | "file"
+    vector: ControlVector
+    default_scale: float
+    label: str  # e.g. "formal@sae" or the file path
+
+
+@dataclass
+class Target:
+    concept: str  # the judge's pole name
+    description: str = ""
+    sources: dict[str, Source] = field(default_factory=dict)  # by method
+
+    @property
+    def phrase(self) -> str:
+        return STYLE_PHRASES.get(self.concept) or f"in this style: {self.description or self.concept}"
+
+
+@dataclass(frozen=True)
+class Condition:
+    kind: str  # one of KINDS
+    concept: str = ""  # "" for unsteered
+    scale_x: float = 0.0  # multiple of the source's default scale (0: no vector)
+    apply: str = "all"  # where the vector applies (Request.apply)
+
+    @property
+    def method(self) -> str | None:
+        return {"sae+prompt": "sae"}.get(self.kind, self.kind if self.kind in STEERED else None)
+
+    @property
+    def prompted(self) -> bool:
+        return self.kind in ("prompt", "sae+prompt")
+
+    @property
+    def key(self) -> str:
+        if self.kind in ("unsteered", "prompt"):
+            return self.kind
+        return f"{self.kind} x{self.scale_x:g} {self.apply}"
+
+
+def apply_modes() -> tuple[str, ...]:
+    """The application variants the engine's Request supports (item 2): 'all' until
+    `Request.apply` exists, then whatever the engine documents."""
+    from morph.engine import base
+
+    if "apply" not in {f.name for f in dataclasses.fields(Request)}:
+        return ("all",)
+    return tuple(getattr(base, "APPLY_MODES", ("all", "generated")))
+
+
+def plan(targets: list[Target], scales=DEFAULT_SCALES, applies=("all",), kinds=KINDS) -> list[Condition]:
+    """Every condition to run, unsteered first (the reference every shift is taken from)."""
+    out = [Condition("unsteered")]
+    for t in targets:
+        if "prompt" in kinds:
+            out.append(Condition("prompt", t.concept))
+        for method in t.sources:
+            for kind in (method, "sae+prompt") if method == "sae" else (method,):
+                if kind not in kinds:
+                    continue
+                for a in applies:
+                    for s in scales:
+                        out.append(Condition(kind, t.concept, float(s), a))
+    return out
+
+
+def instruct(req: Request, phrase: str) -> Request:
+    """The prompting baseline: the same framing with a style instruction in it."""
+    if req.messages is not None:
+        msgs = [dict(m) for m in req.messages]
+        head, sep, rest = msgs[-1]["content"].partition(":")
+        msgs[-1]["content"] = f"{head} {phrase}{sep}{rest}" if sep else f"{msgs[-1]['content']}\n\n(Write it {phrase}.)"
+        return dataclasses.replace(req, messages=msgs)
+    return dataclasses.replace(req, prompt=f"(Written {phrase}.)\n\n{req.prompt}")
+
+
+def build(prompt: EvalPrompt, cond: Condition, target: Target | None) -> Request:
+    """The request `morph steer --mode TASK -f CONCEPT=SCALE --temperature 0 --max-tokens 80`
+    sends for this condition (plus the style instruction for the prompting conditions)."""
+    kw = dict(GEN)
+    if cond.method is not None:
+        src = target.sources[cond.method]
+        kw["steering"] = src.vector * (src.default_scale * cond.scale_x)
+        if cond.apply != "all":
+            if "apply" not in {f.name for f in dataclasses.fields(Request)}:
+                raise MorphError(f"this engine has no apply modes (asked for {cond.apply!r})")
+            kw["apply"] = cond.apply
+    req = tasks.build_request(prompt.task, prompt.text, **kw)
+    if cond.prompted:
+        req = instruct(req, target.phrase)
+    return req
+
+
+def plain(prompt: EvalPrompt) -> Request:
+    """The un-instructed, unsteered request: the context every output's NLL is scored in."""
+    return tasks.build_request(prompt.task, prompt.text, **GEN)
+
+
+def targets_from_catalog(catalog, names: list[str] | None, known_concepts: list[str],
+                         methods=("sae", "diffmean")) -> list[Target]:
+    """One target per feature name (all of the catalog's when `names` is None), with each
+    of its methods as a source. Names the judge cannot score are an error when asked for
+    by name and skipped otherwise."""
+    from morph.errors import MorphError
+
+    wanted = names if names is not None else [n for n in catalog.names() if n in known_concepts]
+    out = []
+    for name in wanted:
+        if name not in known_concepts:
+            raise MorphError(f"the judge cannot score {name!r} (it knows: {', '.join(sorted(known_concepts))})")
+        feats = [f for f in catalog.features if f.name == name and f.method in methods]
+        if not feats:
+            avail = ", ".join(catalog.names()) or "none"
+            raise MorphError(f"unknown feature {name!r} for {catalog.model_id} (available: {avail})")
+        t = Target(name, feats[0].description)
+        for f in feats:
+            t.sources[f.method] = Source(f.method, f.load_vector(), float(f.default_scale), f.key)
+        out.append(t)
+    return out
+
+
+def target_from_file(path: str, scale: float | None, concept: str | None, known_concepts: list[str],
+                     n_embd: int, n_layer: int) -> Target:
+    """A user's own control-vector file, measured against the judge's `concept`."""
+    from morph.errors import MorphError
+
+    cv = ControlVector.load(path)
+    cv.validate(n_embd, n_layer, where=path)
+    concept = concept or str(cv.meta.get("name") or "")
+    if concept not in known_concepts:
+        raise MorphError(f"{path}: say which concept it steers with --concept (one of: {', '.join(sorted(known_concepts))})")
+    default = scale if scale is not None else float(cv.meta.get("default_scale") or 1.0)
+    return Target(concept, str(cv.meta.get("description") or ""), {"file": Source("file", cv, default, path)})
