@@ -151,3 +151,100 @@ def test_bad_options_are_one_error_line(args, msg, data_dir):
     assert r.exit_code == 1
     lines = [ln for ln in r.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("morph: error: ") and msg in lines[0], r.output
+
+
+# --- the real judge and the shipped features (issue 10 item 7) ---------------------------
+
+MODEL_ID = "smollm2-135m-instruct"
+ACCURACY_FLOOR = 0.75  # per axis, on the judge's held-out examples
+MEAN_ACCURACY_FLOOR = 0.85
+
+
+@pytest.fixture(scope="module")
+def judge():
+    from morph.eval.judge import Embedder, Judge
+
+    return Judge(Embedder(threads=1))
+
+
+def test_judge_held_out_accuracy_is_above_the_floor(judge):
+    acc = {name: v["heldout_accuracy"] for name, v in judge.heldout().items()}
+    assert len(acc) == 6 and all(v >= ACCURACY_FLOOR for v in acc.values()), acc
+    assert np.mean(list(acc.values())) >= MEAN_ACCURACY_FLOOR, acc
+    # and it reads style, not topic: the same content in either pole's words
+    s = judge.score(["Hey, you coming to lunch or what?", "We would be honoured if you could attend the luncheon on Friday."], "formal")
+    assert s[1] > 0.5 > s[0]
+
+
+def _offered() -> list[dict]:
+    """Shipped entries offered by default: measured, and not experimental."""
+    raw = json.loads((paths.shipped_vectors_dir() / MODEL_ID / "features.json").read_text(encoding="utf-8"))
+    return [e for e in raw["features"] if "eval" in e.get("scores", {}) and e.get("experimental") is False]
+
+
+def _same_norm_random(cv, seed: int):
+    from morph.steering.vector import ControlVector
+
+    rng = np.random.default_rng(seed)
+    dirs = {}
+    for il, v in cv.directions.items():
+        r = rng.standard_normal(v.shape[0]).astype(np.float32)
+        dirs[il] = (r / np.linalg.norm(r) * np.linalg.norm(v)).astype(np.float32)
+    return ControlVector(dirs, cv.model_hint, dict(cv.meta))
+
+
+def _goals(engine, judge, entries, swap_random: bool) -> dict[str, dict]:
+    """Each entry measured on a small fixed sample of the report half, at the condition,
+    apply mode and scale its scores.eval records, against unsteered and prompting."""
+    from morph.steering.catalog import Catalog
+
+    catalog = Catalog(MODEL_ID)
+    targets: dict[str, plan.Target] = {}
+    conds = [plan.Condition("unsteered")]
+    for i, e in enumerate(entries):
+        f = catalog.get(f"{e['name']}@{e['method']}")
+        cv = _same_norm_random(f.load_vector(), i) if swap_random else f.load_vector()
+        t = targets.setdefault(e["name"], plan.Target(e["name"], f.description))
+        if not t.sources:
+            conds.append(plan.Condition("prompt", e["name"]))
+        t.sources[e["method"]] = plan.Source(e["method"], cv, f.default_scale, f.key)
+        ev = e["scores"]["eval"]
+        conds.append(plan.Condition(e["method"], e["name"], ev["scale_x"], ev["apply"]))
+    sample = prompts.load_prompts("report", quick=True, limit=2)
+    res = run.evaluate(engine, judge, list(targets.values()), sample, conds, run.Cache(None), progress=False)
+    engine.set_steering(None)
+    return {f"{r['concept']}@{r['method']}": r["goal"] for r in res["rows"] if r.get("goal")}
+
+
+@pytest.mark.slow
+def test_offered_features_meet_the_goal_and_random_vectors_do_not(engine, judge):
+    entries = _offered()
+    assert entries, "no shipped feature is offered by default (all experimental?)"
+    goals = _goals(engine, judge, entries, swap_random=False)
+    failing = {k: g for k, g in goals.items() if not g["meets_goal"]}
+    assert not failing, failing
+    # The same check with each vector swapped for a random one of the same norm fails.
+    goals = _goals(engine, judge, entries, swap_random=True)
+    passing = [k for k, g in goals.items() if g["meets_goal"]]
+    assert not passing, passing
+
+
+def test_continuation_logprobs_takes_token_ids_and_leaves_the_cache_valid(engine):
+    """The NLL score runs in the chat framing, so it passes token ids (special tokens kept)."""
+    from morph.engine.base import collect
+
+    p = prompts.load_prompts("report", quick=True)[0]
+    req = plan.plain(p)
+    ctx = engine.prepare_tokens(req)
+    engine.set_steering(None)
+    engine.reset_cache()
+    first = collect(engine.stream(req))
+    a = engine.continuation_logprobs(ctx, first.token_ids)
+    b = engine.continuation_logprobs(ctx, engine.tokenize("A different answer.", add_bos=False))
+    c = engine.continuation_logprobs(ctx, first.token_ids)
+    assert a.shape == (len(first.token_ids),) and np.array_equal(a, c) and b.shape[0] > 0
+    # Greedy output is the model's own choice, so it is far likelier than another text.
+    assert -a.mean() < -b.mean()
+    assert engine.cached_tokens == ctx  # the cache holds exactly the prompt afterwards
+    engine.reset_cache()
+    assert collect(engine.stream(req)).text == first.text  # a fresh context: what morph steer prints

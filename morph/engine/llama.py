@@ -159,6 +159,14 @@ class LlamaEngine:
         self._reset_kv()
         return True
 
+    def reset_cache(self) -> None:
+        """Forget the KV cache, so the next request runs as in a fresh process. Prefix reuse
+        is not bit-exact (the prompt's last token evaluated alone takes other kernels than
+        in a batch), so greedy text can differ after ~50 tokens; `morph eval` measures what
+        `morph steer` (a fresh process) prints."""
+        with self._lock:
+            self._reset_kv()
+
     def _reset_kv(self) -> None:
         self.llm._ctx.kv_cache_clear()
         self.llm.n_tokens = 0

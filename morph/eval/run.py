@@ -1,9 +1,8 @@
 """Run an evaluation: every (condition, prompt) through the product path, then scores.
 
 Generation goes through `engine.stream` with the request `morph steer` would send (see
-plan.build): no private batch path, so what is measured is what users get. Requests are
-ordered so that one vector's requests run back to back (a vector change clears the KV
-cache) and rewrites share the system prompt's KV prefix. Generations and NLLs are cached
+plan.build), each from a fresh KV cache as in a new `morph steer` process: no private
+batch path, so what is measured is what users get, whatever order requests run in. Generations and NLLs are cached
 (JSONL, keyed by the model, the exact prompt tokens, the sampling fields and the vector's
 numbers), so an interrupted run resumes and a report can be redrawn without the model.
 """
@@ -96,6 +95,7 @@ def generate(engine, jobs: list[tuple[EvalPrompt, Condition, object]], cache: Ca
         return (vec, getattr(req, "apply", "all"), jobs[i][0].task != "rewrite", i)
 
     out: list[dict | None] = [None] * len(jobs)
+    reset = getattr(engine, "reset_cache", None)
     with _progress(len(jobs), "generate", progress) as bar:
         for i in sorted(range(len(jobs)), key=group):
             prompt, cond, req = jobs[i]
@@ -103,6 +103,8 @@ def generate(engine, jobs: list[tuple[EvalPrompt, Condition, object]], cache: Ca
             key = gen_key(engine, tokens, req)
             rec = cache.get(key)
             if rec is None:
+                if reset is not None:
+                    reset()  # as `morph steer` runs it: a fresh context (see LlamaEngine.reset_cache)
                 c = collect(engine.stream(req))
                 rec = {"text": c.text, "ids": list(c.token_ids), "finish": c.finish_reason}
                 cache.put(key, rec)
@@ -114,23 +116,23 @@ def generate(engine, jobs: list[tuple[EvalPrompt, Condition, object]], cache: Ca
 def nlls(engine, items: list[tuple[EvalPrompt, list[int]]], cache: Cache, progress: bool = True) -> list[float]:
     """Mean NLL per token of each output (token ids) under the unsteered model, in the
     plain framing of its prompt's task. NaN for an empty output."""
-    out = []
+    out: list[float] = [float("nan")] * len(items)
     ctx_of: dict[str, list[int]] = {}
+    order = sorted(range(len(items)), key=lambda i: (items[i][0].id, i))  # one prompt's outputs in a row: its KV is reused
     with _progress(len(items), "score NLL", progress) as bar:
-        for prompt, ids in items:
+        for i in order:
+            prompt, ids = items[i]
             if prompt.id not in ctx_of:
                 ctx_of[prompt.id] = engine.prepare_tokens(planmod.plain(prompt))
             ctx = ctx_of[prompt.id]
-            if not ids:
-                out.append(float("nan"))
-            else:
+            if ids:
                 key = _digest("nll", CACHE_VERSION, _model_id(engine), ctx, ids)
                 rec = cache.get(key)
                 if rec is None:
                     lp = engine.continuation_logprobs(ctx, ids, None)
                     rec = {"nll": float(-np.mean(lp))}
                     cache.put(key, rec)
-                out.append(rec["nll"])
+                out[i] = rec["nll"]
             bar.update(1)
     return out
 
