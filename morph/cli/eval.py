@@ -97,9 +97,10 @@ def eval_cmd(obj, features, vectors, concept, methods, kinds, quick, split, limi
         results = json.loads(Path(from_json).read_text(encoding="utf-8"))
         if tuned_choice is not None:
             results["selected"] = run.select(results["rows"], tuned_choice)
+            results["meta"]["selection"] = f"per method at the scale and apply chosen on the tune half ({tuned})"
     else:
         results = _run(obj, names, vec_specs, concept, method_list, kind_list, quick, split, limit,
-                       scale_list, applies, tuned_choice, cache, no_cache, threads, not no_progress)
+                       scale_list, applies, tuned_choice, tuned, cache, no_cache, threads, not no_progress)
 
     if out:
         from morph import fsutil
@@ -117,7 +118,7 @@ def eval_cmd(obj, features, vectors, concept, methods, kinds, quick, split, limi
 
 
 def _run(obj, names, vec_specs, concept, methods, kinds, quick, split, limit, scales, applies,
-         tuned_choice, cache, no_cache, threads, progress) -> dict:
+         tuned_choice, tuned, cache, no_cache, threads, progress) -> dict:
     from morph import models, paths
     from morph.config import load_config
     from morph.engine import load_engine
@@ -162,7 +163,7 @@ def _run(obj, names, vec_specs, concept, methods, kinds, quick, split, limit, sc
         "n_prompts": len(prompts), "n_by_task": by_task, "gen": planmod.GEN,
         "scales": list(scales), "apply_modes": list(apply_list), "conditions": list(kinds),
         "judge": {"embedder": judgemod.EMBEDDER_NAME + " + logistic regression", "axes": judge.heldout()},
-        "selection": "per method at the scale and apply chosen on the tune half" if tuned_choice
+        "selection": f"per method at the scale and apply chosen on the tune half ({tuned})" if tuned_choice
         else "per method at its default scale (x1), applied at every position",
         "command": "morph eval " + " ".join(sys.argv[sys.argv.index("eval") + 1:]) if "eval" in sys.argv else "morph eval",
         "date": time.strftime("%Y-%m-%d"), "wall_s": round(time.perf_counter() - t0, 1),
