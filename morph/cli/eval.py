@@ -5,6 +5,7 @@ Thin: parse, open the engine and the judge, call morph.eval, print and write.
 
 from __future__ import annotations
 
+import gzip
 import json
 import sys
 import time
@@ -35,6 +36,14 @@ def _floats(value: str, what: str) -> tuple[float, ...]:
     return out
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        data = path.read_bytes()
+        return json.loads(gzip.decompress(data) if path.suffix == ".gz" else data)
+    except (OSError, ValueError) as e:
+        raise MorphError(f"{path}: not a morph eval results file ({e})") from None
+
+
 @cli.command("eval")
 @click.option("--features", metavar="A,B", help="Feature names to measure [default: every feature the judge can score].")
 @click.option("--vector", "vectors", multiple=True, metavar="PATH[=SCALE]",
@@ -54,7 +63,7 @@ def _floats(value: str, what: str) -> tuple[float, ...]:
               help="Where vectors apply (Request.apply) [default: every mode the engine has].")
 @click.option("--tuned", type=click.Path(exists=True, dir_okay=False),
               help="Results JSON of a --split tune run: report each method at the scale/apply chosen there.")
-@click.option("--out", type=click.Path(dir_okay=False), help="Write the results (JSON) here.")
+@click.option("--out", type=click.Path(dir_okay=False), help="Write the results (JSON; gzipped if it ends in .gz) here.")
 @click.option("--from", "from_json", type=click.Path(exists=True, dir_okay=False),
               help="Do not run: re-read results JSON (to print, --report-md or --write-features).")
 @click.option("--report-md", type=click.Path(dir_okay=False),
@@ -91,10 +100,10 @@ def eval_cmd(obj, features, vectors, concept, methods, kinds, quick, split, limi
         raise MorphError(f"unknown condition {bad[0]!r} (use: {', '.join(planmod.KINDS)})")
     scale_list = _floats(scales, "--scales") if scales else ((1.0,) if quick else planmod.DEFAULT_SCALES)
     vec_specs = [split_scale(v, default=None) for v in vectors]
-    tuned_choice = run.tuned_choice(json.loads(Path(tuned).read_text(encoding="utf-8"))) if tuned else None
+    tuned_choice = run.tuned_choice(_read_json(Path(tuned))) if tuned else None
 
     if from_json:
-        results = json.loads(Path(from_json).read_text(encoding="utf-8"))
+        results = _read_json(Path(from_json))
         if tuned_choice is not None:
             results["selected"] = run.select(results["rows"], tuned_choice)
             results["meta"]["selection"] = f"per method at the scale and apply chosen on the tune half ({tuned})"
@@ -105,7 +114,8 @@ def eval_cmd(obj, features, vectors, concept, methods, kinds, quick, split, limi
     if out:
         from morph import fsutil
 
-        fsutil.atomic_write(out, (json.dumps(results, indent=1) + "\n").encode("utf-8"))
+        data = (json.dumps(results, indent=1) + "\n").encode("utf-8")
+        fsutil.atomic_write(out, gzip.compress(data, mtime=0) if out.endswith(".gz") else data)
         click.echo(f"morph: wrote {out}", err=True)
     click.echo(report.text_table(results["rows"]))
     click.echo("")
