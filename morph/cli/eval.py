@@ -120,6 +120,7 @@ def eval_cmd(obj, features, vectors, concept, methods, kinds, quick, split, limi
     click.echo(report.text_table(results["rows"]))
     click.echo("")
     click.echo(report.text_table_selected(results))
+    click.echo(report.summary_line(results))
     if report_md:
         click.echo(f"morph: wrote {report.eval_md(results, Path(report_md))}", err=True)
     if write_features:

@@ -62,6 +62,15 @@ def selected_rows(results: dict) -> list[list[str]]:
     return body
 
 
+def summary_line(results: dict) -> str:
+    ok, short = [], []
+    for concept, sel in results["selected"].items():
+        good = [m for m, r in sel["methods"].items() if r["goal"]["meets_goal"]]
+        (ok if good else short).append(f"{concept} ({', '.join(good)})" if good else concept)
+    return (f"Meet the goal: {len(ok)} of {len(ok) + len(short)} features"
+            + (f": {', '.join(ok)}" if ok else "") + (f". Experimental: {', '.join(short)}." if short else "."))
+
+
 SELECTED_HEADER = ["feature", "method", "apply", "scale", "concept shift", "prompting shift",
                    "relevance ratio", "NLL ratio", "hmean", "meets goal"]
 
@@ -131,6 +140,7 @@ def eval_md(results: dict, path: Path) -> Path:
              f"move its concept the wrong way (mean shift <= 0, or more prompts moved away than toward it by "
              f"more than {runmod.SHIFT_EPS}). Features that fall short are marked experimental in features.json.", "",
              md_table(SELECTED_HEADER, selected_rows(results)), "",
+             summary_line(results), "",
              "## Scores", "",
              "```", (scores.__doc__ or "").strip(), "```", "",
              "Concept shift and relevance are means over prompts; `rel_x` and `nll_x` are ratios of "
