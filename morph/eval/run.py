@@ -157,9 +157,6 @@ def evaluate(engine, judge, targets: list[Target], prompts: list[EvalPrompt], co
         uniq.setdefault((p.id, tuple(g["ids"])), len(uniq))
     pmap = {p.id: p for p in prompts}
     nll_u = nlls(engine, [(pmap[pid], list(ids)) for pid, ids in uniq], cache, progress)
-    engine_reset = getattr(engine, "set_steering", None)
-    if engine_reset:
-        engine_reset(None)
 
     texts = [g["text"].strip() for g in gens]
     out_emb = judge.embed(texts)
@@ -308,5 +305,5 @@ def tuned_choice(results: dict) -> dict:
             continue
         out.setdefault(r["concept"], {}).setdefault(r["method"], [])
         out[r["concept"]][r["method"]].append(r)
-    return {c: {m: {"apply": choose(rs)["apply"], "scale_x": choose(rs)["scale_x"]} for m, rs in ms.items()}
-            for c, ms in out.items()}
+    picks = {c: {m: choose(rs) for m, rs in ms.items()} for c, ms in out.items()}
+    return {c: {m: {"apply": r["apply"], "scale_x": r["scale_x"]} for m, r in ms.items()} for c, ms in picks.items()}
