@@ -75,9 +75,10 @@ def _read_json(path: Path) -> dict:
 @click.option("--no-cache", is_flag=True, help="Generate everything afresh and keep nothing.")
 @click.option("--threads", type=click.IntRange(1, None), default=None, help="llama.cpp and judge threads.")
 @click.option("--no-progress", is_flag=True, help="No progress bars on stderr.")
+@click.option("--note", "notes", multiple=True, metavar="TEXT", help="A note for the --report-md page (repeatable).")
 @click.pass_obj
 def eval_cmd(obj, features, vectors, concept, methods, kinds, quick, split, limit, scales, applies, tuned,
-             out, from_json, report_md, write_features, cache, no_cache, threads, no_progress):
+             out, from_json, report_md, write_features, cache, no_cache, threads, no_progress, notes):
     """Measure how features steer: concept shift (an independent judge), relevance to the
     input, fluency (NLL under the unsteered model, repetition), against unsteered text,
     prompting with a style instruction, diffmean and SAE vectors.
@@ -111,6 +112,8 @@ def eval_cmd(obj, features, vectors, concept, methods, kinds, quick, split, limi
         results = _run(obj, names, vec_specs, concept, method_list, kind_list, quick, split, limit,
                        scale_list, applies, tuned_choice, tuned, cache, no_cache, threads, not no_progress)
 
+    if notes:
+        results["meta"]["notes"] = list(notes)
     if out:
         from morph import fsutil
 

@@ -127,6 +127,7 @@ def eval_md(results: dict, path: Path) -> Path:
              f"the request `morph steer` sends. Scales are multiples of each vector's default "
              f"({', '.join(f'x{s:g}' for s in meta['scales'])}); apply modes: {', '.join(meta['apply_modes'])}. "
              f"Scale choice: {meta['selection']}.", "",
+             *[f"- {n}" for n in meta.get("notes", [])], *([""] if meta.get("notes") else []),
              "## The judge", "",
              f"Judge: {meta['judge']['embedder']}: one logistic regression per axis on MiniLM embeddings, trained on "
              "`morph/data/eval/judge/` (written for the judge, not the recipes); accuracy on its held-out part:", "",
