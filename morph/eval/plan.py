@@ -18,7 +18,7 @@ from morph.steering.vector import ControlVector
 
 GEN = {"max_tokens": 80, "temperature": 0.0, "top_p": 0.95, "repeat_penalty": 1.1}
 DEFAULT_SCALES = (0.5, 1.0, 1.5, 2.0)  # multiples of each vector's default scale
-COMBO_SCALES = (1.0,)  # SAE plus prompting: at the feature's default scale only
+COMBO_SCALES = (1.0,)  # SAE plus prompting: at the default scale and the first apply mode only
 STEERED = ("diffmean", "sae", "file")  # condition kinds that are one vector alone
 KINDS = ("unsteered", "prompt", "diffmean", "sae", "sae+prompt", "file")
 
@@ -103,7 +103,7 @@ def plan(targets: list[Target], scales=DEFAULT_SCALES, applies=("all",), kinds=K
             for kind in (method, "sae+prompt") if method == "sae" else (method,):
                 if kind not in kinds:
                     continue
-                for a in applies:
+                for a in (applies[:1] if kind == "sae+prompt" else applies):
                     for s in (COMBO_SCALES if kind == "sae+prompt" else scales):
                         out.append(Condition(kind, t.concept, float(s), a))
     return out
