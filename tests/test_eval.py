@@ -134,6 +134,21 @@ def test_requests_are_the_ones_morph_steer_sends():
     assert both.steering is not None and (both.messages or both.prompt) == (prompted.messages or prompted.prompt)
 
 
+def test_plan_covers_every_condition_once():
+    from morph.steering.vector import ControlVector
+
+    cv = ControlVector({16: np.ones(576, np.float32)})
+    t = plan.Target("formal", sources={m: plan.Source(m, cv, 0.3, f"formal@{m}") for m in ("sae", "diffmean")})
+    conds = plan.plan([t], scales=(0.5, 1.0), applies=("all", "generated"))
+    keys = [c.key for c in conds]
+    assert keys[:2] == ["unsteered", "prompt"] and len(set(keys)) == len(keys)
+    assert sorted(c.key for c in conds if c.kind == "sae") == [
+        "sae x0.5 all", "sae x0.5 generated", "sae x1 all", "sae x1 generated"]
+    assert sum(c.kind == "diffmean" for c in conds) == 4
+    assert [c.key for c in conds if c.kind == "sae+prompt"] == ["sae+prompt x1 all"]
+    assert [c.key for c in plan.plan([t], kinds=("unsteered", "diffmean"), scales=(1.0,))] == ["unsteered", "diffmean x1 all"]
+
+
 def _cli(*args):
     from morph.cli import cli
 
