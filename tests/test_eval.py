@@ -4,7 +4,7 @@ shipped features measured against it (real model, real engine, real judge)."""
 from __future__ import annotations
 
 import json
-import re
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -235,7 +235,10 @@ def _goals(engine, judge, entries, swap_random: bool) -> dict[str, dict]:
 def test_offered_features_meet_the_goal_and_random_vectors_do_not(engine, judge):
     entries = _offered()
     assert entries, "no shipped feature is offered by default (all experimental?)"
-    goals = _goals(engine, judge, entries, swap_random=False)
+    # MORPH_TEST_SWAP_RANDOM=1 swaps the shipped vectors for random ones of the same norm
+    # here too, to see this test fail as it should.
+    swap = os.environ.get("MORPH_TEST_SWAP_RANDOM") == "1"
+    goals = _goals(engine, judge, entries, swap_random=swap)
     failing = {k: g for k, g in goals.items() if not g["meets_goal"]}
     assert not failing, failing
     # The same check with each vector swapped for a random one of the same norm fails.
