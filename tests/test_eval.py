@@ -173,6 +173,7 @@ def test_bad_options_are_one_error_line(args, msg, data_dir):
 MODEL_ID = "smollm2-135m-instruct"
 ACCURACY_FLOOR = 0.75  # per axis, on the judge's held-out examples
 MEAN_ACCURACY_FLOOR = 0.85
+SAMPLE_PER_TASK = 4  # the first report prompts per task: a subset of those EVAL.md measured
 
 
 @pytest.fixture(scope="module")
@@ -225,7 +226,7 @@ def _goals(engine, judge, entries, swap_random: bool) -> dict[str, dict]:
         t.sources[e["method"]] = plan.Source(e["method"], cv, f.default_scale, f.key)
         ev = e["scores"]["eval"]
         conds.append(plan.Condition(e["method"], e["name"], ev["scale_x"], ev["apply"]))
-    sample = prompts.load_prompts("report", quick=True, limit=2)
+    sample = prompts.load_prompts("report", limit=SAMPLE_PER_TASK)
     res = run.evaluate(engine, judge, list(targets.values()), sample, conds, run.Cache(None), progress=False)
     engine.set_steering(None)
     return {f"{r['concept']}@{r['method']}": r["goal"] for r in res["rows"] if r.get("goal")}
