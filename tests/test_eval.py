@@ -116,22 +116,23 @@ def test_selection_prefers_goal_then_hmean_and_honours_tuning():
 def test_requests_are_the_ones_morph_steer_sends():
     from morph.steering.vector import ControlVector
 
-    p = prompts.load_prompts("report", quick=True)[0]
     cv = ControlVector({16: np.ones(576, np.float32)})
     t = plan.Target("formal", sources={"sae": plan.Source("sae", cv, 0.3, "formal@sae")})
-    steered = plan.build(p, plan.Condition("sae", "formal", 1.5), t)
-    ref = tasks.build_request(p.task, p.text, max_tokens=80, temperature=0.0, top_p=0.95, repeat_penalty=1.1,
-                              steering=cv * 0.45)
-    assert steered.messages == ref.messages and steered.prompt == ref.prompt
-    assert steered.steering.fingerprint() == ref.steering.fingerprint()
-    assert (steered.max_tokens, steered.temperature, steered.repeat_penalty) == (80, 0.0, 1.1)
-    prompted = plan.build(p, plan.Condition("prompt", "formal"), t)
-    assert prompted.steering is None
-    user = prompted.messages[-1]["content"] if prompted.messages else prompted.prompt
-    assert plan.STYLE_PHRASES["formal"] in user and p.text in user
-    assert prompted.messages[:-1] == ref.messages[:-1] if ref.messages else True
-    both = plan.build(p, plan.Condition("sae+prompt", "formal", 1.0), t)
-    assert both.steering is not None and (both.messages or both.prompt) == (prompted.messages or prompted.prompt)
+    for p in (prompts.load_prompts("report", quick=True)[0], prompts.load_prompts("report", quick=True)[-1]):
+        steered = plan.build(p, plan.Condition("sae", "formal", 1.5), t)
+        ref = tasks.build_request(p.task, p.text, max_tokens=80, temperature=0.0, steering=cv * 0.45)
+        assert steered.messages == ref.messages and steered.prompt == ref.prompt
+        assert steered.steering.fingerprint() == ref.steering.fingerprint()
+        assert (steered.max_tokens, steered.temperature, steered.repeat_penalty, steered.apply) == (80, 0.0, 1.1, "all")
+        prompted = plan.build(p, plan.Condition("prompt", "formal"), t)
+        assert prompted.steering is None
+        if p.task == "rewrite":  # tasks' own prompted rewrite
+            assert prompted.messages == tasks.rewrite_messages(p.text, plan.STYLE_PHRASES["formal"])
+        else:
+            assert prompted.prompt == f"(Written {plan.STYLE_PHRASES['formal']}.)\n\n{p.text}"
+        both = plan.build(p, plan.Condition("sae+prompt", "formal", 1.0), t)
+        assert both.steering is not None and (both.messages, both.prompt) == (prompted.messages, prompted.prompt)
+    assert {p.task for p in prompts.load_prompts("report", quick=True)} == {"rewrite", "continue"}
 
 
 def test_plan_covers_every_condition_once():

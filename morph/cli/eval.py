@@ -36,6 +36,18 @@ def _floats(value: str, what: str) -> tuple[float, ...]:
     return out
 
 
+def _vector_spec(text: str) -> tuple[str, float | None]:
+    """--vector PATH[=SCALE] -> (path, SCALE or None: the file's own default)."""
+    path, sep, val = text.rpartition("=") if "=" in text else (text, "", "")
+    try:
+        scale = float(val) if sep else None
+    except ValueError:
+        raise MorphError(f"{text!r}: the scale after '=' must be a number") from None
+    if not path:
+        raise MorphError(f"{text!r}: missing path before '='")
+    return path, scale
+
+
 def _read_json(path: Path) -> dict:
     try:
         data = path.read_bytes()
@@ -91,7 +103,6 @@ def eval_cmd(obj, features, vectors, concept, methods, kinds, quick, split, limi
     """
     from morph.eval import plan as planmod
     from morph.eval import report, run
-    from morph.steering.vector import split_scale
 
     names = _csv(features)
     method_list = tuple(_csv(methods) or ())
@@ -100,7 +111,7 @@ def eval_cmd(obj, features, vectors, concept, methods, kinds, quick, split, limi
     if bad:
         raise MorphError(f"unknown condition {bad[0]!r} (use: {', '.join(planmod.KINDS)})")
     scale_list = _floats(scales, "--scales") if scales else ((1.0,) if quick else planmod.DEFAULT_SCALES)
-    vec_specs = [split_scale(v, default=None) for v in vectors]
+    vec_specs = [_vector_spec(v) for v in vectors]
     tuned_choice = run.tuned_choice(_read_json(Path(tuned))) if tuned else None
 
     if from_json:
@@ -129,6 +140,9 @@ def eval_cmd(obj, features, vectors, concept, methods, kinds, quick, split, limi
     if write_features:
         changed = report.write_features(results, Path(write_features))
         click.echo(f"morph: scores for {len(changed)} entries in {write_features}", err=True)
+
+
+_GEN_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "repeat_penalty", "repeat_last_n", "seed")
 
 
 def _run(obj, names, vec_specs, concept, methods, kinds, quick, split, limit, scales, applies,
@@ -174,7 +188,8 @@ def _run(obj, names, vec_specs, concept, methods, kinds, quick, split, limit, sc
         by_task[p.task] = by_task.get(p.task, 0) + 1
     res["meta"] = {
         "model_id": info.model_id, "model": info.fingerprint, "split": split, "quick": quick,
-        "n_prompts": len(prompts), "n_by_task": by_task, "gen": planmod.GEN,
+        "n_prompts": len(prompts), "n_by_task": by_task,
+        "gen": {k: v for k, v in vars(planmod.plain(prompts[0])).items() if k in _GEN_FIELDS},
         "scales": list(scales), "apply_modes": list(apply_list), "conditions": list(kinds),
         "judge": {"embedder": judgemod.EMBEDDER_NAME + " + logistic regression", "axes": judge.heldout()},
         "selection": f"per method at the scale and apply chosen on the tune half ({tuned})" if tuned_choice

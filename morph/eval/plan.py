@@ -1,22 +1,20 @@
 """What gets measured: targets (a concept and the vectors that claim to steer it) and
 conditions (how a request is steered), and the exact request each condition sends.
 
-Requests are built by `morph.tasks`, the same code `morph steer` uses, with the sampling
-`morph steer` sends (repeat penalty 1.1), made greedy and capped at 80 tokens.
+Requests are built by `morph.tasks`, the same code `morph steer` uses, with its shipped
+sampling defaults (repeat penalty 1.1), made greedy and capped at 80 tokens.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 from morph import tasks
 from morph.engine.base import Request
-from morph.errors import MorphError
 from morph.eval.prompts import EvalPrompt
 from morph.steering.vector import ControlVector
 
-GEN = {"max_tokens": 80, "temperature": 0.0, "top_p": 0.95, "repeat_penalty": 1.1}
+GEN = {"max_tokens": 80, "temperature": 0.0}  # greedy, 80 tokens; the rest: tasks' defaults
 DEFAULT_SCALES = (0.5, 1.0, 1.5, 2.0)  # multiples of each vector's default scale
 COMBO_SCALES = (1.0,)  # SAE plus prompting: at the default scale and the first apply mode only
 STEERED = ("diffmean", "sae", "file")  # condition kinds that are one vector alone
@@ -84,13 +82,10 @@ class Condition:
 
 
 def apply_modes() -> tuple[str, ...]:
-    """The application variants the engine's Request supports (item 2): 'all' until
-    `Request.apply` exists, then whatever the engine documents."""
-    from morph.engine import base
+    """The application variants the engine supports (issue 10 item 2)."""
+    from morph.engine.base import APPLY_MODES
 
-    if "apply" not in {f.name for f in dataclasses.fields(Request)}:
-        return ("all",)
-    return tuple(getattr(base, "APPLY_MODES", ("all", "generated")))
+    return tuple(APPLY_MODES)
 
 
 def plan(targets: list[Target], scales=DEFAULT_SCALES, applies=("all",), kinds=KINDS) -> list[Condition]:
@@ -109,31 +104,23 @@ def plan(targets: list[Target], scales=DEFAULT_SCALES, applies=("all",), kinds=K
     return out
 
 
-def instruct(req: Request, phrase: str) -> Request:
-    """The prompting baseline: the same framing with a style instruction in it."""
-    if req.messages is not None:
-        msgs = [dict(m) for m in req.messages]
-        head, sep, rest = msgs[-1]["content"].partition(":")
-        msgs[-1]["content"] = f"{head} {phrase}{sep}{rest}" if sep else f"{msgs[-1]['content']}\n\n(Write it {phrase}.)"
-        return dataclasses.replace(req, messages=msgs)
-    return dataclasses.replace(req, prompt=f"(Written {phrase}.)\n\n{req.prompt}")
-
-
 def build(prompt: EvalPrompt, cond: Condition, target: Target | None) -> Request:
     """The request `morph steer --mode TASK -f CONCEPT=SCALE --temperature 0 --max-tokens 80`
-    sends for this condition (plus the style instruction for the prompting conditions)."""
+    sends for this condition (shipped sampling defaults, not the user's config.toml), with
+    the style instruction for the prompting conditions: tasks' own prompted rewrite
+    ("Rewrite this text <phrase>:"), and "(Written <phrase>.)" above a continue opening."""
     kw = dict(GEN)
     if cond.method is not None:
         src = target.sources[cond.method]
         kw["steering"] = src.vector * (src.default_scale * cond.scale_x)
-        if cond.apply != "all":
-            if "apply" not in {f.name for f in dataclasses.fields(Request)}:
-                raise MorphError(f"this engine has no apply modes (asked for {cond.apply!r})")
-            kw["apply"] = cond.apply
-    req = tasks.build_request(prompt.task, prompt.text, **kw)
+        kw["apply"] = cond.apply
+    text, style = prompt.text, None
     if cond.prompted:
-        req = instruct(req, target.phrase)
-    return req
+        if prompt.task == "rewrite":
+            style = target.phrase
+        else:
+            text = f"(Written {target.phrase}.)\n\n{text}"
+    return tasks.build_request(prompt.task, text, style=style, **kw)
 
 
 def plain(prompt: EvalPrompt) -> Request:
