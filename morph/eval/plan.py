@@ -82,10 +82,13 @@ class Condition:
 
 
 def apply_modes() -> tuple[str, ...]:
-    """The application variants the engine supports (issue 10 item 2)."""
-    from morph.engine.base import APPLY_MODES
+    """The application variants the engine implements (issue 10 item 2). `Request.apply`
+    reached main before the engine honoured it (it was ignored: "generated" would silently
+    measure "all"), so the modes count only once engine.base has `apply_factors`, the
+    engine branch's one rule for them."""
+    from morph.engine import base
 
-    return tuple(APPLY_MODES)
+    return tuple(base.APPLY_MODES) if hasattr(base, "apply_factors") else ("all",)
 
 
 def plan(targets: list[Target], scales=DEFAULT_SCALES, applies=("all",), kinds=KINDS) -> list[Condition]:
