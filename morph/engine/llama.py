@@ -206,6 +206,14 @@ class LlamaEngine:
         self._reset_kv()
         return True
 
+    def reset_cache(self) -> None:
+        """Forget the KV cache, so the next request runs as in a fresh process. Prefix reuse
+        is not bit-exact (the prompt's last token evaluated alone takes other kernels than
+        in a batch), so greedy text can differ after ~50 tokens; `morph eval` measures what
+        `morph steer` (a fresh process) prints."""
+        with self._lock:
+            self._reset_kv()
+
     def _reset_kv(self) -> None:
         self.llm._ctx.kv_cache_clear()
         self.llm.n_tokens = 0
@@ -256,27 +264,40 @@ class LlamaEngine:
             return self._last_logits()
 
     def continuation_logprobs(
-        self, prompt: str, continuation: str, steering: ControlVector | None = None
+        self, prompt: str | Sequence[int], continuation: str | Sequence[int],
+        steering: ControlVector | None = None,
     ) -> np.ndarray:
         """Log-probability of each token of `continuation` after `prompt`, under `steering`.
 
-        Used to score features (does "formal" raise the formal wording?) and fluency.
+        Either may be token ids (e.g. a chat prompt from `prepare_tokens` and the ids a
+        stream generated). Used to score features and fluency (`morph eval`).
         """
-        ctx_tokens = self.tokenize(prompt)
-        cont = self.tokenize(continuation, add_bos=False)
-        tokens = ctx_tokens + cont
-        if not cont or len(tokens) > self.llm.n_batch:
+        ctx_tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        cont = self.tokenize(continuation, add_bos=False) if isinstance(continuation, str) else list(continuation)
+        if not cont or len(cont) > self.llm.n_batch:
             raise MorphError(f"continuation scoring needs 1..{self.llm.n_batch} tokens")
+        if not ctx_tokens:
+            raise MorphError("continuation scoring needs a non-empty prompt")
         llm = self.llm
         with self._lock:
             self.set_steering(steering)
-            self._reset_kv()
-            llm._batch.set_batch(tokens, n_past=0, logits_all=True)
-            llm._ctx.decode(llm._batch)
-            n_vocab = llm.n_vocab()
-            logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(len(tokens), n_vocab))
-            rows = logits[len(ctx_tokens) - 1 : len(tokens) - 1].astype(np.float64)
-            self._reset_kv()  # the batch bypassed the token bookkeeping: start clean
+            # The prompt goes through the KV cache like a generation's (prefix reuse: many
+            # continuations of one prompt cost only their own tokens), then the
+            # continuation is decoded with logits at every position and dropped again, so
+            # the cache holds exactly the prompt afterwards.
+            self._prime(ctx_tokens, threading.Event())
+            n0 = llm.n_tokens
+            first = self._last_logits()[None, :]
+            rest = np.zeros((0, first.shape[1]), np.float32)
+            try:
+                if len(cont) > 1:
+                    llm._batch.set_batch(cont[:-1], n_past=n0, logits_all=True)
+                    llm._ctx.decode(llm._batch)
+                    rest = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(len(cont) - 1, first.shape[1]))
+                rows = np.concatenate([first, rest]).astype(np.float64)
+            finally:
+                llm._ctx.kv_cache_seq_rm(-1, n0, -1)
+                llm.n_tokens = n0
         m = rows.max(axis=1, keepdims=True)
         lse = (m + np.log(np.exp(rows - m).sum(axis=1, keepdims=True)))[:, 0]
         return rows[np.arange(len(cont)), cont] - lse
