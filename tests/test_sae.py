@@ -164,10 +164,12 @@ def test_features_search_matches_latent_explanations(data_dir):
     assert {"formal@sae", "formal@diffmean"} <= {f"{h['name']}@{h['method']}" for h in json.loads(r.stdout)["features"]}
 
 
-def test_catalog_prefers_sae_and_names_method():
+def test_catalog_picks_the_better_measured_method_and_names_it():
     cat = Catalog(MODEL_ID, [(SHIPPED, "shipped")])
-    assert cat.get("formal").method == "sae"
-    assert cat.get("formal@diffmean").method == "diffmean"
+    both = [f for f in cat.features if f.name == "formal"]
+    best = max(both, key=lambda f: (f.measured is not None, f.measured or 0.0, f.method == "sae"))
+    assert cat.get("formal", experimental=True).key == best.key
+    assert cat.get("formal@diffmean", experimental=True).method == "diffmean"
 
 
 def test_vectors_build_rejects_bad_layer(data_dir):
@@ -175,13 +177,13 @@ def test_vectors_build_rejects_bad_layer(data_dir):
     assert r.returncode != 0 and "--layer" in r.stderr.decode() and "Traceback" not in r.stderr.decode()
 
 
-def test_steer_picks_sae_feature_and_names_method(data_dir):
-    """`morph steer -f formal` uses the SAE vector; `formal@diffmean` the diffmean one."""
+def test_steer_names_the_method_it_used(data_dir):
+    """`-f formal@sae` uses the SAE vector, `formal@diffmean` the diffmean one; the log says which."""
     text = b"hey can u send me the report by friday"
     outs = []
-    for spec in ("formal", "formal@diffmean"):
-        r = subprocess.run([sys.executable, "-m", "morph", "steer", "-f", spec, "--temperature", "0",
-                            "--max-tokens", "12"], input=text, capture_output=True, timeout=120,
+    for spec in ("formal@sae", "formal@diffmean"):
+        r = subprocess.run([sys.executable, "-m", "morph", "steer", "--experimental", "-f", spec, "--temperature",
+                            "0", "--max-tokens", "12"], input=text, capture_output=True, timeout=120,
                            env=dict(os.environ, MORPH_DATA_DIR=str(data_dir)))
         assert r.returncode == 0, r.stderr
         outs.append(r.stdout.decode())
