@@ -8,8 +8,9 @@ import threading
 import numpy as np
 import pytest
 
-from morph.engine import Request, collect
+from morph.engine import Engine, Request, collect
 from morph.engine.llama import LlamaEngine
+from morph.errors import MorphError
 from morph.steering.vector import ControlVector
 
 TEXT = "The meeting is moved to Thursday afternoon because the"
@@ -160,7 +161,45 @@ def test_capture_shapes_and_edit_equals_control_vector(engine):
 
     cv = _random_cv(engine, [12], 50.0, seed=11)
     v = cv.directions[12]
-    edited = engine.capturer().logits_with_edit(TEXT, 12, lambda a: a + v)
+    edited = engine.logits_with_edit(TEXT, 12, lambda a: a + v)
     steered = engine.logits(TEXT, cv)
     assert np.allclose(edited, steered, atol=1e-4), np.abs(edited - steered).max()
     assert not np.allclose(edited, engine.logits(TEXT), atol=1e-2)
+
+
+def test_engine_implements_the_protocol(engine):
+    assert isinstance(engine, Engine)
+    assert engine.n_vocab == 49152 and engine.n_embd == 576 and engine.n_layer == 30
+    im_end = engine.tokenize("<|im_end|>", add_bos=False, special=True)
+    assert len(im_end) == 1 and engine.is_eog(im_end[0])
+    assert not engine.is_eog(engine.tokenize(" the", add_bos=False)[0])
+    assert engine.detokenize(im_end, special=True) == "<|im_end|>" and engine.detokenize(im_end) == ""
+
+
+def test_ggml_abi_assumptions_hold(engine):
+    """Capture reads ggml tensors through ctypes (morph/engine/ggml.py). A llama-cpp-python
+    whose ggml ABI moved fails here with a message naming the assumption that broke."""
+    from morph.engine import ggml
+
+    ggml.check_abi()  # the type field at offset 0, ne[] at 16, nbytes/nelements, callback signature
+    # The check can fail, and names what changed:
+    with pytest.raises(MorphError, match="type at offset 8"):
+        ggml.check_abi(type_offset=8)
+    with pytest.raises(MorphError, match=r"ne\[\] is not at offset 24"):
+        ggml.check_abi(ne_offset=24)
+    # On a live graph: a block's output read in the eval callback is (n_tokens, n_embd) F32
+    # (tensor_rows checks type, ne[0], nbytes == 4 * nelements, contiguity), the same rows
+    # the capture API gives, and an edit written back reaches everything downstream.
+    tokens = engine.tokenize(TEXT)
+    n = len(tokens)
+    v = _random_cv(engine, [12], 50.0, seed=4).directions[12]
+    with engine.batch_runner(n_seq=1, n_ctx=256, n_batch=256) as runner:
+        _, clean = runner.decode(tokens, list(range(n)), [0] * n, [False] * (n - 1) + [True], layers=[12, 14])
+        runner.clear()
+        _, edited = runner.decode(tokens, list(range(n)), [0] * n, [False] * (n - 1) + [True], layers=[12, 14],
+                                  edit=lambda layer, a: a + v if layer == 12 else None)
+    assert clean[12].shape == (n, engine.n_embd) and clean[12].dtype == np.float32
+    assert np.array_equal(clean[12], engine.capture([TEXT], 12, drop_first=False)[0])
+    assert np.array_equal(clean[14][1:], engine.capture([TEXT], 14)[0])
+    assert np.array_equal(edited[12], clean[12] + v)
+    assert not np.allclose(edited[14], clean[14], atol=1e-2)

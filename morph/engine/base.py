@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Iterator, Protocol, Sequence, runtime_checkable
+from typing import Callable, Iterator, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -72,6 +72,43 @@ class Event:
     timings: Timings | None = None
 
 
+EditFn = Callable[[int, np.ndarray], "np.ndarray | None"]  # (layer, acts) -> new acts or None
+
+
+class BatchRunner(Protocol):
+    """Many sequences decoded together in a context of their own (not the generation
+    context), with residual capture and per-row edits at chosen blocks. Not thread-safe.
+    Positions and sequence ids are the caller's; `clear` forgets cells."""
+
+    n_seq: int  # sequences it holds
+    n_ctx: int  # KV cells in all
+    n_batch: int  # tokens per decode call at most
+    n_embd: int
+    n_layer: int
+    n_vocab: int
+
+    def clear(self, seq: int = -1) -> None:
+        """Forget sequence `seq`'s cells (-1: all)."""
+        ...
+
+    def decode(self, tokens: Sequence[int], pos: Sequence[int], seq: Sequence[int], logits: Sequence[bool],
+               layers: Sequence[int] = (), edit: EditFn | None = None,
+               stop_after: bool = False) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+        """Evaluate one batch: row i is token i at position pos[i] of sequence seq[i].
+        Returns (logits of the rows with logits[i] true, in order, valid until the next
+        call; {layer: (n, n_embd) output of that block for every row}). `edit(layer, acts)` may return replacement
+        activations, which everything downstream sees. stop_after: end the graph after
+        the deepest captured block (faster; logits and deeper cells are then garbage,
+        so `clear` before reusing those sequences)."""
+        ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> "BatchRunner": ...
+
+    def __exit__(self, *exc) -> None: ...
+
+
 @runtime_checkable
 class Engine(Protocol):
     name: str
@@ -80,9 +117,28 @@ class Engine(Protocol):
     @property
     def n_ctx(self) -> int: ...
 
+    @property
+    def n_embd(self) -> int:
+        """Width of the residual stream."""
+        ...
+
+    @property
+    def n_layer(self) -> int:
+        """Transformer blocks; `direction.N` / `l_out-N` name block N (0-based)."""
+        ...
+
+    @property
+    def n_vocab(self) -> int: ...
+
     def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]: ...
 
-    def detokenize(self, ids: Sequence[int]) -> str: ...
+    def detokenize(self, ids: Sequence[int], special: bool = False) -> str:
+        """Text of `ids`; special=True renders special tokens (e.g. `<|im_end|>`) as text."""
+        ...
+
+    def is_eog(self, token: int) -> bool:
+        """Whether `token` ends generation (EOS, end of turn, ...)."""
+        ...
 
     def format_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str: ...
 
@@ -93,7 +149,31 @@ class Engine(Protocol):
         ...
 
     def logits(self, text: str, steering: ControlVector | None = None) -> np.ndarray:
-        """Next-token logits after `text` (used for tests and feature scoring)."""
+        """Next-token logits after `text` under `steering`."""
+        ...
+
+    def continuation_logprobs(self, prompt: str, continuation: str,
+                              steering: ControlVector | None = None) -> np.ndarray:
+        """log p of each token of `continuation` after `prompt`, teacher-forced, under `steering`."""
+        ...
+
+    def capture(self, texts: Sequence[str], layer: int, add_bos: bool = True,
+                drop_first: bool = True) -> list[np.ndarray]:
+        """Per text, the unsteered output of block `layer` (`l_out-<layer>`), (n_tokens,
+        n_embd) float32; position 0 (the attention sink) dropped unless drop_first=False."""
+        ...
+
+    def logits_with_edit(self, text: str, layer: int,
+                         edit: Callable[[np.ndarray], "np.ndarray | None"]) -> np.ndarray:
+        """Next-token logits after `text` (unsteered) with block `layer`'s output replaced
+        by `edit(acts)` (acts: (n_tokens, n_embd); None keeps them)."""
+        ...
+
+    def batch_runner(self, n_seq: int = 32, n_ctx: int = 8192, n_batch: int = 512,
+                     unified: bool = True) -> BatchRunner:
+        """A new multi-sequence context on this model (see BatchRunner); close it after use.
+        unified=False gives each sequence its own KV stream (then a batch must be one
+        sequence, or one token per sequence with consecutive ids)."""
         ...
 
     def close(self) -> None: ...

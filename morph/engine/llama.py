@@ -63,6 +63,7 @@ class LlamaEngine:
         self._n_embd = self.llm.n_embd()
         self._n_layer = info.n_layer
         self._vocab = self.llm._model.vocab
+        self._n_vocab = self.llm.n_vocab()
         self._lock = threading.Lock()  # one stream at a time on the context
         self._cancel = threading.Event()
         self._cvec_key: bytes | None = None  # fingerprint of the vector now set (None: none)
@@ -86,14 +87,21 @@ class LlamaEngine:
         return self._n_layer
 
     @property
+    def n_vocab(self) -> int:
+        return self._n_vocab
+
+    @property
     def cached_tokens(self) -> list[int]:
         return self.llm.input_ids[: self.llm.n_tokens].tolist()
 
     def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
 
-    def detokenize(self, ids: Sequence[int]) -> str:
-        return self.llm.detokenize(list(ids)).decode("utf-8", errors="replace")
+    def detokenize(self, ids: Sequence[int], special: bool = False) -> str:
+        return self.llm.detokenize(list(ids), special=special).decode("utf-8", errors="replace")
+
+    def is_eog(self, token: int) -> bool:
+        return bool(self._lc.llama_vocab_is_eog(self._vocab, int(token)))
 
     def format_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -191,7 +199,7 @@ class LlamaEngine:
 
     def _last_logits(self) -> np.ndarray:
         ptr = self.llm._ctx.get_logits_ith(-1)
-        return np.ctypeslib.as_array(ptr, shape=(self.llm.n_vocab(),)).copy()
+        return np.ctypeslib.as_array(ptr, shape=(self._n_vocab,)).copy()
 
     def _piece(self, tok: int) -> bytes:
         n = self._lc.llama_token_to_piece(self._vocab, tok, self._piece_buf, len(self._piece_buf), 0, False)
@@ -226,8 +234,7 @@ class LlamaEngine:
             self._reset_kv()
             llm._batch.set_batch(tokens, n_past=0, logits_all=True)
             llm._ctx.decode(llm._batch)
-            n_vocab = llm.n_vocab()
-            logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(len(tokens), n_vocab))
+            logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(len(tokens), self._n_vocab))
             rows = logits[len(ctx_tokens) - 1 : len(tokens) - 1].astype(np.float64)
             self._reset_kv()  # the batch bypassed the token bookkeeping: start clean
         m = rows.max(axis=1, keepdims=True)
@@ -267,7 +274,7 @@ class LlamaEngine:
         s = internals.LlamaSampler()
         if request.repeat_penalty and request.repeat_penalty != 1.0:
             # Tiny models loop easily, steered ones more so: a mild penalty keeps them going.
-            s.add_penalties(self.llm.n_vocab(), int(request.repeat_last_n), float(request.repeat_penalty), 0.0, 0.0)
+            s.add_penalties(self._n_vocab, int(request.repeat_last_n), float(request.repeat_penalty), 0.0, 0.0)
         if request.temperature <= 0:
             s.add_greedy()
         else:
@@ -310,7 +317,7 @@ class LlamaEngine:
                     t_first = now
                     tim.ttft_s = now - t0
                 tim.gen_tokens += 1
-                if self._lc.llama_vocab_is_eog(self._vocab, tok):
+                if self.is_eog(tok):
                     finish = "stop"
                     break
                 piece = decoder.decode(self._piece(tok))
@@ -350,22 +357,26 @@ class LlamaEngine:
         tim.total_s = end - t0
         yield Event(done=True, finish_reason=finish, timings=tim)
 
-    # --- activation capture -------------------------------------------------------------
+    # --- activation capture and batched runs (contexts of their own) -------------------
 
-    def capture(self, texts: Sequence[str], layer: int, **kw):
-        """Residual-stream activations `l_out-<layer>` per text (BOS excluded); see capture.py."""
-        from morph.engine.capture import Capturer
-
-        if self._capture is None:
-            self._capture = Capturer(self)
-        return self._capture.capture(texts, layer, **kw)
-
-    def capturer(self):
+    def _capturer(self):
         from morph.engine.capture import Capturer
 
         if self._capture is None:
             self._capture = Capturer(self)
         return self._capture
+
+    def capture(self, texts: Sequence[str], layer: int, add_bos: bool = True, drop_first: bool = True):
+        """Residual-stream activations `l_out-<layer>` per text (BOS excluded); see capture.py."""
+        return self._capturer().capture(texts, layer, add_bos=add_bos, drop_first=drop_first)
+
+    def logits_with_edit(self, text: str, layer: int, edit) -> np.ndarray:
+        return self._capturer().logits_with_edit(text, layer, edit)
+
+    def batch_runner(self, n_seq: int = 32, n_ctx: int = 8192, n_batch: int = 512, unified: bool = True):
+        from morph.engine.batch import BatchRunner
+
+        return BatchRunner(self, n_seq=n_seq, n_ctx=n_ctx, n_batch=n_batch, unified=unified)
 
 
 def _find_stop(text: str, stops: list[str]) -> int | None:

@@ -70,7 +70,6 @@ Progress = Callable[[str, int | None], Callable[[int], None]]  # (stage, total) 
 def build(info: ModelInfo, cfg: BuildConfig, out_dir: Path | None = None,
           progress: Progress | None = None, log: Callable[[str], None] = lambda s: None) -> dict:
     from morph.engine.llama import LlamaEngine
-    from morph.sae.batch import BatchRunner
     from morph.sae.interpret import explain
     from morph.sae.io import save_sae
     from morph.sae.select import Scorer, select_axis
@@ -128,7 +127,7 @@ def build(info: ModelInfo, cfg: BuildConfig, out_dir: Path | None = None,
 
         def piece(tok: int) -> str:
             if tok not in piece_cache:
-                piece_cache[tok] = engine.llm.detokenize([tok], special=True).decode("utf-8", "replace")
+                piece_cache[tok] = engine.detokenize([tok], special=True)
             return piece_cache[tok]
 
         ev = ev_mod.build_evidence(sae, idx, val, corp.doc, corp.pos, corp.docs, piece)
@@ -146,7 +145,7 @@ def build(info: ModelInfo, cfg: BuildConfig, out_dir: Path | None = None,
 
         # 4. named features
         t = time.perf_counter()
-        runner = BatchRunner(engine, n_seq=32, n_ctx=4096, n_batch=_score_batch(engine))
+        runner = engine.batch_runner(n_seq=32, n_ctx=4096, n_batch=_score_batch(engine))
         try:
             scorer = Scorer(engine, runner, layer)
             picks = []
@@ -230,8 +229,7 @@ def _cached_corpus(path: Path | None, layer: int, ccfg, info: ModelInfo):
 
 def _score_batch(engine) -> int:
     """Tokens per scoring batch: every token's logits are kept, so bound that buffer (~256 MB)."""
-    n_vocab = engine.llm.n_vocab()
-    return int(max(64, min(1024, (256 << 20) // (4 * n_vocab))))
+    return int(max(64, min(1024, (256 << 20) // (4 * engine.n_vocab))))
 
 
 def _latent_expl(ev: dict, j: int) -> str:

@@ -1,7 +1,7 @@
 """The SAE training corpus: morph's own prompts plus the model's continuations of them.
 
 Openings from `morph/data/corpus/prompts.jsonl` (18 genres, written for morph) are
-continued by the model itself, many sequences at a time (batch.BatchRunner), and the
+continued by the model itself, many sequences at a time (`engine.batch_runner`), and the
 residual stream `l_out-L` of every token is captured during generation: prompt and
 continuation tokens alike, so no second capture pass is needed.
 
@@ -169,7 +169,7 @@ def build_corpus(
     prompt is evaluated in a call of its own, then every running sequence advances by one
     token per call (consecutive sequence ids, so llama.cpp keeps the batch order).
     """
-    from morph.sae.batch import BatchRunner, sample_rows
+    from morph.sae.sampling import sample_rows
 
     prompts = prompts if prompts is not None else load_prompts()
     total = int(cfg.tokens)
@@ -180,8 +180,6 @@ def build_corpus(
     n_rows = 0
     docs: list[dict] = []
     jobs = iter_jobs(engine, prompts, cfg.max_prompt)
-    eog = engine._lc.llama_vocab_is_eog
-    vocab = engine.llm._model.vocab
     per_seq = -(-(cfg.max_prompt + cfg.max_new + 8) // 256) * 256  # llama.cpp pads n_ctx to 256
     counts: Counter = Counter()
     # Per slot: (job, doc index, rng); the next token to feed and its position.
@@ -212,7 +210,7 @@ def build_corpus(
         """Record sampled token `tok` for slot s, or end its job."""
         job, d, _ = slots[s]
         n_gen = len(docs[d]["tokens"]) - docs[d]["n_prompt"]
-        if eog(vocab, tok):
+        if engine.is_eog(tok):
             counts["stop_eog"] += 1
         elif n_gen >= cfg.max_new:
             counts["stop_length"] += 1
@@ -229,7 +227,7 @@ def build_corpus(
         nonlocal target
         target = limit
         slots[:] = [None] * n_seq
-        with BatchRunner(engine, n_seq=n_seq, n_ctx=n_seq * per_seq,
+        with engine.batch_runner(n_seq=n_seq, n_ctx=n_seq * per_seq,
                          n_batch=max(cfg.max_prompt, n_seq), unified=False) as runner:
             while n_rows < target:
                 for s in range(n_seq):  # refill free slots, one prompt per call
@@ -306,8 +304,6 @@ def _reframe(engine, layers, docs, acts, row_doc, row_pos, n_rows, total, progre
     The tokens are the model's own, the contexts new. Capture stops at the deepest layer
     (no logits needed): ~2.3x cheaper per row than generating it.
     """
-    from morph.sae.batch import BatchRunner
-
     if n_rows >= total:
         return n_rows
     n_batch = 1024
@@ -337,7 +333,7 @@ def _reframe(engine, layers, docs, acts, row_doc, row_pos, n_rows, total, progre
         pending = []
 
     sources = [d for d in range(len(docs))]
-    with BatchRunner(engine, n_seq=16, n_ctx=n_batch, n_batch=n_batch, unified=True) as runner:
+    with engine.batch_runner(n_seq=16, n_ctx=n_batch, n_batch=n_batch, unified=True) as runner:
         for rnd in range(3):
             for d in sources:
                 if n_rows >= total:

@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 
 from morph.errors import MorphError
-from morph.sae.batch import BatchRunner
+from morph.engine.base import BatchRunner
 from morph.sae.score import Item, logprobs
 from morph.sae.train import SAE
 from morph.steering import diffmean as dm

@@ -23,7 +23,6 @@ import time
 import numpy as np
 
 from morph import models, paths
-from morph.sae.batch import BatchRunner
 from morph.sae.corpus import CorpusConfig, build_corpus, drop_outliers, load_prompts
 from morph.sae.evidence import encode_corpus
 from morph.sae.score import Item, kl, logprobs
@@ -100,7 +99,7 @@ def main(argv=None) -> None:
     rng = np.random.default_rng(0)
     rand_dirs = rng.standard_normal((4, info.n_embd)).astype(np.float32)
     recipes = {r: dm.load_recipe(paths.recipes_dir() / f"{r}.json") for r in a.axes}
-    runner = BatchRunner(engine, n_seq=32, n_ctx=4096, n_batch=512)
+    runner = engine.batch_runner(n_seq=32, n_ctx=4096, n_batch=512)
     for L in a.layers:
         t = time.perf_counter()
         x = corp.acts[L]
