@@ -140,6 +140,19 @@ def test_stop_strings_and_seed(engine):
     assert a.finish_reason in ("stop", "length")
 
 
+@pytest.mark.parametrize("stop", ["\n\n", "@" * 30])
+def test_stop_string_that_never_occurs_changes_nothing_when_the_model_ends(engine, stop):
+    """Issue 9.4: text held back while it could still start a stop string is delivered
+    when the model ends with end-of-generation (ghost text has a stop string always)."""
+    msgs = [{"role": "user", "content": "What is 2+2? Answer with a number only."}]
+    plain = collect(engine.stream(Request(messages=msgs, max_tokens=40, temperature=0)))
+    assert plain.finish_reason == "stop" and plain.timings.gen_tokens < 40  # ended by EOG
+    assert plain.text.strip()
+    held = collect(engine.stream(Request(messages=msgs, max_tokens=40, temperature=0, stop=[stop])))
+    assert held.text == plain.text
+    assert held.token_ids == plain.token_ids and held.finish_reason == "stop"
+
+
 def test_chat_messages_use_template(engine):
     text = engine.format_chat([{"role": "user", "content": "hi"}])
     assert "<|im_start|>user" in text and text.rstrip().endswith("<|im_start|>assistant")

@@ -304,6 +304,7 @@ class LlamaEngine:
         pending = ""  # text held back while it could still be the start of a stop string
         pending_ids: list[int] = []
         finish = "length"
+        hit_stop = False  # a stop string ended the text (else the model, a limit or a cancel did)
         t_first = None
         llm = self.llm
         try:
@@ -331,8 +332,8 @@ class LlamaEngine:
                     if cut is not None:
                         if cut:
                             yield Event(text=pending[:cut], token_ids=tuple(pending_ids))
-                        pending = ""
-                        finish = "stop"
+                        pending, pending_ids = "", []
+                        finish, hit_stop = "stop", True
                         break
                     safe = len(pending) - hold
                     if safe > 0:
@@ -345,11 +346,15 @@ class LlamaEngine:
                 # decode step sooner). A caller that stops at the yield leaves a cache that
                 # lacks this token, which the next request's prefix match simply re-evaluates.
                 llm.eval([tok])
-            tail = decoder.decode(b"", final=True)
-            if finish != "stop" or not stops:
-                pending += tail
-            if pending and finish != "stop":
-                yield Event(text=pending, token_ids=tuple(pending_ids))
+            if not hit_stop:
+                # Ended by end-of-generation, a limit or a cancel: what was held back (it
+                # could have begun a stop string) and the decoder's tail are still the text.
+                pending += decoder.decode(b"", final=True)
+                cut = _find_stop(pending, stops) if stops else None
+                if cut is not None:
+                    pending, finish = pending[:cut], "stop"
+                if pending:
+                    yield Event(text=pending, token_ids=tuple(pending_ids))
         finally:
             sampler.close()
         end = time.perf_counter()
