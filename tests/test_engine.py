@@ -216,3 +216,145 @@ def test_ggml_abi_assumptions_hold(engine):
     assert np.array_equal(clean[14][1:], engine.capture([TEXT], 14)[0])
     assert np.array_equal(edited[12], clean[12] + v)
     assert not np.allclose(edited[14], clean[14], atol=1e-2)
+
+
+# --- where steering applies (Request.apply; issue 10.2 and 10.7c) -----------------------
+
+
+@pytest.fixture(scope="module")
+def fresh(model_info):
+    """A second engine; `_fresh(fresh)` drops its cache so that it is a fresh context."""
+    eng = LlamaEngine(model_info, n_ctx=1024, threads=1)
+    yield eng
+    eng.close()
+
+
+def _fresh(eng):
+    eng._reset_kv()
+    return eng
+
+
+def _greedy(engine, steering=None, apply="all", prompt=TEXT, n=10):
+    return collect(engine.stream(Request(prompt=prompt, max_tokens=n, temperature=0, steering=steering, apply=apply)))
+
+
+def _edit_rows(vector, n_prompt, prompt_f, gen_f):
+    """An eval-callback edit adding prompt_f * vector to the prompt's rows, gen_f * vector after."""
+
+    def edit(_layer, acts):
+        acts[:n_prompt] += np.float32(prompt_f) * vector
+        acts[n_prompt:] += np.float32(gen_f) * vector
+        return acts
+
+    return edit
+
+
+def _reference_greedy(engine, tokens, layer, vector, prompt_f, gen_f, n):
+    """Greedy tokens with the vector written into block `layer`'s output through the capture
+    machinery (a context of its own, no control vector): the whole sequence re-evaluated
+    from scratch at every step, so no KV cache of any kind is involved."""
+    seq, out = list(tokens), []
+    with engine.batch_runner(n_seq=1, n_ctx=256, n_batch=256) as runner:
+        for _ in range(n):
+            runner.clear()
+            m = len(seq)
+            logits, _ = runner.decode(seq, list(range(m)), [0] * m, [False] * (m - 1) + [True], layers=[layer],
+                                      edit=_edit_rows(vector, len(tokens), prompt_f, gen_f))
+            out.append(int(np.argmax(logits[-1])))
+            seq.append(out[-1])
+    return out
+
+
+def test_generated_only_steering_keeps_the_prompt_cache_unsteered(engine, fresh):
+    cv = _random_cv(engine, [12], 60.0, seed=5)
+    plain = _greedy(engine)
+    out = _greedy(engine, cv, "generated")
+    every = _greedy(engine, cv, "all")
+    assert out.finish_reason == "length"
+    # It steers, but only from the generated tokens on: the first token is chosen from the
+    # unsteered prompt's logits, then the text departs from the unsteered and "all" ones.
+    assert out.token_ids[0] == plain.token_ids[0]
+    assert out.token_ids != plain.token_ids and out.token_ids != every.token_ids
+    # Same text as a fresh context doing the same, and as the vector written at the
+    # generated positions only through the eval callback (no cache, no control vector).
+    assert _greedy(_fresh(fresh), cv, "generated").token_ids == out.token_ids
+    ref = _reference_greedy(engine, engine.tokenize(TEXT), 12, cv.directions[12], 0.0, 1.0, len(out.token_ids))
+    assert ref == out.token_ids
+    # The prompt's cache stayed valid for an unsteered request: only the last prompt token
+    # (always re-evaluated for fresh logits) is evaluated, and the text is the unsteered one.
+    _greedy(engine, cv, "generated")
+    again = _greedy(engine)
+    assert again.timings.evaluated_tokens == 1 and again.token_ids == plain.token_ids
+    # A prompt that runs on into the generated text re-evaluates the steered cells unsteered.
+    _greedy(engine, cv, "generated")
+    ext = TEXT + out.text
+    n_text = len(engine.tokenize(TEXT))
+    assert engine.tokenize(ext)[:n_text] == engine.tokenize(TEXT)
+    cont = _greedy(engine, None, prompt=ext, n=6)
+    assert cont.timings.evaluated_tokens == cont.timings.prompt_tokens - n_text
+    assert cont.token_ids == _greedy(_fresh(fresh), None, prompt=ext, n=6).token_ids
+
+
+def test_switching_where_steering_applies_never_reuses_stale_cache(engine, fresh):
+    """Requests that alternate vectors and `apply` over a growing prompt (each one's prefix
+    is the last one's cache) give what a fresh context gives, token for token, and the
+    next-token logits after each equal a fresh context's."""
+    from morph.engine.llama import _digest
+
+    cv = _random_cv(engine, [10, 14], 40.0, seed=7)
+    w = _random_cv(engine, [16], 50.0, seed=8)
+    steps = [(cv, "all"), (cv, "generated"), (None, "all"), (cv, "generated"), (w, "generated"),
+             (cv, "prompt-scaled"), (cv, "all"), (None, "generated"), (cv, "prompt-scaled:0.25"), (cv, "generated")]
+    prompt = TEXT
+    for vec, apply in steps:
+        got = _greedy(engine, vec, apply, prompt=prompt, n=5)
+        assert got.token_ids == _greedy(_fresh(fresh), vec, apply, prompt=prompt, n=5).token_ids, apply
+        prompt += got.text
+    for vec, apply in steps:
+        got = engine.logits(prompt, vec, apply)
+        assert np.array_equal(got, _fresh(fresh).logits(prompt, vec, apply)), apply
+    # The check can fail: were the cells' tags ignored, a steered request after a
+    # "generated" one would reuse the prompt cells computed unsteered.
+    _greedy(engine, cv, "generated", prompt=prompt)
+    engine._kv_tag[: engine.llm.n_tokens] = engine._tags.setdefault(_digest(cv), len(engine._tags))
+    stale = engine.logits(prompt, cv)
+    assert not np.allclose(stale, _fresh(fresh).logits(prompt, cv), atol=1e-3)
+    engine._reset_kv()
+
+
+def test_apply_factors_and_their_limits(engine):
+    cv = _random_cv(engine, [12], 60.0, seed=5)
+    gen = _greedy(engine, cv, "generated").token_ids
+    assert _greedy(engine, cv, "prompt-scaled:0").token_ids == gen
+    assert _greedy(engine, cv, "prompt-scaled:1").token_ids == _greedy(engine, cv, "all").token_ids
+    assert _greedy(engine, None, "generated").token_ids == _greedy(engine).token_ids
+    # prompt-scaled (0.5 by default) is what the callback gives with half the vector on the prompt
+    half = _greedy(engine, cv, "prompt-scaled", n=8).token_ids
+    assert half == _reference_greedy(engine, engine.tokenize(TEXT), 12, cv.directions[12], 0.5, 1.0, 8)
+    for bad in ("everywhere", "prompt-scaled:2", "prompt-scaled:x", "generated:0.5"):
+        with pytest.raises(MorphError, match="steering applies to"):
+            _greedy(engine, cv, bad)
+
+
+def test_continuation_logprobs_follow_apply(engine):
+    """Teacher-forced log-probs: the prompt as a request's prompt, the continuation as its
+    generated tokens, against the eval-callback reference (no control vector, no cache)."""
+    cv = _random_cv(engine, [12], 60.0, seed=9)
+    cont = " the weather was bad and the roads were closed."
+    p_tok, c_tok = engine.tokenize(TEXT), engine.tokenize(cont, add_bos=False)
+    toks = p_tok + c_tok
+    m = len(toks)
+    got_plain = engine.continuation_logprobs(TEXT, cont)
+    for apply, (pf, gf) in (("all", (1, 1)), ("generated", (0, 1)), ("prompt-scaled", (0.5, 1)), (None, (0, 0))):
+        with engine.batch_runner(n_seq=1, n_ctx=256, n_batch=256) as runner:
+            logits, _ = runner.decode(toks, list(range(m)), [0] * m, [i >= len(p_tok) - 1 for i in range(m - 1)] + [False],
+                                      layers=[12], edit=_edit_rows(cv.directions[12], len(p_tok), pf, gf))
+            lg = np.asarray(logits, np.float64)
+        lse = lg.max(axis=1) + np.log(np.exp(lg - lg.max(axis=1, keepdims=True)).sum(axis=1))
+        ref = lg[np.arange(len(c_tok)), c_tok] - lse
+        got = got_plain if apply is None else engine.continuation_logprobs(TEXT, cont, cv, apply)
+        assert got.shape == (len(c_tok),)
+        assert np.allclose(got, ref, atol=2e-3), (apply, np.abs(got - ref).max())
+    # the same prompt scored again reuses its cache and gives the same numbers
+    assert np.array_equal(engine.continuation_logprobs(TEXT, cont), got_plain)
+    assert np.array_equal(engine.continuation_logprobs(TEXT, cont, None, "generated"), got_plain)

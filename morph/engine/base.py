@@ -3,6 +3,24 @@
 LlamaEngine (llama.cpp, CPU) and VllmEngine (--gpu) both implement `Engine`. Callers
 (steer, editor, REPL, server) build a `Request`, iterate `engine.stream(request)` and get
 `Event`s: text pieces with their token ids, and a final event carrying `Timings`.
+
+Where the steering vector applies (`Request.apply`; every engine implements all three):
+
+- "all": every position, prompt included: llama.cpp's `--control-vector`.
+- "generated": the prompt is evaluated unsteered and the vector is added from the first
+  generated token on (that token is still chosen from the unsteered prompt's logits, as in
+  contrastive activation addition, which steers the positions after the instruction). The
+  prompt's KV cache is then the unsteered one, so it is reused by unsteered requests and
+  by "generated" requests with any vector. Measured (FACTS): rewrites keep their meaning
+  much better at strong scales, with a smaller style shift.
+- "prompt-scaled" (or "prompt-scaled:F", 0 <= F <= 1): the prompt gets the vector at F
+  times its scale (default PROMPT_SCALE) and the generated tokens get it in full. A
+  middle way from the literature's "smaller scale on the prompt": the model reads the
+  input mostly as written (less drift of the facts) but the generation still starts from
+  a steered context, so the first tokens shift too.
+
+`apply_factors` turns the string into (prompt factor, generation factor), the one rule
+both engines follow; a cache entry is valid only for the vector that produced it.
 """
 
 from __future__ import annotations
@@ -13,6 +31,7 @@ from typing import Callable, Iterator, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
+from morph.errors import MorphError
 from morph.models import ModelInfo
 from morph.steering.vector import ControlVector
 
@@ -32,6 +51,28 @@ class Request:
     steering: ControlVector | None = None  # already combined and scaled
     cancel: threading.Event | None = None  # set it to stop this stream at the next token
     add_bos: bool = True
+    apply: str = "all"  # where `steering` applies: "all" | "generated" | "prompt-scaled[:F]"
+
+
+APPLY_MODES = ("all", "generated", "prompt-scaled")
+PROMPT_SCALE = 0.5  # "prompt-scaled": the prompt's share of the vector unless ":F" says
+
+
+def apply_factors(apply: str) -> tuple[float, float]:
+    """(factor on prompt positions, factor on generated positions) for `Request.apply`."""
+    mode, _, arg = (apply or "all").partition(":")
+    if mode == "all" and not arg:
+        return 1.0, 1.0
+    if mode == "generated" and not arg:
+        return 0.0, 1.0
+    if mode == "prompt-scaled":
+        try:
+            f = float(arg) if arg else PROMPT_SCALE
+        except ValueError:
+            f = -1.0
+        if 0.0 <= f <= 1.0:
+            return f, 1.0
+    raise MorphError(f"steering applies to 'all', 'generated' or 'prompt-scaled[:F]' (0<=F<=1), not {apply!r}")
 
 
 @dataclass
@@ -148,13 +189,15 @@ class Engine(Protocol):
         """Stop whatever stream is running now (thread-safe)."""
         ...
 
-    def logits(self, text: str, steering: ControlVector | None = None) -> np.ndarray:
-        """Next-token logits after `text` under `steering`."""
+    def logits(self, text: str, steering: ControlVector | None = None, apply: str = "all") -> np.ndarray:
+        """Next-token logits after `text` under `steering` (the whole text is prompt, so
+        apply="generated" gives the unsteered logits)."""
         ...
 
-    def continuation_logprobs(self, prompt: str, continuation: str,
-                              steering: ControlVector | None = None) -> np.ndarray:
-        """log p of each token of `continuation` after `prompt`, teacher-forced, under `steering`."""
+    def continuation_logprobs(self, prompt: str, continuation: str, steering: ControlVector | None = None,
+                              apply: str = "all") -> np.ndarray:
+        """log p of each token of `continuation` after `prompt`, teacher-forced; `prompt`
+        positions get the prompt factor of `apply`, `continuation` ones the generation's."""
         ...
 
     def capture(self, texts: Sequence[str], layer: int, add_bos: bool = True,

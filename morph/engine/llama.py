@@ -2,14 +2,26 @@
 
 One warm generation context. A request's prompt is compared with the tokens already in
 the KV cache and only the new suffix is evaluated (prefix reuse). Steering is one
-control-vector buffer set with `llama_set_adapter_cvec`; changing it invalidates the KV
-cache (FACTS: stale KV after a change gives text matching neither output), so we clear it.
+control-vector buffer set with `llama_set_adapter_cvec`, which llama.cpp adds to every
+position evaluated while it is set. A cell computed under one vector is stale under
+another (FACTS: text matching neither output), so every cached cell is tagged with the
+vector it was computed under, and a request reuses only the cached prefix whose tokens
+*and* tags match what it needs.
+
+That is what makes `Request.apply` (base.py) cheap: for "generated" the prompt is
+evaluated with no vector (its cells tagged unsteered), the vector is set without touching
+the cache, and the generated tokens are evaluated under it (tagged steered). A later
+unsteered or "generated" request reuses the unsteered prompt cells and re-evaluates the
+steered ones; a later "all" request needs steered cells from position 0 and re-evaluates
+everything. Each change of the vector costs llama.cpp a scheduler re-reserve on the next
+evaluation (a few ms), so "generated" pays it twice per steered request.
 """
 
 from __future__ import annotations
 
 import codecs
 import ctypes
+import hashlib
 import os
 import threading
 import time
@@ -17,7 +29,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from morph.engine.base import Event, Request, Timings
+from morph.engine.base import Event, Request, Timings, apply_factors
 from morph.errors import MorphError
 from morph.models import ModelInfo
 from morph.steering.vector import ControlVector
@@ -66,8 +78,10 @@ class LlamaEngine:
         self._n_vocab = self.llm.n_vocab()
         self._lock = threading.Lock()  # one stream at a time on the context
         self._cancel = threading.Event()
-        self._cvec_key: bytes | None = None  # fingerprint of the vector now set (None: none)
+        self._cvec_key: bytes | None = None  # digest of the vector now set (None: none)
         self._cvec_buf: np.ndarray | None = None  # keep alive while llama.cpp holds it
+        self._tags: dict[bytes | None, int] = {None: 0}  # vector digest -> small tag
+        self._kv_tag = np.zeros(self.llm.n_ctx(), np.int32)  # per cached cell: tag it was computed under
         self._capture = None  # lazily created capture context (morph.engine.capture)
         self._chat_formatter = None
         self._piece_buf = ctypes.create_string_buffer(64)
@@ -134,14 +148,14 @@ class LlamaEngine:
     # --- steering -------------------------------------------------------------------
 
     def set_steering(self, cv: ControlVector | None) -> bool:
-        """Apply `cv` (None or all-zero: none). Returns True if the KV cache was dropped."""
-        if cv is not None and cv.is_zero():
-            cv = None
-        key = None if cv is None else cv.fingerprint()
+        """Make `cv` (None or all-zero: none) the vector llama.cpp adds from the next
+        evaluation on. Returns True if that changed. The cache stays: cells computed under
+        another vector are not reused (see the module docstring)."""
+        key = _digest(cv)
         if key == self._cvec_key:
             return False
         ctx = self.llm._ctx.ctx
-        if cv is None:
+        if key is None:
             rc = self._lc.llama_set_adapter_cvec(ctx, None, 0, self._n_embd, 1, self._n_layer - 1)
             buf = None
         else:
@@ -164,8 +178,11 @@ class LlamaEngine:
             raise MorphError("llama.cpp rejected the control vector")
         self._cvec_buf = buf
         self._cvec_key = key
-        self._reset_kv()
         return True
+
+    def _tag(self) -> int:
+        """Tag of the vector set now (0: none)."""
+        return self._tags.setdefault(self._cvec_key, len(self._tags))
 
     def _reset_kv(self) -> None:
         self.llm._ctx.kv_cache_clear()
@@ -180,13 +197,11 @@ class LlamaEngine:
         logits are fresh for sampling.
         """
         llm = self.llm
-        cached = llm.input_ids[: llm.n_tokens]
-        n = min(len(cached), len(tokens) - 1)
+        n = min(llm.n_tokens, len(tokens) - 1)
         common = 0
         if n > 0:
-            a = np.asarray(cached[:n])
-            b = np.asarray(tokens[:n])
-            diff = np.nonzero(a != b)[0]
+            # reusable: same token, computed under the vector set now
+            diff = np.nonzero((llm.input_ids[:n] != np.asarray(tokens[:n])) | (self._kv_tag[:n] != self._tag()))[0]
             common = int(diff[0]) if diff.size else n
         llm._ctx.kv_cache_seq_rm(-1, common, -1)
         llm.n_tokens = common
@@ -194,8 +209,26 @@ class LlamaEngine:
         for i in range(0, len(todo), PROMPT_CHUNK):
             if cancel.is_set() or self._cancel.is_set():
                 return i, True
-            llm.eval(todo[i : i + PROMPT_CHUNK])
+            self._eval(todo[i : i + PROMPT_CHUNK])
         return len(todo), False
+
+    def _eval(self, tokens: list[int]) -> None:
+        """Append `tokens` to the cache under the vector set now (tagged with it)."""
+        n = self.llm.n_tokens
+        self._kv_tag[n : n + len(tokens)] = self._tag()
+        self.llm.eval(tokens)
+
+    def _eval_all_logits(self, tokens: list[int]) -> np.ndarray:
+        """Append `tokens` (at most n_batch) like `_eval`; returns the logits after each."""
+        llm = self.llm
+        n = llm.n_tokens
+        self._kv_tag[n : n + len(tokens)] = self._tag()
+        llm._ctx.kv_cache_seq_rm(-1, n, -1)
+        llm._batch.set_batch(tokens, n_past=n, logits_all=True)
+        llm._ctx.decode(llm._batch)
+        llm.input_ids[n : n + len(tokens)] = tokens
+        llm.n_tokens = n + len(tokens)
+        return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(len(tokens), self._n_vocab)).copy()
 
     def _last_logits(self) -> np.ndarray:
         ptr = self.llm._ctx.get_logits_ith(-1)
@@ -208,35 +241,39 @@ class LlamaEngine:
             n = self._lc.llama_token_to_piece(self._vocab, tok, self._piece_buf, -n, 0, False)
         return self._piece_buf.raw[:n]
 
-    def logits(self, text: str, steering: ControlVector | None = None) -> np.ndarray:
-        """Next-token logits after `text` with `steering` applied (cache reused when valid)."""
+    def logits(self, text: str, steering: ControlVector | None = None, apply: str = "all") -> np.ndarray:
+        """Next-token logits after `text` under `steering` (the whole text is prompt, so
+        it gets the prompt's share of the vector; cache reused when valid)."""
         tokens = self.tokenize(text)
+        prompt_f, _ = apply_factors(apply)
         with self._lock:
-            self.set_steering(steering)
+            self.set_steering(_scaled(steering, prompt_f))
             self._prime(tokens, threading.Event())
             return self._last_logits()
 
     def continuation_logprobs(
-        self, prompt: str, continuation: str, steering: ControlVector | None = None
+        self, prompt: str, continuation: str, steering: ControlVector | None = None, apply: str = "all"
     ) -> np.ndarray:
-        """Log-probability of each token of `continuation` after `prompt`, under `steering`.
+        """Log-probability of each token of `continuation` after `prompt`, teacher-forced:
+        `prompt` is evaluated as a request's prompt, `continuation` as its generated tokens
+        (so `apply` means what it means for generation). The prompt's cache is reused.
 
         Used to score features (does "formal" raise the formal wording?) and fluency.
         """
         ctx_tokens = self.tokenize(prompt)
         cont = self.tokenize(continuation, add_bos=False)
-        tokens = ctx_tokens + cont
-        if not cont or len(tokens) > self.llm.n_batch:
+        if not cont or len(cont) > self.llm.n_batch:
             raise MorphError(f"continuation scoring needs 1..{self.llm.n_batch} tokens")
-        llm = self.llm
+        self.check_fits(len(ctx_tokens), len(cont))
+        prompt_f, gen_f = apply_factors(apply)
         with self._lock:
-            self.set_steering(steering)
-            self._reset_kv()
-            llm._batch.set_batch(tokens, n_past=0, logits_all=True)
-            llm._ctx.decode(llm._batch)
-            logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(len(tokens), self._n_vocab))
-            rows = logits[len(ctx_tokens) - 1 : len(tokens) - 1].astype(np.float64)
-            self._reset_kv()  # the batch bypassed the token bookkeeping: start clean
+            self.set_steering(_scaled(steering, prompt_f))
+            self._prime(ctx_tokens, threading.Event())
+            rows = [self._last_logits()[None]]
+            if len(cont) > 1:
+                self.set_steering(_scaled(steering, gen_f))
+                rows.append(self._eval_all_logits(cont[:-1]))
+        rows = np.concatenate(rows).astype(np.float64)
         m = rows.max(axis=1, keepdims=True)
         lse = (m + np.log(np.exp(rows - m).sum(axis=1, keepdims=True)))[:, 0]
         return rows[np.arange(len(cont)), cont] - lse
@@ -263,6 +300,7 @@ class LlamaEngine:
             raise MorphError("empty prompt")
         max_tokens = max(0, int(request.max_tokens))
         self.check_fits(len(tokens), max_tokens)
+        apply_factors(request.apply)  # a bad value fails here, before the lock
         cancel = request.cancel or threading.Event()
         self._cancel.clear()
         with self._lock:
@@ -289,7 +327,8 @@ class LlamaEngine:
 
     def _generate(self, tokens, request: Request, max_tokens: int, cancel, t0) -> Iterator[Event]:
         tim = Timings(prompt_tokens=len(tokens))
-        self.set_steering(request.steering)
+        prompt_f, gen_f = apply_factors(request.apply)
+        self.set_steering(_scaled(request.steering, prompt_f))
         evaluated, stopped = self._prime(tokens, cancel)
         tim.evaluated_tokens = evaluated
         tim.prompt_s = time.perf_counter() - t0
@@ -297,6 +336,9 @@ class LlamaEngine:
             tim.total_s = time.perf_counter() - t0
             yield Event(done=True, finish_reason="cancelled", timings=tim)
             return
+        # The generated tokens' vector, set before the first sampled token is evaluated (a
+        # no-op for "all"); the prompt's cells keep the tag they were computed under.
+        self.set_steering(_scaled(request.steering, gen_f))
         sampler = self._sampler(request)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         stops = [s for s in request.stop if s]
@@ -345,7 +387,7 @@ class LlamaEngine:
                 # Evaluate after yielding (bench/engine.py: the caller gets each token one
                 # decode step sooner). A caller that stops at the yield leaves a cache that
                 # lacks this token, which the next request's prefix match simply re-evaluates.
-                llm.eval([tok])
+                self._eval([tok])
             if not hit_stop:
                 # Ended by end-of-generation, a limit or a cancel: what was held back (it
                 # could have begun a stop string) and the decoder's tail are still the text.
@@ -382,6 +424,19 @@ class LlamaEngine:
         from morph.engine.batch import BatchRunner
 
         return BatchRunner(self, n_seq=n_seq, n_ctx=n_ctx, n_batch=n_batch, unified=unified)
+
+
+def _digest(cv: ControlVector | None) -> bytes | None:
+    """Identity of a vector's numbers (None for no vector or an all-zero one)."""
+    if cv is None or cv.is_zero():
+        return None
+    return hashlib.blake2b(cv.fingerprint(), digest_size=16).digest()
+
+
+def _scaled(cv: ControlVector | None, f: float) -> ControlVector | None:
+    if cv is None or f == 0.0:
+        return None
+    return cv if f == 1.0 else cv * f
 
 
 def _find_stop(text: str, stops: list[str]) -> int | None:
