@@ -223,14 +223,14 @@ def test_ggml_abi_assumptions_hold(engine):
 
 @pytest.fixture(scope="module")
 def fresh(model_info):
-    """A second engine; `_fresh(fresh)` drops its cache so that it is a fresh context."""
+    """A second engine; `_fresh(fresh)` drops its cache (`reset_cache`) so that it is a fresh context."""
     eng = LlamaEngine(model_info, n_ctx=1024, threads=1)
     yield eng
     eng.close()
 
 
 def _fresh(eng):
-    eng._reset_kv()
+    eng.reset_cache()
     return eng
 
 
@@ -319,7 +319,7 @@ def test_switching_where_steering_applies_never_reuses_stale_cache(engine, fresh
     engine._kv_tag[: engine.llm.n_tokens] = engine._tags.setdefault(_digest(cv), len(engine._tags))
     stale = engine.logits(prompt, cv)
     assert not np.allclose(stale, _fresh(fresh).logits(prompt, cv), atol=1e-3)
-    engine._reset_kv()
+    engine.reset_cache()
 
 
 def test_apply_factors_and_their_limits(engine):
@@ -354,6 +354,8 @@ def test_continuation_logprobs_follow_apply(engine):
         ref = lg[np.arange(len(c_tok)), c_tok] - lse
         got = got_plain if apply is None else engine.continuation_logprobs(TEXT, cont, cv, apply)
         assert got.shape == (len(c_tok),)
+        if apply is not None:  # token ids score the same
+            assert np.array_equal(engine.continuation_logprobs(p_tok, c_tok, cv, apply), got)
         assert np.allclose(got, ref, atol=2e-3), (apply, np.abs(got - ref).max())
     # the same prompt scored again reuses its cache and gives the same numbers
     assert np.array_equal(engine.continuation_logprobs(TEXT, cont), got_plain)

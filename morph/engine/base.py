@@ -194,10 +194,15 @@ class Engine(Protocol):
         apply="generated" gives the unsteered logits)."""
         ...
 
-    def continuation_logprobs(self, prompt: str, continuation: str, steering: ControlVector | None = None,
-                              apply: str = "all") -> np.ndarray:
-        """log p of each token of `continuation` after `prompt`, teacher-forced; `prompt`
-        positions get the prompt factor of `apply`, `continuation` ones the generation's."""
+    def continuation_logprobs(self, prompt: str | Sequence[int], continuation: str | Sequence[int],
+                              steering: ControlVector | None = None, apply: str = "all") -> np.ndarray:
+        """log p of each token of `continuation` after `prompt` (text or token ids),
+        teacher-forced; `prompt` positions get the prompt factor of `apply`, `continuation`
+        ones the generation's."""
+        ...
+
+    def reset_cache(self) -> None:
+        """Forget cached prompts, so the next request runs as in a fresh process."""
         ...
 
     def capture(self, texts: Sequence[str], layer: int, add_bos: bool = True,

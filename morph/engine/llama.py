@@ -184,6 +184,14 @@ class LlamaEngine:
         """Tag of the vector set now (0: none)."""
         return self._tags.setdefault(self._cvec_key, len(self._tags))
 
+    def reset_cache(self) -> None:
+        """Forget the KV cache, so the next request runs as in a fresh process. Prefix reuse
+        is not bit-exact (the prompt's last token evaluated alone takes other kernels than
+        in a batch), so greedy text can differ after ~50 tokens; `morph eval` measures what
+        `morph steer` (a fresh process) prints."""
+        with self._lock:
+            self._reset_kv()
+
     def _reset_kv(self) -> None:
         self.llm._ctx.kv_cache_clear()
         self.llm.n_tokens = 0
@@ -218,18 +226,6 @@ class LlamaEngine:
         self._kv_tag[n : n + len(tokens)] = self._tag()
         self.llm.eval(tokens)
 
-    def _eval_all_logits(self, tokens: list[int]) -> np.ndarray:
-        """Append `tokens` (at most n_batch) like `_eval`; returns the logits after each."""
-        llm = self.llm
-        n = llm.n_tokens
-        self._kv_tag[n : n + len(tokens)] = self._tag()
-        llm._ctx.kv_cache_seq_rm(-1, n, -1)
-        llm._batch.set_batch(tokens, n_past=n, logits_all=True)
-        llm._ctx.decode(llm._batch)
-        llm.input_ids[n : n + len(tokens)] = tokens
-        llm.n_tokens = n + len(tokens)
-        return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(len(tokens), self._n_vocab)).copy()
-
     def _last_logits(self) -> np.ndarray:
         ptr = self.llm._ctx.get_logits_ith(-1)
         return np.ctypeslib.as_array(ptr, shape=(self._n_vocab,)).copy()
@@ -252,28 +248,44 @@ class LlamaEngine:
             return self._last_logits()
 
     def continuation_logprobs(
-        self, prompt: str, continuation: str, steering: ControlVector | None = None, apply: str = "all"
+        self, prompt: str | Sequence[int], continuation: str | Sequence[int],
+        steering: ControlVector | None = None, apply: str = "all",
     ) -> np.ndarray:
         """Log-probability of each token of `continuation` after `prompt`, teacher-forced:
         `prompt` is evaluated as a request's prompt, `continuation` as its generated tokens
-        (so `apply` means what it means for generation). The prompt's cache is reused.
+        (so `apply` means what it means for generation). Either may be token ids (e.g. a
+        chat prompt from `prepare_tokens` and the ids a stream generated).
 
         Used to score features (does "formal" raise the formal wording?) and fluency.
         """
-        ctx_tokens = self.tokenize(prompt)
-        cont = self.tokenize(continuation, add_bos=False)
+        ctx_tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        cont = self.tokenize(continuation, add_bos=False) if isinstance(continuation, str) else list(continuation)
         if not cont or len(cont) > self.llm.n_batch:
             raise MorphError(f"continuation scoring needs 1..{self.llm.n_batch} tokens")
+        if not ctx_tokens:
+            raise MorphError("continuation scoring needs a non-empty prompt")
         self.check_fits(len(ctx_tokens), len(cont))
         prompt_f, gen_f = apply_factors(apply)
+        llm = self.llm
         with self._lock:
+            # The prompt goes through the KV cache like a generation's (prefix reuse: many
+            # continuations of one prompt cost only their own tokens), then the
+            # continuation is decoded with logits at every position and dropped again, so
+            # the cache holds exactly the prompt afterwards.
             self.set_steering(_scaled(steering, prompt_f))
             self._prime(ctx_tokens, threading.Event())
+            n0 = llm.n_tokens
             rows = [self._last_logits()[None]]
-            if len(cont) > 1:
-                self.set_steering(_scaled(steering, gen_f))
-                rows.append(self._eval_all_logits(cont[:-1]))
-        rows = np.concatenate(rows).astype(np.float64)
+            try:
+                if len(cont) > 1:
+                    self.set_steering(_scaled(steering, gen_f))
+                    llm._batch.set_batch(cont[:-1], n_past=n0, logits_all=True)
+                    llm._ctx.decode(llm._batch)
+                    rows.append(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(len(cont) - 1, self._n_vocab)))
+                rows = np.concatenate(rows).astype(np.float64)
+            finally:
+                llm._ctx.kv_cache_seq_rm(-1, n0, -1)
+                llm.n_tokens = n0
         m = rows.max(axis=1, keepdims=True)
         lse = (m + np.log(np.exp(rows - m).sum(axis=1, keepdims=True)))[:, 0]
         return rows[np.arange(len(cont)), cont] - lse
