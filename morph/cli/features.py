@@ -6,19 +6,21 @@ import json
 
 import click
 
-from morph import models
 from morph.cli import cli
 from morph.config import load_config
 from morph.steering.catalog import Catalog
 
 
 def _catalog(obj) -> Catalog:
-    info = models.check(models.resolve(obj.model or load_config().model))
+    from morph.runtime import model_info
+
+    info = model_info(obj.model or load_config().model, obj.gpu)  # --gpu: a Hugging Face folder too
     return Catalog(info.model_id)
 
 
 def _row(f) -> str:
-    return f"{f.name:<12} {f.method:<9} L{f.layer:<3} scale {f.default_scale:<5g} {f.description}"
+    return (f"{f.name:<12} {f.method:<9} L{f.layer:<3} scale {f.default_scale:<5g} {f.eval_label:<34} "
+            f"{f.description}")
 
 
 @cli.group("features", invoke_without_command=True)

@@ -49,9 +49,9 @@ class Request:
     seed: int | None = None
     stop: Sequence[str] = ()
     steering: ControlVector | None = None  # already combined and scaled
+    apply: str = "all"  # where `steering` applies: "all" | "generated" | "prompt-scaled[:F]" (APPLY_MODES)
     cancel: threading.Event | None = None  # set it to stop this stream at the next token
     add_bos: bool = True
-    apply: str = "all"  # where `steering` applies: "all" | "generated" | "prompt-scaled[:F]"
 
 
 APPLY_MODES = ("all", "generated", "prompt-scaled")
