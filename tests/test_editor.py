@@ -546,6 +546,31 @@ def test_recovery_mirror_and_restore(session, tmp_path):
     assert not rec_path.exists()
 
 
+def test_recovery_question_with_a_malformed_recovery_file(session, tmp_path):
+    """A draft whose ts and pid no morph wrote (inf, a huge float): the question still comes,
+    with the file's own time, and restoring works; a file that is JSON null is ignored."""
+    p = tmp_path / "doc.md"
+    p.write_text("saved\n")
+    rec_path = recovery.recovery_path(p)
+    rec_path.parent.mkdir(parents=True, exist_ok=True)
+    rec_path.write_text('{"path": %s, "text": "the draft\\n", "ts": 1e999, "pid": 1e999}' % json.dumps(str(p)))
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(rec_path.stat().st_mtime))
+    s = session(p, engine=None)
+    wait(lambda: s.ed.confirm is not None, what="recovery question")
+    assert f"from {when}" in s.ed.confirm.question
+    s.send("r")
+    wait(lambda: s.ed.buffer.text == "the draft\n", what="restored")
+    s.send(":wq" + ENTER)
+    assert s.exited()
+    assert p.read_text() == "the draft\n" and not rec_path.exists()
+
+    rec_path.write_text("null")
+    s2 = session(p, engine=None)
+    s2.send("Ax" + ESC + ":wq" + ENTER)
+    assert s2.exited()
+    assert s2.ed.recovered is None and p.read_text() == "the draftx\n"
+
+
 # --- steering panel --------------------------------------------------------------------------
 
 

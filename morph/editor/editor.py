@@ -165,7 +165,8 @@ class Editor:
         if rec.owner_alive:
             self.message = (
                 "message.error",
-                f"{self.ebuf.display_name} is open in another morph (pid {rec.pid}); its unsaved text is kept",
+                f"{self.ebuf.display_name} is open in another morph{f' (pid {rec.pid})' if rec.pid else ''}; "
+                "its unsaved text is kept",
             )
             return None
         return rec
