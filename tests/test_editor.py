@@ -395,6 +395,23 @@ def test_wq_and_w_path(session, tmp_path):
     assert Path(s.ed.path).read_text() == "draftnew\n"
 
 
+@pytest.mark.parametrize("cmd", [":w", ":w!", ":wq", ":x"])
+def test_write_to_unknown_users_home_is_one_error(session, tmp_path, cmd):
+    """`~nosuchuser` cannot be expanded (pathlib raises RuntimeError): one error line, the
+    buffer and the editor stay."""
+    s = session(text="draft\n", engine=None)
+    s.send("Anew" + ESC + f"{cmd} ~nosuchuser-morph/x.md" + ENTER)
+    wait(lambda: s.ed.message[0] == "message.error", what="error")
+    msg = s.ed.message[1]
+    assert msg.startswith("E: not written: ~nosuchuser-morph/x.md:") and "\n" not in msg, msg
+    assert "the buffer is kept" in msg
+    assert s.thread.is_alive() and s.ed.app.is_running
+    assert s.ed.buffer.text == "draftnew\n" and s.ed.ebuf.modified
+    s.send(":wq" + ENTER)
+    assert s.exited()
+    assert Path(s.ed.path).read_text() == "draftnew\n"
+
+
 def test_failed_save_keeps_buffer_and_file(session, tmp_path, monkeypatch):
     p = tmp_path / "doc.md"
     p.write_text("original\n")

@@ -30,6 +30,7 @@ from morph.editor.ghost import SuggestionController
 from morph.editor.history import Background
 from morph.editor.worker import EngineWorker
 from morph.errors import MorphError
+from morph.fsutil import user_path
 from morph.steering.profile import Profile
 
 GC_TICK_S = 1.0
@@ -399,7 +400,12 @@ class Editor:
 
     def write(self, target: str | None = None, force: bool = False, then: Callable[[], None] | None = None) -> None:
         """`:w [PATH]`; asks before overwriting a file changed on disk since it was read."""
-        own = target is None or Path(target).expanduser().absolute() == self.path
+        try:
+            dest = None if target is None else user_path(target).absolute()
+        except MorphError as e:
+            self.error(f"E: not written: {e} (the buffer is kept)")
+            return
+        own = dest is None or dest == self.path
         if own and not force and self.ebuf.changed_on_disk():
             def yes():
                 if self._save(None) and then is not None:
@@ -411,7 +417,7 @@ class Editor:
                 on_cancel=lambda: self.info("not written (:e! is not supported; save elsewhere with :w PATH)"),
             )
             return
-        if not own and not force and Path(target).expanduser().exists():
+        if not own and not force and dest.exists():
             self.error(f"E13: {target} exists (add ! to overwrite)")
             return
         if self._save(None if own else target) and then is not None:
