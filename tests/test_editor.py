@@ -412,6 +412,20 @@ def test_write_to_unknown_users_home_is_one_error(session, tmp_path, cmd):
     assert Path(s.ed.path).read_text() == "draftnew\n"
 
 
+def test_unencodable_buffer_is_one_error_and_kept(session, tmp_path):
+    """A lone surrogate (e.g. pasted from a broken source) cannot be UTF-8: one error line."""
+    p = tmp_path / "doc.md"
+    p.write_text("keep\n")
+    s = session(p, engine=None)
+    s.ed.post(lambda: setattr(s.ed.buffer, "text", "bad \ud800\n"))
+    wait(lambda: s.ed.ebuf.modified, what="edit")
+    s.send(":w" + ENTER)
+    wait(lambda: s.ed.message[0] == "message.error", what="error")
+    assert s.ed.message[1] == (f"E: not written: {s.ed.ebuf.display_name}: character '\\ud800' at offset 4 "
+                               "cannot be written as UTF-8 (the buffer is kept)")
+    assert p.read_text() == "keep\n" and s.ed.buffer.text == "bad \ud800\n" and s.thread.is_alive()
+
+
 def test_failed_save_keeps_buffer_and_file(session, tmp_path, monkeypatch):
     p = tmp_path / "doc.md"
     p.write_text("original\n")

@@ -430,6 +430,10 @@ class Editor:
             where = e.filename or (target or self.ebuf.display_name)
             self.error(f"E: not written: {where}: {e.strerror or e} (the buffer is kept)")
             return False
+        except UnicodeEncodeError as e:  # a lone surrogate: no UTF-8 for it
+            self.error(f"E: not written: {target or self.ebuf.display_name}: character {e.object[e.start]!a} "
+                       f"at offset {e.start} cannot be written as UTF-8 (the buffer is kept)")
+            return False
         text = self.buffer.text if target is None else None
         nbytes = len(self.ebuf.encode())
         self.info(f'"{target or self.ebuf.display_name}" {nbytes}B written')

@@ -134,6 +134,7 @@ def read(doc_path: Path) -> Recovered | None:
         return None
     if not isinstance(raw, dict) or raw.get("path") != str(doc_path) or not isinstance(raw.get("text"), str):
         return None
+    text = raw["text"].encode("utf-16", "surrogatepass").decode("utf-16", "replace")  # lone surrogates: U+FFFD
     ts, pid = raw.get("ts"), raw.get("pid")
     if not (type(ts) in (int, float) and 0 <= ts <= _MAX_TS):  # False for NaN and inf too
         try:
@@ -142,7 +143,7 @@ def read(doc_path: Path) -> Recovered | None:
             ts = 0.0
     if not (type(pid) is int and 0 < pid <= _MAX_PID):
         pid = 0
-    return Recovered(p, raw["path"], raw["text"], float(ts), pid)
+    return Recovered(p, raw["path"], text, float(ts), pid)
 
 
 def remove(doc_path: Path) -> None:
