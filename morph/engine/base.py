@@ -181,7 +181,16 @@ class Engine(Protocol):
         """Whether `token` ends generation (EOS, end of turn, ...)."""
         ...
 
+    def is_control(self, token: int) -> bool:
+        """Whether `token` is a control token (`<|im_start|>`): tokenize() gives it only with special=True."""
+        ...
+
     def format_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str: ...
+
+    def prepare_tokens(self, request: Request) -> list[int]:
+        """The prompt ids of `request`: its prompt, or its messages in the chat template, the
+        template's control tokens parsed and message text as plain text (engine/chat.py)."""
+        ...
 
     def stream(self, request: Request) -> Iterator[Event]: ...
 

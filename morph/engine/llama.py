@@ -31,6 +31,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from morph.engine.base import Event, Request, Timings, apply_factors
+from morph.engine.chat import chat_token_ids
 from morph.errors import MorphError
 from morph.models import ModelInfo
 from morph.steering.vector import ControlVector
@@ -163,6 +164,10 @@ class LlamaEngine:
 
     def is_eog(self, token: int) -> bool:
         return bool(self._lc.llama_vocab_is_eog(self._vocab, int(token)))
+
+    def is_control(self, token: int) -> bool:
+        attr = self._lc.llama_vocab_get_attr(self._vocab, int(token))
+        return bool(attr & (self._lc.LLAMA_TOKEN_ATTR_CONTROL | self._lc.LLAMA_TOKEN_ATTR_UNKNOWN))
 
     def format_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -341,8 +346,7 @@ class LlamaEngine:
 
     def prepare_tokens(self, request: Request) -> list[int]:
         if request.messages is not None:
-            text = self.format_chat(request.messages)
-            return self.tokenize(text, add_bos=False, special=True)
+            return chat_token_ids(self, request.messages)
         if request.prompt is None:
             raise MorphError("request needs a prompt or messages")
         return self.tokenize(request.prompt, add_bos=request.add_bos)
