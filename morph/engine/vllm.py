@@ -24,6 +24,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from morph.engine.base import Event, Request, Timings
+from morph.engine.chat import chat_token_ids
 from morph.errors import MorphError
 from morph.models import ModelInfo
 from morph.steering.vector import ControlVector
@@ -218,6 +219,8 @@ class VllmEngine:
         if not all(h.get("hooked") for h in hooked):
             raise MorphError(f"vLLM loaded {folder} but morph could not hook its decoder layers")
         self._eos = set(self._eog_ids())
+        self._control = {int(i) for i, t in self.tokenizer.added_tokens_decoder.items() if t.special}
+        self._control.update(int(i) for i in self.tokenizer.all_special_ids)
         self._ids = itertools.count()
         self._cancel_gen = 0  # engine.cancel() bumps it: every stream started before stops
         self._driver = _Driver(self.llm.llm_engine)
@@ -258,8 +261,12 @@ class VllmEngine:
     def token_piece(self, token: int) -> str:
         return self.tokenizer.decode([int(token)])
 
+    def is_control(self, token: int) -> bool:
+        return int(token) in self._control
+
     def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=add_bos))
+        # special=False: `<|im_end|>` in the text stays text, as llama.cpp tokenizes it
+        return list(self.tokenizer.encode(text, add_special_tokens=add_bos, split_special_tokens=not special))
 
     def detokenize(self, ids: Sequence[int], special: bool = True) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=not special)
@@ -328,8 +335,7 @@ class VllmEngine:
 
     def prepare_tokens(self, request: Request) -> list[int]:
         if request.messages is not None:
-            text = self.format_chat(request.messages)
-            return self.tokenize(text, add_bos=False, special=True)
+            return chat_token_ids(self, request.messages)
         if request.prompt is None:
             raise MorphError("request needs a prompt or messages")
         return self.tokenize(request.prompt, add_bos=request.add_bos)
