@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Iterator, Protocol, Sequence, runtime_checkable
+from typing import Iterator, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -30,6 +30,12 @@ class Request:
     seed: int | None = None
     stop: Sequence[str] = ()
     steering: ControlVector | None = None  # already combined and scaled
+    # OpenAI sampling fields: logit_bias maps token id -> added logit (or is a dense
+    # float array of n_vocab); the penalties subtract count * frequency_penalty and, once a
+    # token has appeared, presence_penalty (over the last repeat_last_n tokens).
+    logit_bias: Mapping[int, float] | np.ndarray | None = None
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
     cancel: threading.Event | None = None  # set it to stop this stream at the next token
     add_bos: bool = True
 
