@@ -228,10 +228,9 @@ class Server:
                       f"{n_prompt} input tokens. Please reduce the length of the input.", field)
         room = n_ctx - n_prompt
         if p.max_tokens is not None and p.max_tokens > room:
-            name = "max_completion_tokens" if p.kind == "chat" else "max_tokens"
             raise bad(f"'max_tokens' or 'max_completion_tokens' is too large: {p.max_tokens}. This model's "
                       f"maximum context length is {n_ctx} tokens and your request has {n_prompt} input "
-                      f"tokens ({p.max_tokens} > {n_ctx} - {n_prompt}).", name)
+                      f"tokens ({p.max_tokens} > {n_ctx} - {n_prompt}).", p.max_tokens_field)
         if p.max_tokens is not None:
             req.max_tokens = p.max_tokens
         elif p.kind == "completion":
@@ -410,8 +409,14 @@ class _Reply:
             watcher.cancel()
             if ev is None:  # the client went away (or the stream failed): stop generating
                 job.stop()
-                ev = await _drain(job)
-            self._log(ev)
+                # Log once the engine has stopped, from a task of its own: this one is being
+                # cancelled, and anyio cancels every further await in it.
+                _background(self._log_when_stopped())
+            else:
+                self._log(ev)
+
+    async def _log_when_stopped(self) -> None:
+        self._log(await _drain(self.job))
 
     def _log(self, ev: Event | None) -> None:
         log = self.server.log
@@ -430,6 +435,15 @@ class _Reply:
         finish = None if ev is None else ("cancelled" if ev.finish_reason == "cancelled" else ev.finish_reason)
         log.write(self.server.model_id, st["features"] if st else {}, mode, self.prep.log_input,
                   "".join(self.parts), finish, timings)
+
+
+_tasks: set[asyncio.Task] = set()
+
+
+def _background(coro) -> None:
+    task = asyncio.get_running_loop().create_task(coro)
+    _tasks.add(task)  # keep a reference until it is done
+    task.add_done_callback(_tasks.discard)
 
 
 async def _drain(job: Job, timeout: float = 30.0) -> Event | None:

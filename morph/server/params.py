@@ -50,6 +50,7 @@ class Params:
     include_usage: bool = False
     echo: bool = False
     max_tokens: int | None = None
+    max_tokens_field: str = "max_tokens"  # the field that set it (named in errors)
     sampling: dict[str, Any] = field(default_factory=dict)  # Request fields the body set
     stop: list[str] = field(default_factory=list)
     logit_bias: dict[int, float] | None = None
@@ -173,6 +174,8 @@ def parse_chat(body: Any) -> Params:
     p.messages = _messages(body.get("messages"))
     mct = integer(body, "max_completion_tokens", lo=1)
     p.max_tokens = mct if mct is not None else integer(body, "max_tokens", lo=1)
+    if mct is not None:
+        p.max_tokens_field = "max_completion_tokens"
     for key in ("logprobs", "top_logprobs", "tools", "functions", "audio", "prediction"):
         _unsupported(body, key)
     for key in ("tool_choice", "function_call"):

@@ -16,6 +16,8 @@ import uvicorn
 
 from morph.errors import MorphError
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
 
 def bind(host: str, port: int) -> socket.socket:
     """A listening socket on host:port, or a MorphError saying why not."""
@@ -67,10 +69,13 @@ def run(server, host: str, port: int, *, say=print) -> None:
     from morph.server.app import create_app
 
     sock = bind(host, port)
+    config = uvicorn.Config(create_app(server), log_level="warning", access_log=False, lifespan="off",
+                            timeout_graceful_shutdown=10, timeout_keep_alive=5)
+    uv = _Uvicorn(config, server)
+    main = threading.current_thread() is threading.main_thread()
+    # Handle the signals from before the URL is printed: whoever reads it may stop us at once.
+    old = {s: signal.signal(s, uv.handle_exit) for s in STOP_SIGNALS} if main else {}
     try:
-        config = uvicorn.Config(create_app(server), log_level="warning", access_log=False, lifespan="off",
-                                timeout_graceful_shutdown=10, timeout_keep_alive=5)
-        uv = _Uvicorn(config, server)
         if server.api_key is None and not is_loopback(host):
             print(f"morph: warning: listening on {host} without --api-key: anyone who can reach "
                   "this port can use the model", file=sys.stderr)
@@ -79,6 +84,8 @@ def run(server, host: str, port: int, *, say=print) -> None:
     finally:
         sock.close()
         server.close()
+        for s, h in old.items():
+            signal.signal(s, h)
     if uv.stopped_by is not None:
         print(f"morph: stopped ({signal.Signals(uv.stopped_by).name})", file=sys.stderr)
 
@@ -104,7 +111,7 @@ class _Uvicorn(uvicorn.Server):
         if threading.current_thread() is not threading.main_thread():
             yield
             return
-        old = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
+        old = {s: signal.signal(s, self.handle_exit) for s in STOP_SIGNALS}
         try:
             yield
         finally:
