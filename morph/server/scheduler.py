@@ -75,12 +75,8 @@ class Scheduler:
         self._running: set[Job] = set()
         self._cv = threading.Condition()
         self._closing = False
-        self._workers = [
-            threading.Thread(target=self._work, name=f"morph-serve-{i}", daemon=True)
-            for i in range(self.streams)
-        ]
-        for t in self._workers:
-            t.start()
+        self._idle = 0  # workers waiting for a job
+        self._workers: list[threading.Thread] = []  # started on demand, up to `streams`
 
     # --- submitting -----------------------------------------------------------------------
 
@@ -96,6 +92,10 @@ class Scheduler:
             if self._closing:
                 raise MorphError("the server is shutting down")
             self._pending.append(job)
+            if self._idle < len(self._pending) and len(self._workers) < self.streams:
+                t = threading.Thread(target=self._work, name=f"morph-serve-{len(self._workers)}", daemon=True)
+                self._workers.append(t)
+                t.start()
             self._cv.notify()
         return job
 
@@ -120,7 +120,9 @@ class Scheduler:
 
     def close(self, timeout: float = 5.0) -> None:
         self.stop_all()
-        for t in self._workers:
+        with self._cv:
+            workers = list(self._workers)
+        for t in workers:
             t.join(timeout)
 
     # --- the workers ------------------------------------------------------------------------
@@ -130,7 +132,9 @@ class Scheduler:
             while not self._pending:
                 if self._closing:
                     return None
+                self._idle += 1
                 self._cv.wait()
+                self._idle -= 1
             job = self._pending.popleft()
             self._running.add(job)
             return job
