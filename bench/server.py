@@ -38,9 +38,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from morph import models  # noqa: E402
+from morph.config import load_config  # noqa: E402
 from morph.engine.base import Request  # noqa: E402
 from morph.engine.llama import LlamaEngine  # noqa: E402
-from morph.server import _interim  # noqa: E402
+from morph import tasks  # noqa: E402
 
 PREFIX = (
     "The town of Millbrook sits at the bend of a slow river, where the valley opens into wide "
@@ -70,7 +71,7 @@ def pct(xs, q):
 class Direct:
     def __init__(self, engine):
         self.engine = engine
-        self.kw = dict(_interim.defaults(object()).sampling_for("continue")) | {"temperature": 0.0}
+        self.kw = tasks.defaults(load_config(create=False)).sampling_for("continue") | {"temperature": 0.0}
 
     def one(self, i: int) -> tuple[float, int]:
         t0 = time.perf_counter()

@@ -29,6 +29,22 @@ DEFAULT_TOML = """\
 [features]
 # formal = 0.3
 
+# Sampling defaults for every command (a command's flags override them).
+[generation]
+# temperature = 0.7
+# top_p = 0.95
+# top_k = 40
+# repeat_penalty = 1.1   # 1.0 turns it off; the 135M model loops without it
+# repeat_last_n = 64
+
+# Where a feature's vector is added, per mode: "all" positions, or only "generated"
+# tokens (the prompt is read unsteered, which keeps a rewrite's meaning better).
+[steering.apply]
+# rewrite = "generated"
+# continue = "all"
+# chat = "all"
+# ghost = "all"
+
 [editor]
 # keys = "vi"          # or "emacs"
 # debounce_ms = 250    # pause before a suggestion starts
@@ -42,6 +58,8 @@ class Config:
     threads: int | None = None
     n_ctx: int = 4096
     features: dict[str, float | None] = field(default_factory=dict)
+    generation: dict[str, float | int] = field(default_factory=dict)  # tasks.Sampling fields
+    apply: dict[str, str] = field(default_factory=dict)  # framing -> "all" | "generated"
     editor_keys: str = "vi"
     debounce_ms: int = 250
     suggestion_tokens: int = 32
@@ -75,6 +93,7 @@ def load_config(create: bool = True) -> Config:
                 cfg.features[name] = float(val)
             elif val == "default":
                 cfg.features[name] = None
+    _load_generation(raw, cfg, path)
     ed = raw.get("editor")
     if isinstance(ed, dict):
         if ed.get("keys") in ("vi", "emacs"):
@@ -84,3 +103,33 @@ def load_config(create: bool = True) -> Config:
         if isinstance(ed.get("suggestion_tokens"), int) and ed["suggestion_tokens"] > 0:
             cfg.suggestion_tokens = ed["suggestion_tokens"]
     return cfg
+
+
+_GENERATION = {  # key: (type, lowest, highest)
+    "temperature": (float, 0.0, 5.0),
+    "top_p": (float, 0.0, 1.0),
+    "top_k": (int, 0, 100_000),
+    "repeat_penalty": (float, 1.0, 3.0),
+    "repeat_last_n": (int, 0, 4096),
+    "seed": (int, -(2**63), 2**63 - 1),
+}
+
+
+def _load_generation(raw: dict, cfg: Config, path) -> None:
+    """[generation] and [steering.apply]; a bad value is a warning and keeps the default
+    (apply values are checked where the modes are known: tasks.defaults)."""
+    gen = raw.get("generation")
+    for key, val in (gen.items() if isinstance(gen, dict) else ()):
+        spec = _GENERATION.get(key)
+        ok = spec is not None and isinstance(val, (int, float)) and not isinstance(val, bool)
+        if ok and spec[0] is int and not isinstance(val, int):
+            ok = False
+        if ok and spec[1] <= val <= spec[2]:
+            cfg.generation[key] = spec[0](val)
+        else:
+            print(f"morph: warning: {path}: ignoring generation.{key} = {val!r}", file=sys.stderr)
+    steering = raw.get("steering")
+    apply = steering.get("apply") if isinstance(steering, dict) else None
+    for key, val in (apply.items() if isinstance(apply, dict) else ()):
+        if isinstance(val, str):
+            cfg.apply[key] = val

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from morph import models
+from morph import models, tasks
 from morph.config import Config, load_config
 from morph.engine import Engine, load_engine
 from morph.steering.catalog import Catalog
@@ -16,6 +16,10 @@ class Runtime:
     info: models.ModelInfo
     engine: Engine
     catalog: Catalog
+
+    @property
+    def defaults(self) -> tasks.Defaults:
+        return tasks.defaults(self.config)
 
     @property
     def model_name(self) -> str:

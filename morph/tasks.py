@@ -1,38 +1,166 @@
-"""How a piece of user text becomes a request: rewrite it, continue it, or chat.
+"""How user text becomes a Request: the one place for prompt framings and generation defaults.
 
-Shared by `morph steer`, the REPL, the editor and the server so that a mode means the
-same thing everywhere.
+Every front end (`morph steer`, the REPL, the editor, the server, `morph eval`) builds its
+requests here, so a mode means the same prompt, the same sampling and the same steering
+placement everywhere. config.toml's `[generation]` and `[steering]` tables override the
+defaults below; a command's own flags override config.
+
+Framings: rewrite, continue, chat (the user-facing modes) and the editor's explain,
+expand, compress and ghost (inline suggestion).
 """
 
 from __future__ import annotations
 
-from morph.engine.base import Request
+import sys
+from dataclasses import dataclass, field, fields, replace
+
+from morph.engine.base import APPLY_MODES, Request
+from morph.errors import MorphError
 
 MODES = ("rewrite", "continue", "chat")
+FRAMINGS = MODES + ("explain", "expand", "compress", "ghost")
 
 REWRITE_SYSTEM = (
     "You are a writing assistant. Rewrite the user's text, keeping its meaning. "
     "Reply with the rewritten text only, no preamble."
 )
 CHAT_SYSTEM = "You are a helpful writing assistant."
+WRITER_SYSTEM = "You are a writing assistant."
+EXPLAIN_TOKENS = 80
+TELESCOPE_TOKENS = 400  # cap for expand; compress needs fewer
+CONTINUE_TOKENS = 256
 
 
-def rewrite_messages(text: str) -> list[dict]:
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling defaults. The repeat penalty is on everywhere: the 135M model loops without it."""
+
+    temperature: float = 0.7
+    top_p: float = 0.95
+    top_k: int = 40
+    repeat_penalty: float = 1.1
+    repeat_last_n: int = 64
+    seed: int | None = None
+
+
+# What a framing changes from the shared sampling defaults, and why.
+FRAMING_SAMPLING: dict[str, dict] = {
+    # Inline suggestions: near-greedy and seeded, so the same context gives the same
+    # suggestion (and tests are reproducible); a narrower nucleus keeps them on topic.
+    "ghost": {"temperature": 0.2, "top_p": 0.9, "seed": 7},
+    # Definitions and telescopic rewrites: low temperature, the answer should be plain.
+    "explain": {"temperature": 0.2},
+    "expand": {"temperature": 0.3},
+    "compress": {"temperature": 0.3},
+}
+
+# Where the steering vector applies, per framing ("all" positions, or only "generated"
+# tokens with the prompt evaluated unsteered). Chosen on morph eval's tuning half.
+DEFAULT_APPLY: dict[str, str] = {f: "all" for f in FRAMINGS}
+
+
+@dataclass(frozen=True)
+class Defaults:
+    sampling: Sampling = field(default_factory=Sampling)
+    apply: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_APPLY))
+    suggestion_tokens: int = 32
+
+    def sampling_for(self, framing: str) -> dict:
+        """Request keyword arguments for `framing` (framing-specific values win)."""
+        base = {f.name: getattr(self.sampling, f.name) for f in fields(Sampling)}
+        return base | FRAMING_SAMPLING.get(framing, {})
+
+
+def defaults(config=None) -> Defaults:
+    """The defaults with config.toml's `[generation]` and `[steering]` applied."""
+    if config is None:
+        return Defaults()
+    known = {f.name for f in fields(Sampling)}
+    sampling = replace(Sampling(), **{k: v for k, v in config.generation.items() if k in known})
+    apply = dict(DEFAULT_APPLY)
+    for k, v in config.apply.items():
+        if k in apply and v in APPLY_MODES:
+            apply[k] = v
+        else:
+            print(f"morph: warning: config.toml: ignoring steering.apply.{k} = {v!r} "
+                  f"(modes: {', '.join(FRAMINGS)}; values: {', '.join(APPLY_MODES)})", file=sys.stderr)
+    return Defaults(sampling, apply, config.suggestion_tokens)
+
+
+# --- framings: text -> prompt or messages ---------------------------------------------
+
+
+def rewrite_messages(text: str, style: str | None = None) -> list[dict]:
+    """`style` (e.g. "in a formal register") turns the request into a prompted rewrite."""
+    ask = f"Rewrite this text {style.strip()}:" if style else "Rewrite this text:"
     return [
         {"role": "system", "content": REWRITE_SYSTEM},
-        {"role": "user", "content": f"Rewrite this text:\n\n{text.strip()}"},
+        {"role": "user", "content": f"{ask}\n\n{text.strip()}"},
     ]
 
 
-def build_request(mode: str, text: str, **kw) -> Request:
-    """`kw` are Request fields (max_tokens, temperature, steering, ...)."""
-    if mode == "rewrite":
-        return Request(messages=rewrite_messages(text), **kw)
-    if mode == "continue":
-        return Request(prompt=text, **kw)
-    if mode == "chat":
-        return Request(
-            messages=[{"role": "system", "content": CHAT_SYSTEM}, {"role": "user", "content": text}],
-            **kw,
-        )
-    raise ValueError(f"unknown mode {mode!r}")
+def chat_messages(text: str, history: list[dict] | None = None, system: str = CHAT_SYSTEM) -> list[dict]:
+    return [{"role": "system", "content": system}, *(history or []), {"role": "user", "content": text}]
+
+
+def explain_messages(word: str, sentence: str) -> list[dict]:
+    # A one-sentence question explains best on SmolLM2-135M (greedy trials).
+    return [{"role": "user", "content": f'What does "{word}" mean in the sentence "{sentence}"? '
+                                        "Reply with a one-sentence definition."}]
+
+
+def telescope_messages(kind: str, scope: str, text: str) -> tuple[list[dict], int]:
+    """(messages, max_tokens) for expanding or compressing `text` (a sentence or paragraph).
+
+    "longer and more descriptive" expands where "expand into a more detailed version"
+    echoed the input; "at most N words" compresses (SmolLM2-135M trials).
+    """
+    n = len(text.split())
+    if kind == "expand":
+        msgs = [{"role": "system", "content": WRITER_SYSTEM},
+                {"role": "user", "content": f"Make this {scope} longer and more descriptive:\n\n{text}"}]
+        return msgs, min(TELESCOPE_TOKENS, int(n * 4) + 40)
+    if kind != "compress":
+        raise MorphError(f"unknown telescope kind {kind!r}")
+    target = max(3, n // 2)
+    msgs = [{"role": "user", "content": f"Shorten this {scope} to at most {target} words.\n\n{text}"}]
+    return msgs, min(TELESCOPE_TOKENS // 2, int(n * 1.5) + 10)
+
+
+def rewrite_max_tokens(n_input_tokens: int) -> int:
+    """About twice the input: a rewrite has no reason to run much longer than its input."""
+    return min(1024, 2 * n_input_tokens + 48)
+
+
+# --- requests ----------------------------------------------------------------------------
+
+
+def build_request(framing: str, text: str = "", *, defaults: Defaults | None = None,
+                  history: list[dict] | None = None, word: str = "", scope: str = "sentence",
+                  style: str | None = None, **overrides) -> Request:
+    """The request for `text` in `framing`, with the shared defaults.
+
+    `overrides` are Request fields given explicitly (a flag the user set, a request's own
+    max_tokens...); None values are ignored so callers can pass optional flags through.
+    """
+    d = defaults or Defaults()
+    if framing not in FRAMINGS:
+        raise MorphError(f"unknown mode {framing!r} (choose: {', '.join(MODES)})")
+    kw = d.sampling_for(framing) | {"apply": d.apply.get(framing, "all")}
+    if framing == "rewrite":
+        kw |= {"messages": rewrite_messages(text, style)}
+    elif framing == "continue":
+        kw |= {"prompt": text, "max_tokens": CONTINUE_TOKENS}
+    elif framing == "chat":
+        kw |= {"messages": chat_messages(text, history)}
+    elif framing == "explain":
+        kw |= {"messages": explain_messages(word, text), "max_tokens": EXPLAIN_TOKENS}
+    elif framing in ("expand", "compress"):
+        msgs, n = telescope_messages(framing, scope, text)
+        kw |= {"messages": msgs, "max_tokens": n}
+    else:  # ghost: continue the text before the cursor, up to a blank line
+        kw |= {"prompt": text, "max_tokens": d.suggestion_tokens, "stop": ["\n\n"]}
+    kw |= {k: v for k, v in overrides.items() if v is not None}
+    if kw.get("apply") not in APPLY_MODES:
+        raise MorphError(f"unknown steering placement {kw.get('apply')!r} (choose: {', '.join(APPLY_MODES)})")
+    return Request(**kw)

@@ -161,10 +161,15 @@ def make_catalog(name="testfeat", layer=16):
 
 
 def db_rows(sql, *args):
+    """Rows, or [] while the editor's background writer has not created the tables yet."""
     db = sqlite3.connect(paths.db_path())
     db.row_factory = sqlite3.Row
     try:
         return db.execute(sql, args).fetchall()
+    except sqlite3.OperationalError as e:
+        if "no such table" in str(e):
+            return []
+        raise
     finally:
         db.close()
 

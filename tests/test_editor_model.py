@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from morph import paths
+from morph import paths, tasks
 from morph.editor import seed
 from morph.steering.catalog import Catalog, Feature, write_entries
 from morph.steering.vector import ControlVector, residual_relative
@@ -90,8 +90,8 @@ def test_steering_reaches_the_model(real):
 
 
 def test_explain_and_expand_use_the_model(real, monkeypatch):
-    monkeypatch.setattr(seed, "EXPLAIN_TOKENS", 10)
-    monkeypatch.setattr(seed, "REWRITE_TOKENS", 24)
+    monkeypatch.setattr(tasks, "EXPLAIN_TOKENS", 10)
+    monkeypatch.setattr(tasks, "TELESCOPE_TOKENS", 24)
     s = real(text="The quay was quiet. Boats slept in the dark water.\n")
     s.send("wK")
     wait(lambda: s.ed.seed.popup is not None and s.ed.seed.popup.done, timeout=60, what="explanation")

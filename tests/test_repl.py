@@ -59,7 +59,7 @@ def engine(model_info):
 def rt(data_dir, engine, model_info):
     make_feature(model_info)
     # The shared engine must outlive each REPL: close() is a no-op here.
-    return types.SimpleNamespace(config=Config(), info=model_info, engine=engine,
+    return types.SimpleNamespace(config=Config(), defaults=tasks.Defaults(), info=model_info, engine=engine,
                                  catalog=Catalog(model_info.model_id), model_name=model_info.file.name,
                                  close=lambda: None)
 
@@ -67,7 +67,7 @@ def rt(data_dir, engine, model_info):
 def drive(rt, typed: str, setup=None, **kw):
     """Run a Repl on `keys` (typed ahead, as a fast typist would) until Ctrl-D."""
     out = io.StringIO()
-    kw = {"temperature": 0.0, "max_tokens": 8} | kw
+    kw = {"sampling": {"temperature": 0.0}, "max_tokens": 8} | kw
     with create_pipe_input() as inp, create_app_session(input=inp, output=DummyOutput()):
         inp.send_text(typed)
         app = Repl(rt, input=inp, output=DummyOutput(), out=out, **kw)
@@ -86,9 +86,11 @@ def db_turns():
 
 
 def greedy_chat(engine, messages, n=8):
-    from morph.engine.base import Request
-
-    return collect(engine.stream(Request(messages=messages, max_tokens=n, temperature=0.0))).text
+    """The chat request with the shared defaults (repeat penalty included), greedy."""
+    req = tasks.build_request("chat", messages[-1]["content"], history=messages[1:-1], max_tokens=n,
+                              temperature=0.0)
+    assert req.messages == messages
+    return collect(engine.stream(req)).text
 
 
 def test_turns_answered_with_context_logged_and_history_kept(rt, engine):
@@ -151,13 +153,13 @@ def test_slash_commands(rt, tmp_path):
     s = app.session
     assert "testfeat@diffmean" in out and "a random test direction" in out
     assert "error: unknown feature 'nosuch'" in out  # and the session went on
-    assert "testfeat = 0.2" in out
+    assert "testfeat@diffmean = 0.2" in out
     # The turn after /feature ran steered: logged with the feature, reply saved.
     reply = s.transcript[1]
-    assert reply.role == "assistant" and reply.features == {"testfeat": 0.2} and reply.content.strip()
+    assert reply.role == "assistant" and reply.features == {"testfeat@diffmean": 0.2} and reply.content.strip()
     text = f.read_text()
     assert text.startswith(reply.content.strip())
-    assert "## you (chat)\n\nHello!" in text and "## morph (testfeat=0.2)" in text
+    assert "## you (chat)\n\nHello!" in text and "## morph (testfeat@diffmean=0.2)" in text
     assert not list(tmp_path.glob(".out.md.*"))  # no temp files left behind
     assert f"error: {tmp_path}/missing: no such directory" in out
     assert "mode: rewrite" in out and "error: unknown mode 'bogus'" in out and s.mode == "rewrite"
@@ -169,17 +171,17 @@ def test_slash_commands(rt, tmp_path):
     assert s.context == [] and "context cleared" in out
     assert "error: unknown command /frobnicate" in out
     assert "half a line" not in out and len(s.transcript) == 3  # Ctrl-C at the prompt: line dropped
-    assert "testfeat off" in out and s.profile == {} and s.steering() is None
+    assert "testfeat@diffmean off" in out and s.profile == {} and s.steering() is None
 
 
 def test_prompt_shows_features_and_steering_is_scaled(rt):
     app, _ = drive(rt, "/feature testfeat 0.25" + ENTER + "/mode continue" + ENTER + CTRL_D)
-    assert "".join(t for _, t in app._message()) == "[testfeat=0.25] continue> "
+    assert "".join(t for _, t in app._message()) == "[testfeat@diffmean=0.25] continue> "
     cv = app.session.steering()
     stored = rt.catalog.get("testfeat").load_vector()
     np.testing.assert_allclose(cv.directions[16], stored.directions[16] * 0.25, rtol=1e-6)
     app, _ = drive(rt, "/feature testfeat" + ENTER + CTRL_D, keys="emacs")
-    assert app.session.profile == {"testfeat": 0.1}  # no scale: the feature's default
+    assert app.session.profile == {"testfeat@diffmean": 0.1}  # no scale: the feature's default
     assert app.prompt_session.editing_mode == EditingMode.EMACS
     app, _ = drive(rt, CTRL_D)
     assert app.prompt_session.editing_mode == EditingMode.VI  # vi by default
@@ -226,7 +228,7 @@ def test_resume_list_and_no_log(rt):
     app2, out = drive(rt, "Another one?" + ENTER + CTRL_D, setup=lambda a: a.resume(None))
     s = app2.session
     assert f"resumed session #{sid}" in out and first.transcript[1].content.strip() in out
-    assert s.log.session_id == sid and s.profile == {"testfeat": 0.2}
+    assert s.log.session_id == sid and s.profile == {"testfeat@diffmean": 0.2}
     assert s.context[:2] == first.context and len(s.context) == 4
     assert [r["session_id"] for r in db_turns()] == [sid] * 4
 
@@ -364,8 +366,8 @@ def test_tmux_end_to_end(data_dir, model_info, tmp_path):
 
         t.wait(answered, "the reply and a new prompt")
         t.send("/feature testfeat 0.2", "Enter")
-        t.wait(lambda s: any(ln.startswith("testfeat = 0.2") for ln in s)
-               and any(ln == "[testfeat=0.2] >" for ln in s), "the feature in the prompt")
+        t.wait(lambda s: any(ln.startswith("testfeat@diffmean = 0.2") for ln in s)
+               and any(ln == "[testfeat@diffmean=0.2] >" for ln in s), "the feature in the prompt")
         t.send("", "C-d")
         assert _wait_rc(rc) == 0
         [info] = replog.list_sessions()
@@ -393,4 +395,4 @@ def test_model_switch_keeps_valid_features(rt):
     app, out = drive(rt, "/feature testfeat 0.2" + ENTER + "/model smollm2" + ENTER + CTRL_D,
                      open_runtime=open_runtime)
     assert opened == ["smollm2"] and "model: smollm2" in out
-    assert app.session.profile == {"testfeat": 0.2} and app.session.steering() is not None
+    assert app.session.profile == {"testfeat@diffmean": 0.2} and app.session.steering() is not None

@@ -21,7 +21,7 @@ import pytest
 
 from morph import store
 from morph.engine.base import Request, collect
-from morph.server import _interim
+from morph.steering import profile
 from morph.server.app import Server, create_app
 
 openai = pytest.importorskip("openai")
@@ -91,7 +91,9 @@ def client(srv):
 
 
 def defaults_for(framing: str) -> dict:
-    return dict(_interim.defaults(object()).sampling_for(framing))
+    from morph import tasks
+
+    return tasks.Defaults().sampling_for(framing)
 
 
 def direct(engine, framing: str, **kw) -> str:
@@ -207,7 +209,7 @@ def test_logit_bias_and_penalties(client, engine):
 def _resolve(model_info, features):
     from morph.steering.catalog import Catalog
 
-    return _interim.resolve(Catalog(model_info.model_id), model_info, features)
+    return profile.resolve(Catalog(model_info.model_id), model_info, features)
 
 
 def test_steering_through_extra_body(client, engine, model_info):
@@ -217,19 +219,18 @@ def test_steering_through_extra_body(client, engine, model_info):
     assert r.steering["features"] == {"formal@sae": 0.3} and r.steering["mode"] == "residual"
     st = _resolve(model_info, {"formal": 0.3})
     want = direct(engine, "chat", messages=CHAT, max_tokens=24, temperature=0, steering=st.vector,
-                  **({"apply": r.steering["apply"]} if _interim.HAS_APPLY else {}))
+                  apply=r.steering["apply"])
     assert r.choices[0].message.content == want != plain.choices[0].message.content
     # The list form and a bare name (the feature's default scale) resolve the same way.
     bare = client.chat.completions.create(model="smollm2", messages=CHAT, max_tokens=4, temperature=0,
                                           extra_body={"steering": {"features": ["formal"]}})
-    assert bare.steering["features"] == _resolve(model_info, {"formal": None}).profile
+    assert bare.steering["features"] == _resolve(model_info, ["formal"]).profile
     # Zero scale: exactly unsteered.
     zero = client.chat.completions.create(model="smollm2", messages=CHAT, max_tokens=24, temperature=0,
                                           extra_body={"steering": {"features": {"formal": 0}}})
     assert zero.choices[0].message.content == plain.choices[0].message.content
 
 
-@pytest.mark.skipif(len(_interim.APPLY_MODES) < 2, reason="engine without Request.apply yet")
 def test_steering_apply_generated(client, engine, model_info):
     body = {"steering": {"features": {"formal": 0.5}, "apply": "generated"}}
     r = client.chat.completions.create(model="smollm2", messages=CHAT, max_tokens=24, temperature=0, extra_body=body)

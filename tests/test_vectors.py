@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from morph.errors import MorphError
-from morph.steering.vector import ControlVector, combine, split_scale
+from morph.steering.vector import ControlVector, combine
 
 
 def _cv(n_embd=576, layers=(3, 12), seed=0, meta=None):
@@ -100,15 +100,6 @@ def test_scaled_sum_and_buffer_layout():
     assert not buf[0].any() and not buf[28].any()
     with pytest.raises(MorphError):
         _ = a + _cv(n_embd=640, layers=(3,))
-
-
-def test_split_scale():
-    assert split_scale("formal", None) == ("formal", None)
-    assert split_scale("formal=0.3", None) == ("formal", 0.3)
-    assert split_scale("a/b=c.gguf=-1", 1.0) == ("a/b=c.gguf", -1.0)
-    for bad in ("formal=x", "=1", "formal=nan", "formal=inf"):
-        with pytest.raises(MorphError):
-            split_scale(bad, None)
 
 
 def test_llama_cpp_applies_our_file_like_its_own(engine, tmp_path):

@@ -18,7 +18,8 @@ def _catalog(obj) -> Catalog:
 
 
 def _row(f) -> str:
-    return f"{f.name:<12} {f.method:<9} L{f.layer:<3} scale {f.default_scale:<5g} {f.description}"
+    return (f"{f.name:<12} {f.method:<9} L{f.layer:<3} scale {f.default_scale:<5g} {f.eval_label:<34} "
+            f"{f.description}")
 
 
 @cli.group("features", invoke_without_command=True)

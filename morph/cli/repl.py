@@ -9,30 +9,30 @@ from click.core import ParameterSource
 
 from morph import tasks
 from morph.cli import cli
+from morph.cli.options import feature_option, sampling_options
 from morph.errors import MorphError
-from morph.steering.catalog import parse_feature_args
+from morph.steering import profile
 
 NOT_A_TTY = ("morph: error: `morph repl` needs a terminal on stdin; for piped text use "
              "`morph steer` (e.g. `echo hi | morph steer -f formal`)")
 
 
 @cli.command("repl")
-@click.option("-f", "--feature", "features", multiple=True, metavar="NAME[=SCALE]",
-              help="Feature to start with (repeatable); change them with /feature.")
+@feature_option("Feature to start with (repeatable); change them with /feature.")
 @click.option("--mode", type=click.Choice(tasks.MODES), default="chat", show_default=True,
               help="chat: a conversation; rewrite: each input rewritten; continue: raw continuation.")
 @click.option("--max-tokens", type=click.IntRange(1, None), default=256, show_default=True,
               help="Longest reply in tokens.")
-@click.option("--temperature", type=click.FloatRange(0, 5), default=0.7, show_default=True)
-@click.option("--seed", type=int, default=None)
+@sampling_options
 @click.option("--emacs", is_flag=True, help="Emacs keys (default: vi, or `keys` in config.toml's [editor]).")
 @click.option("--resume", "resume", is_flag=False, flag_value="last", default=None, metavar="[ID]",
               help="Continue the last logged session, or session ID.")
 @click.option("--list", "list_sessions", is_flag=True, help="List logged sessions and exit.")
 @click.option("--no-log", is_flag=True, help="Do not record this session in morph.db.")
 @click.pass_obj
-def repl_cmd(obj, features=(), mode="chat", max_tokens=256, temperature=0.7, seed=None, emacs=False,
-             resume=None, list_sessions=False, no_log=False):
+def repl_cmd(obj, features=(), mode="chat", max_tokens=256, temperature=None, top_p=None, seed=None,
+             repeat_penalty=None, apply=None, experimental=False, emacs=False, resume=None,
+             list_sessions=False, no_log=False):
     """Chat with the model, steering it with features as you go.
 
     \b
@@ -55,25 +55,26 @@ def repl_cmd(obj, features=(), mode="chat", max_tokens=256, temperature=0.7, see
             resume_id = int(resume.lstrip("#"))
         except ValueError:
             raise MorphError(f"--resume takes a session number (see `morph repl --list`), not {resume!r}") from None
-    profile = parse_feature_args(features)
+    specs = [profile.parse(f) for f in features]  # bad specs fail before the model loads
     rt = obj.runtime()
     from morph.repl.app import Repl
 
-    if not features and resume is None:
-        profile = dict(rt.config.features)
+    start = {} if features or resume is not None else dict(rt.config.features)
     keys = "emacs" if emacs else rt.config.editor_keys
     mode_given = click.get_current_context().get_parameter_source("mode") == ParameterSource.COMMANDLINE
     app = None
     try:
-        app = Repl(rt, keys=keys, mode=mode, features=None if resume else profile,
-                   max_tokens=max_tokens, temperature=temperature, seed=seed, log=not no_log,
-                   verbose=obj.verbose, open_runtime=lambda spec: _open(obj, spec))
+        sampling = dict(temperature=temperature, top_p=top_p, seed=seed, repeat_penalty=repeat_penalty,
+                        apply=apply)
+        app = Repl(rt, keys=keys, mode=mode, features=start, max_tokens=max_tokens, sampling=sampling,
+                   experimental=experimental, log=not no_log, verbose=obj.verbose,
+                   open_runtime=lambda spec: _open(obj, spec))
         if resume is not None:
             app.resume(resume_id)
-            for spec, scale in profile.items():  # -f given with --resume wins over the log
-                app.session.set_feature(spec, scale)
             if mode_given:
                 app.session.set_mode(mode)
+        for spec in specs:  # -f (also with --resume, where it wins over the log)
+            app.session.features.apply(spec)
         app.run()
     finally:
         (app.rt if app is not None else rt).close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from morph.cli import cli
+from morph.cli.options import feature_option
 
 
 @cli.command("serve")
@@ -14,8 +15,7 @@ from morph.cli import cli
               help="TCP port (0: any free port; the URL printed says which).")
 @click.option("--api-key", envvar="MORPH_API_KEY", default=None, metavar="KEY",
               help="Require 'Authorization: Bearer KEY' on /v1 (or set MORPH_API_KEY).")
-@click.option("-f", "--feature", "features", multiple=True, metavar="NAME[@METHOD][=SCALE]",
-              help="Steering for requests that carry no `steering` field (repeatable).")
+@feature_option("Steering for requests that carry no `steering` field (repeatable).")
 @click.option("--experimental", is_flag=True, help="Allow experimental features in -f.")
 @click.option("--gpu", is_flag=True, help="Use the vLLM engine (same as `morph --gpu serve`).")
 @click.option("--no-log", is_flag=True, help="Do not record requests in the history database.")
@@ -50,9 +50,9 @@ def serve_cmd(obj, host, port, api_key, features, experimental, gpu, no_log):
         raise
     try:
         if default is not None:  # unknown features fail at start, not on the first request
-            from morph.server._interim import resolve
+            from morph.steering import profile
 
-            resolve(rt.catalog, rt.info, default.features, experimental=experimental)
+            profile.resolve(rt.catalog, rt.info, default.features, experimental=experimental)
         run(server, host, port, say=lambda s: click.echo(s))
     finally:
         rt.close()

@@ -8,9 +8,9 @@ import click
 
 from morph import store, tasks
 from morph.cli import cli
+from morph.cli.options import feature_option, sampling_options
 from morph.errors import MorphError
-from morph.steering.catalog import parse_feature_args
-from morph.steering.vector import ControlVector, combine, split_scale
+from morph.steering import profile
 
 
 def read_stdin_text() -> str:
@@ -26,50 +26,34 @@ def read_stdin_text() -> str:
     return text
 
 
-def build_steering(rt, features: tuple[str, ...], vectors: tuple[str, ...]):
-    """-f specs and --vector specs -> (profile for logging, combined ControlVector or None)."""
-    profile = parse_feature_args(features)
+def build_steering(rt, features: tuple[str, ...], vectors: tuple[str, ...], experimental: bool = False):
+    """-f and --vector specs (config's [features] when none are given) -> profile.Steering."""
+    p = profile.Profile(rt.catalog, rt.info, experimental=experimental)
     if not features and not vectors:
-        profile = dict(rt.config.features)  # config defaults apply only when nothing is given
-    parts, logged = [], {}
-    for spec, scale in profile.items():
-        f = rt.catalog.get(spec)
-        scale = f.default_scale if scale is None else scale
-        parts.append((f.load_vector(), scale))
-        logged[f.key] = scale
+        p.load(rt.config.features)  # config defaults apply only when nothing is given
+    for spec in features:
+        p.apply(profile.parse(spec))
     for spec in vectors:
-        path, scale = split_scale(spec, default=1.0)
-        cv = ControlVector.load(path)
-        cv.validate(rt.info.n_embd, rt.info.n_layer, where=path)
-        parts.append((cv, scale))
-        logged[f"file:{path}"] = scale
-    cv = combine(parts)
-    if cv is not None:
-        cv.validate(rt.info.n_embd, rt.info.n_layer)
-    return logged, cv
+        p.apply(profile.parse_vector_arg(spec))
+    return p.steering()
 
 
 @cli.command("steer")
-@click.option("-f", "--feature", "features", multiple=True, metavar="NAME[=SCALE]",
-              help="Feature to apply (repeatable). NAME or NAME@METHOD; SCALE is a fraction of the "
-                   "layer's residual norm (default: the feature's own), negative steers away.")
+@feature_option("Feature to apply (repeatable). NAME or NAME@METHOD; SCALE is a fraction of the "
+                "layer's residual norm (default: the feature's own), negative steers away.")
 @click.option("--vector", "vectors", multiple=True, metavar="PATH[=SCALE]",
               help="Any llama.cpp control-vector GGUF (repeatable; SCALE default 1.0).")
 @click.option("--mode", type=click.Choice(["rewrite", "continue"]), default="rewrite", show_default=True,
               help="rewrite: the instruct model rewrites the input; continue: it writes what comes next.")
 @click.option("--max-tokens", type=click.IntRange(1, None), default=None,
               help="Tokens to generate [default: rewrite about twice the input's length, continue 256].")
-@click.option("--temperature", type=click.FloatRange(0, 5), default=0.7, show_default=True,
-              help="0 = greedy (deterministic).")
-@click.option("--top-p", type=click.FloatRange(0, 1), default=0.95, show_default=True)
-@click.option("--seed", type=int, default=None, help="Sampling seed (reproducible output).")
-@click.option("--repeat-penalty", type=click.FloatRange(1.0, 3.0), default=1.1, show_default=True,
-              help="Discourage repeating recent tokens (1.0 = off); small models loop without it.")
+@sampling_options
 @click.option("--echo", is_flag=True, help="In continue mode, print the input before the continuation.")
 @click.option("--no-log", is_flag=True, help="Do not record this run in the history database.")
 @click.option("-v", "--verbose", count=True, help="Timings on stderr.")
 @click.pass_obj
-def steer_cmd(obj, features, vectors, mode, max_tokens, temperature, top_p, seed, repeat_penalty, echo, no_log, verbose):
+def steer_cmd(obj, features, vectors, mode, max_tokens, temperature, top_p, seed, repeat_penalty, apply,
+              experimental, echo, no_log, verbose):
     """Read text on stdin, write steered text to stdout (streamed).
 
     \b
@@ -77,18 +61,20 @@ def steer_cmd(obj, features, vectors, mode, max_tokens, temperature, top_p, seed
       morph steer -f concise=0.2 --mode continue < draft.md
     """
     # Validate the cheap things before loading the model.
-    parse_feature_args(features)
+    for spec in features:
+        profile.parse(spec)
     for spec in vectors:
-        split_scale(spec, default=1.0)
+        profile.parse_vector_arg(spec)
     text = read_stdin_text()
     rt = obj.runtime()
     try:
-        logged, cv = build_steering(rt, features, vectors)
-        if max_tokens is None:
-            max_tokens = 256 if mode == "continue" else min(1024, 2 * len(rt.engine.tokenize(text)) + 48)
+        steering = build_steering(rt, features, vectors, experimental)
+        logged, cv = steering.profile, steering.vector
+        if max_tokens is None and mode == "rewrite":
+            max_tokens = tasks.rewrite_max_tokens(len(rt.engine.tokenize(text)))
         req = tasks.build_request(
-            mode, text, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-            seed=seed, repeat_penalty=repeat_penalty, steering=cv,
+            mode, text, defaults=rt.defaults, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+            seed=seed, repeat_penalty=repeat_penalty, apply=apply, steering=cv,
         )
         out, finish, timings = _stream_to_stdout(rt.engine, req, echo_text=text if (echo and mode == "continue") else None)
         if (obj.verbose or verbose) and timings is not None:

@@ -8,22 +8,23 @@ from pathlib import Path
 import click
 
 from morph.cli import cli
+from morph.cli.options import feature_option
 from morph.errors import MorphError
-from morph.steering.catalog import parse_feature_args
+from morph.steering import profile
 
 
 @cli.command("write")
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--emacs", "keys", flag_value="emacs", help="Emacs keys instead of vi.")
 @click.option("--vi", "keys", flag_value="vi", help="vi keys (the default unless config says otherwise).")
-@click.option("-f", "--feature", "features", multiple=True, metavar="NAME[=SCALE]",
-              help="Steer suggestions with a feature (repeatable); replaces the document's stored profile.")
+@feature_option("Steer suggestions with a feature (repeatable); replaces the document's stored profile.")
+@click.option("--experimental", is_flag=True, help="Allow features marked experimental.")
 @click.option("--no-suggest", is_flag=True, help="Edit without loading the model (no ghost text).")
 @click.option("--no-log", is_flag=True, help="Keep no versions, suggestion log or profile in morph.db.")
 @click.option("--threads", type=click.IntRange(1, None), default=None,
               help="CPU threads for generation (default: config `threads`, else all cores but one).")
 @click.pass_obj
-def write_cmd(obj, file, keys, features, no_suggest, no_log, threads):
+def write_cmd(obj, file, keys, features, experimental, no_suggest, no_log, threads):
     """Edit FILE (created on first save) with ghost-text suggestions from the local model.
 
     \b
@@ -40,7 +41,8 @@ def write_cmd(obj, file, keys, features, no_suggest, no_log, threads):
     read_text(Path(file).expanduser().absolute())
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise MorphError("morph write needs a terminal (for pipes use `morph steer`)")
-    profile = parse_feature_args(features) if features else None
+    for spec in features:  # bad specs fail before the model loads
+        profile.parse(spec)
     rt = None
     if no_suggest:
         cfg = load_config()
@@ -57,7 +59,8 @@ def write_cmd(obj, file, keys, features, no_suggest, no_log, threads):
             config=cfg,
             model_name=model_name,
             keys=keys,
-            profile=profile,
+            profile=list(features) if features else None,
+            experimental=experimental,
             log=not no_log,
         )
         ed.run(manage_gc=True)

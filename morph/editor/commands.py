@@ -3,7 +3,7 @@
   :w [PATH]   write (to PATH: a copy; ! overwrites an existing PATH or a file changed on disk)
   :wq, :x     write and quit (:x writes only if changed)
   :q, :q!     quit (refused while unsaved) / quit dropping changes
-  :feature NAME [SCALE|off]   steer with a feature (no SCALE: its default)
+  :feature NAME [SCALE|default|off], :feature off   steer with a feature (steering/profile.py)
   :features   the feature panel (F2)
   :explain, :expand [para], :compress [para]   seed UX at the cursor
   :N          go to line N
@@ -15,10 +15,11 @@ import os
 import re
 
 from morph.errors import MorphError
+from morph.steering import profile
 
 COMMANDS = ["w", "wq", "x", "q", "feature", "features", "explain", "expand", "compress", "help"]
 HELP = (
-    ":w [PATH]  :wq  :x  :q  :q!  :feature NAME [SCALE|off]  :features  :explain  "
+    ":w [PATH]  :wq  :x  :q  :q!  :feature NAME [SCALE|default|off]  :features  :explain  "
     ":expand [para]  :compress [para]  | Tab accept, Ctrl-Right word, Ctrl-E line, Ctrl-] dismiss, F2 features"
 )
 _CMD = re.compile(r"^\s*([A-Za-z]+)(!?)\s*(.*?)\s*$")
@@ -68,28 +69,15 @@ def _dispatch(ed, name: str, bang: bool, arg: str, line: str) -> None:
 
 
 def _feature(ed, arg: str) -> None:
-    parts = arg.split()
-    if not parts:
-        ed.info(f"features: {ed.features_label()}  (:feature NAME [SCALE|off], F2 for the panel)")
+    if not arg.split():
+        ed.info(f"features: {ed.features_label()}  (:feature NAME [SCALE|default|off], :feature off, F2)")
         return
-    if len(parts) > 2:
-        raise MorphError("usage: :feature NAME [SCALE|off]")
-    spec = parts[0]
-    if "=" in spec and len(parts) == 1:
-        spec, _, raw = spec.partition("=")
-        parts = [spec, raw]
-    if len(parts) == 2 and parts[1].lower() in ("off", "0", "none"):
-        key = ed.unset_feature(spec)
-        ed.info(f"{key} off")
+    spec = profile.parse_words(arg.split())
+    changed = ed.apply_feature(spec)
+    if spec.off or spec.all_off:
+        ed.info(f"{', '.join(changed)} off" if changed else f"{spec.name or 'no feature'} was not active")
         return
-    scale = None
-    if len(parts) == 2:
-        try:
-            scale = float(parts[1])
-        except ValueError:
-            raise MorphError(f"scale {parts[1]!r} is not a number") from None
-    key = ed.set_feature(spec, scale)
-    ed.info(f"{key} at {ed.profile[key]:+.2f} (applies to the next suggestion)")
+    ed.info(f"{changed[0]} at {ed.profile[changed[0]]:+.2f} (applies to the next suggestion)")
 
 
 def goto_line(ed, n: int) -> None:

@@ -22,6 +22,7 @@ from prompt_toolkit.cursor_shapes import ModalCursorShapeConfig
 from prompt_toolkit.enums import EditingMode
 from prompt_toolkit.key_binding.vi_state import InputMode
 
+from morph import tasks
 from morph.config import Config
 from morph.editor import history, recovery
 from morph.editor.buffer import EditorBuffer
@@ -29,12 +30,12 @@ from morph.editor.ghost import SuggestionController
 from morph.editor.history import Background
 from morph.editor.worker import EngineWorker
 from morph.errors import MorphError
+from morph.steering.profile import Profile
 
 GC_TICK_S = 1.0
 GC_IDLE_S = 0.8  # no key for this long: a collection cannot delay one
 GC_EVERY_S = 10.0
 MIRROR_DELAY_S = 1.0  # recovery file written this long after a change (issue: within 2 s)
-SCALE_LIMIT = 2.0
 
 
 @dataclass
@@ -56,7 +57,8 @@ class Editor:
         config: Config | None = None,
         model_name: str = "",
         keys: str | None = None,
-        profile: dict[str, float | None] | None = None,
+        profile: list[str] | dict[str, float | None] | None = None,
+        experimental: bool = False,
         log: bool = True,
         input=None,
         output=None,
@@ -86,8 +88,9 @@ class Editor:
         self.worker = EngineWorker(engine, on_error=self._worker_error) if engine is not None else None
         self.suggest = SuggestionController(self)
 
-        self.profile: dict[str, float] = {}
-        self.steering = None
+        self.defaults = tasks.defaults(self.config)
+        info = engine.info if engine is not None else None
+        self.features = Profile(catalog, info, experimental=experimental) if catalog is not None else None
         self._init_profile(profile)
         self.recovered = self._check_recovery()
 
@@ -133,42 +136,24 @@ class Editor:
             app.after_render += lambda _: self.trace("render")
         return app
 
-    def _init_profile(self, override: dict[str, float | None] | None) -> None:
-        """-f on the command line, else the document's stored profile, else the config's."""
+    def _init_profile(self, override: list[str] | dict[str, float | None] | None) -> None:
+        """-f on the command line (strict), else the document's stored profile, else the
+        config's (both forgiving: what no longer resolves is reported and skipped)."""
+        if self.features is None:
+            return
+        if override is not None:
+            self.features.load(override)
+            return
         stored = None
-        if override is None and self.log_enabled:
+        if self.log_enabled:
             from morph import store
 
             with store.safe("steering profile") as box:
                 if box:
                     stored = history.load_profile(box[0], self.path)
-        if override is not None:
-            source = override
-        elif stored is not None:
-            source = stored
-        else:
-            source = dict(self.config.features)
-        if self.catalog is None:
-            return
-        dropped = []
-        for spec, scale in source.items():
-            try:
-                f = self.catalog.get(spec)
-            except MorphError:
-                if override is not None:
-                    raise
-                dropped.append(spec)
-                continue
-            self.profile[f.key] = f.default_scale if scale is None else float(scale)
-        try:
-            self._rebuild_steering(persist=False)
-        except MorphError as e:
-            if override is not None:
-                raise
-            self.profile, self.steering = {}, None
-            dropped.append(f"steering off ({e})")
+        dropped = self.features.load(dict(self.config.features) if stored is None else stored, strict=False)
         if dropped:
-            self.message = ("message.error", f"features no longer available: {', '.join(dropped)}")
+            self.message = ("message.error", f"features not available: {'; '.join(dropped)}")
 
     def _check_recovery(self):
         rec = recovery.read(self.path)
@@ -478,49 +463,48 @@ class Editor:
 
     # --- steering ------------------------------------------------------------------------
 
+    @property
+    def profile(self) -> dict[str, float]:
+        """The active features in their stored form, {"formal@sae": 0.3}."""
+        return self.features.items if self.features is not None else {}
+
+    @property
+    def steering(self):
+        return self.features.vector() if self.features is not None else None
+
+    def _profile(self):
+        if self.features is None:
+            raise MorphError("no feature catalog (no model loaded)")
+        return self.features
+
+    def apply_feature(self, spec) -> list[str]:
+        """Apply one parsed request (steering/profile.py grammar); returns the keys changed."""
+        changed = self._profile().apply(spec)
+        self._steering_changed()
+        return changed
+
     def set_feature(self, spec: str, scale: float | None) -> str:
         """Turn a feature on at `scale` (None: its default); returns its key. MorphError if unknown."""
-        if self.catalog is None:
-            raise MorphError("no feature catalog (no model loaded)")
-        f = self.catalog.get(spec)
-        s = f.default_scale if scale is None else float(scale)
-        if abs(s) > SCALE_LIMIT:
-            raise MorphError(f"scale {s} is outside -{SCALE_LIMIT}..{SCALE_LIMIT}")
-        before = dict(self.profile)
-        self.profile[f.key] = round(s, 4)
-        try:
-            self._rebuild_steering()
-        except MorphError:
-            self.profile = before  # a broken vector file: keep steering as it was
-            raise
-        return f.key
+        key = self._profile().set(spec, scale)
+        self._steering_changed()
+        return key
 
-    def unset_feature(self, spec: str) -> str:
-        if self.catalog is None:
-            raise MorphError("no feature catalog (no model loaded)")
-        f = self.catalog.get(spec)
-        self.profile.pop(f.key, None)
-        self._rebuild_steering()
-        return f.key
+    def unset_feature(self, spec: str) -> list[str]:
+        keys = self._profile().remove(spec)
+        self._steering_changed()
+        return keys
 
-    def _rebuild_steering(self, persist: bool = True) -> None:
-        cv = None
-        if self.profile and self.catalog is not None:
-            cv = self.catalog.vector(self.profile)
-            if cv is not None and self.engine is not None:
-                cv.validate(self.engine.info.n_embd, self.engine.info.n_layer)
-        self.steering = cv
+    def _steering_changed(self) -> None:
         self.suggest.invalidate_warm()
-        if persist:
-            self.suggest.drop("cancelled")
-            if self.log_enabled:
-                path, prof = self.path, dict(self.profile)
-                self.bg.submit(lambda db: history.save_profile(db, path, prof))
+        self.suggest.drop("cancelled")
+        if self.log_enabled:
+            path, prof = self.path, dict(self.profile)
+            self.bg.submit(lambda db: history.save_profile(db, path, prof))
 
     def features_label(self) -> str:
         if not self.profile:
             return "no features"
-        return " ".join(f"{k.split('@')[0]} {v:+.2f}" for k, v in sorted(self.profile.items()))
+        return " ".join(f"{k.split('@')[0]} {v:+.2f}" for k, v in self.profile.items())
 
     # --- history ---------------------------------------------------------------------------
 

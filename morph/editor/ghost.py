@@ -19,14 +19,12 @@ from prompt_toolkit.layout.controls import BufferControl, UIContent
 from prompt_toolkit.layout.processors import Processor, Transformation, TransformationInput
 from prompt_toolkit.mouse_events import MouseEvent
 
-from morph.engine.base import Request
+from morph import tasks
 
 GHOST_STYLE = "class:ghost"
 WINDOW_CHARS = 4000  # prompt window before the cursor (~900 tokens of English)
 WINDOW_STEP = 1000  # the window start moves in steps of this many characters
-TEMPERATURE = 0.2
 POST_INTERVAL_S = 0.05  # 20 redraws/s while streaming: smooth, and fewer for a key to wait behind
-SEED = 7  # same context, same suggestion (and reproducible tests)
 _WORD = re.compile(r"\s*[^\s]+")
 
 
@@ -171,15 +169,7 @@ class SuggestionController:
             t_request=time.perf_counter(),
         )
         self.current = s
-        req = Request(
-            prompt=prompt,
-            max_tokens=ed.config.suggestion_tokens,
-            temperature=TEMPERATURE,
-            top_p=0.9,
-            seed=SEED,
-            stop=["\n\n"],
-            steering=ed.steering,
-        )
+        req = tasks.build_request("ghost", prompt, defaults=ed.defaults, steering=ed.steering)
         ed.trace("request", chars=len(prompt), start=len(ed.buffer.document.text_before_cursor) - len(prompt) - strip)
         post = ed.post
 
@@ -214,7 +204,8 @@ class SuggestionController:
         if not prompt or prompt == self._warmed:
             return
         self._warmed = prompt
-        req = Request(prompt=prompt, max_tokens=0, steering=ed.steering)
+        # The same framing as the suggestion (its steering placement decides the prompt's KV).
+        req = tasks.build_request("ghost", prompt, defaults=ed.defaults, steering=ed.steering, max_tokens=0)
 
         def run(job):
             req.cancel = job.cancel

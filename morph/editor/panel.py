@@ -79,7 +79,7 @@ class FeaturePanel:
         if f is None:
             return
         cur = self.ed.profile.get(f.key, 0.0 if delta is not None else f.default_scale)
-        new = f.default_scale if delta is None else round(cur + delta, 4)
+        new = f.default_scale if delta is None else round(cur + delta, 4)  # 0.05 steps stay exact
         try:
             if abs(new) < 1e-9:
                 self.ed.unset_feature(f.key)
@@ -105,7 +105,7 @@ class FeaturePanel:
             mark = "[x]" if on else "[ ]"
             sel = "class:panel.selected " if i == self.index else ""
             out.append((sel + ("class:panel.on" if on else ""), f" {mark} {f.name:<{width}}"))
-            out.append((sel, f"  {f.method:<8} {scale:+.2f}  "))
+            out.append((sel, f"  {f.method:<8} {scale:+.2f}  {f.eval_label:<32} "))
             out.append((sel + "class:panel.dim", f"{f.description}\n"))
         return out
 

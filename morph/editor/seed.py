@@ -19,17 +19,11 @@ from prompt_toolkit.layout import ConditionalContainer, Dimension, Window
 from prompt_toolkit.layout.controls import FormattedTextControl
 from prompt_toolkit.widgets import Frame
 
+from morph import tasks
 from morph.engine.base import Request
 
-EXPLAIN_TOKENS = 80
-REWRITE_TOKENS = 400  # cap for expand; compress needs fewer
 _SENT_END = re.compile(r"[.!?]+[\"'”’)\]]*(?=\s|$)")
 _WORD = re.compile(r"[\w'’-]+")
-
-# Prompts chosen by trying variants on SmolLM2-135M (greedy): a one-sentence question
-# explains best; "longer and more descriptive" expands where "expand into a more
-# detailed version" echoed the input; "at most N words" compresses.
-WRITER_SYSTEM = "You are a writing assistant."
 
 
 def paragraph_span(text: str, pos: int) -> tuple[int, int]:
@@ -68,30 +62,6 @@ def word_at(text: str, pos: int) -> tuple[int, int] | None:
         if m.start() <= pos < m.end() or (m.end() == pos and pos == len(text)):
             return m.start(), m.end()
     return None
-
-
-def explain_messages(word: str, sentence: str) -> list[dict]:
-    return [
-        {
-            "role": "user",
-            "content": f'What does "{word}" mean in the sentence "{sentence}"? '
-            "Reply with a one-sentence definition.",
-        },
-    ]
-
-
-def telescope_messages(kind: str, scope: str, text: str) -> tuple[list[dict], int]:
-    """(messages, max_tokens) for expanding or compressing `text`."""
-    n = len(text.split())
-    if kind == "expand":
-        msgs = [
-            {"role": "system", "content": WRITER_SYSTEM},
-            {"role": "user", "content": f"Make this {scope} longer and more descriptive:\n\n{text}"},
-        ]
-        return msgs, min(REWRITE_TOKENS, int(n * 4) + 40)
-    target = max(3, n // 2)
-    msgs = [{"role": "user", "content": f"Shorten this {scope} to at most {target} words.\n\n{text}"}]
-    return msgs, min(REWRITE_TOKENS // 2, int(n * 1.5) + 10)
 
 
 def clean_reply(text: str) -> str:
@@ -182,7 +152,7 @@ class SeedUX:
         self.popup = popup
         ed.suggest.dismiss()
         ed.app.layout.focus(self._popup_win)
-        req = Request(messages=explain_messages(word, sentence), max_tokens=EXPLAIN_TOKENS, temperature=0.2, steering=ed.steering)
+        req = tasks.build_request("explain", sentence, word=word, defaults=ed.defaults, steering=ed.steering)
         self._submit("explain", req, lambda piece: self._popup_piece(popup, piece), lambda: self._popup_done(popup))
         ed.invalidate()
 
@@ -219,8 +189,8 @@ class SeedUX:
         self.preview = pv
         ed.suggest.dismiss()
         ed.app.layout.focus(self._preview_win)
-        msgs, max_tokens = telescope_messages(kind, scope, " ".join(original.split()) if scope == "sentence" else original)
-        req = Request(messages=msgs, max_tokens=max_tokens, temperature=0.3, steering=ed.steering)
+        text = " ".join(original.split()) if scope == "sentence" else original
+        req = tasks.build_request(kind, text, scope=scope, defaults=ed.defaults, steering=ed.steering)
         self._submit("telescope", req, lambda piece: self._preview_piece(pv, piece), lambda: self._preview_done(pv))
         ed.invalidate()
 

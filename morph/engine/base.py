@@ -17,6 +17,11 @@ from morph.models import ModelInfo
 from morph.steering.vector import ControlVector
 
 
+# Where a request's steering vector is added: at every position (llama.cpp's control
+# vector), or only while generating, with the prompt evaluated unsteered.
+APPLY_MODES = ("all", "generated")
+
+
 @dataclass
 class Request:
     prompt: str | None = None  # raw text, continued as is
@@ -30,6 +35,7 @@ class Request:
     seed: int | None = None
     stop: Sequence[str] = ()
     steering: ControlVector | None = None  # already combined and scaled
+    apply: str = "all"  # one of APPLY_MODES
     # OpenAI sampling fields: logit_bias maps token id -> added logit (or is a dense
     # float array of n_vocab); the penalties subtract count * frequency_penalty and, once a
     # token has appeared, presence_penalty (over the last repeat_last_n tokens).

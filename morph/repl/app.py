@@ -66,8 +66,8 @@ class Repl:
         mode: str = "chat",
         features: dict[str, float | None] | None = None,
         max_tokens: int = 256,
-        temperature: float = 0.7,
-        seed: int | None = None,
+        sampling: dict | None = None,
+        experimental: bool = False,
         log: bool = True,
         verbose: int = 0,
         input=None,
@@ -81,12 +81,12 @@ class Repl:
         self.verbose = verbose
         self.open_runtime = open_runtime
         self.session = Session(
-            rt.engine, rt.catalog, rt.model_name, max_tokens=max_tokens,
-            temperature=temperature, seed=seed, log=SessionLog(log, rt.model_name),
+            rt.engine, rt.catalog, rt.model_name, max_tokens=max_tokens, defaults=rt.defaults,
+            sampling={k: v for k, v in (sampling or {}).items() if v is not None},
+            experimental=experimental, log=SessionLog(log, rt.model_name),
         )
         self.session.set_mode(mode)
-        for spec, scale in (features or {}).items():
-            self.session.set_feature(spec, scale)
+        self.session.features.load(features or {})
         self._bannered = False
         self._real_tty = input is None and sys.stdin.isatty()
         self.on_piece: list[Callable[[str], None]] = []  # called with each streamed piece
@@ -133,7 +133,7 @@ class Repl:
 
     def _message(self):
         s = self.session
-        feats = ",".join(f"{k}={v:g}" for k, v in s.profile.items())
+        feats = s.features.label()
         parts = []
         if feats:
             parts.append(("class:features", f"[{feats}] "))
@@ -295,17 +295,9 @@ class Repl:
         new = self.open_runtime(spec)
         old, s = self.rt, self.session
         self.rt = new
-        s.engine, s.catalog, s.model_name = new.engine, new.catalog, new.model_name
         s.log.model = new.model_name
-        kept = dict(s.profile)
-        s.profile.clear()
-        s._vectors.clear()
-        s._steering_key = None
-        for spec_, scale in kept.items():
-            try:
-                s.set_feature(spec_, scale)
-            except MorphError as e:
-                self.note(f"{spec_} dropped: {e}")
+        for problem in s.rebind(new.engine, new.catalog, new.model_name):
+            self.note(f"dropped {problem}")
         if s.mode != "continue" and not new.info.has_chat_template:
             s.mode = "continue"
             self.note("this model has no chat template: mode is now continue")

@@ -18,6 +18,7 @@ from prompt_toolkit.document import Document
 from morph import fsutil, tasks
 from morph.errors import MorphError
 from morph.repl import log as replog
+from morph.steering import profile
 
 KEYS_HELP = """\
 keys: Enter sends; Alt-Enter (or Esc then Enter) inserts a newline; Up/Down and Ctrl-R
@@ -66,37 +67,19 @@ def dispatch(app, line: str) -> None:
 # --- the commands ---------------------------------------------------------------------
 
 
-def parse_scale(raw: str) -> float | None:
-    """`0.3` -> 0.3; `off` -> 0.0 (removal); `default` -> None."""
-    if raw.lower() in ("off", "0"):
-        return 0.0
-    if raw.lower() == "default":
-        return None
-    try:
-        return float(raw)
-    except ValueError:
-        raise MorphError(f"scale {raw!r} is not a number (or `off`, `default`)") from None
-
-
-@command("feature", "/feature NAME [SCALE|off]",
+@command("feature", "/feature NAME[@METHOD] [SCALE|default|off], /feature off",
          "steer with a feature; SCALE is a fraction of the layer's residual norm "
-         "(default: the feature's own); 0 or off removes it")
+         "(default: the feature's own); off removes it; /feature off removes all")
 def _feature(app, args: list[str]) -> None:
-    if len(args) == 1 and "=" in args[0]:
-        args = args[0].rsplit("=", 1)
-    if not args or len(args) > 2:
-        raise MorphError("usage: /feature NAME [SCALE|off]")
-    name = args[0]
-    scale = parse_scale(args[1]) if len(args) == 2 else None
+    spec = profile.parse_words(args)
     s = app.session
-    if scale == 0.0:
-        if s.remove_feature(name):
-            app.say(f"{name} off")
-        else:
-            app.say(f"{name} was not active")
+    changed = s.features.apply(spec)
+    if spec.off or spec.all_off:
+        app.say(f"{', '.join(changed)} off" if changed else f"{spec.name or 'no feature'} was not active")
         return
-    f, val = s.set_feature(name, scale)
-    app.say(f"{name} = {val:g} ({f.method}, block {f.layer}: {f.description})")
+    key = changed[0]
+    f = s.catalog.get(key, experimental=True)
+    app.say(f"{key} = {s.profile[key]:g} (block {f.layer}: {f.description})")
 
 
 @command("features", "/features", "list the features of this model (* = active)")
@@ -105,10 +88,10 @@ def _features(app, args: list[str]) -> None:
     if not s.catalog.features:
         app.say(f"no features for {s.catalog.model_id}; build some with `morph vectors build`")
         return
-    active = {k.partition("@")[0]: v for k, v in s.profile.items()}
     for f in s.catalog.features:
-        mark = f"* {active[f.name]:<6g}" if f.name in active else "        "
-        app.say(f"{mark}{f.name + '@' + f.method:<24} L{f.layer:<3} default {f.default_scale:<5g} {f.description}")
+        mark = f"* {s.profile[f.key]:<6g}" if f.key in s.profile else "        "
+        exp = " (experimental)" if f.experimental else ""
+        app.say(f"{mark}{f.key:<24} L{f.layer:<3} default {f.default_scale:<5g} {f.description}{exp}")
 
 
 @command("mode", "/mode [chat|rewrite|continue]",

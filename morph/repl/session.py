@@ -9,15 +9,15 @@ engine.n_ctx: the oldest exchanges are dropped first, and the caller prints a no
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from morph import tasks
 from morph.engine.base import Request
 from morph.errors import MorphError
 from morph.repl.log import SessionInfo, SessionLog, StoredTurn
-from morph.steering.catalog import Catalog, Feature
-from morph.steering.vector import ControlVector, combine
+from morph.steering.catalog import Catalog
+from morph.steering.profile import Profile
+from morph.steering.vector import ControlVector
 
 MIN_REPLY_TOKENS = 16  # below this a reply is not worth starting: say the input is too long
 
@@ -46,17 +46,22 @@ class Session:
     model_name: str
     mode: str = "chat"
     max_tokens: int = 256
-    temperature: float = 0.7
-    top_p: float = 0.95
-    seed: int | None = None
+    defaults: tasks.Defaults = field(default_factory=tasks.Defaults)
+    sampling: dict = field(default_factory=dict)  # flags given on the command line (None: default)
     log: SessionLog | None = None
-    system: str = tasks.CHAT_SYSTEM
-    profile: dict[str, float] = field(default_factory=dict)  # feature spec -> scale
+    experimental: bool = False
     context: list[dict] = field(default_factory=list)  # chat messages after the system one
     transcript: list[Turn] = field(default_factory=list)
-    _vectors: dict[str, ControlVector] = field(default_factory=dict)
-    _steering_key: tuple | None = None
-    _steering: ControlVector | None = None
+    features: Profile | None = None  # the active features (steering/profile.py)
+
+    def __post_init__(self):
+        if self.features is None:
+            self.features = Profile(self.catalog, self.engine.info, experimental=self.experimental)
+
+    @property
+    def profile(self) -> dict[str, float]:
+        """The stored form: {"formal@sae": 0.3}."""
+        return self.features.items
 
     # --- mode and features ------------------------------------------------------------
 
@@ -68,36 +73,19 @@ class Session:
                 raise MorphError(f"{self.model_name} has no chat template: only `continue` works")
         self.mode = mode
 
-    def set_feature(self, spec: str, scale: float | None = None) -> tuple[Feature, float]:
-        """Add or rescale a feature (scale None: its default). Validated before it is kept."""
-        f = self.catalog.get(spec)  # MorphError for unknown names
-        s = f.default_scale if scale is None else float(scale)
-        if not math.isfinite(s):
-            raise MorphError(f"{spec}: scale must be a finite number")
-        if spec not in self._vectors:
-            cv = f.load_vector()
-            info = self.engine.info
-            cv.validate(info.n_embd, info.n_layer, where=f"feature {spec!r} ({f.path})")
-            self._vectors[spec] = cv
-        self.profile[spec] = s
-        return f, s
-
-    def remove_feature(self, spec: str) -> bool:
-        keys = [k for k in self.profile if k == spec or k.partition("@")[0] == spec]
-        for k in keys:
-            del self.profile[k]
-        return bool(keys)
-
     def steering(self) -> ControlVector | None:
-        key = tuple(sorted(self.profile.items()))
-        if key != self._steering_key:
-            self._steering = combine([(self._vectors[k], s) for k, s in self.profile.items()]) if key else None
-            self._steering_key = key
-        return self._steering
+        return self.features.vector()
+
+    def rebind(self, engine, catalog, model_name: str) -> list[str]:
+        """Another model: re-resolve the features against its catalog; returns what was dropped."""
+        kept = dict(self.features.items)
+        self.engine, self.catalog, self.model_name = engine, catalog, model_name
+        self.features = Profile(catalog, engine.info, experimental=self.experimental)
+        return self.features.load(kept, strict=False)
 
     def label(self) -> str:
         """What the prompt shows, e.g. `[formal=0.3] > ` or `rewrite> `."""
-        feats = ",".join(f"{k}={s:g}" for k, s in self.profile.items())
+        feats = self.features.label()
         head = f"[{feats}] " if feats else ""
         return head + ("" if self.mode == "chat" else self.mode) + "> "
 
@@ -111,23 +99,17 @@ class Session:
 
     def prepare(self, text: str) -> Prepared:
         """The request for `text` in the current mode, bounded to the context window."""
-        kw = dict(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
-                  seed=self.seed, steering=self.steering())
+        kw = dict(self.sampling, max_tokens=self.max_tokens, steering=self.steering())
         n_ctx = self.engine.n_ctx
         dropped = 0
-        if self.mode == "chat":
-            while True:
-                msgs = [{"role": "system", "content": self.system}, *self.context,
-                        {"role": "user", "content": text}]
-                req = Request(messages=msgs, **kw)
-                n = self._count(req)
-                if n + self.max_tokens <= n_ctx or not self.context:
-                    break
-                self._drop_oldest()
-                dropped += 1
-        else:
-            req = tasks.build_request(self.mode, text, **kw)
+        while True:
+            req = tasks.build_request(self.mode, text, defaults=self.defaults,
+                                      history=self.context if self.mode == "chat" else None, **kw)
             n = self._count(req)
+            if self.mode != "chat" or n + self.max_tokens <= n_ctx or not self.context:
+                break
+            self._drop_oldest()
+            dropped += 1
         room = n_ctx - n
         if room < MIN_REPLY_TOKENS:
             raise MorphError(f"input is {n} tokens; the context holds {n_ctx}: shorten it")
@@ -221,11 +203,8 @@ class Session:
             self.set_mode(info.mode)
         except MorphError as e:
             warnings.append(str(e))
-        for spec, scale in last_feats.items():
-            try:
-                self.set_feature(spec, scale)
-            except MorphError as e:
-                warnings.append(f"feature {spec} not restored: {e}")
+        self.features.clear()
+        warnings += [f"feature not restored: {w}" for w in self.features.load(last_feats, strict=False)]
         if self.log is not None:
             self.log.session_id = info.id
         return warnings

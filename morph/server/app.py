@@ -32,13 +32,13 @@ from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from morph.engine.base import Event, Request
+from morph.engine.base import APPLY_MODES, Event, Request
 from morph.errors import MorphError
 from morph.server.errors import APIError, bad
 from morph.server.params import Params, SteeringSpec, parse_chat, parse_completion
 from morph.server.requestlog import RequestLog
 from morph.server.scheduler import Failure, Job, Scheduler
-from morph.server._interim import APPLY_MODES, HAS_APPLY, defaults as _defaults, resolve as _resolve_profile
+from morph.steering import profile
 
 MAX_BODY = 2 * 1024 * 1024  # bytes; a full 8k-token context is ~40 KB of text
 INLINE_TOKENIZE = 16 * 1024  # shorter inputs are tokenized on the event loop (faster)
@@ -66,7 +66,7 @@ class Server:
         self.api_key = api_key
         self.max_body = max_body
         self.default_steering = default_steering
-        self.defaults = _defaults(rt)
+        self.defaults = rt.defaults  # morph/tasks.py with config.toml applied
         self.scheduler = Scheduler(self.engine, streams)
         self.log = RequestLog() if log else None
         self.created = int(time.time())
@@ -209,10 +209,9 @@ class Server:
                 bias = bias.copy()
                 for t, b in p.logit_bias.items():
                     bias[t] += b
-        extra = {"apply": apply} if HAS_APPLY else {}
         req = Request(
-            prompt=p.prompt, messages=p.messages, stop=tuple(p.stop), steering=cv,
-            logit_bias=bias, **extra, **sampling,
+            prompt=p.prompt, messages=p.messages, stop=tuple(p.stop), steering=cv, apply=apply,
+            logit_bias=bias, **sampling,
         )
         size = len(p.prompt or "") + sum(len(m["content"]) for m in p.messages or ())
         if size > INLINE_TOKENIZE:  # long inputs: keep the event loop free for other streams
@@ -257,7 +256,7 @@ class Server:
         st = self._resolved.get(key)
         if st is None:
             def resolve():
-                return _resolve_profile(self.rt.catalog, self.rt.info, spec.features,
+                return profile.resolve(self.rt.catalog, self.rt.info, spec.features,
                                                 experimental=spec.experimental)
             try:
                 st = await run_in_threadpool(resolve)

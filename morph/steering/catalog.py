@@ -2,8 +2,10 @@
 
 Manifests live in `vectors/<model-id>/features.json` (shipped with morph) and in the
 user's data dir (`morph vectors build` output); a user entry overrides a shipped one with
-the same name and method. Names resolve to the SAE feature when both an SAE and a
-diffmean version exist; `formal@diffmean` names the method explicitly.
+the same name and method. A bare name resolves to the method with the better measured
+score (`morph eval`'s harmonic mean, `scores.eval.hmean`), else SAE before diffmean;
+`formal@diffmean` names the method explicitly. Features whose measured scores fall short
+of the goal are marked `experimental` and are refused unless asked for explicitly.
 
 Scales are fractions of the layer's residual norm: vector files store the direction
 stretched to that norm (see vector.residual_relative), so `formal=0.3` adds 30% of it.
@@ -18,7 +20,7 @@ from typing import Any, Iterable
 
 from morph import fsutil, paths
 from morph.errors import MorphError
-from morph.steering.vector import ControlVector, combine, split_scale
+from morph.steering.vector import ControlVector
 
 MANIFEST = "features.json"
 METHOD_PREFERENCE = ("sae", "diffmean")  # which method a bare name picks first
@@ -37,12 +39,30 @@ class Feature:
     latent_weights: list[float] = field(default_factory=list)
     explanation: str = ""
     scores: dict[str, Any] = field(default_factory=dict)
+    experimental: bool = False  # falls short of the quality goal (morph eval): opt-in only
     source: str = ""  # "shipped" | "user" (not stored)
     path: Path | None = None  # resolved vector file (not stored)
 
     @property
     def key(self) -> str:
         return f"{self.name}@{self.method}"
+
+    @property
+    def eval_label(self) -> str:
+        """What `morph eval` measured, for lists and the editor's panel."""
+        ev = self.scores.get("eval")
+        if not isinstance(ev, dict) or "concept_shift" not in ev:
+            return "not evaluated"
+        rel = ev.get("relevance_ratio")
+        rel = f"relevance {rel:.0%}" if isinstance(rel, (int, float)) else f"relevance {ev.get('relevance', 0):.2f}"
+        return f"shift {ev['concept_shift']:+.2f} {rel}" + (" experimental" if self.experimental else "")
+
+    @property
+    def measured(self) -> float | None:
+        """The harmonic mean `morph eval` measured for this feature (None: not evaluated)."""
+        ev = self.scores.get("eval")
+        v = ev.get("hmean") if isinstance(ev, dict) else None
+        return float(v) if isinstance(v, (int, float)) else None
 
     def load_vector(self) -> ControlVector:
         assert self.path is not None
@@ -118,8 +138,9 @@ class Catalog:
     def names(self) -> list[str]:
         return sorted({f.name for f in self.features})
 
-    def get(self, spec: str) -> Feature:
-        """`formal` (preferred method) or `formal@diffmean`."""
+    def get(self, spec: str, experimental: bool = False) -> Feature:
+        """`formal` (the best measured method) or `formal@diffmean`. Experimental features
+        only with experimental=True."""
         name, _, method = spec.partition("@")
         cands = [f for f in self.features if f.name == name and (not method or f.method == method)]
         if not cands:
@@ -128,7 +149,12 @@ class Catalog:
                 methods = ", ".join(f.method for f in self.features if f.name == name)
                 raise MorphError(f"feature {name!r} has no {method!r} version (has: {methods})")
             raise MorphError(f"unknown feature {name!r} for {self.model_id} (available: {avail})")
-        return cands[0]  # sorted by METHOD_PREFERENCE
+        usable = cands if experimental else [f for f in cands if not f.experimental]
+        if not usable:
+            f = cands[0]
+            raise MorphError(f"feature {f.key} is experimental (it falls short of the quality goal: "
+                             f"`morph features show {f.key}`); pass --experimental to use it")
+        return min(usable, key=_rank)
 
     def search(self, query: str) -> list[Feature]:
         q = query.lower()
@@ -137,21 +163,9 @@ class Catalog:
             if q in f.name.lower() or q in f.description.lower() or q in f.explanation.lower()
         ]
 
-    def vector(self, profile: dict[str, float | None]) -> ControlVector | None:
-        """Scaled sum of the profile's features (scale None = the feature's default)."""
-        parts = []
-        for spec, scale in profile.items():
-            f = self.get(spec)
-            parts.append((f.load_vector(), f.default_scale if scale is None else float(scale)))
-        return combine(parts)
 
-
-def parse_feature_args(specs: Iterable[str]) -> dict[str, float | None]:
-    """`-f formal -f concise=0.2` -> {"formal": None, "concise": 0.2} (None: default scale)."""
-    out: dict[str, float | None] = {}
-    for spec in specs:
-        name, scale = split_scale(spec, default=None)
-        if not name:
-            raise MorphError(f"{spec!r}: empty feature name")
-        out[name] = scale
-    return out
+def _rank(f: Feature) -> tuple:
+    """Measured features first, best score first; then the method preference."""
+    m = f.measured
+    pref = METHOD_PREFERENCE.index(f.method) if f.method in METHOD_PREFERENCE else len(METHOD_PREFERENCE)
+    return (m is None, -(m or 0.0), pref)

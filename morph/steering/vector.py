@@ -224,25 +224,3 @@ def _field_value(f) -> Any:
 def _short(e: Exception) -> str:
     s = str(e).strip().splitlines()
     return s[0] if s else type(e).__name__
-
-
-def load_scaled(spec: str) -> tuple[ControlVector, float, str]:
-    """Parse `PATH[=SCALE]` (the --vector option)."""
-    path, scale = split_scale(spec, default=1.0)
-    return ControlVector.load(path), scale, path
-
-
-def split_scale(spec: str, default: float | None) -> tuple[str, float | None]:
-    if "=" not in spec:
-        return spec, default
-    name, _, raw = spec.rpartition("=")
-    if not name:
-        raise MorphError(f"{spec!r}: missing name before '='")
-    try:
-        scale = float(raw)
-    except ValueError:
-        raise MorphError(f"{spec!r}: scale {raw!r} is not a number") from None
-    if not math.isfinite(scale):
-        raise MorphError(f"{spec!r}: scale must be finite")
-    return name, scale
-
