@@ -1,6 +1,6 @@
 """How much weaker is logit steering than residual steering? One JSON object on stdout.
 
-    python bench/logit_steering.py [--methods sae,diffmean] [--pairs 8] [--threads 1]
+    python bench/logit_steering.py [--methods sae[,diffmean]] [--pairs 8] [--threads 1]
 
 For every shipped feature that is a pole of a contrast recipe (vectors/recipes/), on the
 recipe's held-out pairs (the split `morph vectors` builds with, so never trained on):
@@ -35,8 +35,8 @@ from morph.steering import diffmean as dm  # noqa: E402
 from morph.steering.catalog import Catalog  # noqa: E402
 from morph.steering.logits import LogitSteering  # noqa: E402
 
-RESIDUAL_SCALES = (0.1, 0.2, 0.3, 0.5)
-LOGIT_SCALES = (0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 4.0, 8.0)
+RESIDUAL_SCALES = (0.5,)  # plus each feature's default scale
+LOGIT_SCALES = (0.5, 1.0, 2.0, 4.0, 8.0)  # plus the default scale
 
 
 def mean_lp(engine, text, cv=None, bias=None, prompt=dm.NEUTRAL_PROMPT) -> float:
@@ -56,7 +56,7 @@ def nll(engine, cv=None, bias=None) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None)
-    ap.add_argument("--methods", default="sae,diffmean")
+    ap.add_argument("--methods", default="sae", help="comma-separated: sae,diffmean")
     ap.add_argument("--pairs", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()

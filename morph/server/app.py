@@ -175,49 +175,62 @@ class Server:
             watcher.cancel()
 
     async def _prepare(self, p: Params) -> Prepared:
-        d = self.defaults
-        sampling = dict(d.sampling_for(p.framing))
-        sampling.update(p.sampling)
-        spec = p.steering if p.steering is not None else self.default_steering
-        cv, bias, echo = None, None, None
-        apply = d.apply.get(p.framing, "all")
-        if spec is not None and spec.features:
-            st = await self._resolve(spec)
-            if spec.mode == "logits":
-                if spec.apply not in (None, "generated"):
-                    raise bad("'steering.apply' must be \"generated\" (or left out) with mode \"logits\": "
-                              "a logit bias acts on sampled tokens only", "steering.apply")
-                apply = "generated"
-                bias = (await self._logit_steering()).bias(st.vector)
-            else:
-                if spec.apply is not None:
-                    if spec.apply not in APPLY_MODES:
-                        raise bad(f"'steering.apply' must be one of {', '.join(APPLY_MODES)}, got {spec.apply!r}",
-                                  "steering.apply")
-                    apply = spec.apply
-                cv = st.vector
-            echo = {"features": dict(st.profile), "apply": apply, "mode": spec.mode}
+        """The engine Request for `p`: morph's defaults for its framing, the body's fields,
+        its steering, and its length checked against the context."""
+        sampling = self.defaults.sampling_for(p.framing) | p.sampling
+        cv, bias, apply, echo = await self._steering(p)
         if p.logit_bias:
-            n_vocab = self.rt.info.n_vocab
-            bad_ids = [t for t in p.logit_bias if t >= n_vocab]
-            if bad_ids:
-                raise bad(f"'logit_bias' token id {bad_ids[0]} is outside the vocabulary (0..{n_vocab - 1})",
-                          "logit_bias")
-            if bias is None:
-                bias = dict(p.logit_bias)
-            else:
-                bias = bias.copy()
-                for t, b in p.logit_bias.items():
-                    bias[t] += b
-        req = Request(
-            prompt=p.prompt, messages=p.messages, stop=tuple(p.stop), steering=cv, apply=apply,
-            logit_bias=bias, **sampling,
-        )
+            bias = self._add_user_bias(bias, p.logit_bias)
+        req = Request(prompt=p.prompt, messages=p.messages, stop=tuple(p.stop), steering=cv, apply=apply,
+                      logit_bias=bias, **sampling)
         size = len(p.prompt or "") + sum(len(m["content"]) for m in p.messages or ())
         if size > INLINE_TOKENIZE:  # long inputs: keep the event loop free for other streams
             n_prompt = await run_in_threadpool(self._count_tokens, req)
         else:
             n_prompt = self._count_tokens(req)
+        req.max_tokens = self._max_tokens(p, n_prompt)
+        log_input = p.prompt if p.prompt is not None else json.dumps(p.messages, ensure_ascii=False)
+        return Prepared(req, n_prompt, echo, log_input)
+
+    async def _steering(self, p: Params):
+        """(control vector, logit bias, apply, what to echo) for the request's steering, or
+        the server's default steering (-f) when the body has no `steering` field."""
+        apply = self.defaults.apply.get(p.framing, "all")
+        spec = p.steering if p.steering is not None else self.default_steering
+        if spec is None or not spec.features:
+            return None, None, apply, None
+        st = await self._resolve(spec)
+        cv, bias = None, None
+        if spec.mode == "logits":
+            if spec.apply not in (None, "generated"):
+                raise bad("'steering.apply' must be \"generated\" (or left out) with mode \"logits\": "
+                          "a logit bias acts on sampled tokens only", "steering.apply")
+            apply = "generated"
+            bias = (await self._logit_steering()).bias(st.vector)
+        else:
+            if spec.apply is not None:
+                if spec.apply not in APPLY_MODES:
+                    raise bad(f"'steering.apply' must be one of {', '.join(APPLY_MODES)}, got {spec.apply!r}",
+                              "steering.apply")
+                apply = spec.apply
+            cv = st.vector
+        return cv, bias, apply, {"features": dict(st.profile), "apply": apply, "mode": spec.mode}
+
+    def _add_user_bias(self, bias, user: dict[int, float]):
+        n_vocab = self.rt.info.n_vocab
+        outside = [t for t in user if t >= n_vocab]
+        if outside:
+            raise bad(f"'logit_bias' token id {outside[0]} is outside the vocabulary (0..{n_vocab - 1})", "logit_bias")
+        if bias is None:
+            return dict(user)
+        bias = bias.copy()  # the logit-steering bias (dense) is cached: add to a copy
+        for t, b in user.items():
+            bias[t] += b
+        return bias
+
+    def _max_tokens(self, p: Params, n_prompt: int) -> int:
+        """The body's max_tokens if the context has room for it (400 otherwise); else
+        OpenAI's defaults: 16 for completions, the rest of the context for chat."""
         n_ctx = self.engine.n_ctx
         field = "messages" if p.kind == "chat" else "prompt"
         if n_prompt == 0:
@@ -226,18 +239,13 @@ class Server:
             raise bad(f"This model's maximum context length is {n_ctx} tokens. However, your request has "
                       f"{n_prompt} input tokens. Please reduce the length of the input.", field)
         room = n_ctx - n_prompt
-        if p.max_tokens is not None and p.max_tokens > room:
-            raise bad(f"'max_tokens' or 'max_completion_tokens' is too large: {p.max_tokens}. This model's "
-                      f"maximum context length is {n_ctx} tokens and your request has {n_prompt} input "
-                      f"tokens ({p.max_tokens} > {n_ctx} - {n_prompt}).", p.max_tokens_field)
         if p.max_tokens is not None:
-            req.max_tokens = p.max_tokens
-        elif p.kind == "completion":
-            req.max_tokens = min(COMPLETION_MAX_TOKENS, room)
-        else:
-            req.max_tokens = room  # chat: until the model stops or the context is full (OpenAI)
-        log_input = p.prompt if p.prompt is not None else json.dumps(p.messages, ensure_ascii=False)
-        return Prepared(req, n_prompt, echo, log_input)
+            if p.max_tokens > room:
+                raise bad(f"'max_tokens' or 'max_completion_tokens' is too large: {p.max_tokens}. This model's "
+                          f"maximum context length is {n_ctx} tokens and your request has {n_prompt} input "
+                          f"tokens ({p.max_tokens} > {n_ctx} - {n_prompt}).", p.max_tokens_field)
+            return p.max_tokens
+        return min(COMPLETION_MAX_TOKENS, room) if p.kind == "completion" else room
 
     def _count_tokens(self, req: Request) -> int:
         eng = self.engine
