@@ -53,13 +53,46 @@ def nll(engine, cv=None, bias=None) -> float:
     return float(np.mean([-mean_lp(engine, t, cv, bias) for t in dm.NEUTRAL_TEXTS]))
 
 
+def summarize(rows: list[dict]) -> dict:
+    """Across features: the ratio at matched scales, how often each moves its way, the logit
+    scale that matches the residual shift, and the logit shift at matched fluency cost (the
+    largest swept logit scale whose extra NLL stays within the residual's at its default)."""
+    ratios = [r["ratio_at_default"] for r in rows if r["ratio_at_default"] is not None]
+    matched = [r["logit_scale_to_match"] for r in rows if r["logit_scale_to_match"] is not None]
+    fluency = {}
+    for r in rows:
+        res = r["residual"][f"{r['default_scale']:g}"]
+        ok = [(float(k), x) for k, x in r["logits"].items() if x["extra_nll"] <= max(res["extra_nll"], 0.0)]
+        if ok:
+            k, x = max(ok, key=lambda kx: kx[0])
+            fluency[r["feature"]] = {"logit_scale": k, "logit_shift": x["shift"], "residual_shift": res["shift"],
+                                     "ratio": round(x["shift"] / res["shift"], 3) if res["shift"] else None}
+    fr = [v["ratio"] for v in fluency.values() if v["ratio"] is not None]
+    return {
+        "features": len(rows),
+        "median_ratio_at_default": round(float(np.median(ratios)), 3) if ratios else None,
+        "logit_right_direction_at_default": sum(r["logits"][f"{r['default_scale']:g}"]["shift"] > 0 for r in rows),
+        "residual_right_direction_at_default": sum(r["residual"][f"{r['default_scale']:g}"]["shift"] > 0 for r in rows),
+        "median_logit_scale_to_match": float(np.median(matched)) if matched else None,
+        "never_matched_up_to_8": [r["feature"] for r in rows if r["logit_scale_to_match"] is None],
+        "median_ratio_at_matched_fluency": round(float(np.median(fr)), 3) if fr else None,
+        "at_matched_fluency": fluency,
+    }
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None)
     ap.add_argument("--methods", default="sae", help="comma-separated: sae,diffmean")
     ap.add_argument("--pairs", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--summarize", metavar="JSON", help="recompute the summary of an earlier run's output")
     args = ap.parse_args()
+    if args.summarize:
+        old = json.loads(Path(args.summarize).read_text())
+        old["summary"] = summarize(old["rows"])
+        print(json.dumps(old, indent=1))
+        return 0
     t_start = time.time()
     info = models.check(models.resolve(args.model))
     engine = LlamaEngine(info, n_ctx=2048, threads=args.threads)
@@ -99,17 +132,7 @@ def main() -> int:
                 print(f"{f.key}: residual {res:+.3f} logits {lg:+.3f} at {d}; "
                       f"match at {row['logit_scale_to_match']}", file=sys.stderr)
                 rows.append(row)
-    ratios = [r["ratio_at_default"] for r in rows if r["ratio_at_default"] is not None]
-    summary = {
-        "features": len(rows),
-        "median_ratio_at_default": round(float(np.median(ratios)), 3) if ratios else None,
-        "logit_right_direction_at_default": sum(r["logits"][f"{r['default_scale']:g}"]["shift"] > 0 for r in rows),
-        "residual_right_direction_at_default": sum(r["residual"][f"{r['default_scale']:g}"]["shift"] > 0 for r in rows),
-        "median_logit_scale_to_match": (float(np.median([r["logit_scale_to_match"] for r in rows
-                                                         if r["logit_scale_to_match"] is not None]))
-                                        if any(r["logit_scale_to_match"] for r in rows) else None),
-        "never_matched_up_to_8": [r["feature"] for r in rows if r["logit_scale_to_match"] is None],
-    }
+    summary = summarize(rows)
     out = {"model": info.model_id, "final_rms": round(ls.rms, 4), "tied_embeddings": ls.head.tied,
            "setup_s": round(setup_s, 2), "pairs": args.pairs, "base_nll": round(base_nll, 4),
            "summary": summary, "rows": rows, "wall_s": round(time.time() - t_start, 1)}
