@@ -125,6 +125,9 @@ def last_runs(n=1):
 def test_models_features_health(srv, client):
     models = client.models.list()
     assert [m.id for m in models.data] == ["smollm2"]
+    assert client.models.retrieve("smollm2").max_model_len == 2048
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
     h = httpx.get(srv.base + "/health").json()
     assert h["status"] == "ok" and h["engine"] == "llama.cpp"
     feats = httpx.get(srv.base + "/v1/features").json()["data"]
@@ -393,11 +396,7 @@ def test_api_key(model_info, engine):
         assert s.client(api_key="sekrit").chat.completions.create(model="smollm2", **body).choices
         assert httpx.get(s.base + "/health").status_code == 200  # liveness stays open
     finally:
-        s.server.scheduler.stop_all()
-        s.uv.should_exit = True
-        s.thread.join(30)
-        s.sock.close()
-        s.server.scheduler.close()
+        s.stop()
 
 
 # --- concurrency, cancellation, logging ------------------------------------------------------
@@ -436,6 +435,28 @@ def test_interleaved_clients_get_their_own_steering(srv, client):
     for t in ts:
         t.join(300)
     assert out == {"a": a_alone, "b": b_alone}
+
+
+def test_engine_taking_concurrent_streams(model_info, engine):
+    """An engine that serves several streams at once (vLLM) gets that many workers: here the
+    llama engine is called from 3 workers (its own lock serialises them), and each request
+    still gets exactly its own steering."""
+    s = Served(Server(_runtime(model_info, engine), log=False, streams=3))
+    try:
+        feats = [{"formal": 0.4}, {"casual": 0.4}, None]
+        alone = [_stream_text(s.client(), f, seed=5, max_tokens=16) for f in feats]
+        out = [None] * 3
+        ts = [threading.Thread(target=lambda i=i: out.__setitem__(i, _stream_text(s.client(), feats[i], seed=5,
+                                                                                  max_tokens=16)))
+              for i in range(3)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(300)
+        assert out == alone and len(set(alone)) == 3
+        assert len(s.server.scheduler._workers) == 3
+    finally:
+        s.stop()
 
 
 def test_sixteen_concurrent_streams_complete(srv):

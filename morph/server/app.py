@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP app (Starlette): routes, SSE streaming, auth, limits, logging.
 
     GET  /health                 liveness, queue depth
-    GET  /v1/models              the one served model
+    GET  /v1/models              the one served model (and /v1/models/{id})
     GET  /v1/features            the feature catalog with its measured scores
     POST /v1/completions         text completion ("continue" defaults), stream or not
     POST /v1/chat/completions    chat (the model's template, "chat" defaults), stream or not
@@ -118,11 +118,18 @@ class Server:
         return JSONResponse({"status": "ok", "model": self.model_id, "engine": self.engine.name,
                              "queued": self.scheduler.queued, "running": self.scheduler.running})
 
+    def _card(self) -> dict:
+        return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "morph",
+                "root": str(self.rt.info.file.path), "parent": None, "max_model_len": self.engine.n_ctx}
+
     async def models(self, request: HTTPRequest) -> Response:
         self._auth(request)
-        card = {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "morph",
-                "root": str(self.rt.info.file.path), "parent": None, "max_model_len": self.engine.n_ctx}
-        return JSONResponse({"object": "list", "data": [card]})
+        return JSONResponse({"object": "list", "data": [self._card()]})
+
+    async def model(self, request: HTTPRequest) -> Response:
+        self._auth(request)
+        self._check_model(request.path_params["model"])
+        return JSONResponse(self._card())
 
     async def features(self, request: HTTPRequest) -> Response:
         self._auth(request)
@@ -487,6 +494,7 @@ def create_app(server: Server) -> Starlette:
     routes = [
         Route("/health", server.health, methods=["GET"]),
         Route("/v1/models", server.models, methods=["GET"]),
+        Route("/v1/models/{model:path}", server.model, methods=["GET"]),
         Route("/v1/features", server.features, methods=["GET"]),
         Route("/v1/completions", server.completions, methods=["POST"]),
         Route("/v1/chat/completions", server.chat_completions, methods=["POST"]),
