@@ -99,22 +99,21 @@ def integer(body: dict, key: str, lo: int | None = None, hi: int | None = None, 
     return v
 
 
-def boolean(body: dict, key: str, default: bool = False, prefix: str = "") -> bool:
+def _typed(body: dict, key: str, kind: type, what: str, default, prefix: str):
     v = body.get(key)
     if v is None:
         return default
-    if not isinstance(v, bool):
-        raise bad(f"'{prefix + key}' must be true or false, got {_show(v)}", prefix + key)
+    if not isinstance(v, kind):
+        raise bad(f"'{prefix + key}' must be {what}, got {_show(v)}", prefix + key)
     return v
+
+
+def boolean(body: dict, key: str, default: bool = False, prefix: str = "") -> bool:
+    return _typed(body, key, bool, "true or false", default, prefix)
 
 
 def string(body: dict, key: str, prefix: str = "") -> str | None:
-    v = body.get(key)
-    if v is None:
-        return None
-    if not isinstance(v, str):
-        raise bad(f"'{prefix + key}' must be a string, got {_show(v)}", prefix + key)
-    return v
+    return _typed(body, key, str, "a string", None, prefix)
 
 
 def _show(v) -> str:
@@ -151,13 +150,7 @@ def parse_completion(body: Any) -> Params:
         prompt = prompt[0]
     if isinstance(prompt, list) or _is_num(prompt):
         raise bad("token-id prompts are not supported: send 'prompt' as text", "prompt")
-    if prompt is None:
-        raise bad("'prompt' is required", "prompt")
-    if not isinstance(prompt, str):
-        raise bad(f"'prompt' must be a string, got {_show(prompt)}", "prompt")
-    if not prompt:
-        raise bad("'prompt' is empty", "prompt")
-    p.prompt = prompt
+    p.prompt = _required(prompt, "prompt", str, "a string")
     p.echo = boolean(body, "echo")
     p.max_tokens = integer(body, "max_tokens", lo=1)
     for key in ("logprobs", "suffix"):
@@ -201,13 +194,19 @@ def _model(body: dict) -> str | None:
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
+def _required(v: Any, name: str, kind: type, what: str):
+    """A required, non-empty field of type `kind`."""
+    if v is None:
+        raise bad(f"'{name}' is required", name)
+    if not isinstance(v, kind):
+        raise bad(f"'{name}' must be {what}, got {_show(v)}", name)
+    if not v:
+        raise bad(f"'{name}' is empty", name)
+    return v
+
+
 def _messages(msgs: Any) -> list[dict]:
-    if msgs is None:
-        raise bad("'messages' is required", "messages")
-    if not isinstance(msgs, list):
-        raise bad(f"'messages' must be an array, got {_show(msgs)}", "messages")
-    if not msgs:
-        raise bad("'messages' is empty", "messages")
+    _required(msgs, "messages", list, "an array")
     out = []
     for i, m in enumerate(msgs):
         where = f"messages[{i}]"

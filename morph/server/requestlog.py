@@ -1,62 +1,33 @@
 """The server's requests log: each request becomes a row of the history database's `runs`
 table (command "serve"), like a `morph steer` run, so `morph log` shows them.
 
-Writes happen on one background thread with one connection, off the event loop and off
-the generation path. A database error costs one warning line, never a response.
+Writes go through store.Background (one thread, one connection), off the event loop and
+off the generation path. A database error costs one warning line, never a response.
 """
 
 from __future__ import annotations
 
-import queue
-import sqlite3
 import sys
-import threading
 
 from morph import paths, store
-
-_STOP = object()
 
 
 class RequestLog:
     def __init__(self):
-        self._q: queue.Queue = queue.Queue()
-        self._warned = False
-        self._thread = threading.Thread(target=self._run, name="morph-serve-log", daemon=True)
-        self._thread.start()
+        self._bg = store.Background(on_error=self._warn)
 
     def write(self, model: str, features: dict, mode: str, input: str, output: str,
               finish: str | None, timings: dict | None) -> None:
-        self._q.put((model, features, mode, input, output, finish, timings))
+        row = (model, features, mode, input, output, finish, timings)
+        self._bg.submit(lambda db: store.log_run(db, "serve", *row))
 
     def flush(self, timeout: float = 5.0) -> None:
         """Wait until everything written so far is in the database (tests, shutdown)."""
-        done = threading.Event()
-        self._q.put(done)
-        done.wait(timeout)
+        self._bg.flush(timeout)
 
     def close(self, timeout: float = 5.0) -> None:
-        self._q.put(_STOP)
-        self._thread.join(timeout)
+        self._bg.close(timeout)
 
-    def _run(self) -> None:
-        db = None
-        while True:
-            item = self._q.get()
-            if item is _STOP:
-                break
-            if isinstance(item, threading.Event):
-                item.set()
-                continue
-            try:
-                if db is None:
-                    db = store.connect()
-                store.log_run(db, "serve", *item)
-            except sqlite3.Error as e:
-                if not self._warned:
-                    self._warned = True
-                    print(f"morph: warning: requests not logged ({paths.db_path()}: {e})", file=sys.stderr)
-                if db is not None:
-                    db.close()
-                    db = None
-        if db is not None:
-            db.close()
+    @staticmethod
+    def _warn(message: str) -> None:
+        print(f"morph: warning: requests log: {message} ({paths.db_path()})", file=sys.stderr)

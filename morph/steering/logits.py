@@ -41,16 +41,12 @@ from pathlib import Path
 import numpy as np
 
 from morph.errors import MorphError
+from morph.steering.diffmean import NEUTRAL_TEXTS
 from morph.steering.vector import ControlVector
 
-# Neutral, register-free sentences (written for morph) for the final-layer norm.
-REFERENCE_TEXTS = [
-    "The library opens at nine in the morning and closes at six in the evening.",
-    "Water boils at a lower temperature on a high mountain than at sea level.",
-    "The train from the city arrives at the station every twenty minutes.",
-    "She planted tomatoes and beans in the garden behind the house.",
-    "The report lists the costs of the project for each month of the year.",
-    "Most birds build their nests in spring, when food is easy to find.",
+# Neutral, register-free sentences (written for morph) for the final-layer norm: the
+# fluency measure's, and more of the same kind.
+REFERENCE_TEXTS = NEUTRAL_TEXTS + [
     "The meeting was moved to Thursday because two people were away.",
     "A bridge over the river connects the old town with the new district.",
     "He keeps his bicycle in the hall next to the front door.",
