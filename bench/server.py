@@ -3,7 +3,8 @@
     flock /tmp/morph-cpu.lock python bench/server.py [--threads 1] [--quick]
 
 The server runs as a real `morph serve` process (private data dir, same model, threads
-and context as the direct engine, --no-log); clients are threads in this process speaking
+and context as the direct engine; its requests log, in that private dir, gives the
+server's own share of the overhead); clients are threads in this process speaking
 raw HTTP with keep-alive (httpx), so client-library overhead stays out of the figures.
 The direct side is a LlamaEngine in this process, given the same Request the server
 builds (morph's "continue" defaults, greedy), called from the same number of threads.
@@ -38,7 +39,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from morph import models  # noqa: E402
-from morph.config import load_config  # noqa: E402
 from morph.engine.base import Request  # noqa: E402
 from morph.engine.llama import LlamaEngine  # noqa: E402
 from morph import tasks  # noqa: E402
@@ -71,7 +71,7 @@ def pct(xs, q):
 class Direct:
     def __init__(self, engine):
         self.engine = engine
-        self.kw = tasks.defaults(load_config(create=False)).sampling_for("continue") | {"temperature": 0.0}
+        self.kw = tasks.Defaults().sampling_for("continue") | {"temperature": 0.0}  # the server runs with a bare config
 
     def one(self, i: int) -> tuple[float, int]:
         t0 = time.perf_counter()
@@ -145,13 +145,30 @@ def start_server(threads: int, n_ctx: int, data: Path) -> tuple[subprocess.Popen
     data.mkdir(parents=True, exist_ok=True)
     (data / "config.toml").write_text(f"threads = {threads}\nn_ctx = {n_ctx}\n")
     env = dict(os.environ, MORPH_DATA_DIR=str(data), PYTHONPATH=str(ROOT))
-    p = subprocess.Popen([sys.executable, "-m", "morph", "serve", "--port", "0", "--no-log"],
+    p = subprocess.Popen([sys.executable, "-m", "morph", "serve", "--port", "0"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     line = p.stdout.readline()
     if not line.startswith("morph: serving "):
         p.kill()
         raise SystemExit(f"bench: error: server did not start: {line}{p.stderr.read()}")
     return p, line.split(" at ")[1].split()[0]
+
+
+def inside_server_ms(data: Path, n: int) -> float | None:
+    """Median, over the last `n` logged requests, of the server's own share of TTFT: request
+    handler entered -> first chunk handed to the server, minus the engine's TTFT (its
+    stream() call -> first token). The rest of the overhead is HTTP and the client."""
+    import sqlite3
+
+    time.sleep(1.0)  # the log is written by a background thread
+    with sqlite3.connect(data / "morph.db") as db:
+        rows = db.execute("SELECT timings FROM runs ORDER BY id DESC LIMIT ?", (n,)).fetchall()
+    vals = []
+    for (t,) in rows:
+        t = json.loads(t)
+        if t.get("server_first_byte_s") is not None and t.get("ttft_s") is not None:
+            vals.append((t["server_first_byte_s"] - t["ttft_s"]) * 1000)
+    return round(statistics.median(vals), 2) if vals else None
 
 
 def main() -> int:
@@ -190,6 +207,7 @@ def main() -> int:
                 "tokens_equal": [n for _, n in d1] == [n for _, n in s1],
                 "wall_s_both": round(wall1, 2),
             }
+            one["inside_server_ms_p50"] = inside_server_ms(Path(tmp) / "data", n1)
             levels = []
             for clients, per in ((1, 4 if args.quick else 8), (4, 2 if args.quick else 4), (16, 1 if args.quick else 2)):
                 d = level(direct, clients, per, 10_000 * clients)
