@@ -489,6 +489,26 @@ def test_sixteen_concurrent_streams_complete(srv):
     assert walls[-1] < 16 * (walls[0] + 1.0)
 
 
+def test_queued_stream_starts_before_its_turn(srv):
+    """A stream waiting behind another gets its headers and first (role) chunk within
+    seconds, not when its generation starts; then its text."""
+    long = threading.Thread(target=lambda: srv.client().completions.create(
+        model="smollm2", prompt=STORY, max_tokens=250, temperature=0.7, seed=3))
+    long.start()
+    time.sleep(0.5)
+    t0 = time.perf_counter()
+    with httpx.Client(timeout=300) as h:
+        with h.stream("POST", srv.base + "/v1/chat/completions",
+                      json={"messages": CHAT, "max_tokens": 4, "stream": True}) as resp:
+            lines = resp.iter_lines()
+            first = next(l for l in lines if l.startswith("data: "))
+            t_first = time.perf_counter() - t0
+            rest = [l for l in lines if l.startswith("data: ")]
+    long.join(300)
+    assert '"role":"assistant"' in first and t_first < 10, t_first
+    assert rest[-1] == "data: [DONE]" and len(rest) >= 3
+
+
 def test_disconnect_cancels_within_one_token(srv):
     store_before = last_runs(1)
     body = {"prompt": STORY, "max_tokens": 400, "temperature": 0.7, "seed": 1, "stream": True}

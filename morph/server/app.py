@@ -43,6 +43,8 @@ from morph.steering import profile
 MAX_BODY = 2 * 1024 * 1024  # bytes; a full 8k-token context is ~40 KB of text
 INLINE_TOKENIZE = 16 * 1024  # shorter inputs are tokenized on the event loop (faster)
 COMPLETION_MAX_TOKENS = 16  # OpenAI's (and vLLM's) default for /v1/completions
+FIRST_EVENT_WAIT = 2.0  # s a stream waits for its first event before it sends headers
+KEEPALIVE_S = 10.0  # SSE comment this often while a stream waits in the queue
 
 
 @dataclass
@@ -164,7 +166,11 @@ class Server:
             raise APIError(str(e), 503) from None
         watcher = asyncio.ensure_future(_cancel_on_disconnect(request, job))
         try:
-            first = await job.events.get()
+            # Wait for the engine's first event, so that a failure at its start is still a
+            # proper 4xx; a stream queued behind others starts anyway (keep-alives follow).
+            first = await asyncio.wait_for(job.events.get(), FIRST_EVENT_WAIT if p.stream else None)
+        except asyncio.TimeoutError:
+            first = None
         except BaseException:
             job.stop()
             watcher.cancel()
@@ -402,6 +408,12 @@ class _Reply:
             elif self.p.echo:
                 yield self._chunk(self.p.prompt)
             while True:
+                if item is None:  # still queued: an SSE comment keeps the connection alive
+                    try:
+                        item = await asyncio.wait_for(job.events.get(), KEEPALIVE_S)
+                    except asyncio.TimeoutError:
+                        yield f": queued ({self.server.scheduler.queued} waiting)\n\n"
+                    continue
                 if isinstance(item, Failure):
                     err = APIError(item.message, 500 if item.internal else 400)
                     yield f"data: {json.dumps(err.body())}\n\n"
