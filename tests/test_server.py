@@ -509,8 +509,20 @@ def test_queued_stream_starts_before_its_turn(srv):
     assert rest[-1] == "data: [DONE]" and len(rest) >= 3
 
 
+def _next_cancelled_row(srv, before: list, timeout: float = 60) -> dict:
+    """The requests log's newest row once it is a new, cancelled one."""
+    deadline = time.monotonic() + timeout
+    while True:
+        srv.server.log.flush()
+        rows = last_runs(1)
+        if rows and rows != before and rows[0]["finish_reason"] == "cancelled":
+            return rows[0]
+        assert time.monotonic() < deadline, rows
+        time.sleep(0.05)
+
+
 def test_disconnect_cancels_within_one_token(srv):
-    store_before = last_runs(1)
+    before = last_runs(1)
     body = {"prompt": STORY, "max_tokens": 400, "temperature": 0.7, "seed": 1, "stream": True}
     received = 0
     with httpx.Client(timeout=60) as h:
@@ -520,18 +532,17 @@ def test_disconnect_cancels_within_one_token(srv):
                     received += 1
                     if received == 10:
                         break  # closing the response closes the connection
-    srv.server.log.flush()
-    deadline = time.monotonic() + 30
-    while True:
-        srv.server.log.flush()
-        rows = last_runs(1)
-        if rows and rows != store_before and rows[0]["finish_reason"] == "cancelled":
-            break
-        assert time.monotonic() < deadline, rows
-        time.sleep(0.05)
-    t = json.loads(rows[0]["timings"])
+    row = _next_cancelled_row(srv, before)
+    t = json.loads(row["timings"])
     assert t["tokens_after_cancel"] <= 1, t
-    assert rows[0]["gen_tokens"] <= received + 3, (rows[0]["gen_tokens"], received)
+    assert row["gen_tokens"] <= received + 3, (row["gen_tokens"], received)
+    assert httpx.get(srv.base + "/health").json()["running"] == 0
+    # A whole (non-streamed) request whose client gives up is cancelled too.
+    before = last_runs(1)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(srv.base + "/v1/completions", json=body | {"stream": False}, timeout=1.5)
+    row = _next_cancelled_row(srv, before)
+    assert row["gen_tokens"] < 400 and json.loads(row["timings"]).get("tokens_after_cancel", 0) <= 1
     assert httpx.get(srv.base + "/health").json()["running"] == 0
 
 
