@@ -8,6 +8,7 @@ propagates so callers can keep their buffer and report it.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import stat
 import tempfile
@@ -30,46 +31,44 @@ def atomic_write(path: str | os.PathLike, data: bytes, mode: int | None = None) 
 
     A symlink is written through (the link stays). Returns the real target path.
     """
-    target = Path(os.path.realpath(path))
-    if mode is None:
-        mode = _mode_for(target)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".morph-tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    try:  # make the rename itself durable
-        dfd = os.open(target.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
-    return target
+    with replacing(path, mode) as tmp:
+        tmp.write_bytes(data)
+    return Path(os.path.realpath(path))
+
+
+def write_json(path: str | os.PathLike, obj, indent: int | None = 2) -> Path:
+    """`obj` as JSON (UTF-8, a final newline), written atomically."""
+    return atomic_write(path, (json.dumps(obj, indent=indent) + "\n").encode("utf-8"))
 
 
 @contextlib.contextmanager
-def replacing(path: str | os.PathLike) -> Iterator[Path]:
+def replacing(path: str | os.PathLike, mode: int | None = None) -> Iterator[Path]:
     """For writers that need a file name (GGUFWriter, json.dump): yield a temp path in the
-    same directory; on success it replaces `path`, on failure it is removed."""
-    target = Path(path)
-    mode = _mode_for(target)  # shipped vectors must be readable by all
+    same directory; on success it is fsynced and replaces `path` (a symlink is written
+    through), then the directory is fsynced; on failure it is removed. `mode` as in
+    `atomic_write`."""
+    target = Path(os.path.realpath(path))
+    if mode is None:
+        mode = _mode_for(target)  # shipped vectors must be readable by all
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".morph-tmp")
     os.close(fd)
     try:
         yield Path(tmp)
+        _fsync(tmp, os.O_RDWR)  # the data is on disk before the name points at it
         os.chmod(tmp, mode)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    try:  # make the rename itself durable
+        _fsync(target.parent, os.O_RDONLY)
+    except OSError:
+        pass
+
+
+def _fsync(path: str | os.PathLike, flags: int) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

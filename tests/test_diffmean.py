@@ -31,14 +31,22 @@ def test_recipes_are_complete():
         assert len(r.pairs) >= 40, path
 
 
-def test_shipped_diffmean_vectors_validate(model_info):
+def test_shipped_diffmean_vectors_validate(engine, model_info):
     feats = _diffmean_features()
     assert {"formal", "casual", "concise", "elaborate"} <= {f.name for f in feats}
+    # The median residual norm the vectors are stretched to, measured again on a few
+    # held-out texts (the build measured it on the training pairs).
+    recipe = dm.load_recipe(paths.recipes_dir() / "formality.json")
+    sample = [p[k] for p in dm.split_pairs(recipe)[1][:4] for k in ("positive", "negative")]
+    measured = {}
     for f in feats:
         cv = ControlVector.load(f.path)
         cv.validate(model_info.n_embd, model_info.n_layer, where=str(f.path))
         assert cv.layers == [f.layer] and cv.meta["method"] == "diffmean"
         assert 0 < f.default_scale <= 0.5
+        if f.layer not in measured:
+            measured[f.layer] = float(np.median(dm.text_means(engine, sample, f.layer)[1]))
+        assert np.isclose(measured[f.layer], f.residual_norm, rtol=0.1), (f.name, measured[f.layer])
         # Stored at the layer's residual norm, so scales are fractions of it.
         assert np.isclose(np.linalg.norm(cv.directions[f.layer]), f.residual_norm, rtol=1e-3)
 
@@ -46,17 +54,20 @@ def test_shipped_diffmean_vectors_validate(model_info):
 @pytest.mark.parametrize("axis", ["formality", "length"])
 def test_feature_shifts_heldout_style(engine, axis):
     """Steering with the positive pole raises the log-prob of held-out positive texts
-    relative to their negative twins; the negative pole does the opposite."""
+    relative to their negative twins; the negative pole does the opposite. Measured again
+    on the held-out pairs the build scored, the shift agrees with the figure it stored."""
     recipe = dm.load_recipe(paths.recipes_dir() / f"{axis}.json")
-    _, test = dm.split_pairs(recipe)
-    test = test[:4]
     by_name = {f.name: f for f in _diffmean_features()}
     pos, neg = by_name[recipe.positive["name"]], by_name[recipe.negative["name"]]
+    test = dm.split_pairs(recipe)[1][:pos.scores["heldout_pairs"]]
     base = dm.style_shift(engine, test, None)
     up = dm.style_shift(engine, test, pos.load_vector() * pos.default_scale)
     down = dm.style_shift(engine, test, neg.load_vector() * neg.default_scale)
-    assert up > base + 0.05 and down < base - 0.05, (base, up, down)
     engine.set_steering(None)
+    assert up > base + 0.05 and down < base - 0.05, (base, up, down)
+    for measured, stored in ((up - base, pos.scores["style_shift_at_default"]),
+                             (base - down, neg.scores["style_shift_at_default"])):
+        assert abs(measured - stored) <= 0.02 + 0.1 * abs(stored), (axis, measured, stored)
 
 
 def test_diffmean_command_writes_vectors_and_manifest(tmp_path, data_dir):
@@ -72,11 +83,16 @@ def test_diffmean_command_writes_vectors_and_manifest(tmp_path, data_dir):
     rp.write_text(json.dumps(recipe))
     (data_dir).mkdir(parents=True, exist_ok=True)
     (data_dir / "config.toml").write_text("threads = 1\n")
-    env = dict(os.environ, MORPH_DATA_DIR=str(data_dir))
-    r = subprocess.run([sys.executable, "-m", "morph", "vectors", "diffmean", str(rp), "--layer", "12"],
-                       capture_output=True, env=env, timeout=600)
-    assert r.returncode == 0, r.stderr.decode()
     out = data_dir / "vectors" / "smollm2-135m-instruct"
+    out.mkdir(parents=True)
+    older = json.dumps({"older": {"layer": 16}}, indent=2) + "\n"
+    (out / "diffmean.json").write_text(older)
+    env = dict(os.environ, MORPH_DATA_DIR=str(data_dir))
+    with open(out / "diffmean.json") as reader:  # a reader that opened the report before
+        r = subprocess.run([sys.executable, "-m", "morph", "vectors", "diffmean", str(rp), "--layer", "12"],
+                           capture_output=True, env=env, timeout=600)
+        assert r.returncode == 0, r.stderr.decode()
+        assert reader.read() == older  # still sees the whole old file: replaced, not rewritten in place
     manifest = json.loads((out / "features.json").read_text())
     names = {(e["name"], e["method"]) for e in manifest["features"]}
     assert names == {("shouty", "diffmean"), ("quiet", "diffmean")}
@@ -85,6 +101,7 @@ def test_diffmean_command_writes_vectors_and_manifest(tmp_path, data_dir):
     assert np.allclose(a.directions[12], -b.directions[12])
     report = json.loads((out / "diffmean.json").read_text())
     assert report["tiny"]["layer"] == 12 and len(report["tiny"]["sweep"]) >= 2
+    assert report["older"] == {"layer": 16}  # other axes' reports are kept
     # The new feature is usable right away, by name and by method.
     r = subprocess.run([sys.executable, "-m", "morph", "steer", "-f", "shouty@diffmean", "--max-tokens", "3",
                         "--temperature", "0", "--no-log"], input=b"hello there", capture_output=True, env=env, timeout=120)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sqlite3
+import stat
 import subprocess
 import sys
 
-from morph import config, paths, store
+import pytest
+
+from morph import config, fsutil, paths, store
 
 
 def _env(tmp_path, **extra):
@@ -60,3 +64,70 @@ def test_migrations_are_idempotent(data_dir):
     db = store.connect()
     assert db.execute("PRAGMA user_version").fetchone()[0] == v
     assert [r["output"] for r in store.recent_runs(db)] == ["out"]
+
+
+# --- atomic writes (fsutil) -----------------------------------------------------------------
+
+
+@pytest.fixture()
+def fsyncs(monkeypatch):
+    """The path of every descriptor os.fsync is called on, in order."""
+    calls = []
+    real = os.fsync
+
+    def record(fd):
+        calls.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", record)
+    return calls
+
+
+def _write_replacing(path, text):
+    with fsutil.replacing(path) as tmp:
+        tmp.write_text(text)
+
+
+def _write_atomic(path, text):
+    fsutil.atomic_write(path, text.encode())
+
+
+@pytest.mark.parametrize("writer", [_write_replacing, _write_atomic, lambda p, t: fsutil.write_json(p, json.loads(t))])
+def test_writers_fsync_the_data_before_the_rename_and_the_directory_after(tmp_path, fsyncs, writer):
+    target = tmp_path / "out.json"
+    target.write_text('"old"\n')
+    seen = []
+    real_replace = os.replace
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "replace", lambda a, b: (seen.append(list(fsyncs)), real_replace(a, b)))
+        writer(target, '"new"')
+    [before_rename] = seen
+    assert len(before_rename) == 1 and os.path.basename(before_rename[0]).startswith(".out.json.")
+    assert fsyncs == [before_rename[0], str(tmp_path)]  # then the directory, for the rename
+    assert json.loads(target.read_text()) == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+def test_interrupted_write_leaves_the_old_file(tmp_path, monkeypatch):
+    target = tmp_path / "features.json"
+    target.write_text("old\n")
+    os.chmod(target, 0o640)
+    with pytest.raises(RuntimeError):
+        with fsutil.replacing(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed mid-write")
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        fsutil.write_json(target, {"new": 1})
+    assert target.read_text() == "old\n" and stat.S_IMODE(target.stat().st_mode) == 0o640
+    assert [p.name for p in tmp_path.iterdir()] == ["features.json"]  # no temp file left
+    monkeypatch.undo()
+    link = tmp_path / "link.json"
+    link.symlink_to(target.name)
+    fsutil.write_json(link, {"new": 1})  # written through the link, mode kept
+    assert link.is_symlink() and json.loads(target.read_text()) == {"new": 1}
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640

@@ -10,10 +10,10 @@ from click.core import ParameterSource
 from morph import tasks
 from morph.cli import cli
 from morph.cli.options import feature_option, sampling_options
-from morph.errors import MorphError
+from morph.errors import MorphError, NeedsTerminal
 from morph.steering import profile
 
-NOT_A_TTY = ("morph: error: `morph repl` needs a terminal on stdin; for piped text use "
+NOT_A_TTY = ("`morph repl` needs a terminal on stdin; for piped text use "
              "`morph steer` (e.g. `echo hi | morph steer -f formal`)")
 
 
@@ -47,8 +47,7 @@ def repl_cmd(obj, features=(), mode="chat", max_tokens=256, temperature=None, to
             click.echo(line)
         return
     if not sys.stdin.isatty():
-        click.echo(NOT_A_TTY, err=True)
-        sys.exit(2)
+        raise NeedsTerminal(NOT_A_TTY)
     resume_id = None
     if resume not in (None, "last"):
         try:

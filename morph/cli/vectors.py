@@ -28,7 +28,7 @@ def diffmean_cmd(obj, recipes, layer, out_dir, budget):
     import json
     from pathlib import Path
 
-    from morph import paths
+    from morph import fsutil, paths
     from morph.steering import diffmean as dm
     from morph.steering.catalog import write_entries
 
@@ -59,7 +59,7 @@ def diffmean_cmd(obj, recipes, layer, out_dir, budget):
         rep = target / "diffmean.json"
         old = json.loads(rep.read_text()) if rep.exists() else {}
         old.update({r["axis"]: r for r in reports})
-        rep.write_text(json.dumps(old, indent=2) + "\n")
+        fsutil.write_json(rep, old)
         click.echo(f"wrote {len(reports) * 2} vectors to {target}", err=True)
     finally:
         rt.close()

@@ -9,7 +9,7 @@ import click
 
 from morph.cli import cli
 from morph.cli.options import feature_option
-from morph.errors import MorphError
+from morph.errors import NeedsTerminal
 from morph.steering import profile
 
 
@@ -40,7 +40,7 @@ def write_cmd(obj, file, keys, features, experimental, no_suggest, no_log, threa
     # Refuse unusable files before loading anything (non-UTF-8: one line, exit 1, untouched).
     read_text(Path(file).expanduser().absolute())
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
-        raise MorphError("morph write needs a terminal (for pipes use `morph steer`)")
+        raise NeedsTerminal("morph write needs a terminal (for pipes use `morph steer`)")
     for spec in features:  # bad specs fail before the model loads
         profile.parse(spec)
     rt = None

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+
 from morph.engine.base import Completion, Engine, Event, Request, Timings, collect
 from morph.errors import MorphError
 from morph.models import ModelInfo
@@ -11,11 +14,30 @@ __all__ = ["Engine", "Event", "Request", "Timings", "Completion", "collect", "lo
 
 def load_engine(info: ModelInfo, gpu: bool = False, n_ctx: int = 4096, threads: int | None = None) -> Engine:
     if gpu:
-        try:
-            from morph.engine.vllm import VllmEngine
-        except ImportError as e:
-            raise MorphError(f"--gpu needs vLLM: pip install 'morph[gpu]' ({e})") from None
-        return VllmEngine(info, n_ctx=n_ctx)
+        return _vllm_engine_class()(info, n_ctx=n_ctx)
     from morph.engine.llama import LlamaEngine
 
     return LlamaEngine(info, n_ctx=n_ctx, threads=threads)
+
+
+def _vllm_engine_class():
+    """morph's vLLM engine, or a MorphError that says what is missing: vLLM itself (install
+    it), or morph's engine for it (vLLM is there; a pip extra would not help)."""
+    try:
+        return importlib.import_module("morph.engine.vllm").VllmEngine
+    except (ImportError, AttributeError) as e:
+        err = e
+    if not _importable("vllm"):
+        raise MorphError("--gpu needs vLLM, which is not installed: pip install 'morph[gpu]' "
+                         "(on a machine with a CUDA GPU)")
+    if isinstance(err, ModuleNotFoundError) and err.name == "morph.engine.vllm":
+        raise MorphError("--gpu: vLLM is installed, but this version of morph has no vLLM engine yet "
+                         "(morph.engine.vllm is missing); run without --gpu for the CPU engine")
+    raise MorphError(f"--gpu: vLLM is installed, but morph's vLLM engine failed to load: {err}")
+
+
+def _importable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False

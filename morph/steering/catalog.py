@@ -115,7 +115,7 @@ def write_entries(directory: Path, features: Iterable[Feature], model_id: str, e
     current["model_id"] = model_id
     if extra:
         current.update(extra)
-    fsutil.atomic_write(path, (json.dumps(current, indent=2) + "\n").encode("utf-8"))
+    fsutil.write_json(path, current)
     for name in dropped - {e["file"] for e in current["features"]}:
         (directory / name).unlink(missing_ok=True)
     return path
