@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import signal
+
 import click
 
 from morph.cli import cli
 from morph.cli.options import feature_option
+from morph.errors import EXIT_INTERRUPTED, MorphError
 
 
 @cli.command("serve")
@@ -32,7 +35,6 @@ def serve_cmd(obj, host, port, api_key, features, experimental, gpu, no_log):
     from morph.server.params import parse_steering
     from morph.server.run import bind, run
 
-    from morph.errors import MorphError
     from morph.server.errors import APIError
 
     try:
@@ -53,6 +55,8 @@ def serve_cmd(obj, host, port, api_key, features, experimental, gpu, no_log):
             from morph.steering import profile
 
             profile.resolve(rt.catalog, rt.info, default.features, experimental=experimental)
-        run(server, host, port, say=lambda s: click.echo(s))
+        stopped_by = run(server, host, port, say=lambda s: click.echo(s))
     finally:
         rt.close()
+    if stopped_by == signal.SIGINT:  # the exit status of an interrupted morph command
+        raise click.exceptions.Exit(EXIT_INTERRUPTED)

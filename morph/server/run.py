@@ -64,8 +64,9 @@ def url_for(sock: socket.socket) -> str:
     return f"http://{host}:{port}/v1"
 
 
-def run(server, host: str, port: int, *, say=print) -> None:
-    """Serve `server` (a morph.server.app.Server) until a signal stops it."""
+def run(server, host: str, port: int, *, say=print) -> int | None:
+    """Serve `server` (a morph.server.app.Server) until a signal stops it; returns that
+    signal's number (None if the server stopped for another reason)."""
     from morph.server.app import create_app
 
     sock = bind(host, port)
@@ -88,6 +89,7 @@ def run(server, host: str, port: int, *, say=print) -> None:
             signal.signal(s, h)
     if uv.stopped_by is not None:
         print(f"morph: stopped ({signal.Signals(uv.stopped_by).name})", file=sys.stderr)
+    return uv.stopped_by
 
 
 class _Uvicorn(uvicorn.Server):
