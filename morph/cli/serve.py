@@ -30,12 +30,15 @@ def serve_cmd(obj, host, port, api_key, features, experimental, gpu, no_log):
     \b
       client.chat.completions.create(model="smollm2", messages=[...],
           extra_body={"steering": {"features": {"formal": 0.3}, "apply": "generated"}})
+
+    Ctrl-C or SIGTERM stop it cleanly (running streams end at their next token); the
+    exit status is then 130 after Ctrl-C, 0 after SIGTERM.
     """
     from morph.server.app import Server
+    from morph.server.errors import APIError
     from morph.server.params import parse_steering
     from morph.server.run import bind, run
-
-    from morph.server.errors import APIError
+    from morph.steering import profile
 
     try:
         default = parse_steering({"features": list(features), "experimental": experimental}) if features else None
@@ -46,15 +49,9 @@ def serve_cmd(obj, host, port, api_key, features, experimental, gpu, no_log):
         obj.gpu = True
     rt = obj.runtime()
     try:
-        server = Server(rt, api_key=api_key or None, log=not no_log, default_steering=default)
-    except BaseException:
-        rt.close()
-        raise
-    try:
         if default is not None:  # unknown features fail at start, not on the first request
-            from morph.steering import profile
-
             profile.resolve(rt.catalog, rt.info, default.features, experimental=experimental)
+        server = Server(rt, api_key=api_key or None, log=not no_log, default_steering=default)
         stopped_by = run(server, host, port, say=lambda s: click.echo(s))
     finally:
         rt.close()
