@@ -40,7 +40,7 @@ LOGIT_SCALES = (0.5, 1.0, 2.0, 4.0, 8.0)  # plus the default scale
 
 
 def mean_lp(engine, text, cv=None, bias=None, prompt=dm.NEUTRAL_PROMPT) -> float:
-    return float(engine.continuation_logprobs(prompt, text, cv, bias).mean())
+    return float(engine.continuation_logprobs(prompt, text, cv, logit_bias=bias).mean())
 
 
 def shift(engine, pairs, sign, cv=None, bias=None) -> float:

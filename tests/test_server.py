@@ -308,8 +308,8 @@ def test_logit_bias_moves_each_feature_its_way(engine, model_info, logit_steerin
     test = dm.split_pairs(r)[1][:8]
 
     def shift(bias):
-        return np.mean([engine.continuation_logprobs(dm.NEUTRAL_PROMPT, p["positive"], None, bias).mean()
-                        - engine.continuation_logprobs(dm.NEUTRAL_PROMPT, p["negative"], None, bias).mean()
+        return np.mean([engine.continuation_logprobs(dm.NEUTRAL_PROMPT, p["positive"], logit_bias=bias).mean()
+                        - engine.continuation_logprobs(dm.NEUTRAL_PROMPT, p["negative"], logit_bias=bias).mean()
                         for p in test])
 
     base = shift(None)
