@@ -643,6 +643,30 @@ def test_signal_ends_streams_and_frees_the_port(tmp_path, sig):
             proc.p.kill()
 
 
+def test_accepted_connections_have_nagle_off():
+    """bind() makes a socket asyncio recognises as TCP, so every accepted connection gets
+    TCP_NODELAY (with Nagle on, back-to-back requests lost ~40 ms each to delayed ACKs)."""
+    from morph.server.run import bind
+
+    async def main():
+        sock = bind("127.0.0.1", 0)
+        seen = asyncio.get_running_loop().create_future()
+
+        class P(asyncio.Protocol):
+            def connection_made(self, transport):
+                s = transport.get_extra_info("socket")
+                seen.set_result(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+        server = await asyncio.get_running_loop().create_server(P, sock=sock)
+        _, w = await asyncio.open_connection("127.0.0.1", sock.getsockname()[1])
+        flag = await asyncio.wait_for(seen, 10)
+        w.close()
+        server.close()
+        return flag
+
+    assert asyncio.run(main()) != 0
+
+
 def test_busy_port_is_one_error_line(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
