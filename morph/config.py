@@ -45,6 +45,10 @@ DEFAULT_TOML = """\
 # chat = "all"
 # ghost = "all"
 
+[gpu]
+# tensor_parallel_size = 1   # GPUs per model for --gpu (vLLM tensor parallelism)
+# compile = false            # torch.compile + CUDA graphs: faster decoding, slower start, no capture
+
 [editor]
 # keys = "vi"          # or "emacs"
 # debounce_ms = 250    # pause before a suggestion starts
@@ -63,6 +67,8 @@ class Config:
     editor_keys: str = "vi"
     debounce_ms: int = 250
     suggestion_tokens: int = 32
+    tensor_parallel_size: int = 1
+    gpu_compile: bool = False
 
 
 def load_config(create: bool = True) -> Config:
@@ -93,6 +99,13 @@ def load_config(create: bool = True) -> Config:
                 cfg.features[name] = float(val)
             elif val == "default":
                 cfg.features[name] = None
+    gpu = raw.get("gpu")
+    if isinstance(gpu, dict):
+        tp = gpu.get("tensor_parallel_size")
+        if isinstance(tp, int) and not isinstance(tp, bool) and tp >= 1:
+            cfg.tensor_parallel_size = tp
+        if isinstance(gpu.get("compile"), bool):
+            cfg.gpu_compile = gpu["compile"]
     _load_generation(raw, cfg, path)
     ed = raw.get("editor")
     if isinstance(ed, dict):

@@ -75,6 +75,9 @@ def model_id_for(path: Path, general_name: str = "") -> str:
 
 
 def embedded_default() -> ModelFile | None:
+    from morph import _bundle
+
+    _bundle.unpacked()  # in the single-file executable: puts the model's dist-info on sys.path
     try:
         dist = md.distribution(_DEFAULT_DIST)
     except md.PackageNotFoundError:

@@ -72,6 +72,11 @@ def cache_dir() -> Path:
 
 def shipped_vectors_dir() -> Path:
     """Vectors shipped with morph: inside the wheel, or `vectors/` in a source checkout."""
+    from morph import _bundle
+
+    bundled = _bundle.unpacked()  # the single-file executable: unpacked once into the data dir
+    if bundled is not None:
+        return bundled / "vectors"
     pkg = Path(__file__).resolve().parent
     inside = pkg / "_shipped_vectors"
     if inside.is_dir():

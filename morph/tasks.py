@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field, fields, replace
 
-from morph.engine.base import APPLY_MODES, Request
+from morph.engine.base import Request, apply_factors
 from morph.errors import MorphError
 
 MODES = ("rewrite", "continue", "chat")
@@ -79,11 +79,11 @@ def defaults(config=None) -> Defaults:
     sampling = replace(Sampling(), **{k: v for k, v in config.generation.items() if k in known})
     apply = dict(DEFAULT_APPLY)
     for k, v in config.apply.items():
-        if k in apply and v in APPLY_MODES:
+        if k in apply and valid_apply(v):
             apply[k] = v
         else:
-            print(f"morph: warning: config.toml: ignoring steering.apply.{k} = {v!r} "
-                  f"(modes: {', '.join(FRAMINGS)}; values: {', '.join(APPLY_MODES)})", file=sys.stderr)
+            print(f"morph: warning: config.toml: ignoring steering.apply.{k} = {v!r} (modes: "
+                  f"{', '.join(FRAMINGS)}; values: all, generated, prompt-scaled[:F])", file=sys.stderr)
     return Defaults(sampling, apply, config.suggestion_tokens)
 
 
@@ -161,6 +161,13 @@ def build_request(framing: str, text: str = "", *, defaults: Defaults | None = N
     else:  # ghost: continue the text before the cursor, up to a blank line
         kw |= {"prompt": text, "max_tokens": d.suggestion_tokens, "stop": ["\n\n"]}
     kw |= {k: v for k, v in overrides.items() if v is not None}
-    if kw.get("apply") not in APPLY_MODES:
-        raise MorphError(f"unknown steering placement {kw.get('apply')!r} (choose: {', '.join(APPLY_MODES)})")
+    apply_factors(kw["apply"])  # one clear error for a bad placement
     return Request(**kw)
+
+
+def valid_apply(value) -> bool:
+    try:
+        apply_factors(value)
+        return isinstance(value, str)
+    except MorphError:
+        return False

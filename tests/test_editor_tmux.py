@@ -104,17 +104,17 @@ def status_line(screen: str) -> str:
     return next((ln for ln in reversed(lines) if ln.startswith((" NORMAL ", " INSERT "))), "")
 
 
-def test_type_wait_for_ghost_accept_and_save(tmux, tmp_path):
-    doc = tmp_path / "story.md"
-    s = tmux.start(*morph_write(doc))
-    tmux.wait_screen(s, lambda scr: "NORMAL" in scr, 30, "the editor")
-    typed = "The weather today is"
+def type_accept_save(tmux, argv: list[str], typed: str, wait_s: float = 30) -> str:
+    """Start the editor, type, wait for ghost text, accept it (Tab), :wq. Returns the first
+    screen line as it was while the ghost text showed."""
+    s = tmux.start(*argv)
+    tmux.wait_screen(s, lambda scr: "NORMAL" in scr, wait_s, "the editor")
     tmux.send(s, "i")
     tmux.type(s, typed)
     # Ghost text: the first screen line grows past what was typed, the buffer does not.
-    scr = tmux.wait_screen(s, lambda scr: len(scr.split("\n")[0].rstrip()) > len(typed) + 2, 60, "ghost text")
+    scr = tmux.wait_screen(s, lambda scr: len(scr.split("\n")[0].rstrip()) > len(typed) + 2, 2 * wait_s,
+                           "ghost text")
     assert scr.split("\n")[0].startswith(typed)
-    shown = scr.split("\n")[0].rstrip()
     assert "[+]" in status_line(scr)
     tmux.send(s, "Tab")
     tmux.wait_screen(s, lambda scr: "TTFT" in status_line(scr), 30, "timing in the status bar")
@@ -123,6 +123,13 @@ def test_type_wait_for_ghost_accept_and_save(tmux, tmp_path):
     tmux.type(s, ":wq")
     tmux.send(s, "Enter")
     tmux.wait_exit(s)
+    return scr.split("\n")[0].rstrip()
+
+
+def test_type_wait_for_ghost_accept_and_save(tmux, tmp_path):
+    doc = tmp_path / "story.md"
+    typed = "The weather today is"
+    shown = type_accept_save(tmux, morph_write(doc), typed)
     text = doc.read_text(encoding="utf-8")
     assert text.startswith(shown)  # what was on screen was accepted (it may have grown since)
     assert len(text) > len(typed) + 2

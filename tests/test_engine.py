@@ -8,8 +8,9 @@ import threading
 import numpy as np
 import pytest
 
-from morph.engine import Request, collect
+from morph.engine import Engine, Request, collect
 from morph.engine.llama import LlamaEngine
+from morph.errors import MorphError
 from morph.steering.vector import ControlVector
 
 TEXT = "The meeting is moved to Thursday afternoon because the"
@@ -132,11 +133,40 @@ def test_cancel_mid_stream(engine):
     assert again.finish_reason == "length" and again.timings.gen_tokens == 3
 
 
+def test_a_cancel_between_requests_never_leaves_stale_logits(engine, model_info):
+    """`cancel()` stops the stream running now; a scoring call after it still evaluates its
+    own text (it used to return the previous prompt's logits, silently)."""
+    from morph.engine.llama import LlamaEngine
+
+    engine.reset_cache()
+    engine.logits("The weather today is")
+    engine.cancel()
+    got = engine.logits("My favourite fruit is the")
+    fresh = LlamaEngine(model_info, n_ctx=512, threads=1)
+    try:
+        assert np.array_equal(got, fresh.logits("My favourite fruit is the"))
+    finally:
+        fresh.close()
+
+
 def test_stop_strings_and_seed(engine):
     a = collect(engine.stream(Request(prompt="List: 1. apples\n2.", max_tokens=30, temperature=0.9, seed=7, stop=["\n"])))
     b = collect(engine.stream(Request(prompt="List: 1. apples\n2.", max_tokens=30, temperature=0.9, seed=7, stop=["\n"])))
     assert a.text == b.text and "\n" not in a.text
     assert a.finish_reason in ("stop", "length")
+
+
+@pytest.mark.parametrize("stop", ["\n\n", "@" * 30])
+def test_stop_string_that_never_occurs_changes_nothing_when_the_model_ends(engine, stop):
+    """Issue 9.4: text held back while it could still start a stop string is delivered
+    when the model ends with end-of-generation (ghost text has a stop string always)."""
+    msgs = [{"role": "user", "content": "What is 2+2? Answer with a number only."}]
+    plain = collect(engine.stream(Request(messages=msgs, max_tokens=40, temperature=0)))
+    assert plain.finish_reason == "stop" and plain.timings.gen_tokens < 40  # ended by EOG
+    assert plain.text.strip()
+    held = collect(engine.stream(Request(messages=msgs, max_tokens=40, temperature=0, stop=[stop])))
+    assert held.text == plain.text
+    assert held.token_ids == plain.token_ids and held.finish_reason == "stop"
 
 
 def test_chat_messages_use_template(engine):
@@ -160,7 +190,189 @@ def test_capture_shapes_and_edit_equals_control_vector(engine):
 
     cv = _random_cv(engine, [12], 50.0, seed=11)
     v = cv.directions[12]
-    edited = engine.capturer().logits_with_edit(TEXT, 12, lambda a: a + v)
+    edited = engine.logits_with_edit(TEXT, 12, lambda a: a + v)
     steered = engine.logits(TEXT, cv)
     assert np.allclose(edited, steered, atol=1e-4), np.abs(edited - steered).max()
     assert not np.allclose(edited, engine.logits(TEXT), atol=1e-2)
+
+
+def test_engine_implements_the_protocol(engine):
+    assert isinstance(engine, Engine)
+    assert engine.n_vocab == 49152 and engine.n_embd == 576 and engine.n_layer == 30
+    im_end = engine.tokenize("<|im_end|>", add_bos=False, special=True)
+    assert len(im_end) == 1 and engine.is_eog(im_end[0])
+    assert not engine.is_eog(engine.tokenize(" the", add_bos=False)[0])
+    assert engine.detokenize(im_end, special=True) == "<|im_end|>" and engine.detokenize(im_end) == ""
+
+
+def test_ggml_abi_assumptions_hold(engine):
+    """Capture reads ggml tensors through ctypes (morph/engine/ggml.py). A llama-cpp-python
+    whose ggml ABI moved fails here with a message naming the assumption that broke."""
+    from morph.engine import ggml
+
+    ggml.check_abi()  # the type field at offset 0, ne[] at 16, nbytes/nelements, callback signature
+    # The check can fail, and names what changed:
+    with pytest.raises(MorphError, match="type at offset 8"):
+        ggml.check_abi(type_offset=8)
+    with pytest.raises(MorphError, match=r"ne\[\] is not at offset 24"):
+        ggml.check_abi(ne_offset=24)
+    # On a live graph: a block's output read in the eval callback is (n_tokens, n_embd) F32
+    # (tensor_rows checks type, ne[0], nbytes == 4 * nelements, contiguity), the same rows
+    # the capture API gives, and an edit written back reaches everything downstream.
+    tokens = engine.tokenize(TEXT)
+    n = len(tokens)
+    v = _random_cv(engine, [12], 50.0, seed=4).directions[12]
+    with engine.batch_runner(n_seq=1, n_ctx=256, n_batch=256) as runner:
+        _, clean = runner.decode(tokens, list(range(n)), [0] * n, [False] * (n - 1) + [True], layers=[12, 14])
+        runner.clear()
+        _, edited = runner.decode(tokens, list(range(n)), [0] * n, [False] * (n - 1) + [True], layers=[12, 14],
+                                  edit=lambda layer, a: a + v if layer == 12 else None)
+    assert clean[12].shape == (n, engine.n_embd) and clean[12].dtype == np.float32
+    assert np.array_equal(clean[12], engine.capture([TEXT], 12, drop_first=False)[0])
+    assert np.array_equal(clean[14][1:], engine.capture([TEXT], 14)[0])
+    assert np.array_equal(edited[12], clean[12] + v)
+    assert not np.allclose(edited[14], clean[14], atol=1e-2)
+
+
+# --- where steering applies (Request.apply; issue 10.2 and 10.7c) -----------------------
+
+
+@pytest.fixture(scope="module")
+def fresh(model_info):
+    """A second engine; `_fresh(fresh)` drops its cache (`reset_cache`) so that it is a fresh context."""
+    eng = LlamaEngine(model_info, n_ctx=1024, threads=1)
+    yield eng
+    eng.close()
+
+
+def _fresh(eng):
+    eng.reset_cache()
+    return eng
+
+
+def _greedy(engine, steering=None, apply="all", prompt=TEXT, n=10):
+    return collect(engine.stream(Request(prompt=prompt, max_tokens=n, temperature=0, steering=steering, apply=apply)))
+
+
+def _edit_rows(vector, n_prompt, prompt_f, gen_f):
+    """An eval-callback edit adding prompt_f * vector to the prompt's rows, gen_f * vector after."""
+
+    def edit(_layer, acts):
+        acts[:n_prompt] += np.float32(prompt_f) * vector
+        acts[n_prompt:] += np.float32(gen_f) * vector
+        return acts
+
+    return edit
+
+
+def _reference_greedy(engine, tokens, layer, vector, prompt_f, gen_f, n):
+    """Greedy tokens with the vector written into block `layer`'s output through the capture
+    machinery (a context of its own, no control vector): the whole sequence re-evaluated
+    from scratch at every step, so no KV cache of any kind is involved."""
+    seq, out = list(tokens), []
+    with engine.batch_runner(n_seq=1, n_ctx=256, n_batch=256) as runner:
+        for _ in range(n):
+            runner.clear()
+            m = len(seq)
+            logits, _ = runner.decode(seq, list(range(m)), [0] * m, [False] * (m - 1) + [True], layers=[layer],
+                                      edit=_edit_rows(vector, len(tokens), prompt_f, gen_f))
+            out.append(int(np.argmax(logits[-1])))
+            seq.append(out[-1])
+    return out
+
+
+def test_generated_only_steering_keeps_the_prompt_cache_unsteered(engine, fresh):
+    cv = _random_cv(engine, [12], 60.0, seed=5)
+    plain = _greedy(engine)
+    out = _greedy(engine, cv, "generated")
+    every = _greedy(engine, cv, "all")
+    assert out.finish_reason == "length"
+    # It steers, but only from the generated tokens on: the first token is chosen from the
+    # unsteered prompt's logits, then the text departs from the unsteered and "all" ones.
+    assert out.token_ids[0] == plain.token_ids[0]
+    assert out.token_ids != plain.token_ids and out.token_ids != every.token_ids
+    # Same text as a fresh context doing the same, and as the vector written at the
+    # generated positions only through the eval callback (no cache, no control vector).
+    assert _greedy(_fresh(fresh), cv, "generated").token_ids == out.token_ids
+    ref = _reference_greedy(engine, engine.tokenize(TEXT), 12, cv.directions[12], 0.0, 1.0, len(out.token_ids))
+    assert ref == out.token_ids
+    # The prompt's cache stayed valid for an unsteered request: only the last prompt token
+    # (always re-evaluated for fresh logits) is evaluated, and the text is the unsteered one.
+    _greedy(engine, cv, "generated")
+    again = _greedy(engine)
+    assert again.timings.evaluated_tokens == 1 and again.token_ids == plain.token_ids
+    # A prompt that runs on into the generated text re-evaluates the steered cells unsteered.
+    _greedy(engine, cv, "generated")
+    ext = TEXT + out.text
+    n_text = len(engine.tokenize(TEXT))
+    assert engine.tokenize(ext)[:n_text] == engine.tokenize(TEXT)
+    cont = _greedy(engine, None, prompt=ext, n=6)
+    assert cont.timings.evaluated_tokens == cont.timings.prompt_tokens - n_text
+    assert cont.token_ids == _greedy(_fresh(fresh), None, prompt=ext, n=6).token_ids
+
+
+def test_switching_where_steering_applies_never_reuses_stale_cache(engine, fresh):
+    """Requests that alternate vectors and `apply` over a growing prompt (each one's prefix
+    is the last one's cache) give what a fresh context gives, token for token, and the
+    next-token logits after each equal a fresh context's."""
+    from morph.engine.llama import _digest
+
+    cv = _random_cv(engine, [10, 14], 40.0, seed=7)
+    w = _random_cv(engine, [16], 50.0, seed=8)
+    steps = [(cv, "all"), (cv, "generated"), (None, "all"), (cv, "generated"), (w, "generated"),
+             (cv, "prompt-scaled"), (cv, "all"), (None, "generated"), (cv, "prompt-scaled:0.25"), (cv, "generated")]
+    prompt = TEXT
+    for vec, apply in steps:
+        got = _greedy(engine, vec, apply, prompt=prompt, n=5)
+        assert got.token_ids == _greedy(_fresh(fresh), vec, apply, prompt=prompt, n=5).token_ids, apply
+        prompt += got.text
+    for vec, apply in steps:
+        got = engine.logits(prompt, vec, apply)
+        assert np.array_equal(got, _fresh(fresh).logits(prompt, vec, apply)), apply
+    # The check can fail: were the cells' tags ignored, a steered request after a
+    # "generated" one would reuse the prompt cells computed unsteered.
+    _greedy(engine, cv, "generated", prompt=prompt)
+    engine._kv_tag[: engine.llm.n_tokens] = engine._tags.setdefault(_digest(cv), len(engine._tags))
+    stale = engine.logits(prompt, cv)
+    assert not np.allclose(stale, _fresh(fresh).logits(prompt, cv), atol=1e-3)
+    engine.reset_cache()
+
+
+def test_apply_factors_and_their_limits(engine):
+    cv = _random_cv(engine, [12], 60.0, seed=5)
+    gen = _greedy(engine, cv, "generated").token_ids
+    assert _greedy(engine, cv, "prompt-scaled:0").token_ids == gen
+    assert _greedy(engine, cv, "prompt-scaled:1").token_ids == _greedy(engine, cv, "all").token_ids
+    assert _greedy(engine, None, "generated").token_ids == _greedy(engine).token_ids
+    # prompt-scaled (0.5 by default) is what the callback gives with half the vector on the prompt
+    half = _greedy(engine, cv, "prompt-scaled", n=8).token_ids
+    assert half == _reference_greedy(engine, engine.tokenize(TEXT), 12, cv.directions[12], 0.5, 1.0, 8)
+    for bad in ("everywhere", "prompt-scaled:2", "prompt-scaled:x", "generated:0.5"):
+        with pytest.raises(MorphError, match="steering applies to"):
+            _greedy(engine, cv, bad)
+
+
+def test_continuation_logprobs_follow_apply(engine):
+    """Teacher-forced log-probs: the prompt as a request's prompt, the continuation as its
+    generated tokens, against the eval-callback reference (no control vector, no cache)."""
+    cv = _random_cv(engine, [12], 60.0, seed=9)
+    cont = " the weather was bad and the roads were closed."
+    p_tok, c_tok = engine.tokenize(TEXT), engine.tokenize(cont, add_bos=False)
+    toks = p_tok + c_tok
+    m = len(toks)
+    got_plain = engine.continuation_logprobs(TEXT, cont)
+    for apply, (pf, gf) in (("all", (1, 1)), ("generated", (0, 1)), ("prompt-scaled", (0.5, 1)), (None, (0, 0))):
+        with engine.batch_runner(n_seq=1, n_ctx=256, n_batch=256) as runner:
+            logits, _ = runner.decode(toks, list(range(m)), [0] * m, [i >= len(p_tok) - 1 for i in range(m - 1)] + [False],
+                                      layers=[12], edit=_edit_rows(cv.directions[12], len(p_tok), pf, gf))
+            lg = np.asarray(logits, np.float64)
+        lse = lg.max(axis=1) + np.log(np.exp(lg - lg.max(axis=1, keepdims=True)).sum(axis=1))
+        ref = lg[np.arange(len(c_tok)), c_tok] - lse
+        got = got_plain if apply is None else engine.continuation_logprobs(TEXT, cont, cv, apply)
+        assert got.shape == (len(c_tok),)
+        if apply is not None:  # token ids score the same
+            assert np.array_equal(engine.continuation_logprobs(p_tok, c_tok, cv, apply), got)
+        assert np.allclose(got, ref, atol=2e-3), (apply, np.abs(got - ref).max())
+    # the same prompt scored again reuses its cache and gives the same numbers
+    assert np.array_equal(engine.continuation_logprobs(TEXT, cont), got_plain)
+    assert np.array_equal(engine.continuation_logprobs(TEXT, cont, None, "generated"), got_plain)

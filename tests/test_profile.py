@@ -59,13 +59,14 @@ def test_parse_words_usage():
 
 def test_profile_semantics(model_info):
     cat = Catalog(model_info.model_id)
-    p = profile.Profile(cat, model_info)
-    formal = cat.get("formal")
-    assert p.apply(parse("formal")) == [formal.key]
+    p = profile.Profile(cat, model_info, experimental=True)  # semantics, whatever eval measured
+    formal = cat.get("formal", experimental=True)
+    assert p.apply(parse("formal")) == [formal.key]  # a bare name: the best measured method
     assert p.items == {formal.key: formal.default_scale}
-    p.apply(parse("formal@diffmean=0.1"))
-    assert list(p.items) == [formal.key, "formal@diffmean"]
-    assert p.apply(parse("formal=off")) == [formal.key, "formal@diffmean"]  # every method of a name
+    other = "formal@sae" if formal.method == "diffmean" else "formal@diffmean"
+    p.apply(parse(f"{other}=0.1"))
+    assert list(p.items) == [formal.key, other]
+    assert p.apply(parse("formal=off")) == [formal.key, other]  # every method of a name
     assert p.items == {} and p.vector() is None
     p.apply(parse("casual=0.2"))
     p.apply(parse("concise@diffmean=-0.1"))
@@ -77,7 +78,7 @@ def test_profile_semantics(model_info):
     assert p.items == {}  # failures keep the profile as it was
     # The stored form reloads to the same profile and vector.
     p.load({"formal@sae": 0.25, "casual@diffmean": None})
-    q = profile.Profile(cat, model_info)
+    q = profile.Profile(cat, model_info, experimental=True)
     q.load(dict(p.items))
     assert q.items == p.items
     assert q.vector().fingerprint() == p.vector().fingerprint()
@@ -99,6 +100,7 @@ def test_experimental_features_are_opt_in(model_info, tmp_path):
             e["experimental"] = True
             e["scores"]["eval"] = {"hmean": 0.9}
         if e["name"] == "formal" and e["method"] == "diffmean":
+            e["experimental"] = False
             e["scores"]["eval"] = {"hmean": 0.5}
     (d / "features.json").write_text(json.dumps(man))
     cat = Catalog(model_info.model_id, dirs=[(d, "shipped")])
@@ -127,15 +129,16 @@ def test_same_profile_same_vector_from_steer_repl_and_write(data_dir, model_info
     rt = types.SimpleNamespace(config=Config(), defaults=tasks.Defaults(), info=model_info, engine=engine,
                                catalog=cat, model_name=model_info.file.name, close=lambda: None)
     # morph steer -f ... -f ...
-    steered = build_steering(rt, tuple(REQUESTS), ())
+    steered = build_steering(rt, tuple(REQUESTS), (), experimental=True)
     # REPL: /feature NAME VALUE typed at the prompt.
     with create_pipe_input() as inp, create_app_session(input=inp, output=DummyOutput()):
         inp.send_text("".join(f"/feature {r.replace('=', ' ')}\r" for r in REQUESTS) + "\x04")
-        app = Repl(rt, input=inp, output=DummyOutput(), out=io.StringIO(), log=False)
+        app = Repl(rt, input=inp, output=DummyOutput(), out=io.StringIO(), log=False, experimental=True)
         assert app.run() == 0
     repl = app.session.features.steering()
     # Editor: `:feature NAME VALUE` typed on its command line (no suggestions meanwhile).
-    s = Session(data_dir / "doc.md", engine=engine, catalog=cat, debounce_ms=600_000, log=False)
+    s = Session(data_dir / "doc.md", engine=engine, catalog=cat, debounce_ms=600_000, log=False,
+                experimental=True)
     try:
         s.send(ESC + "".join(f":feature {r.replace('=', ' ')}\r" for r in REQUESTS))
         wait(lambda: len(s.ed.profile) == len(REQUESTS), what="three features on")
@@ -143,13 +146,13 @@ def test_same_profile_same_vector_from_steer_repl_and_write(data_dir, model_info
     finally:
         s.close()
 
-    expected = {"formal@sae": 0.2, "concise@diffmean": cat.get("concise@diffmean").default_scale,
-                f"{cat.get('casual').key}": -0.1}
+    expected = {"formal@sae": 0.2, "concise@diffmean": cat.get("concise@diffmean", experimental=True).default_scale,
+                f"{cat.get('casual', experimental=True).key}": -0.1}
     assert steered.profile == repl.profile == write.profile == expected
     fp = steered.vector.fingerprint()
     assert repl.vector.fingerprint() == fp and write.vector.fingerprint() == fp
     # And it is the scaled sum of the files, as llama.cpp's --control-vector-scaled computes it.
-    manual = sum(cat.get(k).load_vector().directions[16].astype(np.float32) * np.float32(v)
+    manual = sum(cat.get(k, experimental=True).load_vector().directions[16].astype(np.float32) * np.float32(v)
                  for k, v in expected.items())
     assert np.allclose(steered.vector.directions[16], manual, atol=1e-4)
 

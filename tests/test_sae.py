@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from morph import paths
+from morph.engine import Request, collect
 from morph.sae import evidence
 from morph.sae.corpus import load_prompts
 from morph.sae.io import load_sae, save_sae, sha256_file
@@ -89,20 +90,40 @@ def test_sae_vector_round_trip(tmp_path):
     assert back.meta["latents"] == [3, 9] and back.meta["weights"] == [0.6, 0.4]
 
 
-def test_shipped_sae_meets_its_targets(model_info):
+def test_shipped_sae_reconstructs_fresh_activations(engine, model_info):
+    """The shipped SAE's scores recomputed, not read back: a few hundred tokens of the
+    model's own text (fresh sampled continuations of corpus openings, captured now) are
+    reconstructed with an FVU within 0.05 of the stored held-out figure (measured 0.22
+    and 0.24 on two such samples against 0.22 stored), every row uses k latents, and the
+    residual norm the vectors are scaled by matches the capture's median."""
     man = _manifest()
     info = man["sae"]
     path = SHIPPED / info["file"]
     assert sha256_file(path) == info["sha256"]
     sae = load_sae(path)
-    assert sae.width >= 4096 and sae.n_embd == model_info.n_embd and sae.meta["layer"] == info["layer"]
+    assert sae.n_embd == model_info.n_embd and sae.meta["layer"] == info["layer"]
     assert sae.meta["model_fingerprint"] == model_info.fingerprint
-    # Held-out FVU is 0.22 (training rows 0.15): the issue's 0.15 target is not met with
-    # the ~110k distinct tokens a 20-minute CPU build can generate (vectors/<model>/README.md).
-    assert sae.meta["fvu"] <= 0.25 and sae.meta["fvu_train"] <= 0.17, sae.meta
-    assert sae.meta["dead_share"] < 0.10 and sae.meta["l0"] <= sae.k, sae.meta
-    assert sae.meta["train_tokens"] >= 250_000
     assert np.allclose(np.linalg.norm(sae.W_dec, axis=1), 1.0, atol=1e-4)
+    texts = []
+    for i, p in enumerate(load_prompts()[-12::2]):  # six genres
+        out = collect(engine.stream(Request(prompt=p["text"], max_tokens=48, temperature=0.8, seed=i,
+                                            repeat_penalty=1.1)))
+        texts.append(p["text"] + out.text)
+
+    def rows(layer):  # as the corpus keeps them: no position 0, no attention-sink outliers
+        x = np.concatenate(engine.capture(texts, layer))
+        n = np.linalg.norm(x, axis=1)
+        return x[n <= 4 * np.median(n)]
+
+    x = rows(info["layer"])
+    assert len(x) >= 300
+    fvu = sae.fvu(x)
+    assert abs(fvu - sae.meta["fvu"]) <= 0.05, (fvu, sae.meta["fvu"])
+    _, val = sae.encode(x)
+    assert (val > 0).sum(axis=1).mean() > 0.95 * sae.k
+    assert np.isclose(np.median(np.linalg.norm(x, axis=1)), info["residual_norm"], rtol=0.1)
+    # The check can fail: the same SAE on another block's activations is far off (~0.65).
+    assert sae.fvu(rows(8)) > sae.meta["fvu"] + 0.2
 
 
 def test_every_shipped_vector_validates(model_info):
@@ -164,10 +185,12 @@ def test_features_search_matches_latent_explanations(data_dir):
     assert {"formal@sae", "formal@diffmean"} <= {f"{h['name']}@{h['method']}" for h in json.loads(r.stdout)["features"]}
 
 
-def test_catalog_prefers_sae_and_names_method():
+def test_catalog_picks_the_better_measured_method_and_names_it():
     cat = Catalog(MODEL_ID, [(SHIPPED, "shipped")])
-    assert cat.get("formal").method == "sae"
-    assert cat.get("formal@diffmean").method == "diffmean"
+    both = [f for f in cat.features if f.name == "formal"]
+    best = max(both, key=lambda f: (f.measured is not None, f.measured or 0.0, f.method == "sae"))
+    assert cat.get("formal", experimental=True).key == best.key
+    assert cat.get("formal@diffmean", experimental=True).method == "diffmean"
 
 
 def test_vectors_build_rejects_bad_layer(data_dir):
@@ -175,13 +198,13 @@ def test_vectors_build_rejects_bad_layer(data_dir):
     assert r.returncode != 0 and "--layer" in r.stderr.decode() and "Traceback" not in r.stderr.decode()
 
 
-def test_steer_picks_sae_feature_and_names_method(data_dir):
-    """`morph steer -f formal` uses the SAE vector; `formal@diffmean` the diffmean one."""
+def test_steer_names_the_method_it_used(data_dir):
+    """`-f formal@sae` uses the SAE vector, `formal@diffmean` the diffmean one; the log says which."""
     text = b"hey can u send me the report by friday"
     outs = []
-    for spec in ("formal", "formal@diffmean"):
-        r = subprocess.run([sys.executable, "-m", "morph", "steer", "-f", spec, "--temperature", "0",
-                            "--max-tokens", "12"], input=text, capture_output=True, timeout=120,
+    for spec in ("formal@sae", "formal@diffmean"):
+        r = subprocess.run([sys.executable, "-m", "morph", "steer", "--experimental", "-f", spec, "--temperature",
+                            "0", "--max-tokens", "12"], input=text, capture_output=True, timeout=120,
                            env=dict(os.environ, MORPH_DATA_DIR=str(data_dir)))
         assert r.returncode == 0, r.stderr
         outs.append(r.stdout.decode())
@@ -234,6 +257,7 @@ def test_vectors_build_end_to_end_small(tmp_path, data_dir, model_info):
     assert report["corpus"]["rows"] >= 4000 and report["corpus"]["generated_rows"] > 500
     assert set(report["timings"]) >= {"corpus_s", "train_s", "total_s"}
     written = {e["name"]: e for e in man["features"]}
+    assert written, f"no feature written: {report['rejected']}"
     # every pole is either written (it steers held-out pairs) or reported as rejected
     assert set(written) | {r["name"] for r in report["rejected"]} == {"formal", "casual"}
     assert set(written) == {f["name"] for f in report["features"]}
@@ -248,7 +272,7 @@ def test_vectors_build_end_to_end_small(tmp_path, data_dir, model_info):
     for r in report["rejected"]:
         assert not (out / f"{r['name']}.gguf").exists()
     # the user's SAE evidence answers `features show <latent>`
-    j = next(iter(written.values()))["latents"][0] if written else 0
+    j = next(iter(written.values()))["latents"][0]
     shown = _morph("features", "show", str(j), data_dir=data_dir)
     assert shown.returncode == 0 and f"latent {j}" in shown.stdout.decode() and str(out) in shown.stdout.decode()
 

@@ -231,32 +231,32 @@ def test_logit_bias_and_penalties(srv, client, engine):
 def _resolve(model_info, features):
     from morph.steering.catalog import Catalog
 
-    return profile.resolve(Catalog(model_info.model_id), model_info, features)
+    return profile.resolve(Catalog(model_info.model_id), model_info, features, experimental=True)
 
 
 def test_steering_through_extra_body(srv, client, engine, model_info):
     plain = client.chat.completions.create(model="smollm2", messages=CHAT, max_tokens=24, temperature=0)
     fresh(srv.server.engine)
     r = client.chat.completions.create(model="smollm2", messages=CHAT, max_tokens=24, temperature=0,
-                                       extra_body={"steering": {"features": {"formal": 0.3}}})
-    assert r.steering["features"] == {"formal@sae": 0.3} and r.steering["mode"] == "residual"
+                                       extra_body={"steering": {"features": {"formal": 0.3}, "experimental": True}})
+    assert r.steering["features"] == _resolve(model_info, {"formal": 0.3}).profile and r.steering["mode"] == "residual"
     st = _resolve(model_info, {"formal": 0.3})
     want = direct(engine, "chat", messages=CHAT, max_tokens=24, temperature=0, steering=st.vector,
                   apply=r.steering["apply"])
     assert r.choices[0].message.content == want != plain.choices[0].message.content
     # The list form and a bare name (the feature's default scale) resolve the same way.
     bare = client.chat.completions.create(model="smollm2", messages=CHAT, max_tokens=4, temperature=0,
-                                          extra_body={"steering": {"features": ["formal"]}})
+                                          extra_body={"steering": {"features": ["formal"], "experimental": True}})
     assert bare.steering["features"] == _resolve(model_info, ["formal"]).profile
     # Zero scale: exactly unsteered.
     zero = client.chat.completions.create(model="smollm2", messages=CHAT, max_tokens=24, temperature=0,
-                                          extra_body={"steering": {"features": {"formal": 0}}})
+                                          extra_body={"steering": {"features": {"formal": 0}, "experimental": True}})
     assert zero.choices[0].message.content == plain.choices[0].message.content
 
 
 @pytest.mark.skipif(not hasattr(base, "apply_factors"), reason="the engine does not implement Request.apply yet")
 def test_steering_apply_generated(srv, client, engine, model_info):
-    body = {"steering": {"features": {"formal": 0.5}, "apply": "generated"}}
+    body = {"steering": {"features": {"formal": 0.5}, "apply": "generated", "experimental": True}}
     fresh(srv.server.engine)
     r = client.chat.completions.create(model="smollm2", messages=CHAT, max_tokens=24, temperature=0, extra_body=body)
     assert r.steering["apply"] == "generated"
@@ -264,7 +264,7 @@ def test_steering_apply_generated(srv, client, engine, model_info):
     assert r.choices[0].message.content == direct(engine, "chat", messages=CHAT, max_tokens=24, temperature=0,
                                                   steering=st.vector, apply="generated")
     every = client.chat.completions.create(model="smollm2", messages=CHAT, max_tokens=24, temperature=0,
-                                           extra_body={"steering": {"features": {"formal": 0.5}, "apply": "all"}})
+                                           extra_body={"steering": {"features": {"formal": 0.5}, "apply": "all", "experimental": True}})
     assert every.choices[0].message.content != r.choices[0].message.content
 
 
@@ -276,10 +276,11 @@ def logit_steering(engine, model_info):
 
 
 def test_logit_mode(srv, client, engine, model_info, logit_steering):
-    body = {"steering": {"features": {"casual": 1.0}, "mode": "logits"}}
+    body = {"steering": {"features": {"casual": 1.0}, "mode": "logits", "experimental": True}}
     fresh(srv.server.engine)
     r = client.chat.completions.create(model="smollm2", messages=CHAT, max_tokens=24, temperature=0, extra_body=body)
-    assert r.steering == {"features": {"casual@sae": 1.0}, "apply": "generated", "mode": "logits"}
+    assert r.steering == {"features": _resolve(model_info, {"casual": 1.0}).profile, "apply": "generated",
+                          "mode": "logits"}
     bias = logit_steering.bias(_resolve(model_info, {"casual": 1.0}).vector)
     assert bias.shape == (model_info.n_vocab,) and np.isfinite(bias).all()
     want = direct(engine, "chat", messages=CHAT, max_tokens=24, temperature=0, logit_bias=bias)
@@ -291,7 +292,7 @@ def test_logit_mode(srv, client, engine, model_info, logit_steering):
                                                  stream=True, extra_body=body))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
     bad = httpx.post(f"{client.base_url}chat/completions", json={
-        "messages": CHAT, "steering": {"features": {"casual": 1.0}, "mode": "logits", "apply": "all"}})
+        "messages": CHAT, "steering": {"features": {"casual": 1.0}, "mode": "logits", "apply": "all", "experimental": True}})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "steering.apply"
 
 
@@ -359,12 +360,19 @@ def test_error_cases_and_the_server_stays_up(srv, client):
     e = _err(httpx.post(chat, json=ok | {"model": "gpt-4"}), 404, "model")
     assert e["type"] == "NotFoundError"
     _err(httpx.post(chat, json=ok | {"steering": {"features": {"nope": 0.3}}}), 400, "steering.features")
-    _err(httpx.post(chat, json=ok | {"steering": {"features": {"formal": 5}}}), 400, "steering.features")
-    _err(httpx.post(chat, json=ok | {"steering": {"features": {"formal": "strong"}}}), 400, "steering.features")
+    _err(httpx.post(chat, json=ok | {"steering": {"features": {"formal": 5}, "experimental": True}}), 400, "steering.features")
+    _err(httpx.post(chat, json=ok | {"steering": {"features": {"formal": "strong"}, "experimental": True}}), 400, "steering.features")
     _err(httpx.post(chat, json=ok | {"steering": {"features": {"file:/etc/passwd": 1}}}), 400, "steering.features")
-    _err(httpx.post(chat, json=ok | {"steering": {"features": {"formal": 0.3}, "apply": "sometimes"}}), 400,
+    # Experimental features (they fall short of morph's quality goal) only when asked for.
+    experimental = [f["name"] for f in httpx.get(url + "/features").json()["data"]
+                    if f["experimental"] and f["method"] == "sae"]
+    if experimental:
+        e = _err(httpx.post(chat, json=ok | {"steering": {"features": {experimental[0]: 0.2}}}), 400,
+                 "steering.features")
+        assert "experimental" in e["message"]
+    _err(httpx.post(chat, json=ok | {"steering": {"features": {"formal": 0.3}, "apply": "sometimes", "experimental": True}}), 400,
          "steering.apply")
-    _err(httpx.post(chat, json=ok | {"steering": {"features": {"formal": 0.3}, "mode": "magic"}}), 400,
+    _err(httpx.post(chat, json=ok | {"steering": {"features": {"formal": 0.3}, "mode": "magic", "experimental": True}}), 400,
          "steering.mode")
     _err(httpx.post(chat, json=ok | {"steering": {"feature": {"formal": 0.3}}}), 400, "steering")
     # Context: 2048 tokens here.
@@ -405,7 +413,7 @@ def test_api_key(model_info, engine):
 def _stream_text(client, features, seed, max_tokens=32, barrier=None, record=None):
     kw = dict(model="smollm2", messages=CHAT, max_tokens=max_tokens, temperature=0.8, seed=seed, stream=True)
     if features:
-        kw["extra_body"] = {"steering": {"features": features}}
+        kw["extra_body"] = {"steering": {"features": features, "experimental": True}}
     parts = []
     stream = client.chat.completions.create(**kw)
     for c in stream:
@@ -546,20 +554,21 @@ def test_disconnect_cancels_within_one_token(srv):
     assert httpx.get(srv.base + "/health").json()["running"] == 0
 
 
-def test_requests_are_logged(srv, client):
+def test_requests_are_logged(srv, client, model_info):
     r = client.chat.completions.create(model="smollm2", messages=CHAT, max_tokens=6, temperature=0,
-                                       extra_body={"steering": {"features": {"formal": 0.2}}})
+                                       extra_body={"steering": {"features": {"formal": 0.2}, "experimental": True}})
     srv.server.log.flush()
     row = last_runs(1)[0]
     assert row["command"] == "serve" and row["model"] == "smollm2"
-    assert json.loads(row["features"]) == {"formal@sae": 0.2}
+    key = _resolve(model_info, {"formal": 0.2}).profile
+    assert json.loads(row["features"]) == key
     assert json.loads(row["input"]) == CHAT and row["output"] == r.choices[0].message.content
     assert row["gen_tokens"] == 6 and row["ttft_s"] > 0 and row["mode"].startswith("chat")
     t = json.loads(row["timings"])
     assert t["queue_s"] >= 0 and t["server_first_byte_s"] > 0
     out = subprocess.run([sys.executable, "-m", "morph", "log", "-n", "1"], capture_output=True, text=True,
                          timeout=60)
-    assert out.returncode == 0 and " serve smollm2 [formal@sae=0.2] chat" in out.stdout
+    assert out.returncode == 0 and f" serve smollm2 [{next(iter(key))}=0.2] chat" in out.stdout
 
 
 # --- the command, as a process ---------------------------------------------------------------
@@ -699,16 +708,16 @@ def test_non_loopback_without_key_warns(tmp_path):
             keyed.p.kill()
 
 
-def test_default_features_no_log_and_bad_feature(tmp_path):
+def test_default_features_no_log_and_bad_feature(tmp_path, model_info):
     bad = subprocess.run([sys.executable, "-m", "morph", "serve", "--port", "0", "-f", "nope"], capture_output=True,
                          text=True, timeout=120, env=dict(os.environ, MORPH_DATA_DIR=str(tmp_path)))
     assert bad.returncode == 1 and bad.stderr.startswith("morph: error: unknown feature 'nope'")
-    proc = Proc(tmp_path, "--port", "0", "-f", "formal=0.3", "--no-log")
+    proc = Proc(tmp_path, "--port", "0", "-f", "formal=0.3", "--experimental", "--no-log")
     try:
         url = proc.wait_url()
         c = openai.OpenAI(base_url=url, api_key="x", timeout=120, max_retries=0)
         r = c.chat.completions.create(model="smollm2", messages=CHAT, max_tokens=4, temperature=0)
-        assert r.steering["features"] == {"formal@sae": 0.3}  # the server's default steering
+        assert r.steering["features"] == _resolve(model_info, {"formal": 0.3}).profile  # the server's default
         r = c.chat.completions.create(model="smollm2", messages=CHAT, max_tokens=4, temperature=0,
                                       extra_body={"steering": {}})
         assert getattr(r, "steering", None) is None  # the request's own (none) wins

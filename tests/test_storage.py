@@ -34,14 +34,15 @@ def test_config_defaults_features_and_threads(tmp_path):
     env = _env(tmp_path)
     root = tmp_path / "xdg" / "tinymorph"
     root.mkdir(parents=True)
-    (root / "config.toml").write_text('threads = 1\n[features]\nformal = 0.15\n')
-    r = subprocess.run([sys.executable, "-m", "morph", "steer", "--temperature", "0", "--max-tokens", "4"],
+    (root / "config.toml").write_text('threads = 1\n[features]\n"formal@sae" = 0.15\n')
+    r = subprocess.run([sys.executable, "-m", "morph", "steer", "--experimental", "--temperature", "0",
+                        "--max-tokens", "4"],
                        input=b"see you tomorrow", capture_output=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr.decode()
     db = sqlite3.connect(str(root / "morph.db"))
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     feats = json.loads(db.execute("SELECT features FROM runs").fetchone()[0])
-    assert feats == {"formal@sae": 0.15}  # a bare name prefers the SAE feature
+    assert feats == {"formal@sae": 0.15}  # config's [features] apply when -f gives none
 
 
 def test_config_file_written_with_comments_and_bad_toml_warns(data_dir, capsys):

@@ -27,15 +27,16 @@ _NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
 class Ctx:
     """Global options, passed to subcommands via click's context object."""
 
-    def __init__(self, model: str | None, gpu: bool, verbose: int):
+    def __init__(self, model: str | None, gpu: bool, verbose: int, tensor_parallel_size: int | None = None):
         self.model = model
         self.gpu = gpu
         self.verbose = verbose
+        self.tensor_parallel_size = tensor_parallel_size
 
     def runtime(self):
         from morph.runtime import open_runtime
 
-        return open_runtime(self.model, gpu=self.gpu)
+        return open_runtime(self.model, gpu=self.gpu, tensor_parallel_size=self.tensor_parallel_size)
 
 
 class MorphGroup(click.Group):
@@ -78,15 +79,17 @@ def _fail(message: str, code: int):
              context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--model", "-m", metavar="PATH|NAME", help="GGUF model: a path, a name from `morph models`, or smollm2 (default).")
 @click.option("--gpu", is_flag=True, help="Use the vLLM engine (needs morph[gpu]).")
+@click.option("--tensor-parallel-size", "tensor_parallel_size", type=click.IntRange(min=1), metavar="N",
+              help="With --gpu: split the model over N GPUs (vLLM tensor parallelism; config [gpu] tensor_parallel_size).")
 @click.option("--data-dir", type=click.Path(file_okay=False), envvar="MORPH_DATA_DIR", help="State directory (default: $XDG_DATA_HOME/tinymorph).")
 @click.option("-v", "--verbose", count=True, help="Timings and details on stderr.")
 @click.version_option(package_name="morph")
 @click.pass_context
-def cli(ctx, model, gpu, data_dir, verbose):
+def cli(ctx, model, gpu, tensor_parallel_size, data_dir, verbose):
     """morph: steer how a local language model writes, with named features."""
     if data_dir:
         paths.set_data_dir(data_dir)
-    ctx.obj = Ctx(model, gpu, verbose)
+    ctx.obj = Ctx(model, gpu, verbose, tensor_parallel_size)
     if ctx.invoked_subcommand is None:
         repl = cli.commands.get("repl")
         if repl is not None and sys.stdin.isatty() and sys.stdout.isatty():
@@ -108,4 +111,5 @@ from morph.cli import vectors as _vectors  # noqa: E402,F401
 from morph.cli import repl as _repl  # noqa: E402,F401
 from morph.cli import write as _write  # noqa: E402,F401
 from morph.cli import history as _history  # noqa: E402,F401
+from morph.cli import eval as _eval  # noqa: E402,F401
 from morph.cli import serve as _serve  # noqa: E402,F401

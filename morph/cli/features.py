@@ -6,14 +6,15 @@ import json
 
 import click
 
-from morph import models
 from morph.cli import cli
 from morph.config import load_config
 from morph.steering.catalog import Catalog
 
 
 def _catalog(obj) -> Catalog:
-    info = models.check(models.resolve(obj.model or load_config().model))
+    from morph.runtime import model_info
+
+    info = model_info(obj.model or load_config().model, obj.gpu)  # --gpu: a Hugging Face folder too
     return Catalog(info.model_id)
 
 

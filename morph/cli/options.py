@@ -9,7 +9,8 @@ from __future__ import annotations
 import click
 
 from morph import tasks
-from morph.engine.base import APPLY_MODES
+from morph.engine.base import apply_factors
+from morph.errors import MorphError
 
 _S = tasks.Sampling()
 
@@ -29,11 +30,21 @@ def sampling_options(fn):
         click.option("--repeat-penalty", type=click.FloatRange(1.0, 3.0), default=None,
                      help=f"Discourage repeating recent tokens (1.0 = off; small models loop without it) "
                           f"[default: {_S.repeat_penalty}, or config.toml]."),
-        click.option("--apply", type=click.Choice(APPLY_MODES), default=None,
-                     help="Where the steering applies: every position, or only the generated tokens "
-                          "(the input is read unsteered) [default: per mode, see README]."),
+        click.option("--apply", callback=_check_apply, default=None, metavar="all|generated|prompt-scaled[:F]",
+                     help="Where the steering applies: every position, only the generated tokens (the "
+                          "input is read unsteered), or F x the vector on the input [default: per mode, "
+                          "see README]."),
         click.option("--experimental", is_flag=True,
                      help="Allow features marked experimental (they fall short of the quality goal)."),
     ]):
         fn = opt(fn)
     return fn
+
+
+def _check_apply(ctx, param, value):
+    if value is not None:
+        try:
+            apply_factors(value)
+        except MorphError as e:
+            raise click.BadParameter(str(e)) from None
+    return value

@@ -82,4 +82,4 @@ def repl_cmd(obj, features=(), mode="chat", max_tokens=256, temperature=None, to
 def _open(obj, spec: str):
     from morph.runtime import open_runtime
 
-    return open_runtime(spec, gpu=obj.gpu)
+    return open_runtime(spec, gpu=obj.gpu, tensor_parallel_size=obj.tensor_parallel_size)

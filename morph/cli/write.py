@@ -77,16 +77,17 @@ def editor_threads(configured: int | None, cores: int) -> int:
 
 
 def _editor_runtime(obj, threads: int | None):
-    from morph import models
     from morph.config import load_config
     from morph.engine import load_engine
     from morph.engine.llama import default_threads
-    from morph.runtime import Runtime
+    from morph.runtime import Runtime, model_info
     from morph.steering.catalog import Catalog
 
     cfg = load_config()
-    info = models.check(models.resolve(obj.model or cfg.model))
+    info = model_info(obj.model or cfg.model, obj.gpu)
     n = editor_threads(threads or cfg.threads, default_threads())
-    engine = load_engine(info, gpu=obj.gpu, n_ctx=cfg.n_ctx, threads=n)
+    engine = load_engine(info, gpu=obj.gpu, n_ctx=cfg.n_ctx, threads=n,
+                         tensor_parallel_size=obj.tensor_parallel_size or cfg.tensor_parallel_size,
+                         compile=cfg.gpu_compile)
     return Runtime(cfg, info, engine, Catalog(info.model_id))
 

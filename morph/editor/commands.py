@@ -29,7 +29,7 @@ def execute(ed, line: str) -> None:
     line = line.strip().lstrip(":").strip()
     if not line:
         return
-    if line.isdigit():
+    if line.isdecimal():  # not isdigit(): "¹" is a digit that int() refuses
         goto_line(ed, int(line))
         return
     m = _CMD.match(line)

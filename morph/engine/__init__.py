@@ -5,16 +5,19 @@ from __future__ import annotations
 import importlib
 import importlib.util
 
-from morph.engine.base import Completion, Engine, Event, Request, Timings, collect
+from morph.engine.base import APPLY_MODES, BatchRunner, Completion, Engine, Event, Request, Timings, apply_factors, collect
 from morph.errors import MorphError
 from morph.models import ModelInfo
 
-__all__ = ["Engine", "Event", "Request", "Timings", "Completion", "collect", "load_engine"]
+__all__ = ["Engine", "BatchRunner", "Event", "Request", "Timings", "Completion", "collect", "load_engine",
+           "APPLY_MODES", "apply_factors"]
 
 
-def load_engine(info: ModelInfo, gpu: bool = False, n_ctx: int = 4096, threads: int | None = None) -> Engine:
+def load_engine(info: ModelInfo, gpu: bool = False, n_ctx: int = 4096, threads: int | None = None,
+                tensor_parallel_size: int = 1, compile: bool = False) -> Engine:
     if gpu:
-        return _vllm_engine_class()(info, n_ctx=n_ctx)
+        return _vllm_engine_class()(info, n_ctx=n_ctx, tensor_parallel_size=tensor_parallel_size,
+                                    enforce_eager=not compile)
     from morph.engine.llama import LlamaEngine
 
     return LlamaEngine(info, n_ctx=n_ctx, threads=threads)

@@ -2,22 +2,35 @@
 
 One warm generation context. A request's prompt is compared with the tokens already in
 the KV cache and only the new suffix is evaluated (prefix reuse). Steering is one
-control-vector buffer set with `llama_set_adapter_cvec`; changing it invalidates the KV
-cache (FACTS: stale KV after a change gives text matching neither output), so we clear it.
+control-vector buffer set with `llama_set_adapter_cvec`, which llama.cpp adds to every
+position evaluated while it is set. A cell computed under one vector is stale under
+another (FACTS: text matching neither output), so every cached cell is tagged with the
+vector it was computed under, and a request reuses only the cached prefix whose tokens
+*and* tags match what it needs.
+
+That is what makes `Request.apply` (base.py) cheap: for "generated" the prompt is
+evaluated with no vector (its cells tagged unsteered), the vector is set without touching
+the cache, and the generated tokens are evaluated under it (tagged steered). A later
+unsteered or "generated" request reuses the unsteered prompt cells and re-evaluates the
+steered ones; a later "all" request needs steered cells from position 0 and re-evaluates
+everything. Each change of the vector costs llama.cpp a scheduler re-reserve on the next
+evaluation (a few ms), so "generated" pays it twice per steered request.
 """
 
 from __future__ import annotations
 
 import codecs
 import ctypes
+import hashlib
 import os
 import threading
 import time
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 
-from morph.engine.base import Event, Request, Timings
+from morph.engine.base import Event, Request, Timings, apply_factors
 from morph.errors import MorphError
 from morph.models import ModelInfo
 from morph.steering.vector import ControlVector
@@ -30,6 +43,51 @@ def default_threads() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux
         return max(1, os.cpu_count() or 1)
+
+
+def load_cpu_backends(llama_cpp, directory: str | os.PathLike | None = None) -> None:
+    """Builds with GGML_BACKEND_DL (the portable one in dist/morph) keep the CPU code in
+    several libggml-cpu-<variant>.so, one per instruction set; ggml scores them against
+    this CPU and loads the best. Its default search path is the executable's directory
+    and the cwd, neither of which holds them here, so name the directory. Builds without
+    it (the default pip build) have the CPU backend linked in: nothing to do."""
+    lib = Path(llama_cpp.__file__).resolve().parent / "lib"
+    if directory is None:
+        from morph import _bundle
+
+        directory = _bundle.backends_dir()
+        if directory is None:  # pip puts them in site-packages/bin (llama.cpp's own install rule)
+            found = [d for d in (lib, lib.parent.parent / "bin") if any(d.glob("libggml-cpu-*.so"))]
+            if not found:
+                return
+            directory = found[0]
+    # The registry libllama uses: its libggml.so.0, already loaded, found by soname (the
+    # wheel holds libggml.so* as separate copies; opening another by path is another registry).
+    try:
+        ggml = ctypes.CDLL("libggml.so.0")
+    except OSError:
+        ggml = ctypes.CDLL(str(lib / "libggml.so"))
+    ggml.ggml_backend_reg_count.restype = ctypes.c_size_t
+    if ggml.ggml_backend_reg_count() == 0:
+        ggml.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
+        with _quiet_stderr():  # ggml logs "load_backend: loaded CPU backend from ..." at info level
+            ggml.ggml_backend_load_all_from_path(os.fsencode(directory))
+    if ggml.ggml_backend_reg_count() == 0:
+        raise MorphError(f"no llama.cpp CPU backend in {directory} fits this CPU")
+
+
+class _quiet_stderr:
+    """fd 2 to /dev/null for a C call that prints (Python's sys.stderr is left alone)."""
+
+    def __enter__(self):
+        self.saved = os.dup(2)
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 2)
+        os.close(null)
+
+    def __exit__(self, *exc):
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
 
 
 class LlamaEngine:
@@ -45,6 +103,7 @@ class LlamaEngine:
     ):
         import llama_cpp
 
+        load_cpu_backends(llama_cpp)
         self._lc = llama_cpp
         self.info = info
         self.threads = threads or default_threads()
@@ -63,10 +122,13 @@ class LlamaEngine:
         self._n_embd = self.llm.n_embd()
         self._n_layer = info.n_layer
         self._vocab = self.llm._model.vocab
+        self._n_vocab = self.llm.n_vocab()
         self._lock = threading.Lock()  # one stream at a time on the context
         self._cancel = threading.Event()
-        self._cvec_key: bytes | None = None  # fingerprint of the vector now set (None: none)
+        self._cvec_key: bytes | None = None  # digest of the vector now set (None: none)
         self._cvec_buf: np.ndarray | None = None  # keep alive while llama.cpp holds it
+        self._tags: dict[bytes | None, int] = {None: 0}  # vector digest -> small tag
+        self._kv_tag = np.zeros(self.llm.n_ctx(), np.int32)  # per cached cell: tag it was computed under
         self._capture = None  # lazily created capture context (morph.engine.capture)
         self._chat_formatter = None
         self._piece_buf = ctypes.create_string_buffer(64)
@@ -86,14 +148,21 @@ class LlamaEngine:
         return self._n_layer
 
     @property
+    def n_vocab(self) -> int:
+        return self._n_vocab
+
+    @property
     def cached_tokens(self) -> list[int]:
         return self.llm.input_ids[: self.llm.n_tokens].tolist()
 
     def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
 
-    def detokenize(self, ids: Sequence[int]) -> str:
-        return self.llm.detokenize(list(ids)).decode("utf-8", errors="replace")
+    def detokenize(self, ids: Sequence[int], special: bool = False) -> str:
+        return self.llm.detokenize(list(ids), special=special).decode("utf-8", errors="replace")
+
+    def is_eog(self, token: int) -> bool:
+        return bool(self._lc.llama_vocab_is_eog(self._vocab, int(token)))
 
     def format_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -126,14 +195,14 @@ class LlamaEngine:
     # --- steering -------------------------------------------------------------------
 
     def set_steering(self, cv: ControlVector | None) -> bool:
-        """Apply `cv` (None or all-zero: none). Returns True if the KV cache was dropped."""
-        if cv is not None and cv.is_zero():
-            cv = None
-        key = None if cv is None else cv.fingerprint()
+        """Make `cv` (None or all-zero: none) the vector llama.cpp adds from the next
+        evaluation on. Returns True if that changed. The cache stays: cells computed under
+        another vector are not reused (see the module docstring)."""
+        key = _digest(cv)
         if key == self._cvec_key:
             return False
         ctx = self.llm._ctx.ctx
-        if cv is None:
+        if key is None:
             rc = self._lc.llama_set_adapter_cvec(ctx, None, 0, self._n_embd, 1, self._n_layer - 1)
             buf = None
         else:
@@ -156,8 +225,19 @@ class LlamaEngine:
             raise MorphError("llama.cpp rejected the control vector")
         self._cvec_buf = buf
         self._cvec_key = key
-        self._reset_kv()
         return True
+
+    def _tag(self) -> int:
+        """Tag of the vector set now (0: none)."""
+        return self._tags.setdefault(self._cvec_key, len(self._tags))
+
+    def reset_cache(self) -> None:
+        """Forget the KV cache, so the next request runs as in a fresh process. Prefix reuse
+        is not bit-exact (the prompt's last token evaluated alone takes other kernels than
+        in a batch), so greedy text can differ after ~50 tokens; `morph eval` measures what
+        `morph steer` (a fresh process) prints."""
+        with self._lock:
+            self._reset_kv()
 
     def _reset_kv(self) -> None:
         self.llm._ctx.kv_cache_clear()
@@ -165,33 +245,39 @@ class LlamaEngine:
 
     # --- evaluation -------------------------------------------------------------------
 
-    def _prime(self, tokens: list[int], cancel: threading.Event) -> tuple[int, bool]:
+    def _prime(self, tokens: list[int], cancel: threading.Event | None = None) -> tuple[int, bool]:
         """Bring the KV cache to `tokens`, evaluating only what is not cached.
 
         Returns (tokens evaluated, cancelled). At least the last token is evaluated so that
-        logits are fresh for sampling.
+        logits are fresh for sampling. Only a stream passes `cancel` (and then `cancel()`
+        counts too): scoring calls must never stop half-way on a stale cancel and return
+        the previous prompt's logits.
         """
         llm = self.llm
-        cached = llm.input_ids[: llm.n_tokens]
-        n = min(len(cached), len(tokens) - 1)
+        n = min(llm.n_tokens, len(tokens) - 1)
         common = 0
         if n > 0:
-            a = np.asarray(cached[:n])
-            b = np.asarray(tokens[:n])
-            diff = np.nonzero(a != b)[0]
+            # reusable: same token, computed under the vector set now
+            diff = np.nonzero((llm.input_ids[:n] != np.asarray(tokens[:n])) | (self._kv_tag[:n] != self._tag()))[0]
             common = int(diff[0]) if diff.size else n
         llm._ctx.kv_cache_seq_rm(-1, common, -1)
         llm.n_tokens = common
         todo = tokens[common:]
         for i in range(0, len(todo), PROMPT_CHUNK):
-            if cancel.is_set() or self._cancel.is_set():
+            if cancel is not None and (cancel.is_set() or self._cancel.is_set()):
                 return i, True
-            llm.eval(todo[i : i + PROMPT_CHUNK])
+            self._eval(todo[i : i + PROMPT_CHUNK])
         return len(todo), False
+
+    def _eval(self, tokens: list[int]) -> None:
+        """Append `tokens` to the cache under the vector set now (tagged with it)."""
+        n = self.llm.n_tokens
+        self._kv_tag[n : n + len(tokens)] = self._tag()
+        self.llm.eval(tokens)
 
     def _last_logits(self) -> np.ndarray:
         ptr = self.llm._ctx.get_logits_ith(-1)
-        return np.ctypeslib.as_array(ptr, shape=(self.llm.n_vocab(),)).copy()
+        return np.ctypeslib.as_array(ptr, shape=(self._n_vocab,)).copy()
 
     def _piece(self, tok: int) -> bytes:
         n = self._lc.llama_token_to_piece(self._vocab, tok, self._piece_buf, len(self._piece_buf), 0, False)
@@ -200,40 +286,59 @@ class LlamaEngine:
             n = self._lc.llama_token_to_piece(self._vocab, tok, self._piece_buf, -n, 0, False)
         return self._piece_buf.raw[:n]
 
-    def logits(self, text: str, steering: ControlVector | None = None) -> np.ndarray:
-        """Next-token logits after `text` with `steering` applied (cache reused when valid)."""
+    def logits(self, text: str, steering: ControlVector | None = None, apply: str = "all") -> np.ndarray:
+        """Next-token logits after `text` under `steering` (the whole text is prompt, so
+        it gets the prompt's share of the vector; cache reused when valid)."""
         tokens = self.tokenize(text)
+        prompt_f, _ = apply_factors(apply)
         with self._lock:
-            self.set_steering(steering)
-            self._prime(tokens, threading.Event())
+            self.set_steering(_scaled(steering, prompt_f))
+            self._prime(tokens)
             return self._last_logits()
 
     def continuation_logprobs(
-        self, prompt: str, continuation: str, steering: ControlVector | None = None,
+        self, prompt: str | Sequence[int], continuation: str | Sequence[int],
+        steering: ControlVector | None = None, apply: str = "all",
         logit_bias: np.ndarray | None = None,
     ) -> np.ndarray:
-        """Log-probability of each token of `continuation` after `prompt`, under `steering`
-        (and a dense `logit_bias` added to every position's logits, as a sampler would).
+        """Log-probability of each token of `continuation` after `prompt`, teacher-forced:
+        `prompt` is evaluated as a request's prompt, `continuation` as its generated tokens
+        (so `apply` means what it means for generation). Either may be token ids (e.g. a
+        chat prompt from `prepare_tokens` and the ids a stream generated). A dense
+        `logit_bias` (n_vocab) is added to every position's logits, as a sampler would.
 
         Used to score features (does "formal" raise the formal wording?) and fluency.
         """
-        ctx_tokens = self.tokenize(prompt)
-        cont = self.tokenize(continuation, add_bos=False)
-        tokens = ctx_tokens + cont
-        if not cont or len(tokens) > self.llm.n_batch:
+        ctx_tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        cont = self.tokenize(continuation, add_bos=False) if isinstance(continuation, str) else list(continuation)
+        if not cont or len(cont) > self.llm.n_batch:
             raise MorphError(f"continuation scoring needs 1..{self.llm.n_batch} tokens")
+        if not ctx_tokens:
+            raise MorphError("continuation scoring needs a non-empty prompt")
+        self.check_fits(len(ctx_tokens), len(cont))
+        prompt_f, gen_f = apply_factors(apply)
         llm = self.llm
         with self._lock:
-            self.set_steering(steering)
-            self._reset_kv()
-            llm._batch.set_batch(tokens, n_past=0, logits_all=True)
-            llm._ctx.decode(llm._batch)
-            n_vocab = llm.n_vocab()
-            logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(len(tokens), n_vocab))
-            rows = logits[len(ctx_tokens) - 1 : len(tokens) - 1].astype(np.float64)
-            if logit_bias is not None:
-                rows += np.asarray(logit_bias, dtype=np.float64)
-            self._reset_kv()  # the batch bypassed the token bookkeeping: start clean
+            # The prompt goes through the KV cache like a generation's (prefix reuse: many
+            # continuations of one prompt cost only their own tokens), then the
+            # continuation is decoded with logits at every position and dropped again, so
+            # the cache holds exactly the prompt afterwards.
+            self.set_steering(_scaled(steering, prompt_f))
+            self._prime(ctx_tokens)
+            n0 = llm.n_tokens
+            rows = [self._last_logits()[None]]
+            try:
+                if len(cont) > 1:
+                    self.set_steering(_scaled(steering, gen_f))
+                    llm._batch.set_batch(cont[:-1], n_past=n0, logits_all=True)
+                    llm._ctx.decode(llm._batch)
+                    rows.append(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(len(cont) - 1, self._n_vocab)))
+                rows = np.concatenate(rows).astype(np.float64)
+                if logit_bias is not None:
+                    rows += np.asarray(logit_bias, dtype=np.float64)
+            finally:
+                llm._ctx.kv_cache_seq_rm(-1, n0, -1)
+                llm.n_tokens = n0
         m = rows.max(axis=1, keepdims=True)
         lse = (m + np.log(np.exp(rows - m).sum(axis=1, keepdims=True)))[:, 0]
         return rows[np.arange(len(cont)), cont] - lse
@@ -260,6 +365,7 @@ class LlamaEngine:
             raise MorphError("empty prompt")
         max_tokens = max(0, int(request.max_tokens))
         self.check_fits(len(tokens), max_tokens)
+        apply_factors(request.apply)  # a bad value fails here, before the lock
         cancel = request.cancel or threading.Event()
         self._cancel.clear()
         with self._lock:
@@ -274,7 +380,7 @@ class LlamaEngine:
         freq, presence = float(request.frequency_penalty or 0.0), float(request.presence_penalty or 0.0)
         if (request.repeat_penalty and request.repeat_penalty != 1.0) or freq or presence:
             # Tiny models loop easily, steered ones more so: a mild penalty keeps them going.
-            s.add_penalties(self.llm.n_vocab(), int(request.repeat_last_n), float(request.repeat_penalty or 1.0),
+            s.add_penalties(self._n_vocab, int(request.repeat_last_n), float(request.repeat_penalty or 1.0),
                             freq, presence)
         if request.temperature <= 0:
             s.add_greedy()
@@ -291,7 +397,7 @@ class LlamaEngine:
     def _add_logit_bias(self, sampler, bias) -> None:
         """llama.cpp's logit-bias sampler from a {token: bias} mapping or a dense array
         (built with numpy: a dense vocabulary-wide bias is 49k entries)."""
-        n_vocab = self.llm.n_vocab()
+        n_vocab = self._n_vocab
         if isinstance(bias, np.ndarray):
             dense = np.asarray(bias, dtype=np.float32).reshape(-1)
             if dense.shape[0] != n_vocab:
@@ -313,7 +419,8 @@ class LlamaEngine:
 
     def _generate(self, tokens, request: Request, max_tokens: int, cancel, t0) -> Iterator[Event]:
         tim = Timings(prompt_tokens=len(tokens))
-        self.set_steering(request.steering)
+        prompt_f, gen_f = apply_factors(request.apply)
+        self.set_steering(_scaled(request.steering, prompt_f))
         evaluated, stopped = self._prime(tokens, cancel)
         tim.evaluated_tokens = evaluated
         tim.prompt_s = time.perf_counter() - t0
@@ -321,6 +428,9 @@ class LlamaEngine:
             tim.total_s = time.perf_counter() - t0
             yield Event(done=True, finish_reason="cancelled", timings=tim)
             return
+        # The generated tokens' vector, set before the first sampled token is evaluated (a
+        # no-op for "all"); the prompt's cells keep the tag they were computed under.
+        self.set_steering(_scaled(request.steering, gen_f))
         sampler = self._sampler(request)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         stops = [s for s in request.stop if s]
@@ -328,6 +438,7 @@ class LlamaEngine:
         pending = ""  # text held back while it could still be the start of a stop string
         pending_ids: list[int] = []
         finish = "length"
+        hit_stop = False  # a stop string ended the text (else the model, a limit or a cancel did)
         t_first = None
         llm = self.llm
         try:
@@ -341,7 +452,7 @@ class LlamaEngine:
                     t_first = now
                     tim.ttft_s = now - t0
                 tim.gen_tokens += 1
-                if self._lc.llama_vocab_is_eog(self._vocab, tok):
+                if self.is_eog(tok):
                     finish = "stop"
                     break
                 piece = decoder.decode(self._piece(tok))
@@ -355,8 +466,8 @@ class LlamaEngine:
                     if cut is not None:
                         if cut:
                             yield Event(text=pending[:cut], token_ids=tuple(pending_ids))
-                        pending = ""
-                        finish = "stop"
+                        pending, pending_ids = "", []
+                        finish, hit_stop = "stop", True
                         break
                     safe = len(pending) - hold
                     if safe > 0:
@@ -368,12 +479,16 @@ class LlamaEngine:
                 # Evaluate after yielding (bench/engine.py: the caller gets each token one
                 # decode step sooner). A caller that stops at the yield leaves a cache that
                 # lacks this token, which the next request's prefix match simply re-evaluates.
-                llm.eval([tok])
-            tail = decoder.decode(b"", final=True)
-            if finish != "stop" or not stops:
-                pending += tail
-            if pending and finish != "stop":
-                yield Event(text=pending, token_ids=tuple(pending_ids))
+                self._eval([tok])
+            if not hit_stop:
+                # Ended by end-of-generation, a limit or a cancel: what was held back (it
+                # could have begun a stop string) and the decoder's tail are still the text.
+                pending += decoder.decode(b"", final=True)
+                cut = _find_stop(pending, stops) if stops else None
+                if cut is not None:
+                    pending, finish = pending[:cut], "stop"
+                if pending:
+                    yield Event(text=pending, token_ids=tuple(pending_ids))
         finally:
             sampler.close()
         end = time.perf_counter()
@@ -381,22 +496,39 @@ class LlamaEngine:
         tim.total_s = end - t0
         yield Event(done=True, finish_reason=finish, timings=tim)
 
-    # --- activation capture -------------------------------------------------------------
+    # --- activation capture and batched runs (contexts of their own) -------------------
 
-    def capture(self, texts: Sequence[str], layer: int, **kw):
-        """Residual-stream activations `l_out-<layer>` per text (BOS excluded); see capture.py."""
-        from morph.engine.capture import Capturer
-
-        if self._capture is None:
-            self._capture = Capturer(self)
-        return self._capture.capture(texts, layer, **kw)
-
-    def capturer(self):
+    def _capturer(self):
         from morph.engine.capture import Capturer
 
         if self._capture is None:
             self._capture = Capturer(self)
         return self._capture
+
+    def capture(self, texts: Sequence[str], layer: int, add_bos: bool = True, drop_first: bool = True):
+        """Residual-stream activations `l_out-<layer>` per text (BOS excluded); see capture.py."""
+        return self._capturer().capture(texts, layer, add_bos=add_bos, drop_first=drop_first)
+
+    def logits_with_edit(self, text: str, layer: int, edit) -> np.ndarray:
+        return self._capturer().logits_with_edit(text, layer, edit)
+
+    def batch_runner(self, n_seq: int = 32, n_ctx: int = 8192, n_batch: int = 512, unified: bool = True):
+        from morph.engine.batch import BatchRunner
+
+        return BatchRunner(self, n_seq=n_seq, n_ctx=n_ctx, n_batch=n_batch, unified=unified)
+
+
+def _digest(cv: ControlVector | None) -> bytes | None:
+    """Identity of a vector's numbers (None for no vector or an all-zero one)."""
+    if cv is None or cv.is_zero():
+        return None
+    return hashlib.blake2b(cv.fingerprint(), digest_size=16).digest()
+
+
+def _scaled(cv: ControlVector | None, f: float) -> ControlVector | None:
+    if cv is None or f == 0.0:
+        return None
+    return cv if f == 1.0 else cv * f
 
 
 def _find_stop(text: str, stops: list[str]) -> int | None:

@@ -8,6 +8,7 @@ of this run (corpus make-up, SAE scores, per-feature sweeps, stage timings).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -17,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from morph import paths
+from morph import fsutil, paths
 from morph.errors import MorphError
 from morph.models import ModelInfo
 from morph.sae import corpus as corpus_mod
@@ -70,13 +71,7 @@ Progress = Callable[[str, int | None], Callable[[int], None]]  # (stage, total) 
 def build(info: ModelInfo, cfg: BuildConfig, out_dir: Path | None = None,
           progress: Progress | None = None, log: Callable[[str], None] = lambda s: None) -> dict:
     from morph.engine.llama import LlamaEngine
-    from morph.sae.batch import BatchRunner
-    from morph.sae.interpret import explain
-    from morph.sae.io import save_sae
-    from morph.sae.select import Scorer, select_axis
     from morph.steering import diffmean as dm
-    from morph.steering.catalog import Feature, write_entries
-    from morph.steering.vector import ControlVector, residual_relative
 
     layer = default_layer(info) if cfg.layer is None else cfg.layer
     if not 1 <= layer < info.n_layer:
@@ -91,50 +86,16 @@ def build(info: ModelInfo, cfg: BuildConfig, out_dir: Path | None = None,
     t_all = time.perf_counter()
     engine = LlamaEngine(info, n_ctx=512, threads=threads)
     try:
-        # 1. corpus
-        t = time.perf_counter()
-        ccfg = corpus_mod.CorpusConfig(tokens=cfg.tokens, seed=cfg.seed, n_seq=cfg.n_seq)
-        corp = _cached_corpus(cfg.corpus_cache, layer, ccfg, info)
-        if corp is None:
-            corp = corpus_mod.build_corpus(engine, [layer], ccfg, progress=bar("corpus", cfg.tokens))
-            corp.stats["model_fingerprint"] = info.fingerprint
-            # Train on exactly what a cached corpus holds (float16), so a rebuild from
-            # `--corpus` gives the same SAE bit for bit.
-            corp.acts = {L: a.astype(np.float16).astype(np.float32) for L, a in corp.acts.items()}
-            if cfg.corpus_cache:
-                corp.save(cfg.corpus_cache)
-        else:
-            log(f"corpus: reusing {cfg.corpus_cache}")
-            timings["corpus_reused"] = True  # corpus_s below is only the load
-        timings["corpus_s"] = round(time.perf_counter() - t, 1)
+        with _timed(timings, "corpus_s"):
+            corp = _corpus(engine, info, cfg, layer, bar, log, timings)
         x = corp.acts[layer]
-        norms = np.linalg.norm(x, axis=1)
-        residual_norm = float(np.median(norms))
+        residual_norm = float(np.median(np.linalg.norm(x, axis=1)))
         log(f"corpus: {len(corp)} tokens ({corp.stats['generated_rows']} generated) from "
             f"{corp.stats['documents']} documents in {timings['corpus_s']} s")
-
-        # 2. SAE
-        t = time.perf_counter()
-        scfg = SAEConfig(width=cfg.width, k=cfg.k, epochs=cfg.epochs, seed=cfg.seed)
-        steps = max(1, int(round(scfg.epochs * (len(x) * (1 - 1 / scfg.holdout_every)) // scfg.batch)))
-        adv = bar("train", steps)
-        sae = train_sae(x, scfg, corp.groups(), progress=lambda s, i: adv(1))
-        timings["train_s"] = round(time.perf_counter() - t, 1)
-
-        # 3. evidence
-        t = time.perf_counter()
-        idx, val = ev_mod.encode_corpus(sae, x, progress=bar("evidence", len(x)))
-        piece_cache: dict[int, str] = {}
-
-        def piece(tok: int) -> str:
-            if tok not in piece_cache:
-                piece_cache[tok] = engine.llm.detokenize([tok], special=True).decode("utf-8", "replace")
-            return piece_cache[tok]
-
-        ev = ev_mod.build_evidence(sae, idx, val, corp.doc, corp.pos, corp.docs, piece)
-        del idx, val
-        dead = ev_mod.dead_share(ev)
-        timings["evidence_s"] = round(time.perf_counter() - t, 1)
+        with _timed(timings, "train_s"):
+            sae = _train(x, corp, cfg, bar)
+        with _timed(timings, "evidence_s"):
+            ev, dead = _evidence(engine, sae, x, corp, bar)
         sae.meta.update({
             "layer": layer, "model_id": info.model_id, "model_fingerprint": info.fingerprint,
             "seed": cfg.seed, "dead_share": round(dead, 5), "residual_norm": round(residual_norm, 4),
@@ -143,61 +104,11 @@ def build(info: ModelInfo, cfg: BuildConfig, out_dir: Path | None = None,
         log(f"SAE L{layer}: width {sae.width}, k {sae.k}, FVU {sae.meta['fvu']} (held out), "
             f"L0 {sae.meta['l0']}, dead {dead:.1%}, {timings['train_s']} s")
         del corp
-
-        # 4. named features
-        t = time.perf_counter()
-        runner = BatchRunner(engine, n_seq=32, n_ctx=4096, n_batch=_score_batch(engine))
-        try:
-            scorer = Scorer(engine, runner, layer)
-            picks = []
-            adv = bar("features", len(recipes))
-            for r in recipes:
-                picks += select_axis(engine, sae, layer, residual_norm, r, scorer)
-                adv(1)
-        finally:
-            runner.close()
-        timings["select_s"] = round(time.perf_counter() - t, 1)
-
-        # 5. self-explanation of every latent considered for a feature
-        t = time.perf_counter()
-        ids = sorted({c["latent"] for p in picks for c in p.candidates})
-        texts = explain(engine, sae.W_dec[ids], progress=bar("explain", len(ids)))
-        for j, text in zip(ids, texts):
-            ev["latents"][j]["explanation"] = text
-        timings["explain_s"] = round(time.perf_counter() - t, 1)
-
-        # 6. write
-        sae_name = f"sae-L{layer}.gguf"
-        ev_name = f"sae-L{layer}.evidence.json.gz"
-        sha = save_sae(sae, out_dir / sae_name)
-        ev["sae_sha256"] = sha
-        ev["layer"] = layer
-        ev_mod.save_evidence(ev, out_dir / ev_name)
-        # A pole whose best latents do not move most held-out pairs its way within the
-        # fluency budget is reported, not shipped: a named feature must steer.
-        kept = [p for p in picks if p.scores.get("accepted")]
-        rejected = [p for p in picks if not p.scores.get("accepted")]
-        for p in rejected:
-            log(f"{p.name}: no SAE latent moves most held-out pairs its way within the fluency budget; "
-                "not written")
-        feats = []
-        for p in kept:
-            expl = "; ".join(_latent_expl(ev, j) for j in p.latents)
-            meta = {"name": p.name, "description": p.description, "method": "sae", "sae": sae_name,
-                    "sae_sha256": sha, "latents": p.latents, "weights": p.weights, "layer": layer,
-                    "default_scale": p.default_scale, "residual_norm": round(residual_norm, 4),
-                    "recipe": f"{p.axis}.json", "model_fingerprint": info.fingerprint}
-            cv = ControlVector({layer: residual_relative(p.unit, residual_norm)}, info.hint, meta)
-            cv.save(out_dir / f"{p.name}.gguf")
-            feats.append(Feature(name=p.name, description=p.description, method="sae", file=f"{p.name}.gguf",
-                                 layer=layer, default_scale=p.default_scale,
-                                 residual_norm=round(residual_norm, 4), latents=p.latents,
-                                 latent_weights=p.weights, explanation=expl, scores=p.scores))
-        sae_info = {"file": sae_name, "sha256": sha, "evidence": ev_name, "layer": layer,
-                    "width": sae.width, "k": sae.k, "fvu": sae.meta["fvu"], "l0": sae.meta["l0"],
-                    "dead_share": round(dead, 5), "train_tokens": sae.meta["train_tokens"],
-                    "residual_norm": round(residual_norm, 4)}
-        write_entries(out_dir, feats, info.model_id, extra={"sae": sae_info}, replace_method="sae")
+        with _timed(timings, "select_s"):
+            picks = _select(engine, sae, layer, residual_norm, recipes, bar)
+        with _timed(timings, "explain_s"):
+            _explain(engine, sae, picks, ev, bar)
+        sae_info, kept, rejected, feats = _write(out_dir, info, sae, ev, picks, layer, residual_norm, dead, log)
         timings["total_s"] = round(time.perf_counter() - t_all, 1)
         report = {
             "model_id": info.model_id, "model_fingerprint": info.fingerprint, "threads": threads,
@@ -211,10 +122,124 @@ def build(info: ModelInfo, cfg: BuildConfig, out_dir: Path | None = None,
             "rejected": [{"name": p.name, "axis": p.axis, "latents": p.latents, "scores": p.scores,
                           "candidates": p.candidates} for p in rejected],
         }
-        (out_dir / "build.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        fsutil.atomic_write(out_dir / "build.json", (json.dumps(report, indent=2) + "\n").encode("utf-8"))
         return report
     finally:
         engine.close()
+
+
+@contextlib.contextmanager
+def _timed(timings: dict, key: str):
+    t = time.perf_counter()
+    yield
+    timings[key] = round(time.perf_counter() - t, 1)
+
+
+def _corpus(engine, info: ModelInfo, cfg: BuildConfig, layer: int, bar: Progress, log, timings: dict):
+    """1. The corpus: from `cfg.corpus_cache` when it was built the same way, else generated
+    (and saved there)."""
+    ccfg = corpus_mod.CorpusConfig(tokens=cfg.tokens, seed=cfg.seed, n_seq=cfg.n_seq)
+    corp = _cached_corpus(cfg.corpus_cache, layer, ccfg, info)
+    if corp is not None:
+        log(f"corpus: reusing {cfg.corpus_cache}")
+        timings["corpus_reused"] = True  # corpus_s is then only the load
+        return corp
+    corp = corpus_mod.build_corpus(engine, [layer], ccfg, progress=bar("corpus", cfg.tokens))
+    corp.stats["model_fingerprint"] = info.fingerprint
+    # Train on exactly what a cached corpus holds (float16), so a rebuild from
+    # `--corpus` gives the same SAE bit for bit.
+    corp.acts = {L: a.astype(np.float16).astype(np.float32) for L, a in corp.acts.items()}
+    if cfg.corpus_cache:
+        corp.save(cfg.corpus_cache)
+    return corp
+
+
+def _train(x: np.ndarray, corp, cfg: BuildConfig, bar: Progress):
+    """2. The SAE, with held-out documents (reframed copies stay with their source)."""
+    scfg = SAEConfig(width=cfg.width, k=cfg.k, epochs=cfg.epochs, seed=cfg.seed)
+    steps = max(1, int(round(scfg.epochs * (len(x) * (1 - 1 / scfg.holdout_every)) // scfg.batch)))
+    adv = bar("train", steps)
+    return train_sae(x, scfg, corp.groups(), progress=lambda s, i: adv(1))
+
+
+def _evidence(engine, sae, x: np.ndarray, corp, bar: Progress) -> tuple[dict, float]:
+    """3. Evidence: where each latent fires in the corpus; and the share of dead latents."""
+    idx, val = ev_mod.encode_corpus(sae, x, progress=bar("evidence", len(x)))
+    piece_cache: dict[int, str] = {}
+
+    def piece(tok: int) -> str:
+        if tok not in piece_cache:
+            piece_cache[tok] = engine.detokenize([tok], special=True)
+        return piece_cache[tok]
+
+    ev = ev_mod.build_evidence(sae, idx, val, corp.doc, corp.pos, corp.docs, piece)
+    return ev, ev_mod.dead_share(ev)
+
+
+def _select(engine, sae, layer: int, residual_norm: float, recipes: list, bar: Progress) -> list:
+    """4. Named features: both poles of every recipe (select.py)."""
+    from morph.sae.select import Scorer, select_axis
+
+    picks = []
+    with engine.batch_runner(n_seq=32, n_ctx=4096, n_batch=_score_batch(engine)) as runner:
+        scorer = Scorer(engine, runner, layer)
+        adv = bar("features", len(recipes))
+        for r in recipes:
+            picks += select_axis(engine, sae, layer, residual_norm, r, scorer)
+            adv(1)
+    return picks
+
+
+def _explain(engine, sae, picks: list, ev: dict, bar: Progress) -> None:
+    """5. Self-explanation of every latent considered for a feature, into the evidence."""
+    from morph.sae.interpret import explain
+
+    ids = sorted({c["latent"] for p in picks for c in p.candidates})
+    texts = explain(engine, sae.W_dec[ids], progress=bar("explain", len(ids)))
+    for j, text in zip(ids, texts):
+        ev["latents"][j]["explanation"] = text
+
+
+def _write(out_dir: Path, info: ModelInfo, sae, ev: dict, picks: list, layer: int, residual_norm: float,
+           dead: float, log) -> tuple[dict, list, list, list]:
+    """6. The SAE, its evidence, the accepted features' vectors and their manifest entries.
+    Returns (manifest's sae entry, accepted picks, rejected picks, their Features)."""
+    from morph.sae.io import save_sae
+    from morph.steering.catalog import Feature, write_entries
+    from morph.steering.vector import ControlVector, residual_relative
+
+    sae_name = f"sae-L{layer}.gguf"
+    ev_name = f"sae-L{layer}.evidence.json.gz"
+    sha = save_sae(sae, out_dir / sae_name)
+    ev["sae_sha256"] = sha
+    ev["layer"] = layer
+    ev_mod.save_evidence(ev, out_dir / ev_name)
+    # A pole whose best latents do not move most held-out pairs its way within the
+    # fluency budget is reported, not shipped: a named feature must steer.
+    kept = [p for p in picks if p.scores.get("accepted")]
+    rejected = [p for p in picks if not p.scores.get("accepted")]
+    for p in rejected:
+        log(f"{p.name}: no SAE latent moves most held-out pairs its way within the fluency budget; "
+            "not written")
+    feats = []
+    for p in kept:
+        expl = "; ".join(_latent_expl(ev, j) for j in p.latents)
+        meta = {"name": p.name, "description": p.description, "method": "sae", "sae": sae_name,
+                "sae_sha256": sha, "latents": p.latents, "weights": p.weights, "layer": layer,
+                "default_scale": p.default_scale, "residual_norm": round(residual_norm, 4),
+                "recipe": f"{p.axis}.json", "model_fingerprint": info.fingerprint}
+        cv = ControlVector({layer: residual_relative(p.unit, residual_norm)}, info.hint, meta)
+        cv.save(out_dir / f"{p.name}.gguf")
+        feats.append(Feature(name=p.name, description=p.description, method="sae", file=f"{p.name}.gguf",
+                             layer=layer, default_scale=p.default_scale,
+                             residual_norm=round(residual_norm, 4), latents=p.latents,
+                             latent_weights=p.weights, explanation=expl, scores=p.scores))
+    sae_info = {"file": sae_name, "sha256": sha, "evidence": ev_name, "layer": layer,
+                "width": sae.width, "k": sae.k, "fvu": sae.meta["fvu"], "l0": sae.meta["l0"],
+                "dead_share": round(dead, 5), "train_tokens": sae.meta["train_tokens"],
+                "residual_norm": round(residual_norm, 4)}
+    write_entries(out_dir, feats, info.model_id, extra={"sae": sae_info}, replace_method="sae")
+    return sae_info, kept, rejected, feats
 
 
 def _cached_corpus(path: Path | None, layer: int, ccfg, info: ModelInfo):
@@ -230,8 +255,7 @@ def _cached_corpus(path: Path | None, layer: int, ccfg, info: ModelInfo):
 
 def _score_batch(engine) -> int:
     """Tokens per scoring batch: every token's logits are kept, so bound that buffer (~256 MB)."""
-    n_vocab = engine.llm.n_vocab()
-    return int(max(64, min(1024, (256 << 20) // (4 * n_vocab))))
+    return int(max(64, min(1024, (256 << 20) // (4 * engine.n_vocab))))
 
 
 def _latent_expl(ev: dict, j: int) -> str:

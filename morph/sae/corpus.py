@@ -1,7 +1,7 @@
 """The SAE training corpus: morph's own prompts plus the model's continuations of them.
 
 Openings from `morph/data/corpus/prompts.jsonl` (18 genres, written for morph) are
-continued by the model itself, many sequences at a time (batch.BatchRunner), and the
+continued by the model itself, many sequences at a time (`engine.batch_runner`), and the
 residual stream `l_out-L` of every token is captured during generation: prompt and
 continuation tokens alike, so no second capture pass is needed.
 
@@ -25,8 +25,9 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from morph import tasks
+from morph import fsutil, tasks
 from morph.errors import MorphError
+from morph.sae.sampling import sample_rows
 
 PROMPTS = Path(__file__).resolve().parent.parent / "data" / "corpus" / "prompts.jsonl"
 OUTLIER = 4.0  # rows whose norm exceeds this multiple of the median are sinks, not text
@@ -93,12 +94,14 @@ class Corpus:
         return np.array([self.docs[d]["tokens"][p] for d, p in zip(self.doc, self.pos)], np.int32)
 
     def save(self, path: Path) -> Path:
-        """npz cache (activations as float16 halve the size; training re-casts to float32)."""
+        """npz cache (activations as float16 halve the size; training re-casts to float32),
+        written atomically at exactly `path` (a half-written cache would be loaded later)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         arrays = {f"acts_{L}": a.astype(np.float16) for L, a in self.acts.items()}
         meta = json.dumps({"docs": self.docs, "stats": self.stats})
-        np.savez(path, doc=self.doc, pos=self.pos, meta=np.frombuffer(meta.encode(), np.uint8), **arrays)
+        with fsutil.replacing(path) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, doc=self.doc, pos=self.pos, meta=np.frombuffer(meta.encode(), np.uint8), **arrays)
         return path
 
     @classmethod
@@ -156,6 +159,106 @@ def _looping(gen: list[int]) -> bool:
     return len(gen) >= 64 and len(set(gen[-64:])) < 10
 
 
+class _Rows:
+    """The corpus rows being filled: activations per layer, each row's document and position."""
+
+    def __init__(self, layers: list[int], total: int, n_embd: int, progress: Callable[[int], None] | None):
+        self.acts = {L: np.empty((total, n_embd), np.float32) for L in layers}
+        self.doc = np.empty(total, np.int32)
+        self.pos = np.empty(total, np.int32)
+        self.n = 0
+        self.progress = progress
+
+    def add(self, captured: dict[int, np.ndarray], batch_rows: np.ndarray, doc, pos) -> None:
+        """Append the captured batch rows `batch_rows`, from documents `doc` at positions `pos`."""
+        m = len(batch_rows)
+        for L, a in self.acts.items():
+            a[self.n : self.n + m] = captured[L][batch_rows]
+        self.doc[self.n : self.n + m] = doc
+        self.pos[self.n : self.n + m] = pos
+        self.n += m
+        if self.progress:
+            self.progress(m)
+
+
+class _Generation:
+    """The generation pass: `n_seq` slots, each running one job (its prompt evaluated in a
+    call of its own, then one sampled token per call for every running slot)."""
+
+    def __init__(self, engine, layers: list[int], cfg: CorpusConfig, jobs: Iterator[Job], docs: list[dict],
+                 rows: _Rows, n_seq: int):
+        self.engine, self.layers, self.cfg, self.jobs, self.docs, self.rows = engine, layers, cfg, jobs, docs, rows
+        self.n_seq = n_seq
+        self.per_seq = -(-(cfg.max_prompt + cfg.max_new + 8) // 256) * 256  # llama.cpp pads n_ctx to 256
+        self.counts: Counter = Counter()
+        self.target = 0
+        # Per slot: (job, doc index, rng); the next token to feed and its position.
+        self.slots: list[tuple[Job, int, np.random.Generator] | None] = [None] * n_seq
+        self.nxt = [0] * n_seq
+        self.npos = [0] * n_seq
+
+    def run(self, limit: int) -> None:
+        """Decode until `limit` rows; jobs still running at the end stop where they are."""
+        self.target = limit
+        self.slots[:] = [None] * self.n_seq
+        cfg = self.cfg
+        with self.engine.batch_runner(n_seq=self.n_seq, n_ctx=self.n_seq * self.per_seq,
+                                      n_batch=max(cfg.max_prompt, self.n_seq), unified=False) as runner:
+            while self.rows.n < self.target:
+                for s in range(self.n_seq):  # refill free slots, one prompt per call
+                    if self.slots[s] is None and self.rows.n < self.target:
+                        self._start(runner, s)
+                live = [s for s in range(self.n_seq) if self.slots[s] is not None]
+                if live and self.rows.n < self.target:
+                    self._step(runner, live)
+
+    def _start(self, runner, s: int) -> None:
+        job = next(self.jobs)
+        runner.clear(s)
+        self.docs.append({"genre": job.genre, "kind": job.kind, "n_prompt": len(job.tokens),
+                          "tokens": list(job.tokens)})
+        self.slots[s] = (job, len(self.docs) - 1, np.random.default_rng([self.cfg.seed, job.id]))
+        n = len(job.tokens)
+        logits, cap = runner.decode(job.tokens, list(range(n)), [s] * n, [False] * (n - 1) + [True],
+                                    layers=self.layers)
+        self._collect([s] * n, list(range(n)), cap)
+        self._advance(s, int(self._sample(logits, [s])[0]))
+
+    def _step(self, runner, live: list[int]) -> None:
+        pos = [self.npos[s] for s in live]
+        logits, cap = runner.decode([self.nxt[s] for s in live], pos, live, [True] * len(live), layers=self.layers)
+        self._collect(live, pos, cap)
+        for s, t in zip(live, self._sample(logits, live).tolist()):
+            self._advance(s, t)
+
+    def _sample(self, logits, slots: list[int]) -> np.ndarray:
+        cfg = self.cfg
+        return sample_rows(np.asarray(logits), [self.slots[s][2] for s in slots], cfg.temperature, cfg.top_k,
+                           cfg.top_p)
+
+    def _collect(self, seq: list[int], pos: list[int], captured: dict[int, np.ndarray]) -> None:
+        keep = [i for i, (s, p) in enumerate(zip(seq, pos)) if p >= self.slots[s][0].skip]
+        keep = keep[: self.target - self.rows.n]
+        if keep:
+            self.rows.add(captured, np.asarray(keep), [self.slots[seq[i]][1] for i in keep], [pos[i] for i in keep])
+
+    def _advance(self, s: int, tok: int) -> None:
+        """Record sampled token `tok` for slot s, or end its job."""
+        _, d, _ = self.slots[s]
+        doc = self.docs[d]
+        if self.engine.is_eog(tok):
+            self.counts["stop_eog"] += 1
+        elif len(doc["tokens"]) - doc["n_prompt"] >= self.cfg.max_new:
+            self.counts["stop_length"] += 1
+        elif _looping(doc["tokens"][doc["n_prompt"]:]):
+            self.counts["stop_loop"] += 1
+        else:
+            self.nxt[s], self.npos[s] = tok, len(doc["tokens"])
+            doc["tokens"].append(tok)
+            return
+        self.slots[s] = None
+
+
 def build_corpus(
     engine,
     layers: list[int],
@@ -167,111 +270,33 @@ def build_corpus(
 
     Each sequence has its own KV stream (no cross-sequence attention cost); a new job's
     prompt is evaluated in a call of its own, then every running sequence advances by one
-    token per call (consecutive sequence ids, so llama.cpp keeps the batch order).
+    token per call (consecutive sequence ids, so llama.cpp keeps the batch order). Then the
+    generated text is re-read in other framings (`_reframe`) up to the requested rows.
     """
-    from morph.sae.batch import BatchRunner, sample_rows
-
     prompts = prompts if prompts is not None else load_prompts()
     total = int(cfg.tokens)
-    target = total - int(round(cfg.reframe * total))  # rows from the generation pass
-    acts = {L: np.empty((total, engine.n_embd), np.float32) for L in layers}
-    row_doc = np.empty(total, np.int32)
-    row_pos = np.empty(total, np.int32)
-    n_rows = 0
+    rows = _Rows(layers, total, engine.n_embd, progress)
     docs: list[dict] = []
-    jobs = iter_jobs(engine, prompts, cfg.max_prompt)
-    eog = engine._lc.llama_vocab_is_eog
-    vocab = engine.llm._model.vocab
-    per_seq = -(-(cfg.max_prompt + cfg.max_new + 8) // 256) * 256  # llama.cpp pads n_ctx to 256
-    counts: Counter = Counter()
-    # Per slot: (job, doc index, rng); the next token to feed and its position.
     # Small budgets get fewer sequences, else prompts alone (~100 rows each) would fill them.
-    n_seq = max(1, min(cfg.n_seq, target // 400))
-    slots: list[tuple[Job, int, np.random.Generator] | None] = [None] * n_seq
-    nxt = [0] * n_seq
-    npos = [0] * n_seq
-
-    def collect(seq: list[int], pos: list[int], captured: dict[int, np.ndarray]) -> None:
-        nonlocal n_rows
-        keep = [i for i, (s, p) in enumerate(zip(seq, pos)) if p >= slots[s][0].skip]
-        keep = keep[: target - n_rows]
-        if not keep:
-            return
-        k = np.asarray(keep)
-        for L in layers:
-            acts[L][n_rows : n_rows + len(k)] = captured[L][k]
-        for j, i in enumerate(keep):
-            d = slots[seq[i]][1]
-            row_doc[n_rows + j] = d
-            row_pos[n_rows + j] = pos[i]
-        n_rows += len(k)
-        if progress:
-            progress(len(k))
-
-    def advance(s: int, tok: int) -> None:
-        """Record sampled token `tok` for slot s, or end its job."""
-        job, d, _ = slots[s]
-        n_gen = len(docs[d]["tokens"]) - docs[d]["n_prompt"]
-        if eog(vocab, tok):
-            counts["stop_eog"] += 1
-        elif n_gen >= cfg.max_new:
-            counts["stop_length"] += 1
-        elif _looping(docs[d]["tokens"][docs[d]["n_prompt"]:]):
-            counts["stop_loop"] += 1
-        else:
-            nxt[s], npos[s] = tok, len(docs[d]["tokens"])
-            docs[d]["tokens"].append(tok)
-            return
-        slots[s] = None
-
-    def generate(limit: int) -> None:
-        """Decode until `limit` rows; jobs still running at the end stop where they are."""
-        nonlocal target
-        target = limit
-        slots[:] = [None] * n_seq
-        with BatchRunner(engine, n_seq=n_seq, n_ctx=n_seq * per_seq,
-                         n_batch=max(cfg.max_prompt, n_seq), unified=False) as runner:
-            while n_rows < target:
-                for s in range(n_seq):  # refill free slots, one prompt per call
-                    if slots[s] is not None or n_rows >= target:
-                        continue
-                    job = next(jobs)
-                    runner.clear(s)
-                    docs.append({"genre": job.genre, "kind": job.kind, "n_prompt": len(job.tokens),
-                                 "tokens": list(job.tokens)})
-                    slots[s] = (job, len(docs) - 1, np.random.default_rng([cfg.seed, job.id]))
-                    n = len(job.tokens)
-                    logits, cap = runner.decode(job.tokens, list(range(n)), [s] * n,
-                                                [False] * (n - 1) + [True], layers=layers)
-                    collect([s] * n, list(range(n)), cap)
-                    tok = sample_rows(np.asarray(logits), [slots[s][2]], cfg.temperature, cfg.top_k, cfg.top_p)
-                    advance(s, int(tok[0]))
-                live = [s for s in range(n_seq) if slots[s] is not None]
-                if not live or n_rows >= target:
-                    continue
-                logits, cap = runner.decode([nxt[s] for s in live], [npos[s] for s in live], live,
-                                            [True] * len(live), layers=layers)
-                collect(live, [npos[s] for s in live], cap)
-                toks = sample_rows(np.asarray(logits), [slots[s][2] for s in live],
-                                   cfg.temperature, cfg.top_k, cfg.top_p)
-                for s, t in zip(live, toks.tolist()):
-                    advance(s, t)
-
-    generate(target)
-    n_rows = _reframe(engine, layers, docs, acts, row_doc, row_pos, n_rows, total, progress)
-    if n_rows < total:  # too little generated text to re-read (small budgets): generate the rest
-        generate(total)
+    target = total - int(round(cfg.reframe * total))  # rows from the generation pass
+    gen = _Generation(engine, layers, cfg, iter_jobs(engine, prompts, cfg.max_prompt), docs, rows,
+                      n_seq=max(1, min(cfg.n_seq, target // 400)))
+    gen.run(target)
+    _reframe(engine, docs, rows, total)
+    if rows.n < total:  # too little generated text to re-read (small budgets): generate the rest
+        gen.run(total)
     stats = {
         "documents_generated": sum(1 for d in docs if not d["kind"].startswith("reframe")),
-        "stops": {k: v for k, v in counts.items() if k.startswith("stop_")},
+        "stops": {k: v for k, v in gen.counts.items() if k.startswith("stop_")},
         "excluded": "position 0 of every document; the shared chat-template prefix of chat jobs; "
                     f"rows above {OUTLIER}x the median norm",
         "seed": cfg.seed,
         "requested": total,
         "sampling": {"temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p,
-                     "max_new": cfg.max_new, "n_seq": n_seq, "reframe": cfg.reframe},
+                     "max_new": cfg.max_new, "n_seq": gen.n_seq, "reframe": cfg.reframe},
     }
-    corp = Corpus({L: a[:n_rows] for L, a in acts.items()}, row_doc[:n_rows], row_pos[:n_rows], docs, stats)
+    n = rows.n
+    corp = Corpus({L: a[:n] for L, a in rows.acts.items()}, rows.doc[:n], rows.pos[:n], docs, stats)
     return drop_outliers(corp)
 
 
@@ -300,21 +325,19 @@ def _reframings(engine, src: dict, rnd: int) -> tuple[list[int], int, str] | Non
     return engine.tokenize(engine.detokenize(gen[cut:])), 1, f"reframe:{kind}>raw@{cut}"
 
 
-def _reframe(engine, layers, docs, acts, row_doc, row_pos, n_rows, total, progress) -> int:
+def _reframe(engine, docs: list[dict], rows: _Rows, total: int) -> None:
     """Fill rows up to `total` with the model's own text seen in other framings.
 
     The tokens are the model's own, the contexts new. Capture stops at the deepest layer
     (no logits needed): ~2.3x cheaper per row than generating it.
     """
-    from morph.sae.batch import BatchRunner
-
-    if n_rows >= total:
-        return n_rows
+    if rows.n >= total:
+        return
     n_batch = 1024
+    layers = list(rows.acts)
     pending: list[tuple[list[int], int]] = []  # (tokens, doc index)
 
     def flush(runner) -> None:
-        nonlocal n_rows, pending
         toks, pos, seq = [], [], []
         for s, (t, _) in enumerate(pending):
             toks += t; pos += range(len(t)); seq += [s] * len(t)
@@ -323,24 +346,17 @@ def _reframe(engine, layers, docs, acts, row_doc, row_pos, n_rows, total, progre
         off = 0
         for t, d in pending:
             skip = docs[d]["n_prompt"]
-            rows = list(range(off + skip, off + len(t)))[: total - n_rows]
-            if rows:
-                r = np.asarray(rows)
-                for L in layers:
-                    acts[L][n_rows : n_rows + len(r)] = cap[L][r]
-                row_doc[n_rows : n_rows + len(r)] = d
-                row_pos[n_rows : n_rows + len(r)] = r - off
-                n_rows += len(r)
-                if progress:
-                    progress(len(r))
+            r = np.asarray(list(range(off + skip, off + len(t)))[: total - rows.n], dtype=np.int64)
+            if len(r):
+                rows.add(cap, r, d, r - off)
             off += len(t)
-        pending = []
+        pending.clear()
 
     sources = [d for d in range(len(docs))]
-    with BatchRunner(engine, n_seq=16, n_ctx=n_batch, n_batch=n_batch, unified=True) as runner:
+    with engine.batch_runner(n_seq=16, n_ctx=n_batch, n_batch=n_batch, unified=True) as runner:
         for rnd in range(3):
             for d in sources:
-                if n_rows >= total:
+                if rows.n >= total:
                     break
                 got = _reframings(engine, docs[d], rnd)
                 if got is None:
@@ -354,9 +370,8 @@ def _reframe(engine, layers, docs, acts, row_doc, row_pos, n_rows, total, progre
                 if sum(len(t) for t, _ in pending) + len(toks) > n_batch or len(pending) == 16:
                     flush(runner)
                 pending.append((toks, len(docs) - 1))
-        if pending and n_rows < total:
+        if pending and rows.n < total:
             flush(runner)
-    return n_rows
 
 
 def drop_outliers(c: Corpus, factor: float = OUTLIER) -> Corpus:

@@ -136,10 +136,11 @@ def find_evidence(model_id: str) -> tuple[dict, dict, Path] | None:
         if not man.is_file():
             continue
         try:
-            sae = json.loads(man.read_text(encoding="utf-8")).get("sae")
+            raw = json.loads(man.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
-        if sae and (d / sae.get("evidence", "")).is_file():
+        sae = raw.get("sae") if isinstance(raw, dict) else None  # a hand-edited manifest: anything
+        if isinstance(sae, dict) and isinstance(sae.get("evidence"), str) and (d / sae["evidence"]).is_file():
             return load_evidence(d / sae["evidence"]), sae, d
     return None
 
@@ -149,7 +150,7 @@ def parse_latent(spec: str) -> int | None:
     s = spec.strip()
     if s.lower().startswith("latent:"):
         s = s[7:]
-    return int(s) if s.isdigit() else None
+    return int(s) if s.isdecimal() else None  # not isdigit(): int() refuses "¹"
 
 
 def latent_record(ev: dict, j: int, mark: tuple[str, str] = ("[[", "]]")) -> dict:

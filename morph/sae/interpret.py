@@ -8,7 +8,7 @@ the position as a word: measured on SmolLM2, a latent that fires on " great", " 
 " wonderful" read as "good or positive" when written at block 3 with 3x the norm, and as
 "The in many languages" when written at block 16, the SAE layer itself. Several latents
 run at once, one sequence each, through the batch runner's eval-callback edit (the
-batched form of `Capturer.logits_with_edit`). The placeholder positions are found by
+batched form of `engine.logits_with_edit`). The placeholder positions are found by
 tokenising the prompt with two different placeholder words and comparing.
 
 With a 135M model the answers are rough; they are stored next to the evidence (the
@@ -20,8 +20,6 @@ from __future__ import annotations
 from typing import Callable
 
 import numpy as np
-
-from morph.sae.batch import BatchRunner
 
 CHAT_QUESTION = 'What does the word "{w}" mean? Answer in a few words.'
 CHAT_ANSWER = 'The word "{w}" means'
@@ -66,11 +64,9 @@ def explain(engine, directions: np.ndarray, layer: int | None = None, residual_n
         layer, residual_norm = insert_layer(engine)
     toks, where = placeholder_positions(engine)
     n = len(toks)
-    eog = engine._lc.llama_vocab_is_eog
-    vocab = engine.llm._model.vocab
     out: list[str] = []
     n_seq = max(1, min(n_seq, len(directions)))
-    with BatchRunner(engine, n_seq=n_seq, n_ctx=n_seq * (n + MAX_TOKENS + 8),
+    with engine.batch_runner(n_seq=n_seq, n_ctx=n_seq * (n + MAX_TOKENS + 8),
                      n_batch=max(512, n_seq * n)) as runner:
         for g in range(0, len(directions), n_seq):
             group = directions[g : g + n_seq]
@@ -92,7 +88,7 @@ def explain(engine, directions: np.ndarray, layer: int | None = None, residual_n
             for step in range(MAX_TOKENS):
                 still = []
                 for s, t in zip(alive, nxt.tolist()):
-                    if eog(vocab, t):
+                    if engine.is_eog(t):
                         continue
                     gen[s].append(t)
                     if _done(engine.detokenize(gen[s])):

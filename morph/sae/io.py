@@ -80,7 +80,10 @@ def load_sae(path: str | os.PathLike) -> SAE:
 
     def val(key):
         f = r.fields.get(key)
-        return None if f is None else f.contents()
+        try:
+            return None if f is None else f.contents()
+        except (ValueError, IndexError, TypeError) as e:  # e.g. a string that is not UTF-8
+            raise MorphError(f"{path}: unreadable {key} ({str(e).splitlines()[0]})") from None
 
     if val("general.architecture") != ARCH:
         raise MorphError(f"{path}: not a morph SAE (architecture {val('general.architecture')!r})")
@@ -88,14 +91,19 @@ def load_sae(path: str | os.PathLike) -> SAE:
     missing = [n for n in _TENSORS if n not in t]
     if missing:
         raise MorphError(f"{path}: missing tensors {missing}")
-    d, width = int(val(f"{ARCH}.n_embd")), int(val(f"{ARCH}.width"))
+    try:
+        d, width = int(val(f"{ARCH}.n_embd")), int(val(f"{ARCH}.width"))
+        k, scale, layer = int(val(f"{ARCH}.k")), float(val(f"{ARCH}.scale")), int(val(f"{ARCH}.layer"))
+        meta = json.loads(val(f"{ARCH}.meta") or "{}")
+    except (TypeError, ValueError) as e:  # a key missing or of the wrong type, bad JSON
+        raise MorphError(f"{path}: unreadable SAE metadata ({str(e).splitlines()[0]})") from None
+    if not isinstance(meta, dict):
+        raise MorphError(f"{path}: SAE metadata is not a JSON object")
     arrays = {}
     for name, shape in (("W_enc", (d, width)), ("b_enc", (width,)), ("W_dec", (width, d)), ("b_dec", (d,))):
         a = np.array(t[name].data, dtype=np.float32)
         if a.size != int(np.prod(shape)):
             raise MorphError(f"{path}: {name} has {a.size} values, expected {shape}")
         arrays[name] = a.reshape(shape)
-    meta = json.loads(val(f"{ARCH}.meta") or "{}")
-    meta["layer"] = int(val(f"{ARCH}.layer"))
-    return SAE(arrays["W_enc"], arrays["b_enc"], arrays["W_dec"], arrays["b_dec"],
-               int(val(f"{ARCH}.k")), float(val(f"{ARCH}.scale")), meta)
+    meta["layer"] = layer
+    return SAE(arrays["W_enc"], arrays["b_enc"], arrays["W_dec"], arrays["b_dec"], k, scale, meta)

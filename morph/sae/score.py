@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from morph.sae.batch import BatchRunner
+from morph.engine.base import BatchRunner
 
 
 @dataclass

@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 
 from morph.errors import MorphError
-from morph.sae.batch import BatchRunner
+from morph.engine.base import BatchRunner
 from morph.sae.score import Item, logprobs
 from morph.sae.train import SAE
 from morph.steering import diffmean as dm
@@ -110,23 +110,38 @@ class Scorer:
 def select_axis(engine, sae: SAE, layer: int, residual_norm: float, recipe, scorer: Scorer,
                 budget: float = dm.FLUENCY_BUDGET, progress: Callable[[str], None] | None = None,
                 full_sweep: bool = False) -> list[Selected]:
+    """The recipe's two poles as named features: latents (steps 1-3), then a scale (4)."""
     train, test = dm.split_pairs(recipe)
     test = test[:N_EVAL]
-    probe = train[:N_PROBE]
-    rank = train[:N_RANK]
-    pos = text_codes(engine, sae, [p["positive"] for p in rank], layer)
-    neg = text_codes(engine, sae, [p["negative"] for p in rank], layer)
-    effect, mdiff = paired_effect(pos, neg)
-    neutral = dm.NEUTRAL_TEXTS
 
     def vec(unit, scale):
         return residual_relative(unit, residual_norm) * np.float32(scale)
 
-    # Candidates of both poles, probed together with the unsteered baseline.
+    cands, effect, mdiff = _candidates(engine, sae, layer, train[:N_RANK])
+    picks = _pick_latents(sae, recipe, cands, effect, mdiff, scorer, train[:N_PROBE], vec, progress)
+    swept = _sweep_fluency(picks, scorer, test, vec, budget, full_sweep)
+    base_test = scorer.run([("base", test, [], None)])["base"] if not full_sweep else swept["base"]
+    _choose_scales(picks, swept, base_test, scorer, test, vec, budget, full_sweep)
+    return picks
+
+
+def _candidates(engine, sae: SAE, layer: int, rank: list[dict]):
+    """Per pole sign, the latents that fire most on its texts over the other pole's
+    (paired effect size), and the effect sizes and mean differences of all latents."""
+    pos = text_codes(engine, sae, [p["positive"] for p in rank], layer)
+    neg = text_codes(engine, sae, [p["negative"] for p in rank], layer)
+    effect, mdiff = paired_effect(pos, neg)
     cands: dict[int, list[int]] = {}
     for sign in (+1, -1):
         order = np.argsort(-sign * effect, kind="stable")
         cands[sign] = [int(j) for j in order[:N_CANDIDATES] if sign * mdiff[j] > 0]
+    return cands, effect, mdiff
+
+
+def _pick_latents(sae: SAE, recipe, cands, effect, mdiff, scorer: Scorer, probe: list[dict], vec,
+                  progress) -> list[Selected]:
+    """Steer with each candidate on the probe pairs (with the unsteered baseline, in one
+    batched run); per pole keep the 1-3 that move its wording most, weighted by that."""
     jobs = [("base", probe, [], None)]
     for sign, js in cands.items():
         for j in js:
@@ -159,20 +174,27 @@ def select_axis(engine, sae: SAE, layer: int, residual_norm: float, recipe, scor
                               [round(float(x), 4) for x in w], unit, SCALES[0], candidates=rows))
         if progress:
             progress(f"{pole['name']}: latents {lat}")
+    return picks
 
-    # Scale: fluency cost at every scale (neutral text only, cheap), then the held-out
-    # style shift at the chosen scale (or at every scale with full_sweep).
-    jobs = [("base", test if full_sweep else [], neutral, None)]
+
+def _sweep_fluency(picks: list[Selected], scorer: Scorer, test: list[dict], vec, budget: float,
+                   full_sweep: bool) -> dict:
+    """Fluency cost at every scale (neutral text only, cheap; with full_sweep also the
+    held-out style shift at every scale). Sets each pick's `scores["sweep"]`; returns the
+    raw results by "name@scale" and "base"."""
+    neutral = dm.NEUTRAL_TEXTS
+    pairs = test if full_sweep else []
+    jobs = [("base", pairs, neutral, None)]
     for p in picks:
         for a in SCALES:
-            jobs.append((f"{p.name}@{a}", test if full_sweep else [], neutral, vec(p.unit, a)))
+            jobs.append((f"{p.name}@{a}", pairs, neutral, vec(p.unit, a)))
     swept = scorer.run(jobs)
     base_nll = swept["base"]["nll"]
     # Some directions cost more than the whole budget even at the smallest scale (Gemma 3:
     # a few huge residual dimensions set the median norm): try smaller scales for those.
     low = {p.name for p in picks if min(swept[f"{p.name}@{a}"]["nll"] for a in SCALES) - base_nll > budget}
     if low:
-        swept.update(scorer.run([(f"{p.name}@{a}", test if full_sweep else [], neutral, vec(p.unit, a))
+        swept.update(scorer.run([(f"{p.name}@{a}", pairs, neutral, vec(p.unit, a))
                                  for p in picks if p.name in low for a in LOW_SCALES]))
     for p in picks:
         grid = (LOW_SCALES if p.name in low else ()) + SCALES
@@ -182,8 +204,13 @@ def select_axis(engine, sae: SAE, layer: int, residual_norm: float, recipe, scor
                 r = swept[f"{p.name}@{row['scale']}"]
                 row["shift"] = round(p.sign * (r["shift"] - swept["base"]["shift"]), 4)
         p.scores = {"sweep": sweep}
-    base_test = scorer.run([("base", test, [], None)])["base"] if not full_sweep else swept["base"]
-    # Per pick, scales within budget from the largest down; test them in batched rounds.
+    return swept
+
+
+def _choose_scales(picks: list[Selected], swept: dict, base_test: dict, scorer: Scorer, test: list[dict],
+                   vec, budget: float, full_sweep: bool) -> None:
+    """Per pick, the largest scale within the fluency budget whose held-out shift has the
+    right sign (scales tried from the largest down, in batched rounds); sets the scores."""
     order = {}
     for p in picks:
         ok = [r for r in p.scores["sweep"] if r["extra_nll"] <= budget]
@@ -218,4 +245,3 @@ def select_axis(engine, sae: SAE, layer: int, residual_norm: float, recipe, scor
             # shipped only if it also moves most held-out pairs its way, not just the mean
             "accepted": row["extra_nll"] <= budget and shift > 0 and 2 * wins > len(test),
         })
-    return picks

@@ -22,8 +22,7 @@ import time
 
 import numpy as np
 
-from morph import models, paths
-from morph.sae.batch import BatchRunner
+from morph import fsutil, models, paths
 from morph.sae.corpus import CorpusConfig, build_corpus, drop_outliers, load_prompts
 from morph.sae.evidence import encode_corpus
 from morph.sae.score import Item, kl, logprobs
@@ -100,7 +99,7 @@ def main(argv=None) -> None:
     rng = np.random.default_rng(0)
     rand_dirs = rng.standard_normal((4, info.n_embd)).astype(np.float32)
     recipes = {r: dm.load_recipe(paths.recipes_dir() / f"{r}.json") for r in a.axes}
-    runner = BatchRunner(engine, n_seq=32, n_ctx=4096, n_batch=512)
+    runner = engine.batch_runner(n_seq=32, n_ctx=4096, n_batch=512)
     for L in a.layers:
         t = time.perf_counter()
         x = corp.acts[L]
@@ -129,8 +128,7 @@ def main(argv=None) -> None:
         row["seconds"] = round(time.perf_counter() - t, 1)
         report["layers"][str(L)] = row
         print(json.dumps({L: {k: v for k, v in row.items() if k != "features"}}), flush=True)
-        with open(a.out, "w") as fh:
-            json.dump(report, fh, indent=2)
+        fsutil.atomic_write(a.out, json.dumps(report, indent=2).encode("utf-8"))
     runner.close()
     engine.close()
     print(json.dumps(report, indent=2))

@@ -150,6 +150,51 @@ def split_holdout(doc: np.ndarray, every: int) -> tuple[np.ndarray, np.ndarray]:
     return np.flatnonzero(~held), np.flatnonzero(held)
 
 
+def _init_params(sample: np.ndarray, n: int, rng: np.random.Generator) -> tuple[float, dict[str, np.ndarray]]:
+    """(input scale, parameters): decoder rows random unit vectors, encoder their transpose,
+    b_dec the (scaled) median input."""
+    d = sample.shape[1]
+    scale = float(math.sqrt(d) / np.linalg.norm(sample, axis=1).mean())
+    b_dec = (np.median(sample, axis=0) * scale).astype(np.float32)
+    W_dec = rng.standard_normal((n, d)).astype(np.float32)
+    W_dec /= np.linalg.norm(W_dec, axis=1, keepdims=True)
+    W_enc = np.ascontiguousarray(W_dec.T)
+    return scale, {"W_enc": W_enc, "b_enc": np.zeros(n, np.float32), "W_dec": W_dec, "b_dec": b_dec}
+
+
+def _lr_at(cfg: SAEConfig, step: int, total: int) -> float:
+    """Linear warm-up, then flat, then linear decay to 0 over the last (1 - decay_from)."""
+    lr = cfg.lr * min(1.0, step / max(1, cfg.warmup))
+    if step > cfg.decay_from * total:
+        lr *= max(0.0, (total - step) / max(1.0, (1 - cfg.decay_from) * total))
+    return lr
+
+
+def _aux_grads(cfg: SAEConfig, pre: np.ndarray, e: np.ndarray, W_dec: np.ndarray, dead: np.ndarray,
+               rows: np.ndarray, gW_dec: np.ndarray, G: np.ndarray) -> float:
+    """AuxK: the dead latents' top pre-activations reconstruct the main residual. Adds
+    their gradients into gW_dec and G (wrt pre-activations) in place; returns the loss."""
+    B = len(pre)
+    ka = min(cfg.aux_k, len(dead))
+    apre = pre[:, dead]
+    aidx, aval = topk(apre, ka)
+    Wa = W_dec[dead]
+    ehat = np.einsum("bk,bkd->bd", aval, Wa[aidx])
+    target = -e  # the main residual (x' - x^), treated as a constant
+    denom = float(np.square(target - target.mean(axis=0)).sum()) / B + 1e-9
+    diff = ehat - target
+    aux = cfg.aux_coef * float(np.square(diff).sum()) / B / denom
+    gA = diff * np.float32(2 * cfg.aux_coef / (B * denom))
+    gaval = np.einsum("bd,bkd->bk", gA, Wa[aidx]) * (aval > 0)
+    Za = np.zeros((B, len(dead)), np.float32)
+    Za[rows, aidx] = aval
+    gW_dec[dead] += Za.T @ gA
+    Ga = np.zeros((B, len(dead)), np.float32)
+    Ga[rows, aidx] = gaval
+    G[:, dead] += Ga
+    return aux
+
+
 def train_sae(
     x: np.ndarray,
     cfg: SAEConfig,
@@ -169,20 +214,13 @@ def train_sae(
     rng = np.random.default_rng(cfg.seed)
     n, k = cfg.width, cfg.k
 
-    sample = x[rng.choice(tr, size=min(len(tr), 20_000), replace=False)]
-    scale = float(math.sqrt(d) / np.linalg.norm(sample, axis=1).mean())
-    b_dec = (np.median(sample, axis=0) * scale).astype(np.float32)
-    W_dec = rng.standard_normal((n, d)).astype(np.float32)
-    W_dec /= np.linalg.norm(W_dec, axis=1, keepdims=True)
-    W_enc = np.ascontiguousarray(W_dec.T)
-    b_enc = np.zeros(n, np.float32)
-    opt = {name: _Adam(shape) for name, shape in
-           (("W_enc", W_enc.shape), ("b_enc", b_enc.shape), ("W_dec", W_dec.shape), ("b_dec", b_dec.shape))}
+    scale, params = _init_params(x[rng.choice(tr, size=min(len(tr), 20_000), replace=False)], n, rng)
+    W_enc, b_enc, W_dec, b_dec = (params[name] for name in ("W_enc", "b_enc", "W_dec", "b_dec"))
+    opt = {name: _Adam(p.shape) for name, p in params.items()}
     since_fired = np.zeros(n, np.int64)  # tokens since each latent last fired
 
     B = cfg.batch
-    steps_per_epoch = len(tr) // B
-    total = max(1, int(round(cfg.epochs * steps_per_epoch)))
+    total = max(1, int(round(cfg.epochs * (len(tr) // B))))
     sc = np.float32(scale)
     Z = np.zeros((B, n), np.float32)  # dense code matrix, reused
     G = np.zeros((B, n), np.float32)  # dense gradient wrt pre-activations, reused
@@ -220,37 +258,16 @@ def train_sae(
         gW_dec = Z.T @ gE
         G.fill(0)
         G[rows, idx] = gval
-        aux = 0.0
-        if len(dead) and cfg.aux_coef > 0:
-            ka = min(cfg.aux_k, len(dead))
-            apre = pre[:, dead]
-            aidx, aval = topk(apre, ka)
-            Wa = W_dec[dead]
-            ehat = np.einsum("bk,bkd->bd", aval, Wa[aidx])
-            target = -e  # the main residual (x' - x^), treated as a constant
-            denom = float(np.square(target - target.mean(axis=0)).sum()) / B + 1e-9
-            diff = ehat - target
-            aux = cfg.aux_coef * float(np.square(diff).sum()) / B / denom
-            gA = diff * np.float32(2 * cfg.aux_coef / (B * denom))
-            gaval = np.einsum("bd,bkd->bk", gA, Wa[aidx]) * (aval > 0)
-            Za = np.zeros((B, len(dead)), np.float32)
-            Za[rows, aidx] = aval
-            gW_dec[dead] += Za.T @ gA
-            Ga = np.zeros((B, len(dead)), np.float32)
-            Ga[rows, aidx] = gaval
-            G[:, dead] += Ga
+        aux = _aux_grads(cfg, pre, e, W_dec, dead, rows, gW_dec, G) if len(dead) and cfg.aux_coef > 0 else 0.0
         gW_enc = xc.T @ G
         gsum = G.sum(axis=0)
-        gb_enc = gsum
         gb_dec = gE.sum(axis=0) - W_enc @ gsum  # b_dec enters the encoder input too
         # Unit-norm decoder rows: drop the radial part of their gradient.
         gW_dec -= np.einsum("nd,nd->n", gW_dec, W_dec)[:, None] * W_dec
 
-        lr = cfg.lr * min(1.0, step / max(1, cfg.warmup))
-        if step > cfg.decay_from * total:
-            lr *= max(0.0, (total - step) / max(1.0, (1 - cfg.decay_from) * total))
+        lr = _lr_at(cfg, step, total)
         opt["W_enc"].step(W_enc, gW_enc, lr, step)
-        opt["b_enc"].step(b_enc, gb_enc, lr, step)
+        opt["b_enc"].step(b_enc, gsum, lr, step)
         opt["W_dec"].step(W_dec, gW_dec, lr, step)
         opt["b_dec"].step(b_dec, gb_dec, lr, step)
         W_dec /= np.linalg.norm(W_dec, axis=1, keepdims=True)
@@ -264,13 +281,7 @@ def train_sae(
                 progress(step, info)
 
     sae = SAE(W_enc, b_enc, W_dec, b_dec, k, scale)
-    ho_x = x[ho[:50_000]]
-    sae.meta = {
-        "fvu": round(sae.fvu(ho_x), 5),
-        "fvu_train": round(sae.fvu(x[tr[:20_000]]), 5),
-        "l0": round(float((sae.encode(ho_x[:20_000])[1] > 0).sum(axis=1).mean()), 3),
-        "train_tokens": int(len(tr)),
-        "heldout_tokens": int(len(ho)),
+    sae.meta = _scores(sae, x, tr, ho) | {
         "steps": total,
         "dead_at_end": int((since_fired >= cfg.dead_tokens).sum()),
         "train_s": round(time.perf_counter() - t0, 1),
@@ -278,3 +289,15 @@ def train_sae(
         "history": [{k_: (round(v, 5) if isinstance(v, float) else v) for k_, v in h.items()} for h in hist],
     }
     return sae
+
+
+def _scores(sae: SAE, x: np.ndarray, tr: np.ndarray, ho: np.ndarray) -> dict:
+    """Held-out and training FVU, L0, and the split sizes."""
+    ho_x = x[ho[:50_000]]
+    return {
+        "fvu": round(sae.fvu(ho_x), 5),
+        "fvu_train": round(sae.fvu(x[tr[:20_000]]), 5),
+        "l0": round(float((sae.encode(ho_x[:20_000])[1] > 0).sum(axis=1).mean()), 3),
+        "train_tokens": int(len(tr)),
+        "heldout_tokens": int(len(ho)),
+    }

@@ -32,7 +32,7 @@ from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from morph.engine.base import APPLY_MODES, Event, Request
+from morph.engine.base import Event, Request, apply_factors
 from morph.errors import MorphError
 from morph.server.errors import APIError, bad
 from morph.server.params import Params, SteeringSpec, parse_chat, parse_completion
@@ -222,9 +222,10 @@ class Server:
             bias = (await self._logit_steering()).bias(st.vector)
         else:
             if spec.apply is not None:
-                if spec.apply not in APPLY_MODES:
-                    raise bad(f"'steering.apply' must be one of {', '.join(APPLY_MODES)}, got {spec.apply!r}",
-                              "steering.apply")
+                try:
+                    apply_factors(spec.apply)  # the engine's one rule for what apply means
+                except MorphError as e:
+                    raise bad(f"'steering.apply': {e}", "steering.apply") from None
                 apply = spec.apply
             cv = st.vector
         return cv, bias, apply, {"features": dict(st.profile), "apply": apply, "mode": spec.mode}

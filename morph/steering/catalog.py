@@ -14,12 +14,14 @@ stretched to that norm (see vector.residual_relative), so `formal=0.3` adds 30% 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 from morph import fsutil, paths
 from morph.errors import MorphError
+from morph.steering.profile import MAX_SCALE
 from morph.steering.vector import ControlVector
 
 MANIFEST = "features.json"
@@ -51,11 +53,12 @@ class Feature:
     def eval_label(self) -> str:
         """What `morph eval` measured, for lists and the editor's panel."""
         ev = self.scores.get("eval")
-        if not isinstance(ev, dict) or "concept_shift" not in ev:
+        num = (int, float)  # a hand-edited manifest may hold anything: no number, no label
+        if not isinstance(ev, dict) or not isinstance(ev.get("concept_shift"), num):
             return "not evaluated"
-        rel = ev.get("relevance_ratio")
-        rel = f"relevance {rel:.0%}" if isinstance(rel, (int, float)) else f"relevance {ev.get('relevance', 0):.2f}"
-        return f"shift {ev['concept_shift']:+.2f} {rel}" + (" experimental" if self.experimental else "")
+        rel, plain = ev.get("relevance_ratio"), ev.get("relevance", 0)
+        rel = f"relevance {rel:.0%}" if isinstance(rel, num) else f"relevance {plain:.2f}" if isinstance(plain, num) else ""
+        return f"shift {ev['concept_shift']:+.2f} {rel}".rstrip() + (" experimental" if self.experimental else "")
 
     @property
     def measured(self) -> float | None:
@@ -81,20 +84,50 @@ def _read_manifest(directory: Path, source: str) -> list[Feature]:
         return []
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: bad JSON or not UTF-8
         raise MorphError(f"{path}: unreadable features manifest ({e})") from None
+    entries = raw.get("features", []) if isinstance(raw, dict) else None
+    if not isinstance(entries, list):
+        raise MorphError(f"{path}: not a features manifest (no list of features)")
     out = []
     known = set(Feature.__dataclass_fields__) - {"source", "path"}
-    for entry in raw.get("features", []):
+    for entry in entries:
+        if not isinstance(entry, dict):
+            raise MorphError(f"{path}: a feature entry is not a JSON object")
         kw = {k: v for k, v in entry.items() if k in known}
         try:
             f = Feature(**kw)
         except TypeError as e:
             raise MorphError(f"{path}: bad feature entry {entry.get('name')!r} ({e})") from None
+        bad = _bad_field(f)
+        if bad:
+            raise MorphError(f"{path}: bad feature entry {entry.get('name')!r} ({bad})")
         f.source = source
         f.path = directory / f.file
         out.append(f)
     return out
+
+
+def _bad_field(f: Feature) -> str | None:
+    """What is wrong with an entry's field types (a hand-edited or corrupted manifest), if anything."""
+    def num(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    checks = [
+        ("name", isinstance(f.name, str) and f.name != ""), ("description", isinstance(f.description, str)),
+        ("method", isinstance(f.method, str) and f.method != ""), ("explanation", isinstance(f.explanation, str)),
+        ("file", isinstance(f.file, str) and f.file != "" and not Path(f.file).is_absolute()
+         and ".." not in Path(f.file).parts),
+        ("layer", isinstance(f.layer, int) and not isinstance(f.layer, bool)),
+        ("default_scale", num(f.default_scale) and abs(f.default_scale) <= MAX_SCALE),  # the one limit
+        ("residual_norm", f.residual_norm is None or num(f.residual_norm)),
+        ("experimental", isinstance(f.experimental, bool)),
+        ("latents", isinstance(f.latents, list) and all(isinstance(j, int) for j in f.latents)),
+        ("latent_weights", isinstance(f.latent_weights, list) and all(num(w) for w in f.latent_weights)),
+        ("scores", isinstance(f.scores, dict)),
+    ]
+    wrong = [name for name, ok in checks if not ok]
+    return f"wrong type or value: {', '.join(wrong)}" if wrong else None
 
 
 def write_entries(directory: Path, features: Iterable[Feature], model_id: str, extra: dict | None = None,

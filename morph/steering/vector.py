@@ -133,14 +133,19 @@ class ControlVector:
         except Exception as e:  # gguf raises ValueError/struct errors on bad files
             raise MorphError(f"{path}: not a readable GGUF file ({_short(e)})") from None
         fields = r.fields
-        arch = _field_value(fields.get("general.architecture"))
+        try:  # metadata of the wrong type or encoding is as broken as a bad header
+            arch = _field_value(fields.get("general.architecture"))
+            hint = _field_value(fields.get("controlvector.model_hint")) or ""
+            meta: dict[str, Any] = {}
+            for name, f in fields.items():
+                if name.startswith("morph."):
+                    meta[name[len("morph."):]] = _decode_meta(_field_value(f))
+        except (ValueError, TypeError, IndexError) as e:  # UnicodeDecodeError, JSONDecodeError
+            raise MorphError(f"{path}: unreadable metadata ({_short(e)})") from None
         if arch is not None and arch != ARCH:
             raise MorphError(f"{path}: general.architecture is {arch!r}, expected 'controlvector'")
-        hint = _field_value(fields.get("controlvector.model_hint")) or ""
-        meta: dict[str, Any] = {}
-        for name, f in fields.items():
-            if name.startswith("morph."):
-                meta[name[len("morph."):]] = _decode_meta(_field_value(f))
+        if not isinstance(hint, str):
+            raise MorphError(f"{path}: controlvector.model_hint is not a string")
         dirs: dict[int, np.ndarray] = {}
         for t in r.tensors:
             m = _DIR_RE.match(t.name)

@@ -19,18 +19,20 @@ consecutive ids: callers (the corpus generator) keep to those two shapes.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from morph.engine.capture import _libggml_base, tensor_rows
+from morph.engine.base import EditFn
+from morph.engine.ggml import libggml, tensor_rows
 from morph.errors import MorphError
-
-EditFn = Callable[[int, np.ndarray], np.ndarray | None]  # (layer, acts) -> new acts or None
 
 
 class BatchRunner:
-    """A multi-sequence context on a LlamaEngine's model. Not thread-safe."""
+    """A multi-sequence context on a LlamaEngine's model. Not thread-safe.
+
+    Made by `LlamaEngine.batch_runner(...)`; the protocol is `morph.engine.base.BatchRunner`.
+    """
 
     def __init__(self, engine, n_seq: int = 32, n_ctx: int = 8192, n_batch: int = 512,
                  unified: bool = True):
@@ -41,11 +43,11 @@ class BatchRunner:
         self.engine = engine
         self.n_embd = engine.n_embd
         self.n_layer = engine.n_layer
-        self.n_vocab = engine.llm.n_vocab()
+        self.n_vocab = engine.n_vocab
         self.n_seq = n_seq
         self.n_ctx = n_ctx
         self.n_batch = n_batch
-        self._ggml = _libggml_base()
+        self._ggml = libggml()
         self._targets: dict[bytes, int] = {}
         self._captured: dict[int, list[np.ndarray]] = {}
         self._edit: EditFn | None = None
@@ -170,35 +172,3 @@ class BatchRunner:
         else:
             out = np.zeros((0, self.n_vocab), np.float32)
         return out, acts
-
-
-def sample_rows(logits: np.ndarray, rngs: Sequence[np.random.Generator], temperature: float,
-                top_k: int, top_p: float, window: float = 12.0) -> np.ndarray:
-    """One token per row: greedy at temperature 0, else top-k, top-p, temperature sampling.
-
-    Each row has its own generator, so a sequence's text depends only on its own seed.
-    Candidates are the tokens within `window` logits of the row's maximum (relative
-    probability < e^-15 at temperature 0.8 below it): a full argpartition over a 49k-262k
-    vocabulary per row cost more than the decode step itself.
-    """
-    if temperature <= 0:
-        return np.argmax(logits, axis=1)
-    thr = logits.max(axis=1) - window
-    out = np.empty(len(logits), dtype=np.int64)
-    for i, row in enumerate(logits):
-        cand = np.flatnonzero(row >= thr[i])
-        vals = row[cand]
-        if len(cand) > top_k:
-            part = np.argpartition(-vals, top_k - 1)[:top_k]
-            cand, vals = cand[part], vals[part]
-        order = np.lexsort((cand, -vals))  # by logit, ties by token id
-        cand = cand[order]
-        v = vals[order].astype(np.float64) / temperature
-        p = np.exp(v - v[0])
-        p /= p.sum()
-        keep = (np.cumsum(p) - p) < top_p  # the smallest prefix whose mass reaches top_p
-        p = np.where(keep, p, 0.0)
-        c = np.cumsum(p)
-        j = min(int(np.searchsorted(c, rngs[i].random() * c[-1], side="right")), len(c) - 1)
-        out[i] = cand[j]
-    return out

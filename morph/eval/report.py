@@ -1,0 +1,195 @@
+"""What a run shows: the printed table, EVAL.md with one plot per feature, and the
+measured scores written into features.json entries."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from morph import fsutil
+from morph.eval import run as runmod
+from morph.eval import scores
+
+COLUMNS = ("concept", "condition", "shift", "rel", "rel_x", "nll_x", "rep", "hmean", "goal")
+
+
+def _f(x, fmt="{:+.3f}") -> str:
+    return "-" if x is None else fmt.format(x)
+
+
+def _goal_mark(r: dict) -> str:
+    g = r.get("goal")
+    if g is None:
+        return ""
+    if g["meets_goal"]:
+        return "yes"
+    missing = [k for k in ("beats_prompting", "keeps_relevance", "keeps_fluency", "right_way") if not g[k]]
+    return "no: " + ", ".join(m.replace("_", " ") for m in missing)
+
+
+def table_rows(rows: list[dict]) -> list[list[str]]:
+    return [[r["concept"], r["condition"], _f(r["concept_shift"]), _f(r["relevance"], "{:.3f}"),
+             _f(r["relevance_ratio"], "{:.2f}"), _f(r["nll_ratio"], "{:.2f}"), _f(r["repetition"], "{:.3f}"),
+             _f(r["hmean"], "{:.3f}"), _goal_mark(r)] for r in rows]
+
+
+def _aligned(header, body: list[list[str]]) -> str:
+    widths = [max([len(h)] + [len(b[i]) for b in body]) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(b, widths)).rstrip() for b in body]
+    return "\n".join(lines)
+
+
+def text_table(rows: list[dict]) -> str:
+    return _aligned(COLUMNS, table_rows(rows))
+
+
+def md_table(header: list[str], body: list[list[str]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    out += ["| " + " | ".join(b) + " |" for b in body]
+    return "\n".join(out)
+
+
+def selected_rows(results: dict) -> list[list[str]]:
+    body = []
+    for concept, sel in results["selected"].items():
+        p = sel["prompting"]
+        for method, r in sel["methods"].items():
+            body.append([concept, method + (" (best)" if method == sel["best"] else ""), r["apply"],
+                         f"{r['scale']:g} (x{r['scale_x']:g})", _f(r["concept_shift"]),
+                         _f(p["concept_shift"] if p else None), _f(r["relevance_ratio"], "{:.2f}"),
+                         _f(r["nll_ratio"], "{:.2f}"), _f(r["hmean"], "{:.3f}"), _goal_mark(r)])
+    return body
+
+
+def summary_line(results: dict) -> str:
+    ok, short = [], []
+    for concept, sel in results["selected"].items():
+        good = [m for m, r in sel["methods"].items() if r["goal"]["meets_goal"]]
+        (ok if good else short).append(f"{concept} ({', '.join(good)})" if good else concept)
+    return (f"Meet the goal: {len(ok)} of {len(ok) + len(short)} features"
+            + (f": {', '.join(ok)}" if ok else "") + (f". Experimental: {', '.join(short)}." if short else "."))
+
+
+SELECTED_HEADER = ["feature", "method", "apply", "scale", "concept shift", "prompting shift",
+                   "relevance ratio", "NLL ratio", "hmean", "meets goal"]
+
+
+def plot(results: dict, concept: str, path: Path) -> Path:
+    """Concept shift against relevance across the scale sweep, one line per method/apply."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results["rows"] if r["concept"] == concept]
+    fig, ax = plt.subplots(figsize=(5.2, 3.8), dpi=110)
+    lines: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["method"] is not None:
+            lines.setdefault(f"{r['kind']} ({r['apply']})", []).append(r)
+    for label, rs in sorted(lines.items()):
+        rs = sorted(rs, key=lambda r: r["scale_x"])
+        xs, ys = [r["relevance"] for r in rs], [r["concept_shift"] for r in rs]
+        ax.plot(xs, ys, marker="o", label=label)
+        for r in rs:
+            ax.annotate(f"x{r['scale_x']:g}", (r["relevance"], r["concept_shift"]), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+    for kind, marker in (("unsteered", "s"), ("prompt", "*")):
+        for r in rows:
+            if r["kind"] == kind:
+                ax.scatter([r["relevance"]], [r["concept_shift"]], marker=marker, s=80, color="black" if kind == "unsteered" else "red",
+                           label="prompting" if kind == "prompt" else kind, zorder=5)
+    base = next((r for r in rows if r["kind"] == "unsteered"), None)
+    if base:
+        ax.axvline(base["relevance"] * runmod.GOAL["relevance_ratio_min"], color="grey", ls=":", lw=1,
+                   label="0.85 x unsteered relevance")
+    ax.axhline(0, color="grey", lw=0.6)
+    ax.set_xlabel("relevance (MiniLM cosine to input)")
+    ax.set_ylabel(f"concept shift (P({concept}) - unsteered)")
+    ax.set_title(f"{concept}: {results['meta']['split']} half, n={base['n'] if base else '?'}")
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def eval_md(results: dict, path: Path) -> Path:
+    """EVAL.md beside the vectors, with a PNG per feature in `eval/`."""
+    meta = results["meta"]
+    lines = [f"# Steering evaluation: {meta['model_id']}", "",
+             f"Generated by `{meta['command']}` ({meta['date']}). "
+             f"Split: **{meta['split']}** ({meta['n_prompts']} prompts: "
+             f"{', '.join(f'{n} {t}' for t, n in meta['n_by_task'].items())}), "
+             f"greedy, {meta['gen']['max_tokens']} tokens, repeat penalty {meta['gen']['repeat_penalty']}, "
+             f"the request `morph steer` sends. Scales are multiples of each vector's default "
+             f"({', '.join(f'x{s:g}' for s in meta['scales'])}); apply modes: {', '.join(meta['apply_modes'])}. "
+             f"Scale choice: {meta['selection']}.", "",
+             *[f"- {n}" for n in meta.get("notes", [])], *([""] if meta.get("notes") else []),
+             "## The judge", "",
+             f"Judge: {meta['judge']['embedder']}: one logistic regression per axis on MiniLM embeddings, trained on "
+             "`morph/data/eval/judge/` (written for the judge, not the recipes); accuracy on its held-out part:", "",
+             md_table(["axis", "poles", "train", "held-out", "held-out accuracy"],
+                      [[a, " / ".join(v["poles"]), str(v["train"]), str(v["test"]), f"{v['heldout_accuracy']:.3f}"]
+                       for a, v in meta["judge"]["axes"].items()]), "",
+             "## Does each feature meet the goal? (issue 10 item 5)", "",
+             "A feature meets the goal when, on this split, its concept shift is at least the prompting "
+             f"baseline's, its relevance is at least {runmod.GOAL['relevance_ratio_min']} x the unsteered "
+             f"relevance, its NLL at most {runmod.GOAL['nll_ratio_max']} x the unsteered NLL, and it does not "
+             f"move its concept the wrong way (mean shift <= 0, or more prompts moved away than toward it by "
+             f"more than {runmod.SHIFT_EPS}). Features that fall short are marked experimental in features.json.", "",
+             md_table(SELECTED_HEADER, selected_rows(results)), "",
+             summary_line(results), "",
+             "## Scores", "",
+             "```", (scores.__doc__ or "").strip(), "```", "",
+             "Concept shift and relevance are means over prompts; `rel_x` and `nll_x` are ratios of "
+             "means to the unsteered condition on the same prompts. Condition `sae x1.5 all` = the SAE "
+             "vector at 1.5 x its default scale, applied at every position.", ""]
+    img_dir = path.parent / "eval"
+    for concept in dict.fromkeys(r["concept"] for r in results["rows"]):
+        rows = [r for r in results["rows"] if r["concept"] == concept]
+        png = plot(results, concept, img_dir / f"{concept}.png")
+        lines += [f"## {concept}", "", md_table(list(COLUMNS), table_rows(rows)), "",
+                  f"![{concept}: concept shift against relevance](eval/{png.name})", ""]
+        by_task = [[r["condition"], t, _f(v["concept_shift"]), _f(v["relevance"], "{:.3f}"),
+                    _f(v["relevance_ratio"], "{:.2f}"), _f(v["nll_ratio"], "{:.2f}")]
+                   for r in rows for t, v in r["by_task"].items()]
+        lines += ["<details><summary>by task</summary>", "",
+                  md_table(["condition", "task", "shift", "rel", "rel_x", "nll_x"], by_task), "", "</details>", ""]
+    fsutil.atomic_write(path, "\n".join(lines).encode("utf-8"))
+    return path
+
+
+def eval_entry(r: dict, prompt_row: dict | None, meta: dict) -> dict:
+    keys = ("concept_shift", "relevance", "relevance_ratio", "nll", "nll_ratio", "repetition", "hmean")
+    e = {k: r[k] for k in keys}
+    e.update({"prompting_shift": prompt_row["concept_shift"] if prompt_row else None,
+              "condition": r["kind"], "apply": r["apply"], "scale": r["scale"], "scale_x": r["scale_x"],
+              "meets_goal": r["goal"]["meets_goal"], "checks": {k: v for k, v in r["goal"].items() if k != "meets_goal"},
+              "split": meta["split"], "n_prompts": r["n"], "judge": meta["judge"]["embedder"],
+              "date": meta["date"]})
+    return e
+
+
+def write_features(results: dict, manifest: Path) -> list[str]:
+    """Put each measured feature's selected scores under `scores.eval` in its features.json
+    entry and set the entry's `experimental` (true unless it meets the goal). Returns the
+    entries changed."""
+    raw = json.loads(manifest.read_text(encoding="utf-8"))
+    changed = []
+    for e in raw.get("features", []):
+        sel = results["selected"].get(e["name"])
+        if not sel or e["method"] not in sel["methods"]:
+            continue
+        r = sel["methods"][e["method"]]
+        e.setdefault("scores", {})["eval"] = eval_entry(r, sel["prompting"], results["meta"])
+        e["experimental"] = not r["goal"]["meets_goal"]
+        changed.append(f"{e['name']}@{e['method']}")
+    fsutil.atomic_write(manifest, (json.dumps(raw, indent=2) + "\n").encode("utf-8"))
+    return changed
+
+
+def text_table_selected(results: dict) -> str:
+    return _aligned(SELECTED_HEADER, selected_rows(results))

@@ -1,0 +1,309 @@
+"""Run an evaluation: every (condition, prompt) through the product path, then scores.
+
+Generation goes through `engine.stream` with the request `morph steer` would send (see
+plan.build), each from a fresh KV cache as in a new `morph steer` process: no private
+batch path, so what is measured is what users get, whatever order requests run in. Generations and NLLs are cached
+(JSONL, keyed by the model, the exact prompt tokens, the sampling fields and the vector's
+numbers), so an interrupted run resumes and a report can be redrawn without the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from morph.engine.base import collect
+from morph.eval import plan as planmod
+from morph.eval import scores
+from morph.eval.plan import Condition, Target
+from morph.eval.prompts import EvalPrompt
+
+CACHE_VERSION = 1
+SHIFT_EPS = 0.05  # a prompt "moved" its concept when |shift| exceeds this
+
+# Issue 10 item 5: the goal a shipped feature must meet on the report half.
+GOAL = {"relevance_ratio_min": 0.85, "nll_ratio_max": 1.2}
+
+
+class Cache:
+    """Append-only JSONL of {"k": key, "v": value}; later lines win."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.data: dict[str, dict] = {}
+        if path is not None and path.is_file():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue  # a line cut by an interrupted write
+                self.data[rec["k"]] = rec["v"]
+
+    def get(self, key: str) -> dict | None:
+        return self.data.get(key)
+
+    def put(self, key: str, value: dict) -> None:
+        self.data[key] = value
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"k": key, "v": value}) + "\n")
+
+
+def _model_id(engine) -> dict:
+    info = engine.info
+    try:
+        size = os.stat(info.file.path).st_size
+    except OSError:
+        size = None
+    return {"fingerprint": info.fingerprint, "size": size, "engine": engine.name}
+
+
+def _digest(*parts) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p if isinstance(p, bytes) else json.dumps(p, sort_keys=True, default=str).encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def gen_key(engine, tokens: list[int], req) -> str:
+    fields = {f.name: getattr(req, f.name) for f in dataclasses.fields(req)
+              if f.name not in ("prompt", "messages", "steering", "cancel")}
+    vec = req.steering.fingerprint() if req.steering is not None else b""
+    return _digest("gen", CACHE_VERSION, _model_id(engine), tokens, fields, vec)
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="req", file=sys.stderr, disable=not enabled, dynamic_ncols=True)
+
+
+def generate(engine, jobs: list[tuple[EvalPrompt, Condition, object]], cache: Cache, progress: bool = True) -> list[dict]:
+    """Outputs for jobs (prompt, condition, Request), in the jobs' order."""
+    def group(i):
+        req = jobs[i][2]
+        vec = hashlib.sha1(req.steering.fingerprint()).hexdigest() if req.steering is not None else ""
+        return (vec, getattr(req, "apply", "all"), jobs[i][0].task != "rewrite", i)
+
+    out: list[dict | None] = [None] * len(jobs)
+    reset = getattr(engine, "reset_cache", None)
+    with _progress(len(jobs), "generate", progress) as bar:
+        for i in sorted(range(len(jobs)), key=group):
+            prompt, cond, req = jobs[i]
+            tokens = engine.prepare_tokens(req)
+            key = gen_key(engine, tokens, req)
+            rec = cache.get(key)
+            if rec is None:
+                if reset is not None:
+                    reset()  # as `morph steer` runs it: a fresh context (see LlamaEngine.reset_cache)
+                c = collect(engine.stream(req))
+                rec = {"text": c.text, "ids": list(c.token_ids), "finish": c.finish_reason}
+                cache.put(key, rec)
+            out[i] = rec
+            bar.update(1)
+    return out  # type: ignore[return-value]
+
+
+def nlls(engine, items: list[tuple[EvalPrompt, list[int]]], cache: Cache, progress: bool = True) -> list[float]:
+    """Mean NLL per token of each output (token ids) under the unsteered model, in the
+    plain framing of its prompt's task. NaN for an empty output."""
+    out: list[float] = [float("nan")] * len(items)
+    ctx_of: dict[str, list[int]] = {}
+    order = sorted(range(len(items)), key=lambda i: (items[i][0].id, i))  # one prompt's outputs in a row: its KV is reused
+    with _progress(len(items), "score NLL", progress) as bar:
+        for i in order:
+            prompt, ids = items[i]
+            if prompt.id not in ctx_of:
+                ctx_of[prompt.id] = engine.prepare_tokens(planmod.plain(prompt))
+            ctx = ctx_of[prompt.id]
+            if ids:
+                key = _digest("nll", CACHE_VERSION, _model_id(engine), ctx, ids)
+                rec = cache.get(key)
+                if rec is None:
+                    lp = engine.continuation_logprobs(ctx, ids, None)
+                    rec = {"nll": float(-np.mean(lp))}
+                    cache.put(key, rec)
+                out[i] = rec["nll"]
+            bar.update(1)
+    return out
+
+
+def _mean(xs) -> float:
+    xs = [x for x in xs if x is not None and math.isfinite(x)]
+    return float(np.mean(xs)) if xs else float("nan")
+
+
+def _r(x: float, n: int = 4):
+    return None if x is None or not math.isfinite(x) else round(float(x), n)
+
+
+def evaluate(engine, judge, targets: list[Target], prompts: list[EvalPrompt], conditions: list[Condition],
+             cache: Cache, progress: bool = True) -> dict:
+    """Generate, score and aggregate. Returns the results dict that report.py prints and writes."""
+    by_concept = {t.concept: t for t in targets}
+    jobs = [(p, c, planmod.build(p, c, by_concept.get(c.concept))) for c in conditions for p in prompts]
+    gens = generate(engine, jobs, cache, progress)
+    uniq: dict[tuple[str, tuple], int] = {}
+    for (p, _, _), g in zip(jobs, gens):
+        uniq.setdefault((p.id, tuple(g["ids"])), len(uniq))
+    pmap = {p.id: p for p in prompts}
+    nll_u = nlls(engine, [(pmap[pid], list(ids)) for pid, ids in uniq], cache, progress)
+
+    texts = [g["text"].strip() for g in gens]
+    out_emb = judge.embed(texts)
+    ref_emb = judge.embed([p.text for p, _, _ in jobs])
+    rel = scores.relevance(out_emb, ref_emb)
+    outputs = []
+    for j, ((p, c, _), g) in enumerate(zip(jobs, gens)):
+        nll = nll_u[uniq[(p.id, tuple(g["ids"]))]]
+        outputs.append({
+            "prompt": p.id, "task": p.task, "condition": c.key, "concept": c.concept,
+            "text": g["text"], "n_tokens": len(g["ids"]), "finish": g["finish"],
+            "relevance": float(rel[j]) if texts[j] else 0.0,
+            "nll": nll, "repetition": scores.repetition(g["text"]),
+        })
+    # Concept scores: each output for its own concept; unsteered outputs for every concept.
+    unsteered = {o["prompt"]: o for o in outputs if o["condition"] == "unsteered"}
+    for t in targets:
+        mine = [o for o in outputs if o["concept"] == t.concept]
+        ref = [unsteered[p.id] for p in prompts]
+        pc = judge.score([o["text"].strip() for o in mine + ref], t.concept)
+        for o, v in zip(mine, pc[: len(mine)]):
+            o["concept_score"] = float(v)
+        for o, v in zip(ref, pc[len(mine):]):
+            o.setdefault("concept_scores", {})[t.concept] = float(v)
+    rows = aggregate(targets, prompts, conditions, outputs)
+    return {"rows": rows, "outputs": outputs}
+
+
+def _row(t: Target, c: Condition, prompts, outs: dict, base: dict) -> dict:
+    """Metrics of one condition for one concept over the prompts (outs/base by prompt id)."""
+    per = []
+    for p in prompts:
+        o, b = outs[p.id], base[p.id]
+        c0 = b["concept_scores"][t.concept]
+        cs = o["concept_scores"][t.concept] if c.kind == "unsteered" else o["concept_score"]
+        fl = scores.fluency(o["nll"], b["nll"], o["repetition"])
+        rel = o["relevance"]
+        per.append({"task": p.task, "shift": cs - c0, "concept": cs, "rel": rel, "rel0": b["relevance"],
+                    "nll": o["nll"], "nll0": b["nll"], "rep": o["repetition"], "fluency": fl,
+                    "hmean": scores.hmean(cs, rel, fl)})
+
+    def summary(items):
+        shifts = [x["shift"] for x in items]
+        return {
+            "n": len(items),
+            "concept_score": _r(_mean(x["concept"] for x in items)),
+            "concept_shift": _r(_mean(shifts)),
+            "moved_toward": sum(s > SHIFT_EPS for s in shifts),
+            "moved_away": sum(s < -SHIFT_EPS for s in shifts),
+            "relevance": _r(_mean(x["rel"] for x in items)),
+            "relevance_ratio": _r(_mean(x["rel"] for x in items) / max(1e-9, _mean(x["rel0"] for x in items))),
+            "nll": _r(_mean(x["nll"] for x in items)),
+            "nll_ratio": _r(_mean(x["nll"] for x in items) / max(1e-9, _mean(x["nll0"] for x in items))),
+            "repetition": _r(_mean(x["rep"] for x in items)),
+            "fluency": _r(_mean(x["fluency"] for x in items)),
+            "hmean": _r(_mean(x["hmean"] for x in items)),
+        }
+
+    src = t.sources.get(c.method) if c.method else None
+    row = {"concept": t.concept, "condition": c.key, "kind": c.kind, "method": c.method,
+           "apply": c.apply if src else None, "scale_x": c.scale_x if src else None,
+           "scale": _r(src.default_scale * c.scale_x, 4) if src else None,
+           "source": src.label if src else None}
+    row.update(summary(per))
+    row["by_task"] = {task: summary([x for x in per if x["task"] == task])
+                      for task in sorted({x["task"] for x in per})}
+    return row
+
+
+def wrong_way(row: dict) -> bool:
+    """Moves its concept the wrong way: the mean shift is not positive, or more prompts
+    moved away from the concept than toward it (each by more than SHIFT_EPS)."""
+    s = row.get("concept_shift")
+    return s is None or s <= 0 or row["moved_away"] > row["moved_toward"]
+
+
+def goal(row: dict, prompt_row: dict | None) -> dict:
+    """Issue 10 item 5, for one steered condition against its concept's prompting baseline."""
+    checks = {
+        "beats_prompting": prompt_row is not None and row["concept_shift"] is not None
+        and prompt_row["concept_shift"] is not None and row["concept_shift"] >= prompt_row["concept_shift"],
+        "keeps_relevance": row["relevance_ratio"] is not None and row["relevance_ratio"] >= GOAL["relevance_ratio_min"],
+        "keeps_fluency": row["nll_ratio"] is not None and row["nll_ratio"] <= GOAL["nll_ratio_max"],
+        "right_way": not wrong_way(row),
+    }
+    return {**checks, "meets_goal": all(checks.values())}
+
+
+def aggregate(targets: list[Target], prompts: list[EvalPrompt], conditions: list[Condition], outputs: list[dict]) -> list[dict]:
+    by_cond: dict[tuple[str, str], dict] = {}
+    for o in outputs:
+        by_cond.setdefault((o["concept"], o["condition"]), {})[o["prompt"]] = o
+    base = by_cond[("", "unsteered")]
+    rows = []
+    for t in targets:
+        mine = [Condition("unsteered")] + [c for c in conditions if c.concept == t.concept]
+        trows = [_row(t, c, prompts, by_cond[(c.concept, c.key)], base) for c in mine]
+        prompt_row = next((r for r in trows if r["kind"] == "prompt"), None)
+        for r in trows:
+            if r["method"] is not None:
+                r["goal"] = goal(r, prompt_row)
+        rows.extend(trows)
+    return rows
+
+
+def _rank(r: dict) -> tuple:
+    return (bool(r.get("goal", {}).get("meets_goal")), r["hmean"] if r["hmean"] is not None else -1.0)
+
+
+def choose(rows: list[dict]) -> dict | None:
+    """Of one concept's and method's rows: the best meeting the goal, else the best hmean."""
+    return max(rows, key=_rank, default=None)
+
+
+def select(rows: list[dict], tuned: dict | None = None) -> dict:
+    """Per concept and method (vector alone, not combined with prompting): the row at the
+    scale and apply chosen on the tuning half (`tuned`: {concept: {method: {"apply",
+    "scale_x"}}}) or, without one, at the default scale (x1) applied everywhere ("all").
+    Then the better method: one meeting the goal first, then the higher hmean."""
+    out: dict[str, dict] = {}
+    for concept in dict.fromkeys(r["concept"] for r in rows):
+        methods: dict[str, dict] = {}
+        for method in dict.fromkeys(r["method"] for r in rows if r["concept"] == concept and r["kind"] == r["method"]):
+            cands = [r for r in rows if r["concept"] == concept and r["kind"] == method]
+            want = (tuned or {}).get(concept, {}).get(method) or {"apply": "all", "scale_x": 1.0}
+            pick = [r for r in cands if r["apply"] == want["apply"] and r["scale_x"] == want["scale_x"]]
+            if not pick:  # the wanted point was not run: the nearest scale
+                same = [r for r in cands if r["apply"] == want["apply"]] or cands
+                pick = [min(same, key=lambda r: abs(r["scale_x"] - want["scale_x"]))]
+            methods[method] = pick[0]
+        best = max(methods.values(), key=_rank, default=None)
+        prompt_row = next((r for r in rows if r["concept"] == concept and r["kind"] == "prompt"), None)
+        out[concept] = {"methods": methods, "best": best["method"] if best else None,
+                        "tuned": tuned is not None and concept in tuned,
+                        "prompting": prompt_row}
+    return out
+
+
+def tuned_choice(results: dict) -> dict:
+    """From a run on the tuning half: per concept and method, the apply mode and scale to
+    report at (the best row meeting the goal, else the best hmean)."""
+    rows = results["rows"]
+    out: dict[str, dict] = {}
+    for r in rows:
+        if r["method"] is None or r["kind"] != r["method"]:
+            continue
+        out.setdefault(r["concept"], {}).setdefault(r["method"], [])
+        out[r["concept"]][r["method"]].append(r)
+    picks = {c: {m: choose(rs) for m, rs in ms.items()} for c, ms in out.items()}
+    return {c: {m: {"apply": r["apply"], "scale_x": r["scale_x"]} for m, r in ms.items()} for c, ms in picks.items()}

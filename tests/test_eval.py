@@ -1,0 +1,270 @@
+"""`morph eval`: its prompts, its judge, its scores, its requests, its goal, and the
+shipped features measured against it (real model, real engine, real judge)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from morph import paths, tasks
+from morph.eval import plan, prompts, run, scores
+from morph.eval.judge import JUDGE_DIR, load_axes
+
+NGRAM = 8  # eval text may not share this many consecutive words with build data
+
+
+def _grams(text: str, n: int = NGRAM) -> set[tuple[str, ...]]:
+    w = scores.words(text)
+    return {tuple(w[i:i + n]) for i in range(len(w) - n + 1)}
+
+
+def _build_texts() -> list[str]:
+    """Everything vectors are built from: the contrast sets and the SAE corpus."""
+    out = []
+    for path in sorted(paths.recipes_dir().glob("*.json")):
+        r = json.loads(path.read_text(encoding="utf-8"))
+        out += [p[k] for p in r["pairs"] for k in ("positive", "negative")]
+    corpus = Path(prompts.DATA_DIR).parent / "corpus" / "prompts.jsonl"
+    out += [json.loads(line)["text"] for line in corpus.read_text(encoding="utf-8").splitlines() if line.strip()]
+    assert len(out) > 700
+    return out
+
+
+def test_prompts_halves_are_fixed_balanced_and_large_enough():
+    every = prompts.load_prompts()
+    assert len({p.id for p in every}) == len(every)
+    for task in prompts.TASKS:
+        per = {s: Counter(p.genre for p in every if p.task == task and p.split == s) for s in prompts.SPLITS}
+        assert per["tune"] == per["report"], task  # balanced by genre
+        assert sum(per["report"].values()) >= 40 and len(per["report"]) >= 8, task
+    quick = prompts.load_prompts("report", quick=True)
+    assert Counter(p.task for p in quick) == {"rewrite": 4, "continue": 4}
+    assert prompts.load_prompts("report", quick=True) == quick  # a fixed subset
+    assert not {p.id for p in quick} & {p.id for p in prompts.load_prompts("tune")}
+
+
+def test_eval_prompts_and_judge_examples_are_kept_apart_from_build_data():
+    build = set().union(*(_grams(t) for t in _build_texts()))
+    ours = [p.text for p in prompts.load_prompts()]
+    ours += [json.loads(line)["text"] for f in sorted(JUDGE_DIR.glob("*.jsonl"))
+             for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
+    shared = [(t, g) for t in ours for g in _grams(t) & build]
+    assert not shared, shared[:3]
+    # The check itself: a recipe sentence pasted into an eval prompt would be caught.
+    assert _grams("Note: " + _build_texts()[0]) & build
+
+
+def test_judge_examples_are_balanced_with_a_held_out_part():
+    for ax in load_axes():
+        assert Counter(lab for _, lab in ax.train) == {0: len(ax.train) // 2, 1: len(ax.train) // 2}, ax.name
+        assert len(ax.test) >= 16, ax.name
+
+
+def test_scores():
+    assert scores.repetition("the cat sat on the mat") == 0.0
+    assert scores.repetition("a b c a b c a b c") == pytest.approx(1 - 3 / 7)
+    assert scores.repetition("") == 0.0
+    assert scores.hmean(1, 1, 1) == pytest.approx(1.0)
+    assert scores.hmean(0.5, 1, 1) == pytest.approx(0.75)
+    assert scores.hmean(0, 1, 1) < 1e-5  # any zero sinks it
+    assert scores.fluency(2.0, 2.5, 0.0) == 1.0  # better than unsteered is capped at 1
+    assert scores.fluency(3.0, 2.0, 0.5) == pytest.approx(np.exp(-1) * 0.5)
+    assert scores.fluency(float("nan"), 2.0, 0.0) == 0.0
+    a = np.array([[1.0, 0.0], [0.0, 1.0]])
+    assert scores.relevance(a, np.array([[1.0, 0.0], [-1.0, 0.0]])).tolist() == [1.0, 0.0]
+
+
+def _row(shift, moved_toward=3, moved_away=0, rel=0.9, nll=1.1):
+    return {"concept_shift": shift, "moved_toward": moved_toward, "moved_away": moved_away,
+            "relevance_ratio": rel, "nll_ratio": nll}
+
+
+def test_goal_rules():
+    prompting = _row(0.10)
+    assert run.goal(_row(0.12), prompting)["meets_goal"]
+    assert run.goal(_row(0.10), prompting)["meets_goal"]  # >= the prompting baseline
+    g = run.goal(_row(0.08), prompting)
+    assert not g["meets_goal"] and not g["beats_prompting"]
+    assert not run.goal(_row(0.2, rel=0.84), prompting)["keeps_relevance"]
+    assert not run.goal(_row(0.2, nll=1.21), prompting)["keeps_fluency"]
+    # Wrong way: a non-positive mean, or more prompts moved away than toward.
+    neg = _row(-0.01)
+    assert not run.goal(neg, _row(-0.05))["right_way"]
+    assert not run.goal(_row(0.2, moved_toward=2, moved_away=3), prompting)["meets_goal"]
+
+
+def test_selection_prefers_goal_then_hmean_and_honours_tuning():
+    def r(method, x, hm, ok, apply="all"):
+        return {"concept": "formal", "kind": method, "method": method, "apply": apply, "scale_x": x,
+                "hmean": hm, "goal": {"meets_goal": ok}}
+    rows = [{"concept": "formal", "kind": "prompt", "method": None}, r("sae", 1.0, 0.5, False), r("sae", 2.0, 0.4, True),
+            r("diffmean", 1.0, 0.6, False), r("diffmean", 0.5, 0.3, True)]
+    sel = run.select(rows)["formal"]
+    assert sel["methods"]["sae"]["scale_x"] == 1.0 and sel["best"] == "diffmean"  # untuned: x1, higher hmean
+    tuned = run.tuned_choice({"rows": rows})
+    assert tuned["formal"] == {"sae": {"apply": "all", "scale_x": 2.0}, "diffmean": {"apply": "all", "scale_x": 0.5}}
+    sel = run.select(rows, tuned)["formal"]
+    assert sel["methods"]["sae"]["scale_x"] == 2.0 and sel["best"] == "sae"  # meets the goal beats hmean
+
+
+def test_requests_are_the_ones_morph_steer_sends():
+    from morph.steering.vector import ControlVector
+
+    cv = ControlVector({16: np.ones(576, np.float32)})
+    t = plan.Target("formal", sources={"sae": plan.Source("sae", cv, 0.3, "formal@sae")})
+    for p in (prompts.load_prompts("report", quick=True)[0], prompts.load_prompts("report", quick=True)[-1]):
+        steered = plan.build(p, plan.Condition("sae", "formal", 1.5), t)
+        ref = tasks.build_request(p.task, p.text, max_tokens=80, temperature=0.0, steering=cv * 0.45)
+        assert steered.messages == ref.messages and steered.prompt == ref.prompt
+        assert steered.steering.fingerprint() == ref.steering.fingerprint()
+        assert (steered.max_tokens, steered.temperature, steered.repeat_penalty, steered.apply) == (80, 0.0, 1.1, "all")
+        prompted = plan.build(p, plan.Condition("prompt", "formal"), t)
+        assert prompted.steering is None
+        if p.task == "rewrite":  # tasks' own prompted rewrite
+            assert prompted.messages == tasks.rewrite_messages(p.text, plan.STYLE_PHRASES["formal"])
+        else:
+            assert prompted.prompt == f"(Written {plan.STYLE_PHRASES['formal']}.)\n\n{p.text}"
+        both = plan.build(p, plan.Condition("sae+prompt", "formal", 1.0), t)
+        assert both.steering is not None and (both.messages, both.prompt) == (prompted.messages, prompted.prompt)
+    assert {p.task for p in prompts.load_prompts("report", quick=True)} == {"rewrite", "continue"}
+
+
+def test_plan_covers_every_condition_once():
+    from morph.steering.vector import ControlVector
+
+    cv = ControlVector({16: np.ones(576, np.float32)})
+    t = plan.Target("formal", sources={m: plan.Source(m, cv, 0.3, f"formal@{m}") for m in ("sae", "diffmean")})
+    conds = plan.plan([t], scales=(0.5, 1.0), applies=("all", "generated"))
+    keys = [c.key for c in conds]
+    assert keys[:2] == ["unsteered", "prompt"] and len(set(keys)) == len(keys)
+    assert sorted(c.key for c in conds if c.kind == "sae") == [
+        "sae x0.5 all", "sae x0.5 generated", "sae x1 all", "sae x1 generated"]
+    assert sum(c.kind == "diffmean" for c in conds) == 4
+    assert [c.key for c in conds if c.kind == "sae+prompt"] == ["sae+prompt x1 all"]
+    assert [c.key for c in plan.plan([t], kinds=("unsteered", "diffmean"), scales=(1.0,))] == ["unsteered", "diffmean x1 all"]
+
+
+def _cli(*args):
+    from morph.cli import cli
+
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--scales", "1,x"], "--scales"),
+    (["--conditions", "sae,bogus"], "unknown condition 'bogus'"),
+    (["--apply", "sideways", "--features", "formal"], "apply mode 'sideways'"),
+    (["--features", "nonesuch"], "judge cannot score 'nonesuch'"),
+])
+def test_bad_options_are_one_error_line(args, msg, data_dir):
+    r = _cli("eval", "--quick", "--no-progress", *args)
+    assert r.exit_code == 1
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("morph: error: ") and msg in lines[0], r.output
+
+
+# --- the real judge and the shipped features (issue 10 item 7) ---------------------------
+
+MODEL_ID = "smollm2-135m-instruct"
+ACCURACY_FLOOR = 0.75  # per axis, on the judge's held-out examples
+MEAN_ACCURACY_FLOOR = 0.85
+SAMPLE_PER_TASK = 4  # the first report prompts per task: a subset of those EVAL.md measured
+
+
+@pytest.fixture(scope="module")
+def judge():
+    from morph.eval.judge import Embedder, Judge
+
+    return Judge(Embedder(threads=1))
+
+
+def test_judge_held_out_accuracy_is_above_the_floor(judge):
+    acc = {name: v["heldout_accuracy"] for name, v in judge.heldout().items()}
+    assert len(acc) == 6 and all(v >= ACCURACY_FLOOR for v in acc.values()), acc
+    assert np.mean(list(acc.values())) >= MEAN_ACCURACY_FLOOR, acc
+    # and it reads style, not topic: the same content in either pole's words
+    s = judge.score(["Hey, you coming to lunch or what?", "We would be honoured if you could attend the luncheon on Friday."], "formal")
+    assert s[1] > 0.5 > s[0]
+
+
+def _offered() -> list[dict]:
+    """Shipped entries offered by default: measured, and not experimental."""
+    raw = json.loads((paths.shipped_vectors_dir() / MODEL_ID / "features.json").read_text(encoding="utf-8"))
+    return [e for e in raw["features"] if "eval" in e.get("scores", {}) and e.get("experimental") is False]
+
+
+def _same_norm_random(cv, seed: int):
+    from morph.steering.vector import ControlVector
+
+    rng = np.random.default_rng(seed)
+    dirs = {}
+    for il, v in cv.directions.items():
+        r = rng.standard_normal(v.shape[0]).astype(np.float32)
+        dirs[il] = (r / np.linalg.norm(r) * np.linalg.norm(v)).astype(np.float32)
+    return ControlVector(dirs, cv.model_hint, dict(cv.meta))
+
+
+def _goals(engine, judge, entries, swap_random: bool) -> dict[str, dict]:
+    """Each entry measured on a small fixed sample of the report half, at the condition,
+    apply mode and scale its scores.eval records, against unsteered and prompting."""
+    from morph.steering.catalog import Catalog
+
+    catalog = Catalog(MODEL_ID)
+    targets: dict[str, plan.Target] = {}
+    conds = [plan.Condition("unsteered")]
+    for i, e in enumerate(entries):
+        f = catalog.get(f"{e['name']}@{e['method']}")
+        cv = _same_norm_random(f.load_vector(), i) if swap_random else f.load_vector()
+        t = targets.setdefault(e["name"], plan.Target(e["name"], f.description))
+        if not t.sources:
+            conds.append(plan.Condition("prompt", e["name"]))
+        t.sources[e["method"]] = plan.Source(e["method"], cv, f.default_scale, f.key)
+        ev = e["scores"]["eval"]
+        conds.append(plan.Condition(e["method"], e["name"], ev["scale_x"], ev["apply"]))
+    sample = prompts.load_prompts("report", limit=SAMPLE_PER_TASK)
+    res = run.evaluate(engine, judge, list(targets.values()), sample, conds, run.Cache(None), progress=False)
+    engine.set_steering(None)
+    return {f"{r['concept']}@{r['method']}": r["goal"] for r in res["rows"] if r.get("goal")}
+
+
+@pytest.mark.slow
+def test_offered_features_meet_the_goal_and_random_vectors_do_not(engine, judge):
+    entries = _offered()
+    assert entries, "no shipped feature is offered by default (all experimental?)"
+    # MORPH_TEST_SWAP_RANDOM=1 swaps the shipped vectors for random ones of the same norm
+    # here too, to see this test fail as it should.
+    swap = os.environ.get("MORPH_TEST_SWAP_RANDOM") == "1"
+    goals = _goals(engine, judge, entries, swap_random=swap)
+    failing = {k: g for k, g in goals.items() if not g["meets_goal"]}
+    assert not failing, failing
+    # The same check with each vector swapped for a random one of the same norm fails.
+    goals = _goals(engine, judge, entries, swap_random=True)
+    passing = [k for k, g in goals.items() if g["meets_goal"]]
+    assert not passing, passing
+
+
+def test_continuation_logprobs_takes_token_ids_and_leaves_the_cache_valid(engine):
+    """The NLL score runs in the chat framing, so it passes token ids (special tokens kept)."""
+    from morph.engine.base import collect
+
+    p = prompts.load_prompts("report", quick=True)[0]
+    req = plan.plain(p)
+    ctx = engine.prepare_tokens(req)
+    engine.set_steering(None)
+    engine.reset_cache()
+    first = collect(engine.stream(req))
+    a = engine.continuation_logprobs(ctx, first.token_ids)
+    b = engine.continuation_logprobs(ctx, engine.tokenize("A different answer.", add_bos=False))
+    c = engine.continuation_logprobs(ctx, first.token_ids)
+    assert a.shape == (len(first.token_ids),) and np.array_equal(a, c) and b.shape[0] > 0
+    # Greedy output is the model's own choice, so it is far likelier than another text.
+    assert -a.mean() < -b.mean()
+    assert engine.cached_tokens == ctx  # the cache holds exactly the prompt afterwards
+    engine.reset_cache()
+    assert collect(engine.stream(req)).text == first.text  # a fresh context: what morph steer prints
