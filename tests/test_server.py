@@ -315,7 +315,7 @@ def test_logit_bias_moves_each_feature_its_way(engine, model_info, logit_steerin
 
     base = shift(None)
     for pole, sign in r.poles:
-        f = cat.get(pole["name"])
+        f = cat.get(pole["name"], experimental=True)
         steered = shift(ls.bias(f.load_vector() * 1.0))
         assert sign * (steered - base) > 0, (f.key, base, steered)
 

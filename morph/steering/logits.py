@@ -97,21 +97,23 @@ class OutputHead:
 
 
 def final_rms(engine, n_layer: int, n_embd: int, texts=REFERENCE_TEXTS) -> float:
-    """Median RMS of the last block's output over neutral text (through engine.capture).
-
-    llama.cpp computes the last block only for the rows whose logits are wanted, so a
-    capture there may hold just each text's last token: that is still one sample per
-    text. Position 0 (the attention sink) is dropped when there is more than one row.
-    """
-    try:
-        acts = engine.capture(list(texts), n_layer - 1, drop_first=False)
-    except TypeError:  # an engine whose capture has no drop_first
-        acts = engine.capture(list(texts), n_layer - 1)
-    rows = [a[1:] if len(a) > 1 else a for a in acts]
-    norms = np.concatenate([np.linalg.norm(a, axis=1) for a in rows if len(a)])
-    if norms.size == 0:
+    """Median RMS of the last block's output over neutral text (position 0, the attention
+    sink, left out). Through the engine's batch runner with logits wanted at every row:
+    llama.cpp computes the last block only for the rows whose logits are wanted."""
+    norms = []
+    last = n_layer - 1
+    with engine.batch_runner(n_seq=1, n_ctx=512, n_batch=512) as br:
+        for text in texts:
+            tokens = engine.tokenize(text)[:512]
+            n = len(tokens)
+            if n < 2:
+                continue
+            br.clear()
+            _, acts = br.decode(tokens, list(range(n)), [0] * n, [True] * n, layers=[last])
+            norms.append(np.linalg.norm(acts[last][1:], axis=1))
+    if not norms:
         raise MorphError("could not measure the last block's residual norm")
-    return float(np.median(norms) / np.sqrt(n_embd))
+    return float(np.median(np.concatenate(norms)) / np.sqrt(n_embd))
 
 
 class LogitSteering:
