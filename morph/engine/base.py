@@ -160,6 +160,9 @@ class BatchRunner(Protocol):
 class Engine(Protocol):
     name: str
     info: ModelInfo
+    # How many streams the engine serves at once: callers (the server) may call stream()
+    # from that many threads together. 1: one at a time (llama.cpp's one context).
+    max_streams: int
 
     @property
     def n_ctx(self) -> int: ...

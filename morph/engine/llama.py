@@ -92,6 +92,7 @@ class _quiet_stderr:
 
 class LlamaEngine:
     name = "llama.cpp"
+    max_streams = 1  # one context: concurrent stream() calls wait for each other
 
     def __init__(
         self,
