@@ -732,9 +732,8 @@ def test_default_features_no_log_and_bad_feature(tmp_path, model_info):
 
 
 def test_llm_cli_works_unmodified(srv, client, tmp_path):
-    llm = Path(sys.executable).with_name("llm")
-    if not llm.exists():
-        pytest.skip("llm CLI not installed")
+    llm = Path(sys.executable).with_name("llm")  # the test extra installs it
+    assert llm.exists(), "the llm CLI is missing: pip install -e '.[test]'"
     (tmp_path / "extra-openai-models.yaml").write_text(
         f"- model_id: morph-smollm2\n  model_name: smollm2\n  api_base: \"{srv.base}/v1\"\n")
     env = dict(os.environ, LLM_USER_PATH=str(tmp_path))
