@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Protocol, Sequence, runtime_checkable
+from typing import Callable, Iterator, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -50,6 +50,12 @@ class Request:
     stop: Sequence[str] = ()
     steering: ControlVector | None = None  # already combined and scaled
     apply: str = "all"  # where `steering` applies: "all" | "generated" | "prompt-scaled[:F]" (APPLY_MODES)
+    # OpenAI sampling fields: logit_bias maps token id -> added logit (or is a dense
+    # float array of n_vocab); the penalties subtract count * frequency_penalty and, once a
+    # token has appeared, presence_penalty (over the last repeat_last_n tokens).
+    logit_bias: Mapping[int, float] | np.ndarray | None = None
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
     cancel: threading.Event | None = None  # set it to stop this stream at the next token
     add_bos: bool = True
 
@@ -154,6 +160,9 @@ class BatchRunner(Protocol):
 class Engine(Protocol):
     name: str
     info: ModelInfo
+    # How many streams the engine serves at once: callers (the server) may call stream()
+    # from that many threads together. 1: one at a time (llama.cpp's one context).
+    max_streams: int
 
     @property
     def n_ctx(self) -> int: ...

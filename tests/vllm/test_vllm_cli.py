@@ -182,8 +182,8 @@ def test_vllm_serve_accepts_the_steering_extension(vllm_server, vengine):
         return r.choices[0].message.content
 
     plain = chat()
-    steered = chat({"steering": {"features": {"formal": 0.3}, "apply": "all"}})
-    generated = chat({"steering": {"features": {"formal": 0.3}, "apply": "generated"}})
+    steered = chat({"steering": {"features": {"formal": 0.3}, "apply": "all", "experimental": True}})
+    generated = chat({"steering": {"features": {"formal": 0.3}, "apply": "generated", "experimental": True}})
     assert steered != plain and generated != plain
     assert chat() == plain  # no steering leaks into later requests
     # The same text as morph's own engine with the same vector (same template, greedy).
@@ -197,11 +197,11 @@ def test_vllm_serve_accepts_the_steering_extension(vllm_server, vengine):
     assert steered == want
     # Streaming carries the steering too.
     chunks = client.chat.completions.create(model="smollm2", messages=msgs, max_tokens=20, temperature=0, stream=True,
-                                            extra_body={"steering": {"features": {"formal": 0.3}}})
+                                            extra_body={"steering": {"features": {"formal": 0.3}, "experimental": True}})
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == steered
     # Completions endpoint.
     r = client.completions.create(model="smollm2", prompt="The old lighthouse keeper", max_tokens=12, temperature=0,
-                                  extra_body={"steering": {"features": {"formal": 0.3}}})
+                                  extra_body={"steering": {"features": {"formal": 0.3}, "experimental": True}})
     r0 = client.completions.create(model="smollm2", prompt="The old lighthouse keeper", max_tokens=12, temperature=0)
     assert r.choices[0].text != r0.choices[0].text
     # Bad steering: an OpenAI-shaped 400, and the server stays up.
