@@ -87,3 +87,22 @@ def _control_spans(engine, text: str) -> list[tuple[int, int, int]]:
             pos = start + len(s)
     return spans
 
+
+
+class PromptMixin:
+    """What both engines do alike before generating: a request's prompt ids and the
+    context-length check."""
+
+    def prepare_tokens(self, request) -> list[int]:
+        if request.messages is not None:
+            return chat_token_ids(self, request.messages)
+        if request.prompt is None:
+            raise MorphError("request needs a prompt or messages")
+        return self.tokenize(request.prompt, add_bos=request.add_bos)
+
+    def check_fits(self, n_prompt: int, max_tokens: int) -> None:
+        if n_prompt + max_tokens > self.n_ctx:
+            raise MorphError(
+                f"input is {n_prompt} tokens; with {max_tokens} to generate that exceeds the "
+                f"context of {self.n_ctx} tokens"
+            )

@@ -31,7 +31,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from morph.engine.base import Event, Request, Timings, apply_factors
-from morph.engine.chat import chat_token_ids
+from morph.engine.chat import PromptMixin
 from morph.errors import MorphError
 from morph.models import ModelInfo
 from morph.steering.vector import ControlVector
@@ -91,7 +91,7 @@ class _quiet_stderr:
         os.close(self.saved)
 
 
-class LlamaEngine:
+class LlamaEngine(PromptMixin):
     name = "llama.cpp"
     max_streams = 1  # one context: concurrent stream() calls wait for each other
 
@@ -348,20 +348,6 @@ class LlamaEngine:
         m = rows.max(axis=1, keepdims=True)
         lse = (m + np.log(np.exp(rows - m).sum(axis=1, keepdims=True)))[:, 0]
         return rows[np.arange(len(cont)), cont] - lse
-
-    def prepare_tokens(self, request: Request) -> list[int]:
-        if request.messages is not None:
-            return chat_token_ids(self, request.messages)
-        if request.prompt is None:
-            raise MorphError("request needs a prompt or messages")
-        return self.tokenize(request.prompt, add_bos=request.add_bos)
-
-    def check_fits(self, n_prompt: int, max_tokens: int) -> None:
-        if n_prompt + max_tokens > self.n_ctx:
-            raise MorphError(
-                f"input is {n_prompt} tokens; with {max_tokens} to generate that exceeds the "
-                f"context of {self.n_ctx} tokens"
-            )
 
     def stream(self, request: Request) -> Iterator[Event]:
         t0 = time.perf_counter()

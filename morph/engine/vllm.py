@@ -24,7 +24,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from morph.engine.base import Event, Request, Timings, apply_factors
-from morph.engine.chat import chat_token_ids
+from morph.engine.chat import PromptMixin
 from morph.errors import MorphError
 from morph.models import ModelInfo
 from morph.steering.vector import ControlVector
@@ -137,7 +137,7 @@ def _edit_registered(fn):
         EDITS.pop(eid, None)
 
 
-class VllmEngine:
+class VllmEngine(PromptMixin):
     name = "vllm"
 
     def __init__(
@@ -332,20 +332,6 @@ class VllmEngine:
         return SamplingParams(**kw)
 
     # --- generation ---------------------------------------------------------------------
-
-    def prepare_tokens(self, request: Request) -> list[int]:
-        if request.messages is not None:
-            return chat_token_ids(self, request.messages)
-        if request.prompt is None:
-            raise MorphError("request needs a prompt or messages")
-        return self.tokenize(request.prompt, add_bos=request.add_bos)
-
-    def check_fits(self, n_prompt: int, max_tokens: int) -> None:
-        if n_prompt + max_tokens > self.n_ctx:
-            raise MorphError(
-                f"input is {n_prompt} tokens; with {max_tokens} to generate that exceeds the "
-                f"context of {self.n_ctx} tokens"
-            )
 
     def _run(self, tokens: list[int], params, cancel: threading.Event | None = None) -> Iterator:
         """Submit one request and yield its RequestOutputs until it finishes (or is cancelled:
