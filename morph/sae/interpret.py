@@ -207,14 +207,20 @@ def _unit(directions: np.ndarray) -> np.ndarray:
     return d / n
 
 
+def check_strengths(strengths: Sequence[float]) -> list[float]:
+    out = [float(a) for a in strengths]
+    if (not out or out[0] != 0.0 or any(b <= a for a, b in zip(out, out[1:]))
+            or not all(math.isfinite(a) for a in out)):
+        raise MorphError("self-explanation strengths must start at 0 and increase")
+    return out
+
+
 def sweep(engine, directions: np.ndarray, probe: Probe, strengths: Sequence[float] = STRENGTHS,
           progress: Callable[[int], None] | None = None) -> list[Sweep]:
     """Self-similarity and first-token entropy of every row of `directions` at every
     strength (each sequence decoded alone, so results do not depend on the batch); each
     Sweep's composite and chosen strength are set, its explanation is not."""
-    strengths = [float(a) for a in strengths]
-    if not strengths or strengths[0] != 0.0 or any(b <= a for a, b in zip(strengths, strengths[1:])):
-        raise MorphError("self-explanation strengths must start at 0 and increase")
+    strengths = check_strengths(strengths)
     units = _unit(directions)
     toks, where, n = list(probe.tokens), list(probe.where), len(probe.tokens)
     L_in, L_read = probe.insert_layer, probe.read_layer
@@ -318,3 +324,88 @@ def _clean(text: str) -> str:
     """The answer's first line, without quotes or a trailing period."""
     t = text.strip().split("\n")[0].strip()
     return t.replace('"', "").strip().rstrip(".").strip()
+
+
+# --- one feature or latent, live (`morph features explain`) --------------------------------
+
+@dataclass
+class Target:
+    """What `morph features explain` explains: a named feature or an SAE latent."""
+
+    label: str  # "formal@sae" | "latent 23"
+    direction: np.ndarray  # at `read_layer`
+    read_layer: int
+    feature: object | None = None  # catalog Feature
+    latent: int | None = None
+    evidence: tuple | None = None  # (evidence, manifest "sae" block, directory) for a latent
+
+
+def resolve_target(catalog, spec: str) -> Target:
+    """NAME, NAME@METHOD, ID or latent:ID -> the direction to explain and the block it lives at."""
+    from morph.sae import evidence as ev_mod
+    from morph.sae.io import load_sae
+
+    j = ev_mod.parse_latent(spec)
+    if j is not None:
+        found = ev_mod.find_evidence(catalog.model_id)
+        if found is None:
+            raise MorphError(f"no SAE for {catalog.model_id}; build one with `morph vectors build`")
+        ev, sae_block, directory = found
+        ev_mod.latent_record(ev, j)  # the range check, one clear line
+        sae = load_sae(directory / sae_block["file"])
+        return Target(f"latent {j}", sae.W_dec[j].copy(), int(sae.meta["layer"]), latent=j,
+                      evidence=found)
+    # Explaining is not steering: experimental features are explained too.
+    f = catalog.get(spec, experimental=True)
+    cv = f.load_vector()
+    if f.layer not in cv.directions:
+        raise MorphError(f"{f.path}: the vector of {f.key} has no direction at its layer {f.layer}")
+    return Target(f.key, cv.directions[f.layer].copy(), f.layer, feature=f)
+
+
+def explain_target(engine, target: Target, strengths: Sequence[float] = STRENGTHS) -> tuple[Probe, Sweep]:
+    probe = make_probe(engine, target.read_layer)
+    return probe, self_explain(engine, target.direction[None, :], probe, strengths)[0]
+
+
+def record(probe: Probe, sw: Sweep) -> dict:
+    """The stored form: the probe and the sweep (`scores.self_explanation` of a feature,
+    `self_explanation` of a latent's evidence record)."""
+    return {"probe": probe.to_json(), **sw.to_json()}
+
+
+def save(target: Target, probe: Probe, sw: Sweep) -> str:
+    """Store the result where the feature or latent lives; returns the file written."""
+    from morph.sae import evidence as ev_mod
+    from morph.steering.catalog import write_entries
+
+    rec = record(probe, sw)
+    if target.latent is not None:
+        ev, sae_block, directory = target.evidence
+        lat = ev["latents"][target.latent]
+        lat["explanation"] = sw.explanation
+        lat["self_explanation"] = rec
+        path = directory / sae_block["evidence"]
+        _writable(path)
+        ev_mod.save_evidence(ev, path)
+        return str(path)
+    f = target.feature
+    f.scores = dict(f.scores) | {"self_explanation": rec}
+    directory = f.path.parent
+    _writable(directory / "features.json")
+    model_id = _manifest_model_id(directory)
+    return str(write_entries(directory, [f], model_id))
+
+
+def _writable(path) -> None:
+    import os
+
+    if not os.access(path, os.W_OK) or not os.access(path.parent, os.W_OK):
+        raise MorphError(f"{path}: not writable; cannot store the self-explanation there")
+
+
+def _manifest_model_id(directory) -> str:
+    import json
+
+    raw = json.loads((directory / "features.json").read_text(encoding="utf-8"))
+    return str(raw.get("model_id", directory.name))
