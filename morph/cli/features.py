@@ -175,7 +175,9 @@ def _show_latent(cat: Catalog, j: int, as_json: bool) -> None:
     click.echo(f"  frequency {rec['frequency']:.3%} of {ev['n_tokens']} corpus tokens, "
                f"mean activation {rec['mean_activation']:g} when active")
     if rec["explanation"]:
-        click.echo(f"  self-explanation: {rec['explanation']}")
+        se = rec.get("self_explanation") or {}
+        at = f" (strength {se['strength']:g})" if isinstance(se.get("strength"), (int, float)) else ""
+        click.echo(f"  self-explanation{at}: {rec['explanation']}")
     click.echo(f"  fires most on: {', '.join(json.dumps(t, ensure_ascii=False) for t in rec['fires_on']) or '-'}")
     if used:
         click.echo(f"  used by: {', '.join(used)}")
