@@ -58,7 +58,7 @@ def show_cmd(obj, name, as_json):
     if j is not None:
         _show_latent(_catalog(obj), j, as_json)
         return
-    f = _catalog(obj).get(name)
+    f = _catalog(obj).get(name, experimental=True)  # showing is not steering: the refusal points here
     if as_json:
         click.echo(json.dumps(f.to_json() | {"source": f.source, "path": str(f.path)}, indent=2))
         return
