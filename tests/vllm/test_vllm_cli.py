@@ -28,7 +28,7 @@ def test_steer_gpu_equals_engine_and_tensor_parallel_1(vengine, formal):
     """`morph --gpu --tensor-parallel-size 1 steer -f formal` = the engine with the same request
     (the TP code path at N=1: the option reaches vLLM, the hooks see a whole residual)."""
     text = "hey, can u send me the report by friday?"
-    p = morph(["--gpu", "--tensor-parallel-size", "1", "steer", "-f", "formal", "--temperature", "0",
+    p = morph(["--gpu", "--tensor-parallel-size", "1", "steer", "--experimental", "-f", "formal", "--temperature", "0",
                "--max-tokens", "24", "--no-log"], stdin=text)
     assert p.returncode == 0, p.stderr[-2000:]
     req = tasks.build_request("rewrite", text, max_tokens=24, temperature=0.0, top_p=0.95, seed=None,
@@ -191,7 +191,7 @@ def test_vllm_serve_accepts_the_steering_extension(vllm_server, vengine):
     from morph.steering.catalog import Catalog
 
     cat = Catalog("smollm2-135m-instruct")
-    cv = cat.get("formal").load_vector() * 0.3
+    cv = cat.get("formal", experimental=True).load_vector() * 0.3
     want = collect(vengine.stream(Request(messages=msgs, max_tokens=20, temperature=0.0, repeat_penalty=1.0,
                                           steering=cv))).text
     assert steered == want
