@@ -43,6 +43,19 @@ combining the two. Both factors are relative to strength 0, which every directio
 shares, so no per-direction normalisation over the grid is needed (a min-max
 normalisation would make a flat, noise-only sweep look as decisive as a clear one).
 
+What the sweep measures on SmolLM2-135M (measured on the shipped catalog, 21 feature
+directions and 3 random ones, strengths 0..12; `morph features explain NAME` shows one):
+the insert at block 3 reaches block 16's last prompt token only weakly. A feature's own
+self-similarity moves by -0.035..+0.064 at 12x (mean +0.008; formal@sae falls, -0.034 ->
+-0.066), random directions by -0.013..+0.014; the blank word's first-token entropy is
+6.91 nats (the answer opens with a quote, so the next token is wide open) and moves by
+up to ~3 nats for random directions too. So on this model the composite ranks mostly
+noise, and the chosen strength does not predict a good steering scale: against `morph
+eval`'s tune sweep (x0.25..x1, 21 feature x method pairs) the composite's pick among the
+eval's scales was in the best 3 of 4 for 8/21 (chance 15.75) and the best for 3/21
+(bench/selfexplain_scales.py; vectors/<model>/README.md). Default scales stay with the
+eval; the chosen strength is only the strength the explanation is read at.
+
 One numeric caveat (measured): rows decoded together in one llama.cpp batch get slightly
 different numbers depending on their place in the batch (KL ~0.003-0.005 to the same
 prompt decoded alone), and the first-token entropy moves by up to ~0.3 nats with that.
