@@ -112,7 +112,7 @@ def build(info: ModelInfo, cfg: BuildConfig, out_dir: Path | None = None,
         with _timed(timings, "select_s"):
             picks = _select(engine, sae, layer, residual_norm, recipes, bar)
         with _timed(timings, "explain_s"):
-            _explain(engine, sae, picks, ev, bar)
+            _explain(engine, sae, picks, ev, layer, bar)
         sae_info, kept, rejected, feats = _write(out_dir, info, sae, ev, picks, layer, residual_norm, dead, log)
         timings["total_s"] = round(time.perf_counter() - t_all, 1)
         report = {
@@ -196,14 +196,24 @@ def _select(engine, sae, layer: int, residual_norm: float, recipes: list, bar: P
     return picks
 
 
-def _explain(engine, sae, picks: list, ev: dict, bar: Progress) -> None:
-    """5. Self-explanation of every latent considered for a feature, into the evidence."""
-    from morph.sae.interpret import explain
+def _explain(engine, sae, picks: list, ev: dict, layer: int, bar: Progress) -> None:
+    """5. Self-explanation (interpret.py) of every latent considered for a feature and of
+    every named feature's direction: a strength sweep (self-similarity at the SAE layer,
+    first-token entropy), the answer at the strength the composite picks. Stored in the
+    evidence (per latent) and in the feature's scores (`self_explanation`)."""
+    from morph.sae.interpret import make_probe, record, self_explain
 
     ids = sorted({c["latent"] for p in picks for c in p.candidates})
-    texts = explain(engine, sae.W_dec[ids], progress=bar("explain", len(ids)))
-    for j, text in zip(ids, texts):
-        ev["latents"][j]["explanation"] = text
+    dirs = [sae.W_dec[j] for j in ids] + [p.unit for p in picks]
+    if not dirs:
+        return
+    probe = make_probe(engine, layer)
+    sweeps = self_explain(engine, np.stack(dirs), probe, progress=bar("explain", len(dirs)))
+    for j, sw in zip(ids, sweeps):
+        ev["latents"][j]["explanation"] = sw.explanation
+        ev["latents"][j]["self_explanation"] = record(probe, sw)
+    for p, sw in zip(picks, sweeps[len(ids):]):
+        p.scores["self_explanation"] = record(probe, sw)
 
 
 def _write(out_dir: Path, info: ModelInfo, sae, ev: dict, picks: list, layer: int, residual_norm: float,
