@@ -244,8 +244,8 @@ def main() -> int:
                 done[0] += k
                 log(f"generated {done[0]}/{len(todo)}")
 
-            for c0 in range(0, len(todo), 4 * n_seq):  # chunks, so an interruption keeps most work
-                chunk = todo[c0:c0 + 4 * n_seq]
+            for c0 in range(0, len(todo), n_seq):  # one group per chunk: an interruption keeps finished groups
+                chunk = todo[c0:c0 + n_seq]
                 with engine.batch_runner(n_seq=n_seq, n_ctx=n_seq * per_seq, n_batch=max(512, per_seq),
                                          unified=False) as runner:
                     ids = greedy(runner, [GenJob(jobs[i][3], jobs[i][4], jobs[i][5]) for i in chunk], layer,

@@ -83,10 +83,13 @@ def diffmean_cmd(obj, recipes, layer, out_dir, budget):
               help="Corpus cache (.npz): reused when it matches model, layer, seed and size, else written.")
 @click.option("--recipe", "recipes", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="Contrast-set recipe(s) to name features from (default: every shipped recipe).")
+@click.option("--direction", default="latents", show_default=True, metavar="latents|proj:M|blend:A",
+              help="Feature direction: the picked latents, the recipe's diffmean projected onto the "
+                   "pole's top-M latents, or a blend A*latents+(1-A)*diffmean.")
 @click.option("--json", "as_json", is_flag=True, help="Print the build report as JSON.")
 @click.pass_obj
 def build_cmd(obj, model_spec, layer, width, tokens, seed, k, epochs, threads, out_dir, corpus_cache, recipes,
-              as_json):
+              direction, as_json):
     """The SAE pipeline: corpus, sparse autoencoder, latent evidence, named features.
 
     \b
@@ -100,14 +103,17 @@ def build_cmd(obj, model_spec, layer, width, tokens, seed, k, epochs, threads, o
     from morph.config import load_config
     from morph.sae.build import BuildConfig, build
 
+    from morph.sae.combine import parse as parse_direction
+
     if k > width:
         raise click.BadParameter("must not exceed --width", param_hint="--k")
+    parse_direction(direction)  # a bad spec fails before the model loads
     info = models.check(models.resolve(model_spec or obj.model or load_config().model))
     if layer is not None and not 1 <= layer < info.n_layer:
         raise click.BadParameter(f"must be within 1..{info.n_layer - 1} for {info.model_id}", param_hint="--layer")
     cfg = BuildConfig(layer=layer, width=width, k=k, tokens=tokens, seed=seed, epochs=epochs, threads=threads,
                       corpus_cache=Path(corpus_cache) if corpus_cache else None,
-                      recipes=[Path(r) for r in recipes] or None)
+                      recipes=[Path(r) for r in recipes] or None, direction=direction)
     bars = _Bars()
     try:
         report = build(info, cfg, Path(out_dir) if out_dir else None, progress=bars.stage,
