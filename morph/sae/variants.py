@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from morph.sae.select import paired_effect, text_codes
 from morph.sae.train import SAE
 
 
@@ -44,6 +43,8 @@ class PoleLatents:
 
 def pole_latents(engine, sae: SAE, layer: int, pairs: list[dict]) -> dict[int, PoleLatents]:
     """Per sign, the latents ranked as select.py ranks them, from one capture of the pairs."""
+    from morph.sae.select import paired_effect, text_codes  # select imports combine -> variants
+
     pos = text_codes(engine, sae, [p["positive"] for p in pairs], layer)
     neg = text_codes(engine, sae, [p["negative"] for p in pairs], layer)
     effect, mdiff = paired_effect(pos, neg)
