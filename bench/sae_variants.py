@@ -180,7 +180,7 @@ def main() -> int:
     ap.add_argument("--sae", default=None, help="SAE gguf [default: the shipped one]")
     ap.add_argument("--vectors", default=None, help="folder with <name>.gguf and <name>.diffmean.gguf")
     ap.add_argument("--n-rank", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="llama.cpp threads (2 stalls on a busy 2-core machine)")
     ap.add_argument("--n-seq", type=int, default=32)
     ap.add_argument("--cache", default=str(Path.home() / ".cache" / "morph-sae-variants.jsonl"))
     ap.add_argument("--out", default=None)
