@@ -47,7 +47,7 @@ def main() -> None:
     try:
         info = runtime.model_info(a.model, gpu=True)
         folder = convert.ensure_converted(info)
-        feat = Catalog(info.model_id).get(a.feature)
+        feat = Catalog(info.model_id).get(a.feature, experimental=True)
     except MorphError as e:
         sys.exit(f"bench/gpu_check.py: {e}")
     cv = feat.load_vector() * feat.default_scale

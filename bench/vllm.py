@@ -61,7 +61,7 @@ def main() -> None:
         t0 = time.perf_counter()
         eng = VllmEngine(info, n_ctx=512, max_num_seqs=max(a.batch))
         load_s = time.perf_counter() - t0
-        feat = Catalog(info.model_id).get(a.feature)
+        feat = Catalog(info.model_id).get(a.feature, experimental=True)
     except MorphError as e:
         sys.exit(f"bench/vllm.py: {e}")
     cv = feat.load_vector() * feat.default_scale
