@@ -86,11 +86,14 @@ def _read_json(path: Path) -> dict:
               help="Generation cache (JSONL) [default: <data dir>/eval-cache/<model>.jsonl].")
 @click.option("--no-cache", is_flag=True, help="Generate everything afresh and keep nothing.")
 @click.option("--threads", type=click.IntRange(1, None), default=None, help="llama.cpp and judge threads.")
+@click.option("--sequential", is_flag=True,
+              help="Generate one request at a time through the product path (engine.stream) instead of "
+                   "batched (same tokens, measured: bench/eval_agreement.py).")
 @click.option("--no-progress", is_flag=True, help="No progress bars on stderr.")
 @click.option("--note", "notes", multiple=True, metavar="TEXT", help="A note for the --report-md page (repeatable).")
 @click.pass_obj
 def eval_cmd(obj, features, vectors, concept, methods, kinds, quick, split, limit, scales, applies, tuned,
-             out, from_json, report_md, write_features, cache, no_cache, threads, no_progress, notes):
+             out, from_json, report_md, write_features, cache, no_cache, threads, sequential, no_progress, notes):
     """Measure how features steer: concept shift (an independent judge), relevance to the
     input, fluency (NLL under the unsteered model, repetition), against unsteered text,
     prompting with a style instruction, diffmean and SAE vectors.
@@ -121,7 +124,8 @@ def eval_cmd(obj, features, vectors, concept, methods, kinds, quick, split, limi
             results["meta"]["selection"] = f"per method at the scale and apply chosen on the tune half ({tuned})"
     else:
         results = _run(obj, names, vec_specs, concept, method_list, kind_list, quick, split, limit,
-                       scale_list, applies, tuned_choice, tuned, cache, no_cache, threads, not no_progress)
+                       scale_list, applies, tuned_choice, tuned, cache, no_cache, threads, not no_progress,
+                       sequential)
 
     if notes:
         results["meta"]["notes"] = list(notes)
@@ -146,7 +150,7 @@ _GEN_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "repeat_penalty", 
 
 
 def _run(obj, names, vec_specs, concept, methods, kinds, quick, split, limit, scales, applies,
-         tuned_choice, tuned, cache, no_cache, threads, progress) -> dict:
+         tuned_choice, tuned, cache, no_cache, threads, progress, sequential=False) -> dict:
     from morph import models, paths
     from morph.config import load_config
     from morph.engine import load_engine
@@ -179,7 +183,8 @@ def _run(obj, names, vec_specs, concept, methods, kinds, quick, split, limit, sc
     engine = load_engine(info, gpu=obj.gpu, n_ctx=2048, threads=threads or cfg.threads)
     try:
         cache_path = None if no_cache else Path(cache) if cache else paths.data_dir() / "eval-cache" / f"{info.model_id}.jsonl"
-        res = run.evaluate(engine, judge, targets, prompts, conditions, run.Cache(cache_path), progress)
+        res = run.evaluate(engine, judge, targets, prompts, conditions, run.Cache(cache_path), progress,
+                           sequential=sequential)
     finally:
         engine.close()
     res["selected"] = run.select(res["rows"], tuned_choice)
@@ -196,5 +201,6 @@ def _run(obj, names, vec_specs, concept, methods, kinds, quick, split, limit, sc
         else "per method at its default scale (x1), applied at every position",
         "command": "morph eval " + " ".join(sys.argv[sys.argv.index("eval") + 1:]) if "eval" in sys.argv else "morph eval",
         "date": time.strftime("%Y-%m-%d"), "wall_s": round(time.perf_counter() - t0, 1),
+        "generation": "sequential (engine.stream)" if sequential else "batched (engine.batch_runner)",
     }
     return res

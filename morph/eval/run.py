@@ -1,8 +1,10 @@
 """Run an evaluation: every (condition, prompt) through the product path, then scores.
 
-Generation goes through `engine.stream` with the request `morph steer` would send (see
-plan.build), each from a fresh KV cache as in a new `morph steer` process: no private
-batch path, so what is measured is what users get, whatever order requests run in. Generations and NLLs are cached
+Each (condition, prompt) is the request `morph steer` would send (see plan.build). By
+default they run many at a time through the engine's batch runner (eval/batched.py: the
+same prompt tokens, steering placement, greedy sampler and stop rule as `engine.stream`);
+`sequential=True` runs each through `engine.stream` itself from a fresh KV cache, as in a
+new `morph steer` process. Generations and NLLs are cached
 (JSONL, keyed by the model, the exact prompt tokens, the sampling fields and the vector's
 numbers), so an interrupted run resumes and a report can be redrawn without the model.
 """
@@ -20,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from morph.engine.base import collect
+from morph.eval import batched
 from morph.eval import plan as planmod
 from morph.eval import scores
 from morph.eval.plan import Condition, Target
@@ -74,11 +77,13 @@ def _digest(*parts) -> str:
     return h.hexdigest()
 
 
-def gen_key(engine, tokens: list[int], req) -> str:
+def gen_key(engine, tokens: list[int], req, batched: bool = False) -> str:
+    """Cache key of one generation; batched outputs are kept apart from the product
+    path's (measured equal, but a cache should not assume it)."""
     fields = {f.name: getattr(req, f.name) for f in dataclasses.fields(req)
               if f.name not in ("prompt", "messages", "steering", "cancel")}
     vec = req.steering.fingerprint() if req.steering is not None else b""
-    return _digest("gen", CACHE_VERSION, _model_id(engine), tokens, fields, vec)
+    return _digest("gen", CACHE_VERSION, _model_id(engine), tokens, fields, vec, *(["batched"] if batched else []))
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -87,27 +92,40 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="req", file=sys.stderr, disable=not enabled, dynamic_ncols=True)
 
 
-def generate(engine, jobs: list[tuple[EvalPrompt, Condition, object]], cache: Cache, progress: bool = True) -> list[dict]:
+def generate(engine, jobs: list[tuple[EvalPrompt, Condition, object]], cache: Cache, progress: bool = True,
+             sequential: bool = False) -> list[dict]:
     """Outputs for jobs (prompt, condition, Request), in the jobs' order."""
-    def group(i):
-        req = jobs[i][2]
-        vec = hashlib.sha1(req.steering.fingerprint()).hexdigest() if req.steering is not None else ""
-        return (vec, getattr(req, "apply", "all"), jobs[i][0].task != "rewrite", i)
-
     out: list[dict | None] = [None] * len(jobs)
-    reset = getattr(engine, "reset_cache", None)
+    keys = [gen_key(engine, engine.prepare_tokens(req), req, batched=not sequential) for _, _, req in jobs]
+    todo = []
+    for i, key in enumerate(keys):
+        out[i] = cache.get(key)
+        if out[i] is None:
+            todo.append(i)
     with _progress(len(jobs), "generate", progress) as bar:
-        for i in sorted(range(len(jobs)), key=group):
-            prompt, cond, req = jobs[i]
-            tokens = engine.prepare_tokens(req)
-            key = gen_key(engine, tokens, req)
-            rec = cache.get(key)
-            if rec is None:
-                if reset is not None:
-                    reset()  # as `morph steer` runs it: a fresh context (see LlamaEngine.reset_cache)
-                c = collect(engine.stream(req))
-                rec = {"text": c.text, "ids": list(c.token_ids), "finish": c.finish_reason}
-                cache.put(key, rec)
+        bar.update(len(jobs) - len(todo))
+        if not sequential:
+            def done(j: int, rec: dict) -> None:
+                i = todo[j]
+                cache.put(keys[i], rec)
+                out[i] = rec
+                bar.update(1)
+
+            batched.generate(engine, [jobs[i][2] for i in todo], on_done=done)
+            return out  # type: ignore[return-value]
+
+        def group(i):
+            req = jobs[i][2]
+            vec = hashlib.sha1(req.steering.fingerprint()).hexdigest() if req.steering is not None else ""
+            return (vec, getattr(req, "apply", "all"), jobs[i][0].task != "rewrite", i)
+
+        reset = getattr(engine, "reset_cache", None)
+        for i in sorted(todo, key=group):
+            if reset is not None:
+                reset()  # as `morph steer` runs it: a fresh context (see LlamaEngine.reset_cache)
+            c = collect(engine.stream(jobs[i][2]))
+            rec = {"text": c.text, "ids": list(c.token_ids), "finish": c.finish_reason}
+            cache.put(keys[i], rec)
             out[i] = rec
             bar.update(1)
     return out  # type: ignore[return-value]
@@ -147,11 +165,11 @@ def _r(x: float, n: int = 4):
 
 
 def evaluate(engine, judge, targets: list[Target], prompts: list[EvalPrompt], conditions: list[Condition],
-             cache: Cache, progress: bool = True) -> dict:
+             cache: Cache, progress: bool = True, sequential: bool = False) -> dict:
     """Generate, score and aggregate. Returns the results dict that report.py prints and writes."""
     by_concept = {t.concept: t for t in targets}
     jobs = [(p, c, planmod.build(p, c, by_concept.get(c.concept))) for c in conditions for p in prompts]
-    gens = generate(engine, jobs, cache, progress)
+    gens = generate(engine, jobs, cache, progress, sequential=sequential)
     uniq: dict[tuple[str, tuple], int] = {}
     for (p, _, _), g in zip(jobs, gens):
         uniq.setdefault((p.id, tuple(g["ids"])), len(uniq))
