@@ -23,7 +23,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from morph.engine.base import Event, Request, Timings
+from morph.engine.base import Event, Request, Timings, apply_factors
 from morph.errors import MorphError
 from morph.models import ModelInfo
 from morph.steering.vector import ControlVector
@@ -34,21 +34,9 @@ INSTALL_HINT = ("--gpu needs vLLM, which is not installed: pip install 'morph[gp
 
 
 def prompt_factor(apply: str) -> float:
-    """Share of the vector on prompt tokens (generated tokens always get all of it):
-    "all" 1, "generated" 0, "prompt-scaled[:F]" F (default 0.5)."""
-    if apply == "all":
-        return 1.0
-    if apply == "generated":
-        return 0.0
-    if isinstance(apply, str) and apply.split(":")[0] == "prompt-scaled":
-        raw = apply.partition(":")[2] or "0.5"
-        try:
-            f = float(raw)
-        except ValueError:
-            f = -1.0
-        if 0.0 <= f <= 1.0:
-            return f
-    raise MorphError(f"unknown steering placement {apply!r} (all, generated, prompt-scaled[:F] with 0 <= F <= 1)")
+    """Share of the vector on prompt tokens (generated tokens always get all of it): the
+    engines' one rule, morph.engine.base.apply_factors."""
+    return apply_factors(apply)[0]
 
 
 def _vllm_env(verbose: bool) -> None:
@@ -261,7 +249,7 @@ class VllmEngine:
     def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=add_bos))
 
-    def detokenize(self, ids: Sequence[int], special: bool = True) -> str:
+    def detokenize(self, ids: Sequence[int], special: bool = False) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=not special)
 
     def format_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
@@ -286,10 +274,11 @@ class VllmEngine:
     def cancel(self) -> None:
         self._cancel_gen += 1
 
-    def reset_prefix_cache(self) -> bool:
+    def reset_cache(self) -> bool:
+        """Forget cached prompts (vLLM's prefix cache)."""
         return bool(self._driver.call(lambda eng: eng.reset_prefix_cache()))
 
-    reset_cache = reset_prefix_cache
+    reset_prefix_cache = reset_cache
 
     # --- steering -----------------------------------------------------------------------
 
