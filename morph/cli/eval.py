@@ -163,9 +163,12 @@ def _run(obj, names, vec_specs, concept, methods, kinds, quick, split, limit, sc
     t0 = time.perf_counter()
     available = planmod.apply_modes()
     apply_list = tuple(_csv(applies) or available)
-    bad = [a for a in apply_list if a not in available]
+    from morph.tasks import valid_apply
+
+    bad = [a for a in apply_list if a.partition(":")[0] not in available or not valid_apply(a)]
     if bad:
-        raise MorphError(f"apply mode {bad[0]!r} is not supported by this engine (has: {', '.join(available)})")
+        raise MorphError(f"apply mode {bad[0]!r} is not supported by this engine (has: {', '.join(available)}; "
+                         "prompt-scaled takes :F, 0<=F<=1)")
     prompts = promptsmod.load_prompts(split, quick=quick, limit=limit)
     cfg = load_config()
     info = models.check(models.resolve(obj.model or cfg.model))
