@@ -135,6 +135,71 @@ def test_requests_are_the_ones_morph_steer_sends():
     assert {p.task for p in prompts.load_prompts("report", quick=True)} == {"rewrite", "continue"}
 
 
+def test_default_apply_condition_sends_each_tasks_shipped_placement(monkeypatch):
+    from morph.steering.vector import ControlVector
+
+    cv = ControlVector({16: np.ones(576, np.float32)})
+    t = plan.Target("formal", sources={"sae": plan.Source("sae", cv, 0.3, "formal@sae")})
+    monkeypatch.setattr(tasks, "DEFAULT_APPLY", {**tasks.DEFAULT_APPLY, "rewrite": "generated", "continue": "prompt-scaled:0.25"})
+    got = {p.task: plan.build(p, plan.Condition("sae", "formal", 1.0, plan.DEFAULT_APPLY), t).apply
+           for p in prompts.load_prompts("report", quick=True)}
+    assert got == {"rewrite": "generated", "continue": "prompt-scaled:0.25"}
+
+
+def _sweep_rows(shift, rel, nll):
+    """Tune-half rows for one concept, two methods, two apply modes, scales x0.5 and x1:
+    shift/rel/nll(apply, scale_x) -> that row's figures (the same on both tasks)."""
+    def summary(sh, rr, nr):
+        return {"n": 4, "concept_shift": sh, "relevance_ratio": rr, "nll_ratio": nr, "moved_toward": 3 if sh > 0 else 0,
+                "moved_away": 0, "hmean": 0.5 + sh - abs(1 - rr) - abs(1 - nr)}
+    rows = [{"concept": "formal", "kind": "prompt", "method": None, "apply": None,
+             "by_task": {t: summary(0.02, 0.9, 1.1) for t in ("rewrite", "continue")}, **summary(0.02, 0.9, 1.1)}]
+    for m in ("sae", "diffmean"):
+        for a in ("all", "generated"):
+            for x in (0.5, 1.0):
+                s = summary(shift(a, x), rel(a, x), nll(a, x))
+                rows.append({"concept": "formal", "kind": m, "method": m, "apply": a, "scale_x": x, "scale": 0.2 * x,
+                             "by_task": {t: dict(s) for t in ("rewrite", "continue")}, **s})
+    prompt_row = rows[0]
+    for r in rows[1:]:
+        r["goal"] = run.goal(r, prompt_row)
+    return rows
+
+
+def test_apply_table_prefers_the_placement_that_keeps_the_meaning():
+    rows = _sweep_rows(shift=lambda a, x: 0.1 * x, rel=lambda a, x: 0.95 - (0.2 * x if a == "all" else 0.05 * x),
+                       nll=lambda a, x: 1.0 + (0.3 * x if a == "all" else 0.1 * x))
+    t = run.apply_table({"rows": rows})
+    assert t["choice"] == {"continue": "generated", "rewrite": "generated"}
+    g = t["by_task"]["rewrite"]
+    assert (g["generated"]["meets"], g["all"]["meets"]) == (2, 2)  # both meet at x0.5...
+    assert g["generated"]["kept_shift"] > g["all"]["kept_shift"]  # ...but only one keeps the meaning at x1
+    # The other way round, "all" wins: the table follows the measurements, not a preference.
+    rows = _sweep_rows(shift=lambda a, x: 0.1 * x, rel=lambda a, x: 0.95 - (0.05 * x if a == "all" else 0.2 * x),
+                       nll=lambda a, x: 1.0 + (0.1 * x if a == "all" else 0.3 * x))
+    assert run.apply_table({"rows": rows})["choice"] == {"continue": "all", "rewrite": "all"}
+
+
+def test_a_tuning_run_sets_default_scales_and_never_scores(tmp_path):
+    from morph.errors import MorphError
+    from morph.eval import report
+
+    rows = _sweep_rows(shift=lambda a, x: 0.1 * x, rel=lambda a, x: 0.95 - 0.05 * x, nll=lambda a, x: 1.0 + 0.1 * x)
+    manifest = tmp_path / "features.json"
+    entries = [{"name": "formal", "method": m, "default_scale": 0.2, "experimental": True} for m in ("sae", "diffmean")]
+    manifest.write_text(json.dumps({"features": entries}))
+    meta = {"split": "tune", "date": "2026-11-29"}
+    with pytest.raises(MorphError, match="--apply default"):
+        report.write_features({"rows": rows, "meta": meta}, manifest)
+    for r in rows[1:]:
+        r["apply"] = plan.DEFAULT_APPLY if r["apply"] == "generated" else r["apply"]
+    assert report.write_features({"rows": rows, "meta": meta}, manifest) == ["formal@sae", "formal@diffmean"]
+    got = json.loads(manifest.read_text())["features"]
+    # both scales meet the goal; x0.5 has the higher hmean: default_scale = 0.2 * 0.5, from the tune half only
+    assert [(e["default_scale"], e["scores"]["tune"]["scale_x"], e["experimental"]) for e in got] == [(0.1, 0.5, True)] * 2
+    assert all("eval" not in e["scores"] for e in got)
+
+
 def test_plan_covers_every_condition_once():
     from morph.steering.vector import ControlVector
 

@@ -72,7 +72,8 @@ def _read_json(path: Path) -> dict:
 @click.option("--scales", default=None, metavar="X,Y",
               help="Multiples of each vector's default scale [default: 0.5,1,1.5,2; --quick: 1].")
 @click.option("--apply", "applies", default=None, metavar="MODE,MODE",
-              help="Where vectors apply (Request.apply) [default: every mode the engine has].")
+              help="Where vectors apply (Request.apply; `default`: each task's shipped placement, "
+                   "as morph steer does) [default: every mode the engine has].")
 @click.option("--tuned", type=click.Path(exists=True, dir_okay=False),
               help="Results JSON of a --split tune run: report each method at the scale/apply chosen there.")
 @click.option("--out", type=click.Path(dir_okay=False), help="Write the results (JSON; gzipped if it ends in .gz) here.")
@@ -139,6 +140,10 @@ def eval_cmd(obj, features, vectors, concept, methods, kinds, quick, split, limi
     click.echo("")
     click.echo(report.text_table_selected(results))
     click.echo(report.summary_line(results))
+    placement = report.text_apply_table(results)
+    if placement:
+        click.echo("")
+        click.echo(placement)
     if report_md:
         click.echo(f"morph: wrote {report.eval_md(results, Path(report_md))}", err=True)
     if write_features:
@@ -159,16 +164,18 @@ def _run(obj, names, vec_specs, concept, methods, kinds, quick, split, limit, sc
     from morph.eval import prompts as promptsmod
     from morph.eval import run
     from morph.steering.catalog import Catalog
+    from morph import tasks
 
     t0 = time.perf_counter()
     available = planmod.apply_modes()
     apply_list = tuple(_csv(applies) or available)
     from morph.tasks import valid_apply
 
-    bad = [a for a in apply_list if a.partition(":")[0] not in available or not valid_apply(a)]
+    bad = [a for a in apply_list if a != planmod.DEFAULT_APPLY
+           and (a.partition(":")[0] not in available or not valid_apply(a))]
     if bad:
         raise MorphError(f"apply mode {bad[0]!r} is not supported by this engine (has: {', '.join(available)}; "
-                         "prompt-scaled takes :F, 0<=F<=1)")
+                         "prompt-scaled takes :F, 0<=F<=1; default: each mode's shipped placement)")
     prompts = promptsmod.load_prompts(split, quick=quick, limit=limit)
     cfg = load_config()
     info = models.check(models.resolve(obj.model or cfg.model))
@@ -199,6 +206,7 @@ def _run(obj, names, vec_specs, concept, methods, kinds, quick, split, limit, sc
         "n_prompts": len(prompts), "n_by_task": by_task,
         "gen": {k: v for k, v in vars(planmod.plain(prompts[0])).items() if k in _GEN_FIELDS},
         "scales": list(scales), "apply_modes": list(apply_list), "conditions": list(kinds),
+        "default_apply": {t: tasks.DEFAULT_APPLY[t] for t in by_task},
         "judge": {"embedder": judgemod.EMBEDDER_NAME + " + logistic regression", "axes": judge.heldout()},
         "selection": f"per method at the scale and apply chosen on the tune half ({tuned})" if tuned_choice
         else "per method at its default scale (x1), applied at every position",

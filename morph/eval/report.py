@@ -173,10 +173,44 @@ def eval_entry(r: dict, prompt_row: dict | None, meta: dict) -> dict:
     return e
 
 
+def write_tuned_scales(results: dict, manifest: Path) -> list[str]:
+    """From a tuning-half run with `--apply default`: each measured entry's `default_scale`
+    becomes the scale chosen there (the best meeting the goal, else the best hmean, at
+    the shipped placement), recorded under `scores.tune`. No report-half figure is
+    written from a tuning run. Returns the entries changed."""
+    from morph.errors import MorphError
+    from morph.eval.plan import DEFAULT_APPLY
+
+    rows = results["rows"]
+    if not any(r.get("apply") == DEFAULT_APPLY for r in rows):
+        raise MorphError("a tuning run sets default scales for the shipped placement: run it with --apply default")
+    picks = {c: {m: runmod.choose([r for r in rows if r["concept"] == c and r["kind"] == m and r["apply"] == DEFAULT_APPLY])
+                 for m in ms} for c, ms in runmod.tuned_choice(results, apply=DEFAULT_APPLY).items()}
+    raw = json.loads(manifest.read_text(encoding="utf-8"))
+    changed = []
+    for e in raw.get("features", []):
+        r = picks.get(e["name"], {}).get(e["method"])
+        if r is None:
+            continue
+        e["default_scale"] = r["scale"]
+        e.setdefault("scores", {})["tune"] = {
+            "scale": r["scale"], "scale_x": r["scale_x"], "swept": sorted({x["scale"] for x in rows if x["concept"] == e["name"]
+                                                                             and x["kind"] == e["method"] and x["apply"] == DEFAULT_APPLY}),
+            "apply": DEFAULT_APPLY, "meets_goal_on_tune": r["goal"]["meets_goal"], "hmean": r["hmean"],
+            "concept_shift": r["concept_shift"], "relevance_ratio": r["relevance_ratio"], "nll_ratio": r["nll_ratio"],
+            "split": "tune", "n_prompts": r["n"], "date": results["meta"]["date"]}
+        changed.append(f"{e['name']}@{e['method']}")
+    fsutil.atomic_write(manifest, (json.dumps(raw, indent=2) + "\n").encode("utf-8"))
+    return changed
+
+
 def write_features(results: dict, manifest: Path) -> list[str]:
     """Put each measured feature's selected scores under `scores.eval` in its features.json
     entry and set the entry's `experimental` (true unless it meets the goal). Returns the
-    entries changed."""
+    entries changed. A tuning-half run sets default scales instead (write_tuned_scales):
+    the scores a feature is offered on come from the report half only."""
+    if results["meta"].get("split") == "tune":
+        return write_tuned_scales(results, manifest)
     raw = json.loads(manifest.read_text(encoding="utf-8"))
     changed = []
     for e in raw.get("features", []):
@@ -193,3 +227,14 @@ def write_features(results: dict, manifest: Path) -> list[str]:
 
 def text_table_selected(results: dict) -> str:
     return _aligned(SELECTED_HEADER, selected_rows(results))
+
+
+def text_apply_table(results: dict) -> str:
+    """The per-task placement comparison of a sweep (run.apply_table), or "" without one."""
+    t = runmod.apply_table(results)
+    body = [[task, a + (" (best)" if t["choice"].get(task) == a else ""), f"{v['meets']}/{v['n_sources']}",
+             _f(v["kept_shift"]), _f(v["concept_shift"]), _f(v["relevance_ratio"], "{:.2f}"), _f(v["nll_ratio"], "{:.2f}")]
+            for task, modes in t["by_task"].items() for a, v in modes.items()]
+    if len({a for modes in t["by_task"].values() for a in modes}) < 2:
+        return ""
+    return _aligned(["task", "apply", "meet goal", "kept shift", "mean shift", "rel_x", "nll_x"], body)

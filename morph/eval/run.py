@@ -313,15 +313,61 @@ def select(rows: list[dict], tuned: dict | None = None) -> dict:
     return out
 
 
-def tuned_choice(results: dict) -> dict:
+def tuned_choice(results: dict, apply: str | None = None) -> dict:
     """From a run on the tuning half: per concept and method, the apply mode and scale to
-    report at (the best row meeting the goal, else the best hmean)."""
+    report at (the best row meeting the goal, else the best hmean); `apply`: only rows
+    with that placement (e.g. "default": the scale for the shipped placement)."""
     rows = results["rows"]
     out: dict[str, dict] = {}
     for r in rows:
-        if r["method"] is None or r["kind"] != r["method"]:
+        if r["method"] is None or r["kind"] != r["method"] or (apply is not None and r["apply"] != apply):
             continue
         out.setdefault(r["concept"], {}).setdefault(r["method"], [])
         out[r["concept"]][r["method"]].append(r)
     picks = {c: {m: choose(rs) for m, rs in ms.items()} for c, ms in out.items()}
     return {c: {m: {"apply": r["apply"], "scale_x": r["scale_x"]} for m, r in ms.items()} for c, ms in picks.items()}
+
+
+def apply_table(results: dict) -> dict:
+    """Which placement keeps the meaning while moving the concept, per task, from a sweep
+    of scales x apply modes (tuning half). For each task and apply mode, over every
+    concept x method (vector alone), on that task's prompts:
+
+    - meets: how many have some scale meeting the goal on this task;
+    - kept_shift: the mean over them of the largest concept shift among the scales that
+      keep relevance and fluency (0 where none does): how far the concept moves while
+      the meaning holds;
+    - relevance_ratio / nll_ratio / concept_shift: means over every scale.
+
+    Only modes run for every concept x method are compared. `choice`: per task, the mode
+    with the most meets, then the largest kept_shift, then the higher relevance."""
+    rows = results["rows"]
+    steered = [r for r in rows if r["method"] is not None and r["kind"] == r["method"]]
+    prompt_of = {r["concept"]: r for r in rows if r["kind"] == "prompt"}
+    sources = {(r["concept"], r["method"]) for r in steered}
+    table: dict[str, dict] = {}
+    for task in sorted({t for r in steered for t in r["by_task"]}):
+        for a in dict.fromkeys(r["apply"] for r in steered):
+            per: dict[tuple, list] = {}
+            for r in steered:
+                if r["apply"] == a and task in r["by_task"]:
+                    s = r["by_task"][task]
+                    p = prompt_of.get(r["concept"])
+                    per.setdefault((r["concept"], r["method"]), []).append(
+                        (s, goal(s, p["by_task"].get(task) if p else None)))
+            if set(per) != sources:
+                continue
+            flat = [s for v in per.values() for s, _ in v]
+            table.setdefault(task, {})[a] = {
+                "n_sources": len(per), "n_rows": len(flat),
+                "meets": sum(any(g["meets_goal"] for _, g in v) for v in per.values()),
+                "kept_shift": _r(_mean(max([s["concept_shift"] for s, g in v
+                                            if g["keeps_relevance"] and g["keeps_fluency"]] or [0.0])
+                                       for v in per.values())),
+                "concept_shift": _r(_mean(s["concept_shift"] for s in flat)),
+                "relevance_ratio": _r(_mean(s["relevance_ratio"] for s in flat)),
+                "nll_ratio": _r(_mean(s["nll_ratio"] for s in flat)),
+            }
+    choice = {t: max(m, key=lambda a: (m[a]["meets"], m[a]["kept_shift"] or 0.0, m[a]["relevance_ratio"] or 0.0))
+              for t, m in table.items()}
+    return {"by_task": table, "choice": choice}
