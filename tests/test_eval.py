@@ -108,7 +108,7 @@ def test_selection_prefers_goal_then_hmean_and_honours_tuning():
     sel = run.select(rows)["formal"]
     assert sel["methods"]["sae"]["scale_x"] == 1.0 and sel["best"] == "diffmean"  # untuned: x1, higher hmean
     tuned = run.tuned_choice({"rows": rows})
-    assert tuned["formal"] == {"sae": {"apply": "all", "scale_x": 2.0}, "diffmean": {"apply": "all", "scale_x": 0.5}}
+    assert tuned["formal"] == {"sae": {"apply": "all", "scale_x": 2.0, "scale": None}, "diffmean": {"apply": "all", "scale_x": 0.5, "scale": None}}
     sel = run.select(rows, tuned)["formal"]
     assert sel["methods"]["sae"]["scale_x"] == 2.0 and sel["best"] == "sae"  # meets the goal beats hmean
 

@@ -77,8 +77,9 @@ def _read_json(path: Path) -> dict:
 @click.option("--tuned", type=click.Path(exists=True, dir_okay=False),
               help="Results JSON of a --split tune run: report each method at the scale/apply chosen there.")
 @click.option("--out", type=click.Path(dir_okay=False), help="Write the results (JSON; gzipped if it ends in .gz) here.")
-@click.option("--from", "from_json", type=click.Path(exists=True, dir_okay=False),
-              help="Do not run: re-read results JSON (to print, --report-md or --write-features).")
+@click.option("--from", "from_json", type=click.Path(exists=True, dir_okay=False), multiple=True,
+              help="Do not run: re-read results JSON (to print, --report-md or --write-features); repeat it "
+                   "to merge runs on the same prompts (e.g. a sweep run in parts).")
 @click.option("--report-md", type=click.Path(dir_okay=False),
               help="Write a Markdown report (e.g. vectors/<model>/EVAL.md) with a PNG per feature beside it.")
 @click.option("--write-features", type=click.Path(exists=True, dir_okay=False),
@@ -119,7 +120,7 @@ def eval_cmd(obj, features, vectors, concept, methods, kinds, quick, split, limi
     tuned_choice = run.tuned_choice(_read_json(Path(tuned))) if tuned else None
 
     if from_json:
-        results = _read_json(Path(from_json))
+        results = run.merge([_read_json(Path(p)) for p in from_json])
         if tuned_choice is not None:
             results["selected"] = run.select(results["rows"], tuned_choice)
             results["meta"]["selection"] = f"per method at the scale and apply chosen on the tune half ({tuned})"

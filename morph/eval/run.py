@@ -292,18 +292,27 @@ def choose(rows: list[dict]) -> dict | None:
 def select(rows: list[dict], tuned: dict | None = None) -> dict:
     """Per concept and method (vector alone, not combined with prompting): the row at the
     scale and apply chosen on the tuning half (`tuned`: {concept: {method: {"apply",
-    "scale_x"}}}) or, without one, at the default scale (x1) applied everywhere ("all").
+    "scale_x", "scale"}}}; the absolute scale wins, since a tuning run may have changed the
+    default it is a multiple of) or, without one, at the default scale (x1) with the shipped
+    placement ("default") where it was run, else applied everywhere ("all").
     Then the better method: one meeting the goal first, then the higher hmean."""
     out: dict[str, dict] = {}
     for concept in dict.fromkeys(r["concept"] for r in rows):
         methods: dict[str, dict] = {}
         for method in dict.fromkeys(r["method"] for r in rows if r["concept"] == concept and r["kind"] == r["method"]):
             cands = [r for r in rows if r["concept"] == concept and r["kind"] == method]
-            want = (tuned or {}).get(concept, {}).get(method) or {"apply": "all", "scale_x": 1.0}
-            pick = [r for r in cands if r["apply"] == want["apply"] and r["scale_x"] == want["scale_x"]]
+            shipped = planmod.DEFAULT_APPLY if any(r["apply"] == planmod.DEFAULT_APPLY for r in cands) else "all"
+            want = (tuned or {}).get(concept, {}).get(method) or {"apply": shipped, "scale_x": 1.0}
+            if want.get("scale") is not None:  # an absolute scale (the tune run's): the same vector strength
+                def near(r):
+                    return abs(r["scale"] - want["scale"])
+            else:
+                def near(r):
+                    return abs(r["scale_x"] - want["scale_x"])
+            pick = [r for r in cands if r["apply"] == want["apply"] and near(r) < 1e-6]
             if not pick:  # the wanted point was not run: the nearest scale
                 same = [r for r in cands if r["apply"] == want["apply"]] or cands
-                pick = [min(same, key=lambda r: abs(r["scale_x"] - want["scale_x"]))]
+                pick = [min(same, key=near)]
             methods[method] = pick[0]
         best = max(methods.values(), key=_rank, default=None)
         prompt_row = next((r for r in rows if r["concept"] == concept and r["kind"] == "prompt"), None)
@@ -325,7 +334,8 @@ def tuned_choice(results: dict, apply: str | None = None) -> dict:
         out.setdefault(r["concept"], {}).setdefault(r["method"], [])
         out[r["concept"]][r["method"]].append(r)
     picks = {c: {m: choose(rs) for m, rs in ms.items()} for c, ms in out.items()}
-    return {c: {m: {"apply": r["apply"], "scale_x": r["scale_x"]} for m, r in ms.items()} for c, ms in picks.items()}
+    return {c: {m: {"apply": r["apply"], "scale_x": r["scale_x"], "scale": r.get("scale")} for m, r in ms.items()}
+            for c, ms in picks.items()}
 
 
 def apply_table(results: dict) -> dict:
@@ -371,3 +381,39 @@ def apply_table(results: dict) -> dict:
     choice = {t: max(m, key=lambda a: (m[a]["meets"], m[a]["kept_shift"] or 0.0, m[a]["relevance_ratio"] or 0.0))
               for t, m in table.items()}
     return {"by_task": table, "choice": choice}
+
+
+def merge(parts: list[dict]) -> dict:
+    """Results of several runs on the same prompts as one (a sweep run in parts): rows and
+    outputs of each (concept, condition) once, the first run's where they repeat (the
+    same requests give the same cached outputs)."""
+    from morph.errors import MorphError
+
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]["meta"]
+    for p in parts[1:]:
+        m = p["meta"]
+        if (m["split"], m["n_by_task"], m["model"], m["quick"]) != (first["split"], first["n_by_task"], first["model"], first["quick"]):
+            raise MorphError("results to merge must come from the same model, split and prompts")
+    rows, outputs, seen, seen_o = [], [], set(), set()
+    for p in parts:
+        for r in p["rows"]:
+            if (r["concept"], r["condition"]) not in seen:
+                seen.add((r["concept"], r["condition"]))
+                rows.append(r)
+        for o in p.get("outputs", []):
+            k = (o["prompt"], o["concept"], o["condition"])
+            if k not in seen_o:
+                seen_o.add(k)
+                outputs.append(o)
+    order = list(dict.fromkeys(r["concept"] for r in rows))
+    rows.sort(key=lambda r: order.index(r["concept"]))  # stable: each concept's rows together
+    meta = dict(first)
+    meta["scales"] = sorted({s for p in parts for s in p["meta"]["scales"]})
+    meta["apply_modes"] = list(dict.fromkeys(a for p in parts for a in p["meta"]["apply_modes"]))
+    meta["conditions"] = list(dict.fromkeys(c for p in parts for c in p["meta"]["conditions"]))
+    meta["command"] = " + ".join(p["meta"]["command"] for p in parts)
+    meta["wall_s"] = round(sum(p["meta"]["wall_s"] for p in parts), 1)
+    meta["merged_from"] = len(parts)
+    return {"rows": rows, "outputs": outputs, "selected": select(rows), "meta": meta}
