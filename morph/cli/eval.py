@@ -81,7 +81,7 @@ def _read_json(path: Path) -> dict:
               help="Do not run: re-read results JSON (to print, --report-md or --write-features); repeat it "
                    "to merge runs on the same prompts (e.g. a sweep run in parts).")
 @click.option("--report-md", type=click.Path(dir_okay=False),
-              help="Write a Markdown report (e.g. vectors/<model>/EVAL.md) with a PNG per feature beside it.")
+              help="Write a Markdown report (e.g. vectors/<model>/EVAL.md) with its plot beside it (EVAL.png).")
 @click.option("--write-features", type=click.Path(exists=True, dir_okay=False),
               help="Store each measured feature's scores and `experimental` flag in this features.json.")
 @click.option("--cache", type=click.Path(dir_okay=False), default=None,

@@ -1,4 +1,4 @@
-"""What a run shows: the printed table, EVAL.md with one plot per feature, and the
+"""What a run shows: the printed table, EVAL.md with its plot (EVAL.png), and the
 measured scores written into features.json entries."""
 
 from __future__ import annotations
@@ -116,6 +116,68 @@ def plot(results: dict, concept: str, path: Path) -> Path:
     return path
 
 
+def plot_grid(results: dict, path: Path) -> Path:
+    """One small PNG for every feature: concept shift against relevance across the scale
+    sweep (a line per method and placement that was swept), the other placements as
+    points, prompting (star) and unsteered (square), and the 0.85 x unsteered relevance line."""
+    import math
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    concepts = list(dict.fromkeys(r["concept"] for r in results["rows"]))
+    ncol = min(4, len(concepts))
+    nrow = math.ceil(len(concepts) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.1 * ncol, 2.5 * nrow), dpi=80, squeeze=False)
+    colors = {"sae": "tab:blue", "diffmean": "tab:orange", "file": "tab:green"}
+    styles = ["-", "--", ":", "-."]
+    handles = {}
+    for ax, concept in zip(axes.flat, concepts):
+        rows = [r for r in results["rows"] if r["concept"] == concept]
+        groups: dict[tuple, list[dict]] = {}
+        for r in rows:
+            if r["method"] is not None and r["kind"] == r["method"]:
+                groups.setdefault((r["kind"], r["apply"]), []).append(r)
+        applies = list(dict.fromkeys(a for _, a in groups))
+        for (kind, apply), rs in groups.items():
+            rs = sorted(rs, key=lambda r: r["scale_x"])
+            label = f"{kind} ({apply})"
+            if len(rs) > 1:
+                h, = ax.plot([r["relevance"] for r in rs], [r["concept_shift"] for r in rs], marker="o", ms=3,
+                             color=colors.get(kind, "grey"), ls=styles[applies.index(apply) % len(styles)], lw=1)
+                for r in rs:
+                    ax.annotate(f"x{r['scale_x']:g}", (r["relevance"], r["concept_shift"]), fontsize=5,
+                                xytext=(2, 2), textcoords="offset points")
+            else:
+                h = ax.scatter([rs[0]["relevance"]], [rs[0]["concept_shift"]], s=14, color=colors.get(kind, "grey"),
+                               marker="^v<>dP"[applies.index(apply) % 6])
+            handles.setdefault(label, h)
+        base = next((r for r in rows if r["kind"] == "unsteered"), None)
+        for r in rows:
+            if r["kind"] == "prompt":
+                handles.setdefault("prompting", ax.scatter([r["relevance"]], [r["concept_shift"]], marker="*", s=60,
+                                                           color="red", zorder=5))
+        if base:
+            handles.setdefault("unsteered", ax.scatter([base["relevance"]], [0.0], marker="s", s=20, color="black", zorder=5))
+            handles.setdefault("0.85 x unsteered relevance", ax.axvline(
+                base["relevance"] * runmod.GOAL["relevance_ratio_min"], color="grey", ls=":", lw=1))
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.set_title(concept, fontsize=8)
+        ax.tick_params(labelsize=6)
+    for ax in list(axes.flat)[len(concepts):]:
+        ax.axis("off")
+    fig.supxlabel("relevance (MiniLM cosine to the input / opening)", fontsize=8, y=0.09)
+    fig.supylabel("concept shift (judge P(concept) - unsteered)", fontsize=8)
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=4, fontsize=6, frameon=False)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def eval_md(results: dict, path: Path) -> Path:
     """EVAL.md beside the vectors, with a PNG per feature in `eval/`."""
     meta = results["meta"]
@@ -147,12 +209,12 @@ def eval_md(results: dict, path: Path) -> Path:
              "Concept shift and relevance are means over prompts; `rel_x` and `nll_x` are ratios of "
              "means to the unsteered condition on the same prompts. Condition `sae x1.5 all` = the SAE "
              "vector at 1.5 x its default scale, applied at every position.", ""]
-    img_dir = path.parent / "eval"
+    png = plot_grid(results, path.with_suffix(".png"))
+    lines += ["## Concept shift against relevance across the scale sweep", "",
+              f"![concept shift against relevance, every feature]({png.name})", ""]
     for concept in dict.fromkeys(r["concept"] for r in results["rows"]):
         rows = [r for r in results["rows"] if r["concept"] == concept]
-        png = plot(results, concept, img_dir / f"{concept}.png")
-        lines += [f"## {concept}", "", md_table(list(COLUMNS), table_rows(rows)), "",
-                  f"![{concept}: concept shift against relevance](eval/{png.name})", ""]
+        lines += [f"## {concept}", "", md_table(list(COLUMNS), table_rows(rows)), ""]
         by_task = [[r["condition"], t, _f(v["concept_shift"]), _f(v["relevance"], "{:.3f}"),
                     _f(v["relevance_ratio"], "{:.2f}"), _f(v["nll_ratio"], "{:.2f}")]
                    for r in rows for t, v in r["by_task"].items()]
