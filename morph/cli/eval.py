@@ -117,7 +117,11 @@ def eval_cmd(obj, features, vectors, concept, methods, kinds, quick, split, limi
         raise MorphError(f"unknown condition {bad[0]!r} (use: {', '.join(planmod.KINDS)})")
     scale_list = _floats(scales, "--scales") if scales else ((1.0,) if quick else planmod.DEFAULT_SCALES)
     vec_specs = [_vector_spec(v) for v in vectors]
-    tuned_choice = run.tuned_choice(_read_json(Path(tuned))) if tuned else None
+    tuned_choice = None
+    if tuned:  # the tune run's picks; at the shipped placement where it swept it (what the product sends)
+        tune_res = _read_json(Path(tuned))
+        shipped = planmod.DEFAULT_APPLY if any(r.get("apply") == planmod.DEFAULT_APPLY for r in tune_res["rows"]) else None
+        tuned_choice = run.tuned_choice(tune_res, apply=shipped)
 
     if from_json:
         results = run.merge([_read_json(Path(p)) for p in from_json])
