@@ -60,7 +60,8 @@ FRAMING_SAMPLING: dict[str, dict] = {
 # feature x method at x0.5 and x1 of its default, /work/results/quality/tune.json;
 # `morph eval --from tune.json` prints the comparison): per task, the placement under
 # which the most features meet the goal at some scale.
-#   rewrite:  prompt-scaled:0.25 6/21, generated 5/21, all 3/21 (all: NLL x2.2 on average)
+#   rewrite:  prompt-scaled:0.25 3/21, all 2/21, generated 1/21 (all: NLL x2.2 on average,
+#             relevance 0.91 x unsteered; prompt-scaled:0.25 and generated 1.5 and 0.96)
 #   continue: all 7/21, prompt-scaled:0.25 5/21, generated 4/21
 # chat, explain, expand and compress put the user's text in a chat turn like rewrite and
 # take its placement; ghost continues raw text like continue and takes its (not measured

@@ -97,6 +97,9 @@ def test_goal_rules():
     neg = _row(-0.01)
     assert not run.goal(neg, _row(-0.05))["right_way"]
     assert not run.goal(_row(0.2, moved_toward=2, moved_away=3), prompting)["meets_goal"]
+    # Moving nothing is not moving the right way, even where prompting moves nothing either.
+    assert not run.goal(_row(0.01, moved_toward=0, moved_away=0), _row(-0.02))["right_way"]
+    assert not run.goal(_row(0.03, moved_toward=1, moved_away=1), _row(-0.02))["right_way"]
 
 
 def test_selection_prefers_goal_then_hmean_and_honours_tuning():

@@ -200,8 +200,8 @@ def eval_md(results: dict, path: Path) -> Path:
              "A feature meets the goal when, on this split, its concept shift is at least the prompting "
              f"baseline's, its relevance is at least {runmod.GOAL['relevance_ratio_min']} x the unsteered "
              f"relevance, its NLL at most {runmod.GOAL['nll_ratio_max']} x the unsteered NLL, and it does not "
-             f"move its concept the wrong way (mean shift <= 0, or more prompts moved away than toward it by "
-             f"more than {runmod.SHIFT_EPS}). Features that fall short are marked experimental in features.json.", "",
+             f"move its concept the wrong way (it must move it: mean shift > 0, and more prompts moved toward it "
+             f"than away, each by more than {runmod.SHIFT_EPS}). Features that fall short are marked experimental in features.json.", "",
              md_table(SELECTED_HEADER, selected_rows(results)), "",
              summary_line(results), "",
              "## Scores", "",

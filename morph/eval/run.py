@@ -245,10 +245,21 @@ def _row(t: Target, c: Condition, prompts, outs: dict, base: dict) -> dict:
 
 
 def wrong_way(row: dict) -> bool:
-    """Moves its concept the wrong way: the mean shift is not positive, or more prompts
-    moved away from the concept than toward it (each by more than SHIFT_EPS)."""
+    """Does not move its concept the right way: the mean shift is not positive, or no more
+    prompts moved toward the concept than away from it (each by more than SHIFT_EPS). A
+    vector that moves nothing (0 toward, 0 away) fails too: otherwise, where prompting
+    does not move a concept either, any weak vector (a random one) passes."""
     s = row.get("concept_shift")
-    return s is None or s <= 0 or row["moved_away"] > row["moved_toward"]
+    return s is None or s <= 0 or row["moved_away"] >= row["moved_toward"]
+
+
+def regoal(rows: list[dict]) -> list[dict]:
+    """Recompute each steered row's goal under the current rule (for re-read results)."""
+    prompt_of = {r["concept"]: r for r in rows if r["kind"] == "prompt"}
+    for r in rows:
+        if r.get("method") is not None:
+            r["goal"] = goal(r, prompt_of.get(r["concept"]))
+    return rows
 
 
 def goal(row: dict, prompt_row: dict | None) -> dict:
@@ -390,6 +401,8 @@ def merge(parts: list[dict]) -> dict:
     from morph.errors import MorphError
 
     if len(parts) == 1:
+        parts[0]["rows"] = regoal(parts[0]["rows"])
+        parts[0]["selected"] = select(parts[0]["rows"])
         return parts[0]
     first = parts[0]["meta"]
     for p in parts[1:]:
@@ -409,6 +422,7 @@ def merge(parts: list[dict]) -> dict:
                 outputs.append(o)
     order = list(dict.fromkeys(r["concept"] for r in rows))
     rows.sort(key=lambda r: order.index(r["concept"]))  # stable: each concept's rows together
+    regoal(rows)
     meta = dict(first)
     meta["scales"] = sorted({s for p in parts for s in p["meta"]["scales"]})
     meta["apply_modes"] = list(dict.fromkeys(a for p in parts for a in p["meta"]["apply_modes"]))
