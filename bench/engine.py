@@ -268,8 +268,8 @@ def steer_argv(info, tmp: Path, cv: ControlVector) -> tuple[list[str], str]:
     try:
         from morph.steering.catalog import Catalog
 
-        Catalog(info.model_id).get("formal")
-        return base + ["-f", "formal"], "morph steer -f formal"
+        Catalog(info.model_id).get("formal", experimental=True)
+        return base + ["--experimental", "-f", "formal"], "morph steer --experimental -f formal"
     except Exception:
         path = tmp / "random.gguf"
         cv.save(path)

@@ -15,6 +15,17 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from morph.errors import MorphError
+
+
+def user_path(path: str | os.PathLike) -> Path:
+    """`path` with a leading `~` or `~user` expanded. MorphError (one line) where that cannot
+    be done (no such user, no home directory), where pathlib raises RuntimeError."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        raise MorphError(f"{os.fspath(path)}: cannot expand '~' (no such user or home directory)") from None
+
 
 def _mode_for(target: Path) -> int:
     """The file's current mode; a new file gets the umask's (not mkstemp's 0600)."""

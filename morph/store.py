@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import queue
 import sqlite3
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -168,3 +170,54 @@ def log_run(
 
 def recent_runs(db: sqlite3.Connection, limit: int = 20) -> list[sqlite3.Row]:
     return db.execute("SELECT * FROM runs ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+
+
+class Background:
+    """Runs small writes (db rows, recovery files) on one background thread, in order.
+
+    `submit(fn)` calls fn(db) with a lazily opened connection; `submit(fn, db=False)` calls
+    fn() (file I/O that must not depend on the database). `flush()` waits for the queue.
+    """
+
+    def __init__(self, on_error: Callable[[str], None] | None = None):
+        self._q: queue.Queue = queue.Queue()
+        self._on_error = on_error
+        self._warned = False
+        self._thread = threading.Thread(target=self._run, name="morph-db", daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable, db: bool = True) -> None:
+        self._q.put((fn, db))
+
+    def flush(self, timeout: float = 5.0) -> None:
+        done = threading.Event()
+        self._q.put(done)
+        done.wait(timeout)
+
+    def close(self, timeout: float = 5.0) -> None:
+        self._q.put(None)
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        db = None
+        while True:
+            fn = self._q.get()
+            if fn is None:
+                break
+            if isinstance(fn, threading.Event):
+                fn.set()
+                continue
+            fn, wants_db = fn
+            try:
+                if not wants_db:
+                    fn()
+                    continue
+                if db is None:
+                    db = connect()
+                fn(db)
+            except (sqlite3.Error, OSError) as e:
+                if self._on_error is not None and (not wants_db or not self._warned):
+                    self._warned = self._warned or wants_db
+                    self._on_error(f"{'history' if wants_db else 'recovery file'} not saved: {e}")
+        if db is not None:
+            db.close()

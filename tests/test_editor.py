@@ -395,6 +395,37 @@ def test_wq_and_w_path(session, tmp_path):
     assert Path(s.ed.path).read_text() == "draftnew\n"
 
 
+@pytest.mark.parametrize("cmd", [":w", ":w!", ":wq", ":x"])
+def test_write_to_unknown_users_home_is_one_error(session, tmp_path, cmd):
+    """`~nosuchuser` cannot be expanded (pathlib raises RuntimeError): one error line, the
+    buffer and the editor stay."""
+    s = session(text="draft\n", engine=None)
+    s.send("Anew" + ESC + f"{cmd} ~nosuchuser-morph/x.md" + ENTER)
+    wait(lambda: s.ed.message[0] == "message.error", what="error")
+    msg = s.ed.message[1]
+    assert msg.startswith("E: not written: ~nosuchuser-morph/x.md:") and "\n" not in msg, msg
+    assert "the buffer is kept" in msg
+    assert s.thread.is_alive() and s.ed.app.is_running
+    assert s.ed.buffer.text == "draftnew\n" and s.ed.ebuf.modified
+    s.send(":wq" + ENTER)
+    assert s.exited()
+    assert Path(s.ed.path).read_text() == "draftnew\n"
+
+
+def test_unencodable_buffer_is_one_error_and_kept(session, tmp_path):
+    """A lone surrogate (e.g. pasted from a broken source) cannot be UTF-8: one error line."""
+    p = tmp_path / "doc.md"
+    p.write_text("keep\n")
+    s = session(p, engine=None)
+    s.ed.post(lambda: setattr(s.ed.buffer, "text", "bad \ud800\n"))
+    wait(lambda: s.ed.ebuf.modified, what="edit")
+    s.send(":w" + ENTER)
+    wait(lambda: s.ed.message[0] == "message.error", what="error")
+    assert s.ed.message[1] == (f"E: not written: {s.ed.ebuf.display_name}: character '\\ud800' at offset 4 "
+                               "cannot be written as UTF-8 (the buffer is kept)")
+    assert p.read_text() == "keep\n" and s.ed.buffer.text == "bad \ud800\n" and s.thread.is_alive()
+
+
 def test_failed_save_keeps_buffer_and_file(session, tmp_path, monkeypatch):
     p = tmp_path / "doc.md"
     p.write_text("original\n")
@@ -544,6 +575,31 @@ def test_recovery_mirror_and_restore(session, tmp_path):
     assert s2.exited()
     assert p.read_text() == "savedunsaved words\n"
     assert not rec_path.exists()
+
+
+def test_recovery_question_with_a_malformed_recovery_file(session, tmp_path):
+    """A draft whose ts and pid no morph wrote (inf, a huge float): the question still comes,
+    with the file's own time, and restoring works; a file that is JSON null is ignored."""
+    p = tmp_path / "doc.md"
+    p.write_text("saved\n")
+    rec_path = recovery.recovery_path(p)
+    rec_path.parent.mkdir(parents=True, exist_ok=True)
+    rec_path.write_text('{"path": %s, "text": "the draft\\n", "ts": 1e999, "pid": 1e999}' % json.dumps(str(p)))
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(rec_path.stat().st_mtime))
+    s = session(p, engine=None)
+    wait(lambda: s.ed.confirm is not None, what="recovery question")
+    assert f"from {when}" in s.ed.confirm.question
+    s.send("r")
+    wait(lambda: s.ed.buffer.text == "the draft\n", what="restored")
+    s.send(":wq" + ENTER)
+    assert s.exited()
+    assert p.read_text() == "the draft\n" and not rec_path.exists()
+
+    rec_path.write_text("null")
+    s2 = session(p, engine=None)
+    s2.send("Ax" + ESC + ":wq" + ENTER)
+    assert s2.exited()
+    assert s2.ed.recovered is None and p.read_text() == "the draftx\n"
 
 
 # --- steering panel --------------------------------------------------------------------------

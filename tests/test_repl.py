@@ -140,6 +140,7 @@ def test_slash_commands(rt, tmp_path):
         f"/save {f}",
         f"/save --append --transcript {f}",
         f"/save {tmp_path}/missing/x.md",
+        "/save ~nosuchuser-morph/x.md",
         "/mode rewrite",
         "/mode bogus",
         "/model",
@@ -162,6 +163,7 @@ def test_slash_commands(rt, tmp_path):
     assert "## you (chat)\n\nHello!" in text and "## morph (testfeat@diffmean=0.2)" in text
     assert not list(tmp_path.glob(".out.md.*"))  # no temp files left behind
     assert f"error: {tmp_path}/missing: no such directory" in out
+    assert "error: ~nosuchuser-morph/x.md: cannot expand '~' (no such user or home directory)" in out
     assert "mode: rewrite" in out and "error: unknown mode 'bogus'" in out and s.mode == "rewrite"
     assert f"model: {s.model_name}" in out and "error: unknown model 'no-such-model'" in out
     assert "Hello!" in out.split("/feature NAME")[0]  # /history listed this session

@@ -132,3 +132,22 @@ def test_interrupted_write_leaves_the_old_file(tmp_path, monkeypatch):
     fsutil.write_json(link, {"new": 1})  # written through the link, mode kept
     assert link.is_symlink() and json.loads(target.read_text()) == {"new": 1}
     assert stat.S_IMODE(target.stat().st_mode) == 0o640
+
+
+NO_USER = "~nosuchuser-morph"
+
+
+@pytest.mark.parametrize("args,env", [
+    (["write", f"{NO_USER}/x.md"], {}),
+    (["history", f"{NO_USER}/x.md"], {}),
+    (["--model", f"{NO_USER}/m.gguf", "steer"], {}),
+    (["--data-dir", f"{NO_USER}/d", "models"], {}),
+    (["models"], {"MORPH_DATA_DIR": f"{NO_USER}/d"}),
+], ids=["write", "history", "--model", "--data-dir", "MORPH_DATA_DIR"])
+def test_unknown_users_home_is_one_error_line(tmp_path, args, env):
+    """pathlib's expanduser raises RuntimeError for ~nosuchuser: one `morph: error:` line."""
+    res = subprocess.run([sys.executable, "-m", "morph", *args], input="hi", capture_output=True, text=True,
+                         env=_env(tmp_path, **env), timeout=120)
+    assert res.returncode == 1 and res.stdout == "", res.stderr
+    assert res.stderr.count("\n") == 1 and res.stderr.startswith(f"morph: error: {NO_USER}/"), res.stderr
+    assert "cannot expand '~'" in res.stderr

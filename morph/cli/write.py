@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import click
 
 from morph.cli import cli
 from morph.cli.options import feature_option
 from morph.errors import NeedsTerminal
+from morph.fsutil import user_path
 from morph.steering import profile
 
 
@@ -38,7 +38,7 @@ def write_cmd(obj, file, keys, features, experimental, no_suggest, no_log, threa
     from morph.editor.buffer import read_text
 
     # Refuse unusable files before loading anything (non-UTF-8: one line, exit 1, untouched).
-    read_text(Path(file).expanduser().absolute())
+    read_text(user_path(file).absolute())
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise NeedsTerminal("morph write needs a terminal (for pipes use `morph steer`)")
     for spec in features:  # bad specs fail before the model loads

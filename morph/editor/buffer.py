@@ -89,7 +89,7 @@ class EditorBuffer:
     """One open file: the prompt-toolkit Buffer and its location and saved state."""
 
     def __init__(self, path: str | os.PathLike, buffer: Buffer | None = None):
-        self.path = Path(path).expanduser().absolute()
+        self.path = fsutil.user_path(path).absolute()
         text, self.newline, self.disk = read_text(self.path)
         self.saved_text = text
         self.buffer = buffer or Buffer(name="main", multiline=True)
@@ -134,7 +134,7 @@ class EditorBuffer:
     def save(self, path: Path | None = None) -> Path:
         """Write the buffer (to `path`, default its own). OSError on failure, buffer kept."""
         text = self.buffer.text
-        target = self.path if path is None else Path(path).expanduser().absolute()
+        target = self.path if path is None else fsutil.user_path(path).absolute()
         state = atomic_write(target, self.encode(text))
         if target == self.path:
             self.saved_text = text

@@ -30,6 +30,7 @@ from morph.editor.ghost import SuggestionController
 from morph.editor.history import Background
 from morph.editor.worker import EngineWorker
 from morph.errors import MorphError
+from morph.fsutil import user_path
 from morph.steering.profile import Profile
 
 GC_TICK_S = 1.0
@@ -165,7 +166,8 @@ class Editor:
         if rec.owner_alive:
             self.message = (
                 "message.error",
-                f"{self.ebuf.display_name} is open in another morph (pid {rec.pid}); its unsaved text is kept",
+                f"{self.ebuf.display_name} is open in another morph{f' (pid {rec.pid})' if rec.pid else ''}; "
+                "its unsaved text is kept",
             )
             return None
         return rec
@@ -398,7 +400,12 @@ class Editor:
 
     def write(self, target: str | None = None, force: bool = False, then: Callable[[], None] | None = None) -> None:
         """`:w [PATH]`; asks before overwriting a file changed on disk since it was read."""
-        own = target is None or Path(target).expanduser().absolute() == self.path
+        try:
+            dest = None if target is None else user_path(target).absolute()
+        except MorphError as e:
+            self.error(f"E: not written: {e} (the buffer is kept)")
+            return
+        own = dest is None or dest == self.path
         if own and not force and self.ebuf.changed_on_disk():
             def yes():
                 if self._save(None) and then is not None:
@@ -410,7 +417,7 @@ class Editor:
                 on_cancel=lambda: self.info("not written (:e! is not supported; save elsewhere with :w PATH)"),
             )
             return
-        if not own and not force and Path(target).expanduser().exists():
+        if not own and not force and dest.exists():
             self.error(f"E13: {target} exists (add ! to overwrite)")
             return
         if self._save(None if own else target) and then is not None:
@@ -422,6 +429,10 @@ class Editor:
         except OSError as e:
             where = e.filename or (target or self.ebuf.display_name)
             self.error(f"E: not written: {where}: {e.strerror or e} (the buffer is kept)")
+            return False
+        except UnicodeEncodeError as e:  # a lone surrogate: no UTF-8 for it
+            self.error(f"E: not written: {target or self.ebuf.display_name}: character {e.object[e.start]!a} "
+                       f"at offset {e.start} cannot be written as UTF-8 (the buffer is kept)")
             return False
         text = self.buffer.text if target is None else None
         nbytes = len(self.ebuf.encode())

@@ -1,7 +1,7 @@
 """The editor's rows in morph.db: documents (steering profile), versions, suggestions.
 
-Reads happen before the app starts. Writes while the app runs go through `Background`, a
-background thread, so a locked or slow database never stalls a keystroke; errors become
+Reads happen before the app starts. Writes while the app runs go through `store.Background`,
+a background thread, so a locked or slow database never stalls a keystroke; errors become
 one warning, never an exception in the editor.
 """
 
@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import queue
 import sqlite3
-import threading
 import time
 from pathlib import Path
-from typing import Callable
 
 from morph import store
+from morph.store import Background  # noqa: F401  (editor.py imports it from here)
 
 
 def document_id(db: sqlite3.Connection, path: Path, create: bool = True) -> int | None:
@@ -105,52 +103,3 @@ def log_suggestion(
         )
 
 
-class Background:
-    """Runs small writes (db rows, recovery files) on one background thread, in order.
-
-    `submit(fn)` calls fn(db) with a lazily opened connection; `submit(fn, db=False)` calls
-    fn() (file I/O that must not depend on the database). `flush()` waits for the queue.
-    """
-
-    def __init__(self, on_error: Callable[[str], None] | None = None):
-        self._q: queue.Queue = queue.Queue()
-        self._on_error = on_error
-        self._warned = False
-        self._thread = threading.Thread(target=self._run, name="morph-db", daemon=True)
-        self._thread.start()
-
-    def submit(self, fn: Callable, db: bool = True) -> None:
-        self._q.put((fn, db))
-
-    def flush(self, timeout: float = 5.0) -> None:
-        done = threading.Event()
-        self._q.put(done)
-        done.wait(timeout)
-
-    def close(self, timeout: float = 5.0) -> None:
-        self._q.put(None)
-        self._thread.join(timeout)
-
-    def _run(self) -> None:
-        db = None
-        while True:
-            fn = self._q.get()
-            if fn is None:
-                break
-            if isinstance(fn, threading.Event):
-                fn.set()
-                continue
-            fn, wants_db = fn
-            try:
-                if not wants_db:
-                    fn()
-                    continue
-                if db is None:
-                    db = store.connect()
-                fn(db)
-            except (sqlite3.Error, OSError) as e:
-                if self._on_error is not None and (not wants_db or not self._warned):
-                    self._warned = self._warned or wants_db
-                    self._on_error(f"{'history' if wants_db else 'recovery file'} not saved: {e}")
-        if db is not None:
-            db.close()

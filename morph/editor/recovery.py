@@ -34,8 +34,8 @@ class Recovered:
     path: Path  # the recovery file
     doc_path: str
     text: str
-    ts: float
-    pid: int
+    ts: float  # seconds since the epoch, always one time.localtime() can show
+    pid: int  # 0 when the file does not say
 
     @property
     def owner_alive(self) -> bool:
@@ -119,15 +119,31 @@ def write(doc_path: Path, text: str) -> Path:
     return target
 
 
+_MAX_TS = 253402300799.0  # 9999-12-31: a time the clock can show
+_MAX_PID = 2**31 - 1  # pid_t
+
+
 def read(doc_path: Path) -> Recovered | None:
+    """The draft of doc_path, or None. A file that is not a recovery object for this document
+    offers nothing; a draft whose `ts` or `pid` no morph wrote (null, text, inf, 1e30) is
+    still offered, with the file's own time and pid 0 (unknown): the text is what counts."""
     p = recovery_path(doc_path)
     try:
         raw = json.loads(p.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if raw.get("path") != str(doc_path) or not isinstance(raw.get("text"), str):
+    if not isinstance(raw, dict) or raw.get("path") != str(doc_path) or not isinstance(raw.get("text"), str):
         return None
-    return Recovered(p, raw["path"], raw["text"], float(raw.get("ts", 0)), int(raw.get("pid", 0)))
+    text = raw["text"].encode("utf-16", "surrogatepass").decode("utf-16", "replace")  # lone surrogates: U+FFFD
+    ts, pid = raw.get("ts"), raw.get("pid")
+    if not (type(ts) in (int, float) and 0 <= ts <= _MAX_TS):  # False for NaN and inf too
+        try:
+            ts = p.stat().st_mtime
+        except OSError:
+            ts = 0.0
+    if not (type(pid) is int and 0 < pid <= _MAX_PID):
+        pid = 0
+    return Recovered(p, raw["path"], text, float(ts), pid)
 
 
 def remove(doc_path: Path) -> None:

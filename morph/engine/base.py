@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Protocol, Sequence, runtime_checkable
+from typing import Callable, Iterator, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -50,6 +50,12 @@ class Request:
     stop: Sequence[str] = ()
     steering: ControlVector | None = None  # already combined and scaled
     apply: str = "all"  # where `steering` applies: "all" | "generated" | "prompt-scaled[:F]" (APPLY_MODES)
+    # OpenAI sampling fields: logit_bias maps token id -> added logit (or is a dense
+    # float array of n_vocab); the penalties subtract count * frequency_penalty and, once a
+    # token has appeared, presence_penalty (over the last repeat_last_n tokens).
+    logit_bias: Mapping[int, float] | np.ndarray | None = None
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
     cancel: threading.Event | None = None  # set it to stop this stream at the next token
     add_bos: bool = True
 
@@ -154,6 +160,9 @@ class BatchRunner(Protocol):
 class Engine(Protocol):
     name: str
     info: ModelInfo
+    # How many streams the engine serves at once: callers (the server) may call stream()
+    # from that many threads together. 1: one at a time (llama.cpp's one context).
+    max_streams: int
 
     @property
     def n_ctx(self) -> int: ...
@@ -181,7 +190,16 @@ class Engine(Protocol):
         """Whether `token` ends generation (EOS, end of turn, ...)."""
         ...
 
+    def is_control(self, token: int) -> bool:
+        """Whether `token` is a control token (`<|im_start|>`): tokenize() gives it only with special=True."""
+        ...
+
     def format_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str: ...
+
+    def prepare_tokens(self, request: Request) -> list[int]:
+        """The prompt ids of `request`: its prompt, or its messages in the chat template, the
+        template's control tokens parsed and message text as plain text (engine/chat.py)."""
+        ...
 
     def stream(self, request: Request) -> Iterator[Event]: ...
 

@@ -31,6 +31,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from morph.engine.base import Event, Request, Timings, apply_factors
+from morph.engine.chat import PromptMixin
 from morph.errors import MorphError
 from morph.models import ModelInfo
 from morph.steering.vector import ControlVector
@@ -90,8 +91,9 @@ class _quiet_stderr:
         os.close(self.saved)
 
 
-class LlamaEngine:
+class LlamaEngine(PromptMixin):
     name = "llama.cpp"
+    max_streams = 1  # one context: concurrent stream() calls wait for each other
 
     def __init__(
         self,
@@ -163,6 +165,10 @@ class LlamaEngine:
 
     def is_eog(self, token: int) -> bool:
         return bool(self._lc.llama_vocab_is_eog(self._vocab, int(token)))
+
+    def is_control(self, token: int) -> bool:
+        attr = self._lc.llama_vocab_get_attr(self._vocab, int(token))
+        return bool(attr & (self._lc.LLAMA_TOKEN_ATTR_CONTROL | self._lc.LLAMA_TOKEN_ATTR_UNKNOWN))
 
     def format_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -299,11 +305,13 @@ class LlamaEngine:
     def continuation_logprobs(
         self, prompt: str | Sequence[int], continuation: str | Sequence[int],
         steering: ControlVector | None = None, apply: str = "all",
+        logit_bias: np.ndarray | None = None,
     ) -> np.ndarray:
         """Log-probability of each token of `continuation` after `prompt`, teacher-forced:
         `prompt` is evaluated as a request's prompt, `continuation` as its generated tokens
         (so `apply` means what it means for generation). Either may be token ids (e.g. a
-        chat prompt from `prepare_tokens` and the ids a stream generated).
+        chat prompt from `prepare_tokens` and the ids a stream generated). A dense
+        `logit_bias` (n_vocab) is added to every position's logits, as a sampler would.
 
         Used to score features (does "formal" raise the formal wording?) and fluency.
         """
@@ -332,27 +340,14 @@ class LlamaEngine:
                     llm._ctx.decode(llm._batch)
                     rows.append(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(len(cont) - 1, self._n_vocab)))
                 rows = np.concatenate(rows).astype(np.float64)
+                if logit_bias is not None:
+                    rows += np.asarray(logit_bias, dtype=np.float64)
             finally:
                 llm._ctx.kv_cache_seq_rm(-1, n0, -1)
                 llm.n_tokens = n0
         m = rows.max(axis=1, keepdims=True)
         lse = (m + np.log(np.exp(rows - m).sum(axis=1, keepdims=True)))[:, 0]
         return rows[np.arange(len(cont)), cont] - lse
-
-    def prepare_tokens(self, request: Request) -> list[int]:
-        if request.messages is not None:
-            text = self.format_chat(request.messages)
-            return self.tokenize(text, add_bos=False, special=True)
-        if request.prompt is None:
-            raise MorphError("request needs a prompt or messages")
-        return self.tokenize(request.prompt, add_bos=request.add_bos)
-
-    def check_fits(self, n_prompt: int, max_tokens: int) -> None:
-        if n_prompt + max_tokens > self.n_ctx:
-            raise MorphError(
-                f"input is {n_prompt} tokens; with {max_tokens} to generate that exceeds the "
-                f"context of {self.n_ctx} tokens"
-            )
 
     def stream(self, request: Request) -> Iterator[Event]:
         t0 = time.perf_counter()
@@ -371,9 +366,13 @@ class LlamaEngine:
         from llama_cpp import _internals as internals
 
         s = internals.LlamaSampler()
-        if request.repeat_penalty and request.repeat_penalty != 1.0:
+        if request.logit_bias is not None and len(request.logit_bias):
+            self._add_logit_bias(s, request.logit_bias)
+        freq, presence = float(request.frequency_penalty or 0.0), float(request.presence_penalty or 0.0)
+        if (request.repeat_penalty and request.repeat_penalty != 1.0) or freq or presence:
             # Tiny models loop easily, steered ones more so: a mild penalty keeps them going.
-            s.add_penalties(self._n_vocab, int(request.repeat_last_n), float(request.repeat_penalty), 0.0, 0.0)
+            s.add_penalties(self._n_vocab, int(request.repeat_last_n), float(request.repeat_penalty or 1.0),
+                            freq, presence)
         if request.temperature <= 0:
             s.add_greedy()
         else:
@@ -385,6 +384,29 @@ class LlamaEngine:
             seed = self._lc.LLAMA_DEFAULT_SEED if request.seed is None else int(request.seed)
             s.add_dist(seed & 0xFFFFFFFF)
         return s
+
+    def _add_logit_bias(self, sampler, bias) -> None:
+        """llama.cpp's logit-bias sampler from a {token: bias} mapping or a dense array
+        (built with numpy: a dense vocabulary-wide bias is 49k entries)."""
+        n_vocab = self._n_vocab
+        if isinstance(bias, np.ndarray):
+            dense = np.asarray(bias, dtype=np.float32).reshape(-1)
+            if dense.shape[0] != n_vocab:
+                raise MorphError(f"logit bias has {dense.shape[0]} entries, the vocabulary {n_vocab}")
+            ids = np.flatnonzero(dense)
+            vals = dense[ids]
+        else:
+            ids = np.fromiter((int(t) for t in bias), dtype=np.int64, count=len(bias))
+            vals = np.fromiter((float(v) for v in bias.values()), dtype=np.float32, count=len(bias))
+            if ids.size and (ids.min() < 0 or ids.max() >= n_vocab):
+                raise MorphError(f"logit bias token ids must be in 0..{n_vocab - 1}")
+        if not ids.size:
+            return
+        arr = np.zeros(ids.size, dtype=[("token", np.int32), ("bias", np.float32)])
+        arr["token"], arr["bias"] = ids, vals
+        ptr = arr.ctypes.data_as(ctypes.POINTER(self._lc.llama_logit_bias))
+        smpl = self._lc.llama_sampler_init_logit_bias(n_vocab, int(ids.size), ptr)  # copies the array
+        self._lc.llama_sampler_chain_add(sampler.sampler, smpl)
 
     def _generate(self, tokens, request: Request, max_tokens: int, cancel, t0) -> Iterator[Event]:
         tim = Timings(prompt_tokens=len(tokens))

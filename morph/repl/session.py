@@ -92,10 +92,9 @@ class Session:
     # --- requests ---------------------------------------------------------------------
 
     def _count(self, req: Request) -> int:
-        eng = self.engine
-        if req.messages is not None:
-            return len(eng.tokenize(eng.format_chat(req.messages), add_bos=False, special=True))
-        return len(eng.tokenize(req.prompt or "", add_bos=req.add_bos))
+        if req.messages is None and req.prompt is None:
+            return 0
+        return len(self.engine.prepare_tokens(req))  # what the engine will evaluate
 
     def prepare(self, text: str) -> Prepared:
         """The request for `text` in the current mode, bounded to the context window."""

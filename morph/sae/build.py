@@ -63,6 +63,8 @@ class BuildConfig:
     n_seq: int = 32
     recipes: list[Path] | None = None  # default: every shipped recipe
     corpus_cache: Path | None = None  # load the corpus from here if it fits, else save it there
+    gpu: bool = False  # capture, generation and scoring through the vLLM engine (same files)
+    tensor_parallel_size: int = 1  # with gpu: vLLM's tensor parallelism
 
 
 Progress = Callable[[str, int | None], Callable[[int], None]]  # (stage, total) -> advance
@@ -70,7 +72,7 @@ Progress = Callable[[str, int | None], Callable[[int], None]]  # (stage, total) 
 
 def build(info: ModelInfo, cfg: BuildConfig, out_dir: Path | None = None,
           progress: Progress | None = None, log: Callable[[str], None] = lambda s: None) -> dict:
-    from morph.engine.llama import LlamaEngine
+    from morph.engine import load_engine
     from morph.steering import diffmean as dm
 
     layer = default_layer(info) if cfg.layer is None else cfg.layer
@@ -80,11 +82,14 @@ def build(info: ModelInfo, cfg: BuildConfig, out_dir: Path | None = None,
     recipes = [dm.load_recipe(p) for p in (cfg.recipes or sorted(paths.recipes_dir().glob("*.json")))]
     if not recipes:
         raise MorphError(f"no contrast-set recipes in {paths.recipes_dir()}")
-    threads = cfg.threads or pick_threads()
+    threads = None if cfg.gpu else cfg.threads or pick_threads()
     bar = progress or (lambda stage, total: (lambda n: None))
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
-    engine = LlamaEngine(info, n_ctx=512, threads=threads)
+    # llama.cpp: n_ctx is the capture context (batch runners size their own); vLLM: the
+    # longest sequence any stage runs (a corpus job is at most ~500 tokens).
+    engine = load_engine(info, gpu=cfg.gpu, n_ctx=2048 if cfg.gpu else 512, threads=threads,
+                         tensor_parallel_size=cfg.tensor_parallel_size)
     try:
         with _timed(timings, "corpus_s"):
             corp = _corpus(engine, info, cfg, layer, bar, log, timings)
@@ -112,6 +117,7 @@ def build(info: ModelInfo, cfg: BuildConfig, out_dir: Path | None = None,
         timings["total_s"] = round(time.perf_counter() - t_all, 1)
         report = {
             "model_id": info.model_id, "model_fingerprint": info.fingerprint, "threads": threads,
+            "engine": engine.name,
             "config": {k: (Path(v).name if isinstance(v, Path) else v) for k, v in asdict(cfg).items()
                        if k != "recipes"},
             "sae": sae_info, "sae_training": {k: v for k, v in sae.meta.items() if k != "corpus"},

@@ -72,5 +72,5 @@ def catalog(model_info):
 
 @pytest.fixture(scope="session")
 def formal(catalog):
-    f = catalog.get("formal")
+    f = catalog.get("formal", experimental=True)
     return f.load_vector() * f.default_scale

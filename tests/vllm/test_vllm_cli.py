@@ -28,7 +28,7 @@ def test_steer_gpu_equals_engine_and_tensor_parallel_1(vengine, formal):
     """`morph --gpu --tensor-parallel-size 1 steer -f formal` = the engine with the same request
     (the TP code path at N=1: the option reaches vLLM, the hooks see a whole residual)."""
     text = "hey, can u send me the report by friday?"
-    p = morph(["--gpu", "--tensor-parallel-size", "1", "steer", "-f", "formal", "--temperature", "0",
+    p = morph(["--gpu", "--tensor-parallel-size", "1", "steer", "--experimental", "-f", "formal", "--temperature", "0",
                "--max-tokens", "24", "--no-log"], stdin=text)
     assert p.returncode == 0, p.stderr[-2000:]
     req = tasks.build_request("rewrite", text, max_tokens=24, temperature=0.0, top_p=0.95, seed=None,
@@ -182,8 +182,8 @@ def test_vllm_serve_accepts_the_steering_extension(vllm_server, vengine):
         return r.choices[0].message.content
 
     plain = chat()
-    steered = chat({"steering": {"features": {"formal": 0.3}, "apply": "all"}})
-    generated = chat({"steering": {"features": {"formal": 0.3}, "apply": "generated"}})
+    steered = chat({"steering": {"features": {"formal": 0.3}, "apply": "all", "experimental": True}})
+    generated = chat({"steering": {"features": {"formal": 0.3}, "apply": "generated", "experimental": True}})
     assert steered != plain and generated != plain
     assert chat() == plain  # no steering leaks into later requests
     # The same text as morph's own engine with the same vector (same template, greedy).
@@ -191,17 +191,17 @@ def test_vllm_serve_accepts_the_steering_extension(vllm_server, vengine):
     from morph.steering.catalog import Catalog
 
     cat = Catalog("smollm2-135m-instruct")
-    cv = cat.get("formal").load_vector() * 0.3
+    cv = cat.get("formal", experimental=True).load_vector() * 0.3
     want = collect(vengine.stream(Request(messages=msgs, max_tokens=20, temperature=0.0, repeat_penalty=1.0,
                                           steering=cv))).text
     assert steered == want
     # Streaming carries the steering too.
     chunks = client.chat.completions.create(model="smollm2", messages=msgs, max_tokens=20, temperature=0, stream=True,
-                                            extra_body={"steering": {"features": {"formal": 0.3}}})
+                                            extra_body={"steering": {"features": {"formal": 0.3}, "experimental": True}})
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == steered
     # Completions endpoint.
     r = client.completions.create(model="smollm2", prompt="The old lighthouse keeper", max_tokens=12, temperature=0,
-                                  extra_body={"steering": {"features": {"formal": 0.3}}})
+                                  extra_body={"steering": {"features": {"formal": 0.3}, "experimental": True}})
     r0 = client.completions.create(model="smollm2", prompt="The old lighthouse keeper", max_tokens=12, temperature=0)
     assert r.choices[0].text != r0.choices[0].text
     # Bad steering: an OpenAI-shaped 400, and the server stays up.
@@ -258,3 +258,34 @@ def test_tensor_parallel_size_reaches_vllm(data_dir, monkeypatch, vengine):
         assert seen["tensor_parallel_size"] == want and seen["compile"] is True
     assert vengine.tensor_parallel_size == 1
     assert vengine.llm.llm_engine.vllm_config.parallel_config.tensor_parallel_size == 1
+
+
+def test_vectors_build_gpu_small(tmp_path, hf_folder, model_info):
+    """`morph vectors build --gpu` on a tiny budget: corpus, evidence, scoring and
+    explanations run through vLLM and write the files the CPU build writes."""
+    from morph import paths
+    from morph.sae.io import load_sae
+    from morph.steering import diffmean as dm
+    from morph.steering.vector import ControlVector
+
+    r = dm.load_recipe(paths.recipes_dir() / "formality.json")
+    recipe = tmp_path / "formality.json"
+    recipe.write_text(json.dumps({"axis": "formality", "positive": r.positive, "negative": r.negative,
+                                  "pairs": r.pairs[:14]}))
+    out = tmp_path / "vec"
+    p = morph(["vectors", "build", "--gpu", "--tokens", "4096", "--width", "256", "--k", "8", "--epochs", "10",
+               "--recipe", str(recipe), "--out", str(out)], timeout=1500)
+    assert p.returncode == 0, p.stderr[-3000:]
+    report = json.loads((out / "build.json").read_text())
+    assert report["engine"] == "vllm" and report["config"]["gpu"] is True
+    assert report["corpus"]["rows"] >= 4000 and report["corpus"]["generated_rows"] > 500
+    man = json.loads((out / "features.json").read_text())
+    sae = load_sae(out / man["sae"]["file"])
+    assert sae.width == 256 and sae.k == 8 and sae.meta["fvu"] < 1.0 and sae.meta["layer"] == 16
+    written = {e["name"]: e for e in man["features"]}
+    assert set(written) | {x["name"] for x in report["rejected"]} == {"formal", "casual"}
+    for name, e in written.items():
+        cv = ControlVector.load(out / e["file"])
+        cv.validate(model_info.n_embd, model_info.n_layer, where=name)
+        assert cv.meta["method"] == "sae" and cv.meta["sae_sha256"] == man["sae"]["sha256"]
+    print(json.dumps({"timings": report["timings"], "features": sorted(written)}))

@@ -44,7 +44,7 @@ def test_steering_matches_llama_cpp_direction(vengine, engine, formal):
 def test_two_features_in_one_batch_equal_each_alone(vengine, catalog):
     from morph.engine.vllm_plugin import rpc_info
 
-    vecs = {name: catalog.get(name).load_vector() * catalog.get(name).default_scale for name in ("formal", "casual")}
+    vecs = {name: catalog.get(name, experimental=True).load_vector() * catalog.get(name, experimental=True).default_scale for name in ("formal", "casual")}
     alone = {name: collect(vengine.stream(greedy(n=20, steering=cv))).token_ids for name, cv in vecs.items()}
     assert alone["formal"] != alone["casual"]
     before = vengine.llm.collective_rpc(rpc_info)[0]["mixed_batches"]

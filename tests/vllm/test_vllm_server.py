@@ -1,0 +1,98 @@
+"""`morph serve` on the vLLM engine (--gpu), unchanged: the server runs as many streams as the
+engine says it serves at once, vLLM batches them, and each request gets its own vector
+(the per-request vector map) and its own OpenAI sampling fields."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import httpx
+import pytest
+
+CHAT = [{"role": "user", "content": "Write a short note to my boss saying I will be late today."}]
+
+
+@pytest.fixture(scope="module")
+def served(vengine, model_info, catalog):
+    import uvicorn
+
+    from morph.config import Config
+    from morph.runtime import Runtime
+    from morph.server.app import Server, create_app
+    from morph.server.run import bind
+
+    rt = Runtime(Config(n_ctx=2048), model_info, vengine, catalog)
+    server = Server(rt, log=False)
+    sock = bind("127.0.0.1", 0)
+    uv = uvicorn.Server(uvicorn.Config(create_app(server), log_level="warning", lifespan="off"))
+    t = threading.Thread(target=lambda: asyncio.run(uv.serve(sockets=[sock])), daemon=True)
+    t.start()
+    deadline = time.monotonic() + 60
+    while not uv.started:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    yield server, f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+    server.scheduler.stop_all()
+    uv.should_exit = True
+    t.join(60)
+    sock.close()
+    server.close()
+
+
+def _chat(base, features=None, stream=True, **kw):
+    body = {"messages": CHAT, "max_tokens": 24, "temperature": 0, "stream": stream, **kw}
+    if features:
+        body["steering"] = {"features": features, "experimental": True}
+    with httpx.Client(timeout=600) as h:
+        if not stream:
+            return h.post(base + "/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+        import json
+
+        parts = []
+        with h.stream("POST", base + "/chat/completions", json=body) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    d = json.loads(line[6:])
+                    if d["choices"] and d["choices"][0]["delta"].get("content"):
+                        parts.append(d["choices"][0]["delta"]["content"])
+        return "".join(parts)
+
+
+def test_concurrent_requests_batch_with_their_own_steering(served, vengine):
+    server, base = served
+    assert server.scheduler.streams == vengine.max_streams > 1
+    feats = [{"formal": 0.4}, {"casual": 0.4}, None]
+    alone = [_chat(base, f) for f in feats]
+    assert len(set(alone)) == 3
+    out = [None] * 3
+    ts = [threading.Thread(target=lambda i=i: out.__setitem__(i, _chat(base, feats[i]))) for i in range(3)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(600)
+    assert out == alone
+
+
+def test_openai_sampling_fields_reach_vllm(served, vengine):
+    _, base = served
+    prompt = "The capital of France is"
+    with httpx.Client(timeout=600) as h:
+        def complete(**kw):
+            r = h.post(base + "/completions", json={"prompt": prompt, "max_tokens": 4, "temperature": 0, **kw})
+            return r.json()["choices"][0]["text"]
+
+        forced = vengine.tokenize(" banana", add_bos=False)[0]
+        assert complete(logit_bias={str(forced): 100}).startswith(" banana")
+        loop = "one two one two one two one two one two"
+        plain = h.post(base + "/completions", json={"prompt": loop, "max_tokens": 16, "temperature": 0,
+                                                    "repetition_penalty": 1.0}).json()["choices"][0]["text"]
+        pres = h.post(base + "/completions", json={"prompt": loop, "max_tokens": 16, "temperature": 0,
+                                                   "repetition_penalty": 1.0, "presence_penalty": 2.0}
+                      ).json()["choices"][0]["text"]
+    assert pres != plain
+    # Logit-mode steering is a dense bias: it reaches vLLM as logit_bias.
+    steered = _chat(base, None, stream=False, steering={"features": {"casual": 1.0}, "mode": "logits",
+                                                       "experimental": True})
+    assert steered != _chat(base, None, stream=False)
