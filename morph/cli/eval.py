@@ -65,7 +65,8 @@ def _read_json(path: Path) -> dict:
 @click.option("--methods", default="sae,diffmean", show_default=True, help="Catalog methods to measure.")
 @click.option("--conditions", "kinds", default=None, metavar="K,K",
               help="Subset of: unsteered,prompt,diffmean,sae,sae+prompt,file [default: all].")
-@click.option("--quick", is_flag=True, help="A fixed small prompt subset and the default scale only (<= 15 min on 2 cores).")
+@click.option("--quick", is_flag=True, help="A fixed small prompt subset, the default scale and the shipped placement "
+              "only (<= 15 min on 2 cores).")
 @click.option("--split", type=click.Choice(["report", "tune"]), default="report", show_default=True,
               help="Which half of the eval prompts: tune (choose scales) or report (the figures).")
 @click.option("--limit", type=click.IntRange(1, None), default=None, help="At most N prompts per task.")
@@ -73,7 +74,7 @@ def _read_json(path: Path) -> dict:
               help="Multiples of each vector's default scale [default: 0.5,1,1.5,2; --quick: 1].")
 @click.option("--apply", "applies", default=None, metavar="MODE,MODE",
               help="Where vectors apply (Request.apply; `default`: each task's shipped placement, "
-                   "as morph steer does) [default: every mode the engine has].")
+                   "as morph steer does) [default: every mode the engine has; --quick: default].")
 @click.option("--tuned", type=click.Path(exists=True, dir_okay=False),
               help="Results JSON of a --split tune run: report each method at the scale/apply chosen there.")
 @click.option("--out", type=click.Path(dir_okay=False), help="Write the results (JSON; gzipped if it ends in .gz) here.")
@@ -173,7 +174,7 @@ def _run(obj, names, vec_specs, concept, methods, kinds, quick, split, limit, sc
 
     t0 = time.perf_counter()
     available = planmod.apply_modes()
-    apply_list = tuple(_csv(applies) or available)
+    apply_list = tuple(_csv(applies) or ((planmod.DEFAULT_APPLY,) if quick else available))
     from morph.tasks import valid_apply
 
     bad = [a for a in apply_list if a != planmod.DEFAULT_APPLY
