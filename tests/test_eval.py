@@ -183,6 +183,23 @@ def test_apply_table_prefers_the_placement_that_keeps_the_meaning():
     assert run.apply_table({"rows": rows})["choice"] == {"continue": "all", "rewrite": "all"}
 
 
+def test_runs_in_parts_merge_into_one_sweep_and_refuse_other_prompts():
+    from morph.errors import MorphError
+
+    rows = _sweep_rows(shift=lambda a, x: 0.1 * x, rel=lambda a, x: 0.9, nll=lambda a, x: 1.0)
+    meta = {"split": "tune", "n_by_task": {"rewrite": 4}, "model": "m", "quick": False, "scales": [0.5, 1.0],
+            "apply_modes": ["all"], "conditions": ["sae"], "command": "morph eval", "wall_s": 1.0}
+    for r in rows:
+        r["condition"] = r["kind"] if r["method"] is None else f"{r['kind']} x{r['scale_x']:g} {r['apply']}"
+    a = {"rows": rows[:5], "outputs": [], "meta": meta}
+    b = {"rows": [rows[0]] + rows[5:], "outputs": [], "meta": {**meta, "apply_modes": ["generated"]}}
+    m = run.merge([a, b])
+    assert [r["condition"] for r in m["rows"]] == [r["condition"] for r in rows]  # the prompt row once
+    assert m["meta"]["apply_modes"] == ["all", "generated"] and m["meta"]["wall_s"] == 2.0
+    with pytest.raises(MorphError, match="same model, split and prompts"):
+        run.merge([a, {**b, "meta": {**b["meta"], "split": "report"}}])
+
+
 def test_a_tuning_run_sets_default_scales_and_never_scores(tmp_path):
     from morph.errors import MorphError
     from morph.eval import report
