@@ -133,6 +133,9 @@ def eval_cmd(obj, features, vectors, concept, methods, kinds, quick, split, limi
         results = _run(obj, names, vec_specs, concept, method_list, kind_list, quick, split, limit,
                        scale_list, applies, tuned_choice, tuned, cache, no_cache, threads, not no_progress,
                        sequential)
+    if tuned:  # how the placements compared on the tune half, for the report page
+        results["meta"]["tune"] = {"placement": run.apply_table(tune_res), "n_by_task": tune_res["meta"]["n_by_task"],
+                                   "rows": [r for r in tune_res["rows"] if r.get("method") is not None]}
 
     if notes:
         results["meta"]["notes"] = list(notes)

@@ -209,12 +209,34 @@ def eval_md(results: dict, path: Path) -> Path:
              "Concept shift and relevance are means over prompts; `rel_x` and `nll_x` are ratios of "
              "means to the unsteered condition on the same prompts. Condition `sae x1.5 all` = the SAE "
              "vector at 1.5 x its default scale, applied at every position.", ""]
+    tune = meta.get("tune")
+    if tune:
+        t = tune["placement"]
+        lines += ["## Where the vector applies: the placements compared (tune half)", "",
+                  f"How each placement did on the tune half ({', '.join(f'{n} {k}' for k, n in tune['n_by_task'].items())} "
+                  "prompts), per task, over every feature x method: *meet goal*, how many meet the goal at some "
+                  "swept scale; *kept shift*, the mean of the largest concept shift among the scales that keep "
+                  "relevance and NLL within the goal (0 where none does); then means over every swept scale. "
+                  "`default` is the shipped placement, swept at more scales (not comparable on *meet goal*).", "",
+                  md_table(["task", "apply", "meet goal", "kept shift", "mean shift", "rel_x", "nll_x"],
+                           [[task, a + (" (best)" if t["choice"].get(task) == a else ""), f"{v['meets']}/{v['n_sources']}",
+                             _f(v["kept_shift"]), _f(v["concept_shift"]), _f(v["relevance_ratio"], "{:.2f}"),
+                             _f(v["nll_ratio"], "{:.2f}")] for task, modes in t["by_task"].items() for a, v in modes.items()]),
+                  ""]
     png = plot_grid(results, path.with_suffix(".png"))
     lines += ["## Concept shift against relevance across the scale sweep", "",
               f"![concept shift against relevance, every feature]({png.name})", ""]
     for concept in dict.fromkeys(r["concept"] for r in results["rows"]):
         rows = [r for r in results["rows"] if r["concept"] == concept]
         lines += [f"## {concept}", "", md_table(list(COLUMNS), table_rows(rows)), ""]
+        trows = [r for r in (tune or {}).get("rows", []) if r["concept"] == concept]
+        if trows:
+            lines += ["<details><summary>tune half: every placement and scale swept (scales are multiples of the "
+                      "default before tuning; `scale` is absolute)</summary>", "",
+                      md_table(["condition", "scale", "shift", "rel_x", "nll_x", "hmean", "goal"],
+                               [[r["condition"], f"{r['scale']:g}", _f(r["concept_shift"]), _f(r["relevance_ratio"], "{:.2f}"),
+                                 _f(r["nll_ratio"], "{:.2f}"), _f(r["hmean"], "{:.3f}"), _goal_mark(r)] for r in trows]),
+                      "", "</details>", ""]
         by_task = [[r["condition"], t, _f(v["concept_shift"]), _f(v["relevance"], "{:.3f}"),
                     _f(v["relevance_ratio"], "{:.2f}"), _f(v["nll_ratio"], "{:.2f}")]
                    for r in rows for t, v in r["by_task"].items()]
