@@ -1,4 +1,4 @@
-"""`morph features list|show|search`: the catalog of named features for the current model."""
+"""`morph features list|show|search|explain`: the catalog of named features for the current model."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def show_cmd(obj, name, as_json):
     if j is not None:
         _show_latent(_catalog(obj), j, as_json)
         return
-    f = _catalog(obj).get(name)
+    f = _catalog(obj).get(name, experimental=True)  # showing is not steering: the refusal points here
     if as_json:
         click.echo(json.dumps(f.to_json() | {"source": f.source, "path": str(f.path)}, indent=2))
         return
@@ -101,6 +101,61 @@ def search_cmd(obj, query, as_json):
         click.echo(f"nothing matches {query!r}", err=True)
 
 
+@features_cmd.command("explain")
+@click.argument("name")
+@click.option("--strengths", default=None, metavar="X,Y",
+              help="Strengths to sweep, from 0 up: multiples of the insert block's median residual "
+                   "norm [default: 0,1,2,3,4,6,8,12].")
+@click.option("--save", is_flag=True,
+              help="Store the sweep and explanation: in the feature's features.json entry "
+                   "(scores.self_explanation) or the latent's evidence record.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def explain_cmd(obj, name, strengths, save, as_json):
+    """Self-explain a feature (NAME or NAME@METHOD) or an SAE latent (ID or latent:ID), live:
+    sweep the strength of its direction written into a placeholder word, pick the strength
+    by the composite of self-similarity and first-token entropy, and answer at it."""
+    from morph.config import load_config
+    from morph.engine import load_engine
+    from morph.errors import MorphError
+    from morph.sae import interpret
+
+    grid = interpret.STRENGTHS
+    if strengths is not None:
+        try:
+            grid = tuple(float(x) for x in strengths.split(",") if x.strip())
+        except ValueError:
+            raise MorphError(f"--strengths takes numbers separated by commas, not {strengths!r}") from None
+        interpret.check_strengths(grid)
+    cat = _catalog(obj)
+    target = interpret.resolve_target(cat, name)
+    info = _catalog_info(obj)
+    engine = load_engine(info, gpu=obj.gpu, n_ctx=512, threads=load_config().threads)
+    try:
+        probe, sw = interpret.explain_target(engine, target, grid)
+    finally:
+        engine.close()
+    written = interpret.save(target, probe, sw) if save else None
+    if as_json:
+        click.echo(json.dumps({"target": target.label} | interpret.record(probe, sw), indent=2, ensure_ascii=False))
+    else:
+        click.echo(f"{target.label}: written at block {probe.insert_layer}, read at block {probe.read_layer}")
+        click.echo(f"  {'strength':>8} {'self-sim':>9} {'entropy':>8} {'composite':>10}")
+        for i, a in enumerate(sw.strengths):
+            mark = "  <-" if i == sw.chosen else ""
+            click.echo(f"  {a:>8g} {sw.self_similarity[i]:>+9.4f} {sw.entropy[i]:>8.3f} {sw.composite[i]:>10.5f}{mark}")
+        note = " (no strength had a positive composite: the fixed strength)" if sw.fallback else ""
+        click.echo(f"  strength {sw.strength:g}{note}: {sw.explanation or '(no answer)'}")
+    if written:
+        click.echo(f"morph: stored in {written}", err=True)
+
+
+def _catalog_info(obj):
+    from morph.runtime import model_info
+
+    return model_info(obj.model or load_config().model, obj.gpu)
+
+
 def _show_latent(cat: Catalog, j: int, as_json: bool) -> None:
     from morph.errors import MorphError
     from morph.sae import evidence
@@ -120,7 +175,9 @@ def _show_latent(cat: Catalog, j: int, as_json: bool) -> None:
     click.echo(f"  frequency {rec['frequency']:.3%} of {ev['n_tokens']} corpus tokens, "
                f"mean activation {rec['mean_activation']:g} when active")
     if rec["explanation"]:
-        click.echo(f"  self-explanation: {rec['explanation']}")
+        se = rec.get("self_explanation") or {}
+        at = f" (strength {se['strength']:g})" if isinstance(se.get("strength"), (int, float)) else ""
+        click.echo(f"  self-explanation{at}: {rec['explanation']}")
     click.echo(f"  fires most on: {', '.join(json.dumps(t, ensure_ascii=False) for t in rec['fires_on']) or '-'}")
     if used:
         click.echo(f"  used by: {', '.join(used)}")

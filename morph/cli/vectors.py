@@ -85,12 +85,15 @@ def diffmean_cmd(obj, recipes, layer, out_dir, budget, gpu):
               help="Corpus cache (.npz): reused when it matches model, layer, seed and size, else written.")
 @click.option("--recipe", "recipes", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="Contrast-set recipe(s) to name features from (default: every shipped recipe).")
+@click.option("--direction", default="latents", show_default=True, metavar="latents|proj:M|blend:A",
+              help="Feature direction: the picked latents, the recipe's diffmean projected onto the "
+                   "pole's top-M latents, or a blend A*latents+(1-A)*diffmean.")
 @click.option("--gpu", "gpu", is_flag=True,
               help="Capture, generate and score through the vLLM engine (as the global --gpu); same files.")
 @click.option("--json", "as_json", is_flag=True, help="Print the build report as JSON.")
 @click.pass_obj
 def build_cmd(obj, model_spec, layer, width, tokens, seed, k, epochs, threads, out_dir, corpus_cache, recipes,
-              gpu, as_json):
+              direction, gpu, as_json):
     """The SAE pipeline: corpus, sparse autoencoder, latent evidence, named features.
 
     \b
@@ -104,9 +107,11 @@ def build_cmd(obj, model_spec, layer, width, tokens, seed, k, epochs, threads, o
     from morph.config import load_config
     from morph.runtime import model_info
     from morph.sae.build import BuildConfig, build
+    from morph.sae.combine import parse as parse_direction
 
     if k > width:
         raise click.BadParameter("must not exceed --width", param_hint="--k")
+    parse_direction(direction)  # a bad spec fails before the model loads
     gpu = gpu or obj.gpu
     conf = load_config()
     info = model_info(model_spec or obj.model or conf.model, gpu)
@@ -114,7 +119,7 @@ def build_cmd(obj, model_spec, layer, width, tokens, seed, k, epochs, threads, o
         raise click.BadParameter(f"must be within 1..{info.n_layer - 1} for {info.model_id}", param_hint="--layer")
     cfg = BuildConfig(layer=layer, width=width, k=k, tokens=tokens, seed=seed, epochs=epochs, threads=threads,
                       corpus_cache=Path(corpus_cache) if corpus_cache else None,
-                      recipes=[Path(r) for r in recipes] or None, gpu=gpu,
+                      recipes=[Path(r) for r in recipes] or None, gpu=gpu, direction=direction,
                       tensor_parallel_size=obj.tensor_parallel_size or conf.tensor_parallel_size)
     bars = _Bars()
     try:

@@ -63,6 +63,7 @@ class BuildConfig:
     n_seq: int = 32
     recipes: list[Path] | None = None  # default: every shipped recipe
     corpus_cache: Path | None = None  # load the corpus from here if it fits, else save it there
+    direction: str = "latents"  # latents | proj:M | blend:A (combine.py)
     gpu: bool = False  # capture, generation and scoring through the vLLM engine (same files)
     tensor_parallel_size: int = 1  # with gpu: vLLM's tensor parallelism
 
@@ -110,9 +111,9 @@ def build(info: ModelInfo, cfg: BuildConfig, out_dir: Path | None = None,
             f"L0 {sae.meta['l0']}, dead {dead:.1%}, {timings['train_s']} s")
         del corp
         with _timed(timings, "select_s"):
-            picks = _select(engine, sae, layer, residual_norm, recipes, bar)
+            picks = _select(engine, sae, layer, residual_norm, recipes, bar, cfg.direction)
         with _timed(timings, "explain_s"):
-            _explain(engine, sae, picks, ev, bar)
+            _explain(engine, sae, picks, ev, layer, bar)
         sae_info, kept, rejected, feats = _write(out_dir, info, sae, ev, picks, layer, residual_norm, dead, log)
         timings["total_s"] = round(time.perf_counter() - t_all, 1)
         report = {
@@ -182,7 +183,8 @@ def _evidence(engine, sae, x: np.ndarray, corp, bar: Progress) -> tuple[dict, fl
     return ev, ev_mod.dead_share(ev)
 
 
-def _select(engine, sae, layer: int, residual_norm: float, recipes: list, bar: Progress) -> list:
+def _select(engine, sae, layer: int, residual_norm: float, recipes: list, bar: Progress,
+            direction: str = "latents") -> list:
     """4. Named features: both poles of every recipe (select.py)."""
     from morph.sae.select import Scorer, select_axis
 
@@ -191,19 +193,29 @@ def _select(engine, sae, layer: int, residual_norm: float, recipes: list, bar: P
         scorer = Scorer(engine, runner, layer)
         adv = bar("features", len(recipes))
         for r in recipes:
-            picks += select_axis(engine, sae, layer, residual_norm, r, scorer)
+            picks += select_axis(engine, sae, layer, residual_norm, r, scorer, direction=direction)
             adv(1)
     return picks
 
 
-def _explain(engine, sae, picks: list, ev: dict, bar: Progress) -> None:
-    """5. Self-explanation of every latent considered for a feature, into the evidence."""
-    from morph.sae.interpret import explain
+def _explain(engine, sae, picks: list, ev: dict, layer: int, bar: Progress) -> None:
+    """5. Self-explanation (interpret.py) of every latent considered for a feature and of
+    every named feature's direction: a strength sweep (self-similarity at the SAE layer,
+    first-token entropy), the answer at the strength the composite picks. Stored in the
+    evidence (per latent) and in the feature's scores (`self_explanation`)."""
+    from morph.sae.interpret import make_probe, record, self_explain
 
     ids = sorted({c["latent"] for p in picks for c in p.candidates})
-    texts = explain(engine, sae.W_dec[ids], progress=bar("explain", len(ids)))
-    for j, text in zip(ids, texts):
-        ev["latents"][j]["explanation"] = text
+    dirs = [sae.W_dec[j] for j in ids] + [p.unit for p in picks]
+    if not dirs:
+        return
+    probe = make_probe(engine, layer)
+    sweeps = self_explain(engine, np.stack(dirs), probe, progress=bar("explain", len(dirs)))
+    for j, sw in zip(ids, sweeps):
+        ev["latents"][j]["explanation"] = sw.explanation
+        ev["latents"][j]["self_explanation"] = record(probe, sw)
+    for p, sw in zip(picks, sweeps[len(ids):]):
+        p.scores["self_explanation"] = record(probe, sw)
 
 
 def _write(out_dir: Path, info: ModelInfo, sae, ev: dict, picks: list, layer: int, residual_norm: float,
@@ -233,6 +245,7 @@ def _write(out_dir: Path, info: ModelInfo, sae, ev: dict, picks: list, layer: in
         meta = {"name": p.name, "description": p.description, "method": "sae", "sae": sae_name,
                 "sae_sha256": sha, "latents": p.latents, "weights": p.weights, "layer": layer,
                 "default_scale": p.default_scale, "residual_norm": round(residual_norm, 4),
+                "direction": p.scores.get("direction", {}).get("direction", "latents"),
                 "recipe": f"{p.axis}.json", "model_fingerprint": info.fingerprint}
         cv = ControlVector({layer: residual_relative(p.unit, residual_norm)}, info.hint, meta)
         cv.save(out_dir / f"{p.name}.gguf")

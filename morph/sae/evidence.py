@@ -162,6 +162,7 @@ def latent_record(ev: dict, j: int, mark: tuple[str, str] = ("[[", "]]")) -> dic
         "frequency": lat["freq"],
         "mean_activation": lat["mean"],
         "explanation": lat.get("explanation", ""),
+        "self_explanation": lat.get("self_explanation"),  # the strength sweep (interpret.py), if stored
         "fires_on": [ev["pieces"][t] for t in lat["tokens"]],
         "contexts": [{"activation": c["a"], "genre": c["g"], "text": context_text(ev, c, mark),
                       "token": ev["pieces"][c["t"][c["m"]]]} for c in lat["top"]],

@@ -1,15 +1,66 @@
-"""Self-explanation: the model describes a latent's decoder direction in words.
+"""Self-explanation: the model describes a direction of its own residual stream in words.
 
-A prompt asks what a placeholder word means; at the placeholder's position the residual
-stream is replaced by the latent's decoder direction (stretched to a multiple of that
-layer's median norm), and the model continues greedily. The direction comes from the SAE
-layer but is written at an early block (~1/10 of the depth), where the model still reads
-the position as a word: measured on SmolLM2, a latent that fires on " great", " good",
-" wonderful" read as "good or positive" when written at block 3 with 3x the norm, and as
-"The in many languages" when written at block 16, the SAE layer itself. Several latents
-run at once, one sequence each, through the batch runner's eval-callback edit (the
-batched form of `engine.logits_with_edit`). The placeholder positions are found by
-tokenising the prompt with two different placeholder words and comparing.
+The method of "Self-explaining SAE features" (Kharlapenko et al., 2024; after SelfIE and
+Patchscopes): a prompt asks what a placeholder word means, the residual stream at the
+placeholder's positions is *replaced* by the direction (an SAE latent's decoder row, or a
+named feature's vector) stretched to `strength` x the insert block's median residual
+norm, and the model answers greedily. The direction comes from the SAE layer but is
+written at an early block (~1/10 of the depth), where the model still reads the position
+as a word: measured on SmolLM2, a latent that fires on " great", " good", " wonderful"
+read as "good or positive" when written at block 3 with 3x the norm, and as "The in many
+languages" when written at block 16, the SAE layer itself. The placeholder positions are
+found by tokenising the prompt with two placeholder words and comparing. The answer
+prefix ends in an opening quote, so the first answer token is already content (with
+`... means` it was the quote itself for almost every direction and strength, and its
+entropy said nothing about the direction).
+
+The strength matters (the paper's main practical point): too weak and the model explains
+the blank word, too strong and the inserted vector swamps the prompt. So each direction
+gets a sweep over `STRENGTHS`, one sequence per (direction, strength), through
+`engine.batch_runner`: one decode both writes the placeholder rows at the insert block and
+captures the read block (the SAE layer), and gives the first answer token's logits. At
+each strength:
+
+- self-similarity: cosine between the read block's residual at the last prompt token and
+  the direction. Its value at strength 0 is the prompt's own overlap with the direction
+  (up to +-0.15 on this SAE, the same prompt for every latent), so what the insert adds is
+  `rise = ss(s) - ss(0)`;
+- entropy (nats) of the first answer token's distribution;
+- composite = max(rise, 0) x max(drop, 0), where drop = (H(0) - H(s)) / H(0) is the
+  relative fall of the entropy below the blank-word prompt's.
+
+The chosen strength maximises the composite; if it is zero everywhere (the insert never
+both reaches the read block and sharpens the answer), the grid's strength nearest the
+fixed STRENGTH used before the sweep, and the sweep says so (`fallback`).
+Why a product and not "the first peak of self-similarity": measured on SmolLM2 (see
+vectors/<model>/README.md), self-similarity at the SAE layer is small (0.02-0.15) and
+often flat or still rising at the largest strength, so its first peak is mostly the grid's
+edge, where the answers are the inserted vector's degenerate echo; and the entropy alone
+keeps falling into that regime too. The product is large only where the insert both
+reaches the read block (the model carries the direction to the answer position) and
+makes the answer more certain than for a blank word, which is the paper's argument for
+combining the two. Both factors are relative to strength 0, which every direction
+shares, so no per-direction normalisation over the grid is needed (a min-max
+normalisation would make a flat, noise-only sweep look as decisive as a clear one).
+
+What the sweep measures on SmolLM2-135M (measured on the shipped catalog, 21 feature
+directions and 3 random ones, strengths 0..12; `morph features explain NAME` shows one):
+the insert at block 3 reaches block 16's last prompt token only weakly. A feature's own
+self-similarity moves by -0.035..+0.064 at 12x (mean +0.008; formal@sae falls, -0.034 ->
+-0.066), random directions by -0.013..+0.014; the blank word's first-token entropy is
+6.91 nats (the answer opens with a quote, so the next token is wide open) and moves by
+up to ~3 nats for random directions too. So on this model the composite ranks mostly
+noise, and the chosen strength does not predict a good steering scale: against `morph
+eval`'s tune sweep (x0.25..x1, 21 feature x method pairs) the composite's pick among the
+eval's scales was in the best 3 of 4 for 8/21 (chance 15.75) and the best for 3/21
+(bench/selfexplain_scales.py; vectors/<model>/README.md). Default scales stay with the
+eval; the chosen strength is only the strength the explanation is read at.
+
+One numeric caveat (measured): rows decoded together in one llama.cpp batch get slightly
+different numbers depending on their place in the batch (KL ~0.003-0.005 to the same
+prompt decoded alone), and the first-token entropy moves by up to ~0.3 nats with that.
+So every sequence is decoded on its own (`n_seq=1` rows per decode): the stored sweep of
+a latent equals what `morph features explain` computes live, bit for bit.
 
 With a 135M model the answers are rough; they are stored next to the evidence (the
 tokens a latent fires on), and `morph features search` matches both.
@@ -17,17 +68,25 @@ tokens a latent fires on), and `morph features search` matches both.
 
 from __future__ import annotations
 
-from typing import Callable
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
 import numpy as np
 
+from morph.errors import MorphError
+
 CHAT_QUESTION = 'What does the word "{w}" mean? Answer in a few words.'
-CHAT_ANSWER = 'The word "{w}" means'
+CHAT_ANSWER = 'The word "{w}" means "'
 BASE_PROMPT = 'The meaning of the word "{w}" is "'
-STRENGTH = 3.0  # multiple of the insert layer's median residual norm
+STRENGTHS = (0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0)  # multiples of the insert block's median norm
+STRENGTH = 3.0  # the fixed strength used before the sweep (and by `explain` without one)
 DEPTH = 0.1  # insert layer as a fraction of the blocks
 MAX_TOKENS = 12
+VERSION = 2  # of the stored self-explanation fields (1: fixed strength, no sweep)
 
+
+# --- the prompt ---------------------------------------------------------------------------
 
 def prompt_tokens(engine, word: str) -> list[int]:
     if engine.info.has_chat_template:
@@ -55,65 +114,311 @@ def insert_layer(engine) -> tuple[int, float]:
     return layer, float(np.median(np.linalg.norm(np.concatenate(acts), axis=1)))
 
 
-def explain(engine, directions: np.ndarray, layer: int | None = None, residual_norm: float | None = None,
-            strength: float = STRENGTH, n_seq: int = 16,
-            progress: Callable[[int], None] | None = None) -> list[str]:
-    """One short description per row of `directions`, written at `layer` (default: the
-    early insert layer) as `strength` x `residual_norm` (that layer's median norm)."""
+@dataclass(frozen=True)
+class Probe:
+    """Where a direction is written and read: the prompt, its placeholder positions, the
+    insert block and its median residual norm, and the read block (the SAE layer)."""
+
+    tokens: tuple[int, ...]
+    where: tuple[int, ...]
+    insert_layer: int
+    insert_norm: float
+    read_layer: int
+
+    def to_json(self) -> dict:
+        return {"version": VERSION, "insert_layer": self.insert_layer, "insert_norm": round(self.insert_norm, 4),
+                "read_layer": self.read_layer, "prompt_tokens": len(self.tokens),
+                "placeholder": list(self.where)}
+
+
+def make_probe(engine, read_layer: int, layer: int | None = None, residual_norm: float | None = None) -> Probe:
+    if not 0 <= read_layer < engine.n_layer - 1:
+        # the last block's output exists only for rows that produce logits
+        raise MorphError(f"read layer {read_layer} is outside 0..{engine.n_layer - 2}")
     if layer is None or residual_norm is None:
         layer, residual_norm = insert_layer(engine)
     toks, where = placeholder_positions(engine)
-    n = len(toks)
-    out: list[str] = []
-    n_seq = max(1, min(n_seq, len(directions)))
-    with engine.batch_runner(n_seq=n_seq, n_ctx=n_seq * (n + MAX_TOKENS + 8),
-                     n_batch=max(512, n_seq * n)) as runner:
-        for g in range(0, len(directions), n_seq):
-            group = directions[g : g + n_seq]
-            m = len(group)
-            vecs = (group / np.linalg.norm(group, axis=1, keepdims=True) * (strength * residual_norm)).astype(np.float32)
+    if not where:
+        raise MorphError("the self-explanation prompt has no placeholder position")
+    return Probe(tuple(toks), tuple(where), int(layer), float(residual_norm), int(read_layer))
 
-            def edit(_layer, acts, vecs=vecs):
-                for s in range(m):
-                    for p in where:
-                        acts[s * n + p] = vecs[s]
+
+# --- the sweep ----------------------------------------------------------------------------
+
+@dataclass
+class Sweep:
+    """One direction's self-explanation sweep (lists follow `strengths`)."""
+
+    strengths: list[float]
+    self_similarity: list[float]
+    entropy: list[float]
+    composite: list[float] = field(default_factory=list)
+    chosen: int = 0  # index into strengths
+    explanation: str = ""
+
+    @property
+    def strength(self) -> float:
+        return self.strengths[self.chosen]
+
+    @property
+    def fallback(self) -> bool:
+        """No strength had a positive composite: the fixed STRENGTH (nearest) was used."""
+        return not any(c > 0 for c in self.composite)
+
+    def to_json(self) -> dict:
+        return {"strengths": list(self.strengths), "self_similarity": _r(self.self_similarity),
+                "entropy": _r(self.entropy), "composite": _r(self.composite), "strength": self.strength,
+                "fallback": self.fallback, "explanation": self.explanation}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Sweep":
+        s = cls([float(x) for x in d["strengths"]], [float(x) for x in d["self_similarity"]],
+                [float(x) for x in d["entropy"]], [float(x) for x in d.get("composite", [])],
+                explanation=str(d.get("explanation", "")))
+        s.chosen = s.strengths.index(float(d["strength"])) if "strength" in d else choose(s)[1]
+        if not s.composite:
+            s.composite = choose(s)[0]
+        return s
+
+
+def _r(xs: Sequence[float], nd: int = 4) -> list[float]:
+    return [round(float(x), nd) for x in xs]
+
+
+def choose(sw: Sweep) -> tuple[list[float], int]:
+    """(composite per strength, index of the chosen strength); see the module docstring.
+    The grid must start at strength 0 (the blank-word baseline both factors refer to)."""
+    if not sw.strengths or sw.strengths[0] != 0.0:
+        raise MorphError("a self-explanation sweep starts at strength 0 (the baseline)")
+    ss0, h0 = sw.self_similarity[0], sw.entropy[0]
+    comp = [0.0]
+    for s, h in zip(sw.self_similarity[1:], sw.entropy[1:]):
+        rise = max(s - ss0, 0.0)
+        drop = max((h0 - h) / h0, 0.0) if h0 > 0 else 0.0
+        comp.append(rise * drop)
+    if len(comp) == 1:
+        return comp, 0
+    best = max(range(1, len(comp)), key=lambda i: (comp[i], -i))
+    if comp[best] <= 0.0:  # no strength both reaches the read block and sharpens the answer
+        best = min(range(1, len(comp)), key=lambda i: (abs(sw.strengths[i] - STRENGTH), i))
+    return comp, best
+
+
+def _entropy(logits: np.ndarray) -> float:
+    x = logits.astype(np.float64)
+    x = x - x.max()
+    p = np.exp(x)
+    z = p.sum()
+    return float(math.log(z) - (p * x).sum() / z)
+
+
+def _unit(directions: np.ndarray) -> np.ndarray:
+    d = np.atleast_2d(np.asarray(directions, dtype=np.float32))
+    n = np.linalg.norm(d, axis=1, keepdims=True)
+    if not np.all(np.isfinite(n)) or np.any(n == 0):
+        raise MorphError("cannot explain a zero or non-finite direction")
+    return d / n
+
+
+def check_strengths(strengths: Sequence[float]) -> list[float]:
+    out = [float(a) for a in strengths]
+    if (not out or out[0] != 0.0 or any(b <= a for a, b in zip(out, out[1:]))
+            or not all(math.isfinite(a) for a in out)):
+        raise MorphError("self-explanation strengths must start at 0 and increase")
+    return out
+
+
+def sweep(engine, directions: np.ndarray, probe: Probe, strengths: Sequence[float] = STRENGTHS,
+          progress: Callable[[int], None] | None = None) -> list[Sweep]:
+    """Self-similarity and first-token entropy of every row of `directions` at every
+    strength (each sequence decoded alone, so results do not depend on the batch); each
+    Sweep's composite and chosen strength are set, its explanation is not."""
+    strengths = check_strengths(strengths)
+    units = _unit(directions)
+    toks, where, n = list(probe.tokens), list(probe.where), len(probe.tokens)
+    L_in, L_read = probe.insert_layer, probe.read_layer
+    layers = sorted({L_in, L_read})
+    out: list[Sweep] = []
+    with engine.batch_runner(n_seq=1, n_ctx=_ctx(n), n_batch=max(64, n)) as runner:
+
+        def run(vec: np.ndarray | None) -> tuple[np.ndarray, float]:
+            def edit(layer, acts):
+                if layer != L_in or vec is None:
+                    return None
+                acts[where] = vec
                 return acts
 
             runner.clear()
-            logits, _ = runner.decode(toks * m, list(range(n)) * m, [s for s in range(m) for _ in range(n)],
-                                      ([False] * (n - 1) + [True]) * m, layers=[layer], edit=edit)
-            gen: list[list[int]] = [[] for _ in range(m)]
-            alive = list(range(m))
-            nxt = np.argmax(logits, axis=1)
-            for step in range(MAX_TOKENS):
-                still = []
-                for s, t in zip(alive, nxt.tolist()):
-                    if engine.is_eog(t):
-                        continue
-                    gen[s].append(t)
-                    if _done(engine.detokenize(gen[s])):
-                        continue
-                    still.append(s)
-                alive = still
-                if not alive or step == MAX_TOKENS - 1:
-                    break
-                logits, _ = runner.decode([gen[s][-1] for s in alive], [n + len(gen[s]) - 1 for s in alive],
-                                          alive, [True] * len(alive))
-                nxt = np.argmax(logits, axis=1)
-            for s in range(m):
-                text = _clean(engine.detokenize(gen[s]))
-                out.append(text)
+            logits, acts = runner.decode(toks, list(range(n)), [0] * n, [False] * (n - 1) + [True],
+                                         layers=layers, edit=edit)
+            return acts[L_read][-1].astype(np.float64), _entropy(logits[0])
+
+        # strength 0 writes zeros: the same prompt for every direction, run once
+        r0, h0 = run(np.zeros(engine.n_embd, np.float32))
+        for u in units:
+            ss, hs = [float(r0 @ u / (np.linalg.norm(r0) + 1e-12))], [h0]
+            for a in strengths[1:]:
+                r, h = run((u * (a * probe.insert_norm)).astype(np.float32))
+                ss.append(float(r @ u / (np.linalg.norm(r) + 1e-12)))
+                hs.append(h)
+            sw = Sweep(strengths, ss, hs)
+            sw.composite, sw.chosen = choose(sw)
+            out.append(sw)
             if progress:
-                progress(m)
+                progress(1)
     return out
+
+
+def _ctx(n: int) -> int:
+    return 256 * math.ceil((n + MAX_TOKENS + 8) / 256)
+
+
+# --- the explanation ----------------------------------------------------------------------
+
+def explain(engine, directions: np.ndarray, layer: int | None = None, residual_norm: float | None = None,
+            strength: float | Sequence[float] = STRENGTH, progress: Callable[[int], None] | None = None,
+            probe: Probe | None = None) -> list[str]:
+    """One short description per row of `directions`, written at `layer` (default: the
+    early insert layer) as `strength` x `residual_norm` (that layer's median norm);
+    `strength` may be one value per row. Greedy, each sequence decoded alone."""
+    units = _unit(directions)
+    if probe is None:
+        if layer is None or residual_norm is None:
+            layer, residual_norm = insert_layer(engine)
+        toks, where = placeholder_positions(engine)
+    else:
+        toks, where = list(probe.tokens), list(probe.where)
+        layer, residual_norm = probe.insert_layer, probe.insert_norm
+    n = len(toks)
+    per_row = np.broadcast_to(np.asarray(strength, dtype=np.float64), (len(units),))
+    out: list[str] = []
+    with engine.batch_runner(n_seq=1, n_ctx=_ctx(n), n_batch=max(64, n)) as runner:
+        for u, a in zip(units, per_row):
+            vec = (u * (float(a) * residual_norm)).astype(np.float32)
+
+            def edit(_layer, acts, vec=vec):
+                acts[where] = vec
+                return acts
+
+            runner.clear()
+            logits, _ = runner.decode(toks, list(range(n)), [0] * n, [False] * (n - 1) + [True],
+                                      layers=[layer], edit=edit)
+            gen: list[int] = []
+            for step in range(MAX_TOKENS):
+                t = int(np.argmax(logits[0]))
+                if engine.is_eog(t):
+                    break
+                gen.append(t)
+                if _done(engine.detokenize(gen)) or step == MAX_TOKENS - 1:
+                    break
+                logits, _ = runner.decode([t], [n + len(gen) - 1], [0], [True])
+            out.append(_clean(engine.detokenize(gen)))
+            if progress:
+                progress(1)
+    return out
+
+
+def self_explain(engine, directions: np.ndarray, probe: Probe, strengths: Sequence[float] = STRENGTHS,
+                 progress: Callable[[int], None] | None = None) -> list[Sweep]:
+    """Sweep every row of `directions`, then explain each at its chosen strength."""
+    sweeps = sweep(engine, directions, probe, strengths, progress=progress)
+    texts = explain(engine, directions, strength=[s.strength for s in sweeps], probe=probe)
+    for s, t in zip(sweeps, texts):
+        s.explanation = t
+    return sweeps
 
 
 def _done(text: str) -> bool:
     t = text.strip()
-    return "\n" in t or t.endswith(".")
+    return "\n" in t or t.endswith(".") or t.endswith('."')
 
 
 def _clean(text: str) -> str:
-    """The answer's first line, without a trailing period."""
-    t = text.strip().split("\n")[0].strip().rstrip(".").strip()
-    return t.replace('"', "").strip()
+    """The answer's first line, without quotes or a trailing period."""
+    t = text.strip().split("\n")[0].strip()
+    return t.replace('"', "").strip().rstrip(".").strip()
+
+
+# --- one feature or latent, live (`morph features explain`) --------------------------------
+
+@dataclass
+class Target:
+    """What `morph features explain` explains: a named feature or an SAE latent."""
+
+    label: str  # "formal@sae" | "latent 23"
+    direction: np.ndarray  # at `read_layer`
+    read_layer: int
+    feature: object | None = None  # catalog Feature
+    latent: int | None = None
+    evidence: tuple | None = None  # (evidence, manifest "sae" block, directory) for a latent
+
+
+def resolve_target(catalog, spec: str) -> Target:
+    """NAME, NAME@METHOD, ID or latent:ID -> the direction to explain and the block it lives at."""
+    from morph.sae import evidence as ev_mod
+    from morph.sae.io import load_sae
+
+    j = ev_mod.parse_latent(spec)
+    if j is not None:
+        found = ev_mod.find_evidence(catalog.model_id)
+        if found is None:
+            raise MorphError(f"no SAE for {catalog.model_id}; build one with `morph vectors build`")
+        ev, sae_block, directory = found
+        ev_mod.latent_record(ev, j)  # the range check, one clear line
+        sae = load_sae(directory / sae_block["file"])
+        return Target(f"latent {j}", sae.W_dec[j].copy(), int(sae.meta["layer"]), latent=j,
+                      evidence=found)
+    # Explaining is not steering: experimental features are explained too.
+    f = catalog.get(spec, experimental=True)
+    cv = f.load_vector()
+    if f.layer not in cv.directions:
+        raise MorphError(f"{f.path}: the vector of {f.key} has no direction at its layer {f.layer}")
+    return Target(f.key, cv.directions[f.layer].copy(), f.layer, feature=f)
+
+
+def explain_target(engine, target: Target, strengths: Sequence[float] = STRENGTHS) -> tuple[Probe, Sweep]:
+    probe = make_probe(engine, target.read_layer)
+    return probe, self_explain(engine, target.direction[None, :], probe, strengths)[0]
+
+
+def record(probe: Probe, sw: Sweep) -> dict:
+    """The stored form: the probe and the sweep (`scores.self_explanation` of a feature,
+    `self_explanation` of a latent's evidence record)."""
+    return {"probe": probe.to_json(), **sw.to_json()}
+
+
+def save(target: Target, probe: Probe, sw: Sweep) -> str:
+    """Store the result where the feature or latent lives; returns the file written."""
+    from morph.sae import evidence as ev_mod
+    from morph.steering.catalog import write_entries
+
+    rec = record(probe, sw)
+    if target.latent is not None:
+        ev, sae_block, directory = target.evidence
+        lat = ev["latents"][target.latent]
+        lat["explanation"] = sw.explanation
+        lat["self_explanation"] = rec
+        path = directory / sae_block["evidence"]
+        _writable(path)
+        ev_mod.save_evidence(ev, path)
+        return str(path)
+    f = target.feature
+    f.scores = dict(f.scores) | {"self_explanation": rec}
+    directory = f.path.parent
+    _writable(directory / "features.json")
+    model_id = _manifest_model_id(directory)
+    return str(write_entries(directory, [f], model_id))
+
+
+def _writable(path) -> None:
+    import os
+
+    if not os.access(path, os.W_OK) or not os.access(path.parent, os.W_OK):
+        raise MorphError(f"{path}: not writable; cannot store the self-explanation there")
+
+
+def _manifest_model_id(directory) -> str:
+    import json
+
+    raw = json.loads((directory / "features.json").read_text(encoding="utf-8"))
+    return str(raw.get("model_id", directory.name))

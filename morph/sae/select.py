@@ -25,6 +25,7 @@ import numpy as np
 
 from morph.errors import MorphError
 from morph.engine.base import BatchRunner
+from morph.sae import combine
 from morph.sae.score import Item, logprobs
 from morph.sae.train import SAE
 from morph.steering import diffmean as dm
@@ -109,8 +110,9 @@ class Scorer:
 
 def select_axis(engine, sae: SAE, layer: int, residual_norm: float, recipe, scorer: Scorer,
                 budget: float = dm.FLUENCY_BUDGET, progress: Callable[[str], None] | None = None,
-                full_sweep: bool = False) -> list[Selected]:
-    """The recipe's two poles as named features: latents (steps 1-3), then a scale (4)."""
+                full_sweep: bool = False, direction: str = "latents") -> list[Selected]:
+    """The recipe's two poles as named features: latents (steps 1-3), optionally combined
+    with the recipe's diffmean direction (combine.py), then a scale (4)."""
     train, test = dm.split_pairs(recipe)
     test = test[:N_EVAL]
 
@@ -119,6 +121,8 @@ def select_axis(engine, sae: SAE, layer: int, residual_norm: float, recipe, scor
 
     cands, effect, mdiff = _candidates(engine, sae, layer, train[:N_RANK])
     picks = _pick_latents(sae, recipe, cands, effect, mdiff, scorer, train[:N_PROBE], vec, progress)
+    if combine.parse(direction)[0] != "latents":
+        _combine(engine, sae, layer, train, picks, effect, mdiff, direction)
     swept = _sweep_fluency(picks, scorer, test, vec, budget, full_sweep)
     base_test = scorer.run([("base", test, [], None)])["base"] if not full_sweep else swept["base"]
     _choose_scales(picks, swept, base_test, scorer, test, vec, budget, full_sweep)
@@ -177,6 +181,17 @@ def _pick_latents(sae: SAE, recipe, cands, effect, mdiff, scorer: Scorer, probe:
     return picks
 
 
+def _combine(engine, sae: SAE, layer: int, train: list[dict], picks: list[Selected], effect, mdiff,
+             direction: str) -> None:
+    """Replace each pick's unit by the combined direction (combine.py); the diffmean
+    direction from the same training pairs the latents were ranked on."""
+    d, _, _ = dm.diffmean_direction(engine, train, layer)
+    for p in picks:
+        order = [int(j) for j in np.argsort(-p.sign * effect, kind="stable") if p.sign * mdiff[j] > 0]
+        p.unit, info = combine.direction(direction, sae, p.unit, p.sign * d, order)
+        p.scores["direction"] = info
+
+
 def _sweep_fluency(picks: list[Selected], scorer: Scorer, test: list[dict], vec, budget: float,
                    full_sweep: bool) -> dict:
     """Fluency cost at every scale (neutral text only, cheap; with full_sweep also the
@@ -203,7 +218,7 @@ def _sweep_fluency(picks: list[Selected], scorer: Scorer, test: list[dict], vec,
             for row in sweep:
                 r = swept[f"{p.name}@{row['scale']}"]
                 row["shift"] = round(p.sign * (r["shift"] - swept["base"]["shift"]), 4)
-        p.scores = {"sweep": sweep}
+        p.scores = {**p.scores, "sweep": sweep}
     return swept
 
 
