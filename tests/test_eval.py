@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -307,9 +308,9 @@ def _goals(engine, judge, entries, swap_random: bool, cache=None) -> dict[str, d
     catalog = Catalog(MODEL_ID)
     targets: dict[str, plan.Target] = {}
     conds = [plan.Condition("unsteered")]
-    for i, e in enumerate(entries):
+    for e in entries:
         f = catalog.get(f"{e['name']}@{e['method']}")
-        cv = _same_norm_random(f.load_vector(), i) if swap_random else f.load_vector()
+        cv = _same_norm_random(f.load_vector(), zlib.crc32(f.key.encode())) if swap_random else f.load_vector()
         t = targets.setdefault(e["name"], plan.Target(e["name"], f.description))
         if not t.sources:
             conds.append(plan.Condition("prompt", e["name"]))
