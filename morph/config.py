@@ -37,12 +37,13 @@ DEFAULT_TOML = """\
 # repeat_penalty = 1.1   # 1.0 turns it off; the 135M model loops without it
 # repeat_last_n = 64
 
-# Where a feature's vector is added, per mode: "all" positions, or only "generated"
-# tokens (the prompt is read unsteered, which keeps a rewrite's meaning better).
+# Where a feature's vector is added, per mode: "all" positions, only "generated" tokens
+# (the prompt is read unsteered), or "prompt-scaled:F" (F x the vector on the prompt).
+# The defaults below were chosen on morph eval's tuning half.
 [steering.apply]
-# rewrite = "generated"
+# rewrite = "prompt-scaled:0.25"
 # continue = "all"
-# chat = "all"
+# chat = "prompt-scaled:0.25"
 # ghost = "all"
 
 [gpu]

@@ -54,9 +54,21 @@ FRAMING_SAMPLING: dict[str, dict] = {
     "compress": {"temperature": 0.3},
 }
 
-# Where the steering vector applies, per framing ("all" positions, or only "generated"
-# tokens with the prompt evaluated unsteered). Chosen on morph eval's tuning half.
-DEFAULT_APPLY: dict[str, str] = {f: "all" for f in FRAMINGS}
+# Where the steering vector applies, per framing: "all" positions, only "generated"
+# tokens (the prompt evaluated unsteered), or "prompt-scaled:F" (F x the vector on the
+# prompt). Chosen on morph eval's tuning half (4 rewrite + 4 continue prompts, every
+# feature x method at x0.5 and x1 of its default, /work/results/quality/tune.json;
+# `morph eval --from tune.json` prints the comparison): per task, the placement under
+# which the most features meet the goal at some scale.
+#   rewrite:  prompt-scaled:0.25 3/21, all 2/21, generated 1/21 (all: NLL x2.2 on average,
+#             relevance 0.91 x unsteered; prompt-scaled:0.25 and generated 1.5 and 0.96)
+#   continue: all 7/21, prompt-scaled:0.25 5/21, generated 4/21
+# chat, explain, expand and compress put the user's text in a chat turn like rewrite and
+# take its placement; ghost continues raw text like continue and takes its (not measured
+# on their own: the eval prompts are rewrite and continue).
+REWRITE_APPLY = "prompt-scaled:0.25"
+CONTINUE_APPLY = "all"
+DEFAULT_APPLY: dict[str, str] = {f: CONTINUE_APPLY if f in ("continue", "ghost") else REWRITE_APPLY for f in FRAMINGS}
 
 
 @dataclass(frozen=True)

@@ -161,7 +161,8 @@ def test_tasks_defaults_and_config(tmp_path):
     d = tasks.defaults(Config(generation={"repeat_penalty": 1.3, "top_k": 10}, apply={"rewrite": "generated"}))
     r = tasks.build_request("rewrite", "hello", defaults=d)
     assert r.repeat_penalty == 1.3 and r.top_k == 10 and r.apply == "generated" and r.temperature == 0.7
-    assert tasks.build_request("chat", "hi", defaults=d).apply == "all"
+    assert tasks.build_request("chat", "hi", defaults=d).apply == tasks.DEFAULT_APPLY["chat"]  # config changed rewrite only
+    assert tasks.build_request("rewrite", "hi").apply == tasks.DEFAULT_APPLY["rewrite"] != "generated"
     g = tasks.build_request("ghost", "Once upon", defaults=d, temperature=None)
     assert g.stop == ["\n\n"] and g.temperature == 0.2 and g.seed == 7 and g.repeat_penalty == 1.3
     # Every framing gets the repeat penalty (the 135M model loops without it).

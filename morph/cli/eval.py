@@ -65,32 +65,38 @@ def _read_json(path: Path) -> dict:
 @click.option("--methods", default="sae,diffmean", show_default=True, help="Catalog methods to measure.")
 @click.option("--conditions", "kinds", default=None, metavar="K,K",
               help="Subset of: unsteered,prompt,diffmean,sae,sae+prompt,file [default: all].")
-@click.option("--quick", is_flag=True, help="A fixed small prompt subset and the default scale only (<= 15 min on 2 cores).")
+@click.option("--quick", is_flag=True, help="A fixed small prompt subset, the default scale and the shipped placement "
+              "only (<= 15 min on 2 cores).")
 @click.option("--split", type=click.Choice(["report", "tune"]), default="report", show_default=True,
               help="Which half of the eval prompts: tune (choose scales) or report (the figures).")
 @click.option("--limit", type=click.IntRange(1, None), default=None, help="At most N prompts per task.")
 @click.option("--scales", default=None, metavar="X,Y",
               help="Multiples of each vector's default scale [default: 0.5,1,1.5,2; --quick: 1].")
 @click.option("--apply", "applies", default=None, metavar="MODE,MODE",
-              help="Where vectors apply (Request.apply) [default: every mode the engine has].")
+              help="Where vectors apply (Request.apply; `default`: each task's shipped placement, "
+                   "as morph steer does) [default: every mode the engine has; --quick: default].")
 @click.option("--tuned", type=click.Path(exists=True, dir_okay=False),
               help="Results JSON of a --split tune run: report each method at the scale/apply chosen there.")
 @click.option("--out", type=click.Path(dir_okay=False), help="Write the results (JSON; gzipped if it ends in .gz) here.")
-@click.option("--from", "from_json", type=click.Path(exists=True, dir_okay=False),
-              help="Do not run: re-read results JSON (to print, --report-md or --write-features).")
+@click.option("--from", "from_json", type=click.Path(exists=True, dir_okay=False), multiple=True,
+              help="Do not run: re-read results JSON (to print, --report-md or --write-features); repeat it "
+                   "to merge runs on the same prompts (e.g. a sweep run in parts).")
 @click.option("--report-md", type=click.Path(dir_okay=False),
-              help="Write a Markdown report (e.g. vectors/<model>/EVAL.md) with a PNG per feature beside it.")
+              help="Write a Markdown report (e.g. vectors/<model>/EVAL.md) with its plot beside it (EVAL.png).")
 @click.option("--write-features", type=click.Path(exists=True, dir_okay=False),
               help="Store each measured feature's scores and `experimental` flag in this features.json.")
 @click.option("--cache", type=click.Path(dir_okay=False), default=None,
               help="Generation cache (JSONL) [default: <data dir>/eval-cache/<model>.jsonl].")
 @click.option("--no-cache", is_flag=True, help="Generate everything afresh and keep nothing.")
 @click.option("--threads", type=click.IntRange(1, None), default=None, help="llama.cpp and judge threads.")
+@click.option("--sequential", is_flag=True,
+              help="Generate one request at a time through the product path (engine.stream) instead of "
+                   "batched (same tokens, measured: bench/eval_agreement.py).")
 @click.option("--no-progress", is_flag=True, help="No progress bars on stderr.")
 @click.option("--note", "notes", multiple=True, metavar="TEXT", help="A note for the --report-md page (repeatable).")
 @click.pass_obj
 def eval_cmd(obj, features, vectors, concept, methods, kinds, quick, split, limit, scales, applies, tuned,
-             out, from_json, report_md, write_features, cache, no_cache, threads, no_progress, notes):
+             out, from_json, report_md, write_features, cache, no_cache, threads, sequential, no_progress, notes):
     """Measure how features steer: concept shift (an independent judge), relevance to the
     input, fluency (NLL under the unsteered model, repetition), against unsteered text,
     prompting with a style instruction, diffmean and SAE vectors.
@@ -112,16 +118,24 @@ def eval_cmd(obj, features, vectors, concept, methods, kinds, quick, split, limi
         raise MorphError(f"unknown condition {bad[0]!r} (use: {', '.join(planmod.KINDS)})")
     scale_list = _floats(scales, "--scales") if scales else ((1.0,) if quick else planmod.DEFAULT_SCALES)
     vec_specs = [_vector_spec(v) for v in vectors]
-    tuned_choice = run.tuned_choice(_read_json(Path(tuned))) if tuned else None
+    tuned_choice = None
+    if tuned:  # the tune run's picks; at the shipped placement where it swept it (what the product sends)
+        tune_res = _read_json(Path(tuned))
+        shipped = planmod.DEFAULT_APPLY if any(r.get("apply") == planmod.DEFAULT_APPLY for r in tune_res["rows"]) else None
+        tuned_choice = run.tuned_choice(tune_res, apply=shipped)
 
     if from_json:
-        results = _read_json(Path(from_json))
+        results = run.merge([_read_json(Path(p)) for p in from_json])
         if tuned_choice is not None:
             results["selected"] = run.select(results["rows"], tuned_choice)
             results["meta"]["selection"] = f"per method at the scale and apply chosen on the tune half ({tuned})"
     else:
         results = _run(obj, names, vec_specs, concept, method_list, kind_list, quick, split, limit,
-                       scale_list, applies, tuned_choice, tuned, cache, no_cache, threads, not no_progress)
+                       scale_list, applies, tuned_choice, tuned, cache, no_cache, threads, not no_progress,
+                       sequential)
+    if tuned:  # how the placements compared on the tune half, for the report page
+        results["meta"]["tune"] = {"placement": run.apply_table(tune_res), "n_by_task": tune_res["meta"]["n_by_task"],
+                                   "rows": [r for r in tune_res["rows"] if r.get("method") is not None]}
 
     if notes:
         results["meta"]["notes"] = list(notes)
@@ -135,6 +149,10 @@ def eval_cmd(obj, features, vectors, concept, methods, kinds, quick, split, limi
     click.echo("")
     click.echo(report.text_table_selected(results))
     click.echo(report.summary_line(results))
+    placement = report.text_apply_table(results)
+    if placement:
+        click.echo("")
+        click.echo(placement)
     if report_md:
         click.echo(f"morph: wrote {report.eval_md(results, Path(report_md))}", err=True)
     if write_features:
@@ -146,7 +164,7 @@ _GEN_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "repeat_penalty", 
 
 
 def _run(obj, names, vec_specs, concept, methods, kinds, quick, split, limit, scales, applies,
-         tuned_choice, tuned, cache, no_cache, threads, progress) -> dict:
+         tuned_choice, tuned, cache, no_cache, threads, progress, sequential=False) -> dict:
     from morph import models, paths
     from morph.config import load_config
     from morph.engine import load_engine
@@ -155,13 +173,18 @@ def _run(obj, names, vec_specs, concept, methods, kinds, quick, split, limit, sc
     from morph.eval import prompts as promptsmod
     from morph.eval import run
     from morph.steering.catalog import Catalog
+    from morph import tasks
 
     t0 = time.perf_counter()
     available = planmod.apply_modes()
-    apply_list = tuple(_csv(applies) or available)
-    bad = [a for a in apply_list if a not in available]
+    apply_list = tuple(_csv(applies) or ((planmod.DEFAULT_APPLY,) if quick else available))
+    from morph.tasks import valid_apply
+
+    bad = [a for a in apply_list if a != planmod.DEFAULT_APPLY
+           and (a.partition(":")[0] not in available or not valid_apply(a))]
     if bad:
-        raise MorphError(f"apply mode {bad[0]!r} is not supported by this engine (has: {', '.join(available)})")
+        raise MorphError(f"apply mode {bad[0]!r} is not supported by this engine (has: {', '.join(available)}; "
+                         "prompt-scaled takes :F, 0<=F<=1; default: each mode's shipped placement)")
     prompts = promptsmod.load_prompts(split, quick=quick, limit=limit)
     cfg = load_config()
     info = models.check(models.resolve(obj.model or cfg.model))
@@ -179,7 +202,8 @@ def _run(obj, names, vec_specs, concept, methods, kinds, quick, split, limit, sc
     engine = load_engine(info, gpu=obj.gpu, n_ctx=2048, threads=threads or cfg.threads)
     try:
         cache_path = None if no_cache else Path(cache) if cache else paths.data_dir() / "eval-cache" / f"{info.model_id}.jsonl"
-        res = run.evaluate(engine, judge, targets, prompts, conditions, run.Cache(cache_path), progress)
+        res = run.evaluate(engine, judge, targets, prompts, conditions, run.Cache(cache_path), progress,
+                           sequential=sequential)
     finally:
         engine.close()
     res["selected"] = run.select(res["rows"], tuned_choice)
@@ -191,10 +215,12 @@ def _run(obj, names, vec_specs, concept, methods, kinds, quick, split, limit, sc
         "n_prompts": len(prompts), "n_by_task": by_task,
         "gen": {k: v for k, v in vars(planmod.plain(prompts[0])).items() if k in _GEN_FIELDS},
         "scales": list(scales), "apply_modes": list(apply_list), "conditions": list(kinds),
+        "default_apply": {t: tasks.DEFAULT_APPLY[t] for t in by_task},
         "judge": {"embedder": judgemod.EMBEDDER_NAME + " + logistic regression", "axes": judge.heldout()},
         "selection": f"per method at the scale and apply chosen on the tune half ({tuned})" if tuned_choice
         else "per method at its default scale (x1), applied at every position",
         "command": "morph eval " + " ".join(sys.argv[sys.argv.index("eval") + 1:]) if "eval" in sys.argv else "morph eval",
         "date": time.strftime("%Y-%m-%d"), "wall_s": round(time.perf_counter() - t0, 1),
+        "generation": "sequential (engine.stream)" if sequential else "batched (engine.batch_runner)",
     }
     return res

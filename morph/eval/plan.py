@@ -19,6 +19,7 @@ DEFAULT_SCALES = (0.5, 1.0, 1.5, 2.0)  # multiples of each vector's default scal
 COMBO_SCALES = (1.0,)  # SAE plus prompting: at the default scale and the first apply mode only
 STEERED = ("diffmean", "sae", "file")  # condition kinds that are one vector alone
 KINDS = ("unsteered", "prompt", "diffmean", "sae", "sae+prompt", "file")
+DEFAULT_APPLY = "default"  # apply "default": each task's shipped placement (tasks.DEFAULT_APPLY), as `morph steer` does
 
 # How the prompting baseline asks for each pole, in the task's own framing:
 # "Rewrite this text <phrase>:" and, for continue, "(Written <phrase>.)" above the text.
@@ -116,7 +117,7 @@ def build(prompt: EvalPrompt, cond: Condition, target: Target | None) -> Request
     if cond.method is not None:
         src = target.sources[cond.method]
         kw["steering"] = src.vector * (src.default_scale * cond.scale_x)
-        kw["apply"] = cond.apply
+        kw["apply"] = None if cond.apply == DEFAULT_APPLY else cond.apply  # None: tasks' default for the framing
     text, style = prompt.text, None
     if cond.prompted:
         if prompt.task == "rewrite":

@@ -1,4 +1,4 @@
-"""What a run shows: the printed table, EVAL.md with one plot per feature, and the
+"""What a run shows: the printed table, EVAL.md with its plot (EVAL.png), and the
 measured scores written into features.json entries."""
 
 from __future__ import annotations
@@ -116,6 +116,68 @@ def plot(results: dict, concept: str, path: Path) -> Path:
     return path
 
 
+def plot_grid(results: dict, path: Path) -> Path:
+    """One small PNG for every feature: concept shift against relevance across the scale
+    sweep (a line per method and placement that was swept), the other placements as
+    points, prompting (star) and unsteered (square), and the 0.85 x unsteered relevance line."""
+    import math
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    concepts = list(dict.fromkeys(r["concept"] for r in results["rows"]))
+    ncol = min(4, len(concepts))
+    nrow = math.ceil(len(concepts) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.1 * ncol, 2.5 * nrow), dpi=80, squeeze=False)
+    colors = {"sae": "tab:blue", "diffmean": "tab:orange", "file": "tab:green"}
+    styles = ["-", "--", ":", "-."]
+    handles = {}
+    for ax, concept in zip(axes.flat, concepts):
+        rows = [r for r in results["rows"] if r["concept"] == concept]
+        groups: dict[tuple, list[dict]] = {}
+        for r in rows:
+            if r["method"] is not None and r["kind"] == r["method"]:
+                groups.setdefault((r["kind"], r["apply"]), []).append(r)
+        applies = list(dict.fromkeys(a for _, a in groups))
+        for (kind, apply), rs in groups.items():
+            rs = sorted(rs, key=lambda r: r["scale_x"])
+            label = f"{kind} ({apply})"
+            if len(rs) > 1:
+                h, = ax.plot([r["relevance"] for r in rs], [r["concept_shift"] for r in rs], marker="o", ms=3,
+                             color=colors.get(kind, "grey"), ls=styles[applies.index(apply) % len(styles)], lw=1)
+                for r in rs:
+                    ax.annotate(f"x{r['scale_x']:g}", (r["relevance"], r["concept_shift"]), fontsize=5,
+                                xytext=(2, 2), textcoords="offset points")
+            else:
+                h = ax.scatter([rs[0]["relevance"]], [rs[0]["concept_shift"]], s=14, color=colors.get(kind, "grey"),
+                               marker="^v<>dP"[applies.index(apply) % 6])
+            handles.setdefault(label, h)
+        base = next((r for r in rows if r["kind"] == "unsteered"), None)
+        for r in rows:
+            if r["kind"] == "prompt":
+                handles.setdefault("prompting", ax.scatter([r["relevance"]], [r["concept_shift"]], marker="*", s=60,
+                                                           color="red", zorder=5))
+        if base:
+            handles.setdefault("unsteered", ax.scatter([base["relevance"]], [0.0], marker="s", s=20, color="black", zorder=5))
+            handles.setdefault("0.85 x unsteered relevance", ax.axvline(
+                base["relevance"] * runmod.GOAL["relevance_ratio_min"], color="grey", ls=":", lw=1))
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.set_title(concept, fontsize=8)
+        ax.tick_params(labelsize=6)
+    for ax in list(axes.flat)[len(concepts):]:
+        ax.axis("off")
+    fig.supxlabel("relevance (MiniLM cosine to the input / opening)", fontsize=8, y=0.09)
+    fig.supylabel("concept shift (judge P(concept) - unsteered)", fontsize=8)
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=4, fontsize=6, frameon=False)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def eval_md(results: dict, path: Path) -> Path:
     """EVAL.md beside the vectors, with a PNG per feature in `eval/`."""
     meta = results["meta"]
@@ -138,8 +200,8 @@ def eval_md(results: dict, path: Path) -> Path:
              "A feature meets the goal when, on this split, its concept shift is at least the prompting "
              f"baseline's, its relevance is at least {runmod.GOAL['relevance_ratio_min']} x the unsteered "
              f"relevance, its NLL at most {runmod.GOAL['nll_ratio_max']} x the unsteered NLL, and it does not "
-             f"move its concept the wrong way (mean shift <= 0, or more prompts moved away than toward it by "
-             f"more than {runmod.SHIFT_EPS}). Features that fall short are marked experimental in features.json.", "",
+             f"move its concept the wrong way (it must move it: mean shift > 0, and more prompts moved toward it "
+             f"than away, each by more than {runmod.SHIFT_EPS}). Features that fall short are marked experimental in features.json.", "",
              md_table(SELECTED_HEADER, selected_rows(results)), "",
              summary_line(results), "",
              "## Scores", "",
@@ -147,12 +209,34 @@ def eval_md(results: dict, path: Path) -> Path:
              "Concept shift and relevance are means over prompts; `rel_x` and `nll_x` are ratios of "
              "means to the unsteered condition on the same prompts. Condition `sae x1.5 all` = the SAE "
              "vector at 1.5 x its default scale, applied at every position.", ""]
-    img_dir = path.parent / "eval"
+    tune = meta.get("tune")
+    if tune:
+        t = tune["placement"]
+        lines += ["## Where the vector applies: the placements compared (tune half)", "",
+                  f"How each placement did on the tune half ({', '.join(f'{n} {k}' for k, n in tune['n_by_task'].items())} "
+                  "prompts), per task, over every feature x method: *meet goal*, how many meet the goal at some "
+                  "swept scale; *kept shift*, the mean of the largest concept shift among the scales that keep "
+                  "relevance and NLL within the goal (0 where none does); then means over every swept scale. "
+                  "`default` is the shipped placement, swept at more scales (not comparable on *meet goal*).", "",
+                  md_table(["task", "apply", "meet goal", "kept shift", "mean shift", "rel_x", "nll_x"],
+                           [[task, a + (" (best)" if t["choice"].get(task) == a else ""), f"{v['meets']}/{v['n_sources']}",
+                             _f(v["kept_shift"]), _f(v["concept_shift"]), _f(v["relevance_ratio"], "{:.2f}"),
+                             _f(v["nll_ratio"], "{:.2f}")] for task, modes in t["by_task"].items() for a, v in modes.items()]),
+                  ""]
+    png = plot_grid(results, path.with_suffix(".png"))
+    lines += ["## Concept shift against relevance across the scale sweep", "",
+              f"![concept shift against relevance, every feature]({png.name})", ""]
     for concept in dict.fromkeys(r["concept"] for r in results["rows"]):
         rows = [r for r in results["rows"] if r["concept"] == concept]
-        png = plot(results, concept, img_dir / f"{concept}.png")
-        lines += [f"## {concept}", "", md_table(list(COLUMNS), table_rows(rows)), "",
-                  f"![{concept}: concept shift against relevance](eval/{png.name})", ""]
+        lines += [f"## {concept}", "", md_table(list(COLUMNS), table_rows(rows)), ""]
+        trows = [r for r in (tune or {}).get("rows", []) if r["concept"] == concept]
+        if trows:
+            lines += ["<details><summary>tune half: every placement and scale swept (scales are multiples of the "
+                      "default before tuning; `scale` is absolute)</summary>", "",
+                      md_table(["condition", "scale", "shift", "rel_x", "nll_x", "hmean", "goal"],
+                               [[r["condition"], f"{r['scale']:g}", _f(r["concept_shift"]), _f(r["relevance_ratio"], "{:.2f}"),
+                                 _f(r["nll_ratio"], "{:.2f}"), _f(r["hmean"], "{:.3f}"), _goal_mark(r)] for r in trows]),
+                      "", "</details>", ""]
         by_task = [[r["condition"], t, _f(v["concept_shift"]), _f(v["relevance"], "{:.3f}"),
                     _f(v["relevance_ratio"], "{:.2f}"), _f(v["nll_ratio"], "{:.2f}")]
                    for r in rows for t, v in r["by_task"].items()]
@@ -173,10 +257,44 @@ def eval_entry(r: dict, prompt_row: dict | None, meta: dict) -> dict:
     return e
 
 
+def write_tuned_scales(results: dict, manifest: Path) -> list[str]:
+    """From a tuning-half run with `--apply default`: each measured entry's `default_scale`
+    becomes the scale chosen there (the best meeting the goal, else the best hmean, at
+    the shipped placement), recorded under `scores.tune`. No report-half figure is
+    written from a tuning run. Returns the entries changed."""
+    from morph.errors import MorphError
+    from morph.eval.plan import DEFAULT_APPLY
+
+    rows = results["rows"]
+    if not any(r.get("apply") == DEFAULT_APPLY for r in rows):
+        raise MorphError("a tuning run sets default scales for the shipped placement: run it with --apply default")
+    picks = {c: {m: runmod.choose([r for r in rows if r["concept"] == c and r["kind"] == m and r["apply"] == DEFAULT_APPLY])
+                 for m in ms} for c, ms in runmod.tuned_choice(results, apply=DEFAULT_APPLY).items()}
+    raw = json.loads(manifest.read_text(encoding="utf-8"))
+    changed = []
+    for e in raw.get("features", []):
+        r = picks.get(e["name"], {}).get(e["method"])
+        if r is None:
+            continue
+        e["default_scale"] = r["scale"]
+        e.setdefault("scores", {})["tune"] = {
+            "scale": r["scale"], "scale_x": r["scale_x"], "swept": sorted({x["scale"] for x in rows if x["concept"] == e["name"]
+                                                                             and x["kind"] == e["method"] and x["apply"] == DEFAULT_APPLY}),
+            "apply": DEFAULT_APPLY, "meets_goal_on_tune": r["goal"]["meets_goal"], "hmean": r["hmean"],
+            "concept_shift": r["concept_shift"], "relevance_ratio": r["relevance_ratio"], "nll_ratio": r["nll_ratio"],
+            "split": "tune", "n_prompts": r["n"], "date": results["meta"]["date"]}
+        changed.append(f"{e['name']}@{e['method']}")
+    fsutil.atomic_write(manifest, (json.dumps(raw, indent=2) + "\n").encode("utf-8"))
+    return changed
+
+
 def write_features(results: dict, manifest: Path) -> list[str]:
     """Put each measured feature's selected scores under `scores.eval` in its features.json
     entry and set the entry's `experimental` (true unless it meets the goal). Returns the
-    entries changed."""
+    entries changed. A tuning-half run sets default scales instead (write_tuned_scales):
+    the scores a feature is offered on come from the report half only."""
+    if results["meta"].get("split") == "tune":
+        return write_tuned_scales(results, manifest)
     raw = json.loads(manifest.read_text(encoding="utf-8"))
     changed = []
     for e in raw.get("features", []):
@@ -184,8 +302,14 @@ def write_features(results: dict, manifest: Path) -> list[str]:
         if not sel or e["method"] not in sel["methods"]:
             continue
         r = sel["methods"][e["method"]]
-        e.setdefault("scores", {})["eval"] = eval_entry(r, sel["prompting"], results["meta"])
-        e["experimental"] = not r["goal"]["meets_goal"]
+        old = e.setdefault("scores", {}).get("eval") or {}
+        e["scores"]["eval"] = eval_entry(r, sel["prompting"], results["meta"])
+        # A random vector of the same norm that met the goal too (tests/test_eval.py's random
+        # pass, recorded by hand) keeps the entry experimental while scale and placement stand.
+        rc = old.get("random_control") if isinstance(old, dict) else None
+        if isinstance(rc, dict) and (old.get("scale"), old.get("apply")) == (r["scale"], r["apply"]):
+            e["scores"]["eval"]["random_control"] = rc
+        e["experimental"] = not r["goal"]["meets_goal"] or bool((e["scores"]["eval"].get("random_control") or {}).get("meets_goal"))
         changed.append(f"{e['name']}@{e['method']}")
     fsutil.atomic_write(manifest, (json.dumps(raw, indent=2) + "\n").encode("utf-8"))
     return changed
@@ -193,3 +317,14 @@ def write_features(results: dict, manifest: Path) -> list[str]:
 
 def text_table_selected(results: dict) -> str:
     return _aligned(SELECTED_HEADER, selected_rows(results))
+
+
+def text_apply_table(results: dict) -> str:
+    """The per-task placement comparison of a sweep (run.apply_table), or "" without one."""
+    t = runmod.apply_table(results)
+    body = [[task, a + (" (best)" if t["choice"].get(task) == a else ""), f"{v['meets']}/{v['n_sources']}",
+             _f(v["kept_shift"]), _f(v["concept_shift"]), _f(v["relevance_ratio"], "{:.2f}"), _f(v["nll_ratio"], "{:.2f}")]
+            for task, modes in t["by_task"].items() for a, v in modes.items()]
+    if len({a for modes in t["by_task"].values() for a in modes}) < 2:
+        return ""
+    return _aligned(["task", "apply", "meet goal", "kept shift", "mean shift", "rel_x", "nll_x"], body)

@@ -1,8 +1,10 @@
 """Run an evaluation: every (condition, prompt) through the product path, then scores.
 
-Generation goes through `engine.stream` with the request `morph steer` would send (see
-plan.build), each from a fresh KV cache as in a new `morph steer` process: no private
-batch path, so what is measured is what users get, whatever order requests run in. Generations and NLLs are cached
+Each (condition, prompt) is the request `morph steer` would send (see plan.build). By
+default they run many at a time through the engine's batch runner (eval/batched.py: the
+same prompt tokens, steering placement, greedy sampler and stop rule as `engine.stream`);
+`sequential=True` runs each through `engine.stream` itself from a fresh KV cache, as in a
+new `morph steer` process. Generations and NLLs are cached
 (JSONL, keyed by the model, the exact prompt tokens, the sampling fields and the vector's
 numbers), so an interrupted run resumes and a report can be redrawn without the model.
 """
@@ -20,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from morph.engine.base import collect
+from morph.eval import batched
 from morph.eval import plan as planmod
 from morph.eval import scores
 from morph.eval.plan import Condition, Target
@@ -74,11 +77,13 @@ def _digest(*parts) -> str:
     return h.hexdigest()
 
 
-def gen_key(engine, tokens: list[int], req) -> str:
+def gen_key(engine, tokens: list[int], req, batched: bool = False) -> str:
+    """Cache key of one generation; batched outputs are kept apart from the product
+    path's (measured equal, but a cache should not assume it)."""
     fields = {f.name: getattr(req, f.name) for f in dataclasses.fields(req)
               if f.name not in ("prompt", "messages", "steering", "cancel")}
     vec = req.steering.fingerprint() if req.steering is not None else b""
-    return _digest("gen", CACHE_VERSION, _model_id(engine), tokens, fields, vec)
+    return _digest("gen", CACHE_VERSION, _model_id(engine), tokens, fields, vec, *(["batched"] if batched else []))
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -87,27 +92,40 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="req", file=sys.stderr, disable=not enabled, dynamic_ncols=True)
 
 
-def generate(engine, jobs: list[tuple[EvalPrompt, Condition, object]], cache: Cache, progress: bool = True) -> list[dict]:
+def generate(engine, jobs: list[tuple[EvalPrompt, Condition, object]], cache: Cache, progress: bool = True,
+             sequential: bool = False) -> list[dict]:
     """Outputs for jobs (prompt, condition, Request), in the jobs' order."""
-    def group(i):
-        req = jobs[i][2]
-        vec = hashlib.sha1(req.steering.fingerprint()).hexdigest() if req.steering is not None else ""
-        return (vec, getattr(req, "apply", "all"), jobs[i][0].task != "rewrite", i)
-
     out: list[dict | None] = [None] * len(jobs)
-    reset = getattr(engine, "reset_cache", None)
+    keys = [gen_key(engine, engine.prepare_tokens(req), req, batched=not sequential) for _, _, req in jobs]
+    todo = []
+    for i, key in enumerate(keys):
+        out[i] = cache.get(key)
+        if out[i] is None:
+            todo.append(i)
     with _progress(len(jobs), "generate", progress) as bar:
-        for i in sorted(range(len(jobs)), key=group):
-            prompt, cond, req = jobs[i]
-            tokens = engine.prepare_tokens(req)
-            key = gen_key(engine, tokens, req)
-            rec = cache.get(key)
-            if rec is None:
-                if reset is not None:
-                    reset()  # as `morph steer` runs it: a fresh context (see LlamaEngine.reset_cache)
-                c = collect(engine.stream(req))
-                rec = {"text": c.text, "ids": list(c.token_ids), "finish": c.finish_reason}
-                cache.put(key, rec)
+        bar.update(len(jobs) - len(todo))
+        if not sequential:
+            def done(j: int, rec: dict) -> None:
+                i = todo[j]
+                cache.put(keys[i], rec)
+                out[i] = rec
+                bar.update(1)
+
+            batched.generate(engine, [jobs[i][2] for i in todo], on_done=done)
+            return out  # type: ignore[return-value]
+
+        def group(i):
+            req = jobs[i][2]
+            vec = hashlib.sha1(req.steering.fingerprint()).hexdigest() if req.steering is not None else ""
+            return (vec, getattr(req, "apply", "all"), jobs[i][0].task != "rewrite", i)
+
+        reset = getattr(engine, "reset_cache", None)
+        for i in sorted(todo, key=group):
+            if reset is not None:
+                reset()  # as `morph steer` runs it: a fresh context (see LlamaEngine.reset_cache)
+            c = collect(engine.stream(jobs[i][2]))
+            rec = {"text": c.text, "ids": list(c.token_ids), "finish": c.finish_reason}
+            cache.put(keys[i], rec)
             out[i] = rec
             bar.update(1)
     return out  # type: ignore[return-value]
@@ -147,11 +165,11 @@ def _r(x: float, n: int = 4):
 
 
 def evaluate(engine, judge, targets: list[Target], prompts: list[EvalPrompt], conditions: list[Condition],
-             cache: Cache, progress: bool = True) -> dict:
+             cache: Cache, progress: bool = True, sequential: bool = False) -> dict:
     """Generate, score and aggregate. Returns the results dict that report.py prints and writes."""
     by_concept = {t.concept: t for t in targets}
     jobs = [(p, c, planmod.build(p, c, by_concept.get(c.concept))) for c in conditions for p in prompts]
-    gens = generate(engine, jobs, cache, progress)
+    gens = generate(engine, jobs, cache, progress, sequential=sequential)
     uniq: dict[tuple[str, tuple], int] = {}
     for (p, _, _), g in zip(jobs, gens):
         uniq.setdefault((p.id, tuple(g["ids"])), len(uniq))
@@ -227,10 +245,21 @@ def _row(t: Target, c: Condition, prompts, outs: dict, base: dict) -> dict:
 
 
 def wrong_way(row: dict) -> bool:
-    """Moves its concept the wrong way: the mean shift is not positive, or more prompts
-    moved away from the concept than toward it (each by more than SHIFT_EPS)."""
+    """Does not move its concept the right way: the mean shift is not positive, or no more
+    prompts moved toward the concept than away from it (each by more than SHIFT_EPS). A
+    vector that moves nothing (0 toward, 0 away) fails too: otherwise, where prompting
+    does not move a concept either, any weak vector (a random one) passes."""
     s = row.get("concept_shift")
-    return s is None or s <= 0 or row["moved_away"] > row["moved_toward"]
+    return s is None or s <= 0 or row["moved_away"] >= row["moved_toward"]
+
+
+def regoal(rows: list[dict]) -> list[dict]:
+    """Recompute each steered row's goal under the current rule (for re-read results)."""
+    prompt_of = {r["concept"]: r for r in rows if r["kind"] == "prompt"}
+    for r in rows:
+        if r.get("method") is not None:
+            r["goal"] = goal(r, prompt_of.get(r["concept"]))
+    return rows
 
 
 def goal(row: dict, prompt_row: dict | None) -> dict:
@@ -274,18 +303,27 @@ def choose(rows: list[dict]) -> dict | None:
 def select(rows: list[dict], tuned: dict | None = None) -> dict:
     """Per concept and method (vector alone, not combined with prompting): the row at the
     scale and apply chosen on the tuning half (`tuned`: {concept: {method: {"apply",
-    "scale_x"}}}) or, without one, at the default scale (x1) applied everywhere ("all").
+    "scale_x", "scale"}}}; the absolute scale wins, since a tuning run may have changed the
+    default it is a multiple of) or, without one, at the default scale (x1) with the shipped
+    placement ("default") where it was run, else applied everywhere ("all").
     Then the better method: one meeting the goal first, then the higher hmean."""
     out: dict[str, dict] = {}
     for concept in dict.fromkeys(r["concept"] for r in rows):
         methods: dict[str, dict] = {}
         for method in dict.fromkeys(r["method"] for r in rows if r["concept"] == concept and r["kind"] == r["method"]):
             cands = [r for r in rows if r["concept"] == concept and r["kind"] == method]
-            want = (tuned or {}).get(concept, {}).get(method) or {"apply": "all", "scale_x": 1.0}
-            pick = [r for r in cands if r["apply"] == want["apply"] and r["scale_x"] == want["scale_x"]]
+            shipped = planmod.DEFAULT_APPLY if any(r["apply"] == planmod.DEFAULT_APPLY for r in cands) else "all"
+            want = (tuned or {}).get(concept, {}).get(method) or {"apply": shipped, "scale_x": 1.0}
+            if want.get("scale") is not None:  # an absolute scale (the tune run's): the same vector strength
+                def near(r):
+                    return abs(r["scale"] - want["scale"])
+            else:
+                def near(r):
+                    return abs(r["scale_x"] - want["scale_x"])
+            pick = [r for r in cands if r["apply"] == want["apply"] and near(r) < 1e-6]
             if not pick:  # the wanted point was not run: the nearest scale
                 same = [r for r in cands if r["apply"] == want["apply"]] or cands
-                pick = [min(same, key=lambda r: abs(r["scale_x"] - want["scale_x"]))]
+                pick = [min(same, key=near)]
             methods[method] = pick[0]
         best = max(methods.values(), key=_rank, default=None)
         prompt_row = next((r for r in rows if r["concept"] == concept and r["kind"] == "prompt"), None)
@@ -295,15 +333,101 @@ def select(rows: list[dict], tuned: dict | None = None) -> dict:
     return out
 
 
-def tuned_choice(results: dict) -> dict:
+def tuned_choice(results: dict, apply: str | None = None) -> dict:
     """From a run on the tuning half: per concept and method, the apply mode and scale to
-    report at (the best row meeting the goal, else the best hmean)."""
+    report at (the best row meeting the goal, else the best hmean); `apply`: only rows
+    with that placement (e.g. "default": the scale for the shipped placement)."""
     rows = results["rows"]
     out: dict[str, dict] = {}
     for r in rows:
-        if r["method"] is None or r["kind"] != r["method"]:
+        if r["method"] is None or r["kind"] != r["method"] or (apply is not None and r["apply"] != apply):
             continue
         out.setdefault(r["concept"], {}).setdefault(r["method"], [])
         out[r["concept"]][r["method"]].append(r)
     picks = {c: {m: choose(rs) for m, rs in ms.items()} for c, ms in out.items()}
-    return {c: {m: {"apply": r["apply"], "scale_x": r["scale_x"]} for m, r in ms.items()} for c, ms in picks.items()}
+    return {c: {m: {"apply": r["apply"], "scale_x": r["scale_x"], "scale": r.get("scale")} for m, r in ms.items()}
+            for c, ms in picks.items()}
+
+
+def apply_table(results: dict) -> dict:
+    """Which placement keeps the meaning while moving the concept, per task, from a sweep
+    of scales x apply modes (tuning half). For each task and apply mode, over every
+    concept x method (vector alone), on that task's prompts:
+
+    - meets: how many have some scale meeting the goal on this task;
+    - kept_shift: the mean over them of the largest concept shift among the scales that
+      keep relevance and fluency (0 where none does): how far the concept moves while
+      the meaning holds;
+    - relevance_ratio / nll_ratio / concept_shift: means over every scale.
+
+    Only modes run for every concept x method are compared. `choice`: per task, the mode
+    with the most meets, then the largest kept_shift, then the higher relevance."""
+    rows = results["rows"]
+    steered = [r for r in rows if r["method"] is not None and r["kind"] == r["method"]]
+    prompt_of = {r["concept"]: r for r in rows if r["kind"] == "prompt"}
+    sources = {(r["concept"], r["method"]) for r in steered}
+    table: dict[str, dict] = {}
+    for task in sorted({t for r in steered for t in r["by_task"]}):
+        for a in dict.fromkeys(r["apply"] for r in steered):
+            per: dict[tuple, list] = {}
+            for r in steered:
+                if r["apply"] == a and task in r["by_task"]:
+                    s = r["by_task"][task]
+                    p = prompt_of.get(r["concept"])
+                    per.setdefault((r["concept"], r["method"]), []).append(
+                        (s, goal(s, p["by_task"].get(task) if p else None)))
+            if set(per) != sources:
+                continue
+            flat = [s for v in per.values() for s, _ in v]
+            table.setdefault(task, {})[a] = {
+                "n_sources": len(per), "n_rows": len(flat),
+                "meets": sum(any(g["meets_goal"] for _, g in v) for v in per.values()),
+                "kept_shift": _r(_mean(max([s["concept_shift"] for s, g in v
+                                            if g["keeps_relevance"] and g["keeps_fluency"]] or [0.0])
+                                       for v in per.values())),
+                "concept_shift": _r(_mean(s["concept_shift"] for s in flat)),
+                "relevance_ratio": _r(_mean(s["relevance_ratio"] for s in flat)),
+                "nll_ratio": _r(_mean(s["nll_ratio"] for s in flat)),
+            }
+    choice = {t: max(m, key=lambda a: (m[a]["meets"], m[a]["kept_shift"] or 0.0, m[a]["relevance_ratio"] or 0.0))
+              for t, m in table.items()}
+    return {"by_task": table, "choice": choice}
+
+
+def merge(parts: list[dict]) -> dict:
+    """Results of several runs on the same prompts as one (a sweep run in parts): rows and
+    outputs of each (concept, condition) once, the first run's where they repeat (the
+    same requests give the same cached outputs)."""
+    from morph.errors import MorphError
+
+    if len(parts) == 1:
+        parts[0]["rows"] = regoal(parts[0]["rows"])
+        parts[0]["selected"] = select(parts[0]["rows"])
+        return parts[0]
+    first = parts[0]["meta"]
+    for p in parts[1:]:
+        m = p["meta"]
+        if (m["split"], m["n_by_task"], m["model"], m["quick"]) != (first["split"], first["n_by_task"], first["model"], first["quick"]):
+            raise MorphError("results to merge must come from the same model, split and prompts")
+    rows, outputs, seen, seen_o = [], [], set(), set()
+    for p in parts:
+        for r in p["rows"]:
+            if (r["concept"], r["condition"]) not in seen:
+                seen.add((r["concept"], r["condition"]))
+                rows.append(r)
+        for o in p.get("outputs", []):
+            k = (o["prompt"], o["concept"], o["condition"])
+            if k not in seen_o:
+                seen_o.add(k)
+                outputs.append(o)
+    order = list(dict.fromkeys(r["concept"] for r in rows))
+    rows.sort(key=lambda r: order.index(r["concept"]))  # stable: each concept's rows together
+    regoal(rows)
+    meta = dict(first)
+    meta["scales"] = sorted({s for p in parts for s in p["meta"]["scales"]})
+    meta["apply_modes"] = list(dict.fromkeys(a for p in parts for a in p["meta"]["apply_modes"]))
+    meta["conditions"] = list(dict.fromkeys(c for p in parts for c in p["meta"]["conditions"]))
+    meta["command"] = " + ".join(p["meta"]["command"] for p in parts)
+    meta["wall_s"] = round(sum(p["meta"]["wall_s"] for p in parts), 1)
+    meta["merged_from"] = len(parts)
+    return {"rows": rows, "outputs": outputs, "selected": select(rows), "meta": meta}
