@@ -57,7 +57,7 @@ FRAMING_SAMPLING: dict[str, dict] = {
 # Where the steering vector applies, per framing: "all" positions, only "generated"
 # tokens (the prompt evaluated unsteered), or "prompt-scaled:F" (F x the vector on the
 # prompt). Chosen on morph eval's tuning half (4 rewrite + 4 continue prompts, every
-# feature x method at x0.5 and x1 of its default, /work/results/quality/tune.json;
+# feature x method at x0.5 and x1 of its default, in one tune-half results JSON;
 # `morph eval --from tune.json` prints the comparison): per task, the placement under
 # which the most features meet the goal at some scale.
 #   rewrite:  prompt-scaled:0.25 3/21, all 2/21, generated 1/21 (all: NLL x2.2 on average,
