@@ -61,8 +61,10 @@ def test_feature_shifts_heldout_style(engine, axis):
     pos, neg = by_name[recipe.positive["name"]], by_name[recipe.negative["name"]]
     test = dm.split_pairs(recipe)[1][:pos.scores["heldout_pairs"]]
     base = dm.style_shift(engine, test, None)
-    up = dm.style_shift(engine, test, pos.load_vector() * pos.default_scale)
-    down = dm.style_shift(engine, test, neg.load_vector() * neg.default_scale)
+    # The stored figures are the build's, at the scale it chose (`morph eval` may have
+    # tuned default_scale since; then scores.build_scale keeps the build's).
+    up = dm.style_shift(engine, test, pos.load_vector() * pos.scores.get("build_scale", pos.default_scale))
+    down = dm.style_shift(engine, test, neg.load_vector() * neg.scores.get("build_scale", neg.default_scale))
     engine.set_steering(None)
     assert up > base + 0.05 and down < base - 0.05, (base, up, down)
     for measured, stored in ((up - base, pos.scores["style_shift_at_default"]),

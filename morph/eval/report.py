@@ -276,8 +276,10 @@ def write_tuned_scales(results: dict, manifest: Path) -> list[str]:
         r = picks.get(e["name"], {}).get(e["method"])
         if r is None:
             continue
+        scores = e.setdefault("scores", {})
+        scores.setdefault("build_scale", e.get("default_scale"))  # the scale the build's own figures are at
         e["default_scale"] = r["scale"]
-        e.setdefault("scores", {})["tune"] = {
+        scores["tune"] = {
             "scale": r["scale"], "scale_x": r["scale_x"], "swept": sorted({x["scale"] for x in rows if x["concept"] == e["name"]
                                                                              and x["kind"] == e["method"] and x["apply"] == DEFAULT_APPLY}),
             "apply": DEFAULT_APPLY, "meets_goal_on_tune": r["goal"]["meets_goal"], "hmean": r["hmean"],
