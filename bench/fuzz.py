@@ -400,6 +400,7 @@ def run_config(data: bytes, sb: Sandbox) -> None:
     sb.data.mkdir(parents=True, exist_ok=True)
     paths.config_path().write_bytes(data)
     from morph import tasks
+    from morph.engine.base import apply_factors
 
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
@@ -408,7 +409,11 @@ def run_config(data: bytes, sb: Sandbox) -> None:
     assert isinstance(cfg, Config)
     assert all(ln.startswith("morph: warning: ") for ln in err.getvalue().splitlines()), err.getvalue()
     assert 0.0 <= d.sampling.temperature <= 5.0 and 1.0 <= d.sampling.repeat_penalty <= 3.0
-    assert set(d.apply.values()) <= {"all", "generated"}
+    for v in d.apply.values():  # only placements the engines accept reach a Request
+        try:
+            apply_factors(v)
+        except Exception as e:
+            raise AssertionError(f"config gave an invalid placement {v!r}: {e}") from None
     assert cfg.model is None or isinstance(cfg.model, str)
     assert cfg.threads is None or (type(cfg.threads) is int and cfg.threads > 0)
     assert type(cfg.n_ctx) is int and cfg.n_ctx >= 256
