@@ -89,9 +89,17 @@ def _control_spans(engine, text: str) -> list[tuple[int, int, int]]:
 
 
 
-class PromptMixin:
-    """What both engines do alike before generating: a request's prompt ids and the
+class EngineCommon:
+    """What both engines do alike: model sizes, a request's prompt ids and the
     context-length check."""
+
+    @property
+    def n_embd(self) -> int:
+        return self._n_embd
+
+    @property
+    def n_layer(self) -> int:
+        return self._n_layer
 
     def prepare_tokens(self, request) -> list[int]:
         if request.messages is not None:
@@ -99,6 +107,15 @@ class PromptMixin:
         if request.prompt is None:
             raise MorphError("request needs a prompt or messages")
         return self.tokenize(request.prompt, add_bos=request.add_bos)
+
+    def checked_prompt(self, request) -> tuple[list[int], int]:
+        """`request`'s prompt ids and token budget, refused when empty or too long."""
+        tokens = self.prepare_tokens(request)
+        if not tokens:
+            raise MorphError("empty prompt")
+        max_tokens = max(0, int(request.max_tokens))
+        self.check_fits(len(tokens), max_tokens)
+        return tokens, max_tokens
 
     def check_fits(self, n_prompt: int, max_tokens: int) -> None:
         if n_prompt + max_tokens > self.n_ctx:

@@ -31,7 +31,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from morph.engine.base import Event, Request, Timings, apply_factors
-from morph.engine.chat import PromptMixin
+from morph.engine.chat import EngineCommon
 from morph.errors import MorphError
 from morph.models import ModelInfo
 from morph.steering.vector import ControlVector
@@ -91,7 +91,7 @@ class _quiet_stderr:
         os.close(self.saved)
 
 
-class LlamaEngine(PromptMixin):
+class LlamaEngine(EngineCommon):
     name = "llama.cpp"
     max_streams = 1  # one context: concurrent stream() calls wait for each other
 
@@ -140,14 +140,6 @@ class LlamaEngine(PromptMixin):
     @property
     def n_ctx(self) -> int:
         return self.llm.n_ctx()
-
-    @property
-    def n_embd(self) -> int:
-        return self._n_embd
-
-    @property
-    def n_layer(self) -> int:
-        return self._n_layer
 
     @property
     def n_vocab(self) -> int:
@@ -351,11 +343,7 @@ class LlamaEngine(PromptMixin):
 
     def stream(self, request: Request) -> Iterator[Event]:
         t0 = time.perf_counter()
-        tokens = self.prepare_tokens(request)
-        if not tokens:
-            raise MorphError("empty prompt")
-        max_tokens = max(0, int(request.max_tokens))
-        self.check_fits(len(tokens), max_tokens)
+        tokens, max_tokens = self.checked_prompt(request)
         apply_factors(request.apply)  # a bad value fails here, before the lock
         cancel = request.cancel or threading.Event()
         self._cancel.clear()

@@ -24,7 +24,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from morph.engine.base import Event, Request, Timings, apply_factors
-from morph.engine.chat import PromptMixin
+from morph.engine.chat import EngineCommon
 from morph.errors import MorphError
 from morph.models import ModelInfo
 from morph.steering.vector import ControlVector
@@ -137,7 +137,7 @@ def _edit_registered(fn):
         EDITS.pop(eid, None)
 
 
-class VllmEngine(PromptMixin):
+class VllmEngine(EngineCommon):
     name = "vllm"
 
     def __init__(
@@ -221,14 +221,6 @@ class VllmEngine(PromptMixin):
     @property
     def n_ctx(self) -> int:
         return self._n_ctx
-
-    @property
-    def n_embd(self) -> int:
-        return self._n_embd
-
-    @property
-    def n_layer(self) -> int:
-        return self._n_layer
 
     def _eog_ids(self) -> list[int]:
         tok = self.tokenizer
@@ -372,11 +364,7 @@ class VllmEngine(PromptMixin):
 
     def stream(self, request: Request) -> Iterator[Event]:
         t0 = time.perf_counter()
-        tokens = self.prepare_tokens(request)
-        if not tokens:
-            raise MorphError("empty prompt")
-        max_tokens = max(0, int(request.max_tokens))
-        self.check_fits(len(tokens), max_tokens)
+        tokens, max_tokens = self.checked_prompt(request)
         apply = getattr(request, "apply", "all") or "all"
         params = self._params(request, max(1, max_tokens), self._steer_args(request.steering, apply))
         return self._stream(tokens, params, max_tokens, request.cancel, t0)
