@@ -202,9 +202,11 @@ def test_steer_names_the_method_it_used(data_dir):
     """`-f formal@sae` uses the SAE vector, `formal@diffmean` the diffmean one; the log says which."""
     text = b"hey can u send me the report by friday"
     outs = []
+    # A scale and placement strong enough that two different directions give different text
+    # (the tuned defaults are small enough that 12 greedy tokens can agree).
     for spec in ("formal@sae", "formal@diffmean"):
-        r = subprocess.run([sys.executable, "-m", "morph", "steer", "--experimental", "-f", spec, "--temperature",
-                            "0", "--max-tokens", "12"], input=text, capture_output=True, timeout=120,
+        r = subprocess.run([sys.executable, "-m", "morph", "steer", "--experimental", "-f", f"{spec}=0.3", "--apply",
+                            "all", "--temperature", "0", "--max-tokens", "12"], input=text, capture_output=True, timeout=120,
                            env=dict(os.environ, MORPH_DATA_DIR=str(data_dir)))
         assert r.returncode == 0, r.stderr
         outs.append(r.stdout.decode())
