@@ -270,8 +270,9 @@ def test_vectors_build_end_to_end_small(tmp_path, data_dir, model_info):
         cv.validate(model_info.n_embd, model_info.n_layer, where=name)
         assert cv.meta["method"] == "sae" and cv.meta["sae_sha256"] == man["sae"]["sha256"]
         assert (out / e["file"]).stat().st_mode & 0o777 == 0o666 & ~_umask()
-        # the user's build is what `-f NAME` now resolves to
-        assert cat.get(name).method == "sae" and cat.get(name).source == "user"
+        # the user's build replaces the shipped NAME@sae (a bare NAME picks by measured score,
+        # and the user's vector has none until `morph eval` measures it)
+        assert cat.get(f"{name}@sae", experimental=True).source == "user"
     for r in report["rejected"]:
         assert not (out / f"{r['name']}.gguf").exists()
     # the user's SAE evidence answers `features show <latent>`

@@ -367,7 +367,7 @@ def test_error_cases_and_the_server_stays_up(srv, client):
     experimental = [f["name"] for f in httpx.get(url + "/features").json()["data"]
                     if f["experimental"] and f["method"] == "sae"]
     if experimental:
-        e = _err(httpx.post(chat, json=ok | {"steering": {"features": {experimental[0]: 0.2}}}), 400,
+        e = _err(httpx.post(chat, json=ok | {"steering": {"features": {experimental[0] + "@sae": 0.2}}}), 400,
                  "steering.features")
         assert "experimental" in e["message"]
     _err(httpx.post(chat, json=ok | {"steering": {"features": {"formal": 0.3}, "apply": "sometimes", "experimental": True}}), 400,
