@@ -377,35 +377,28 @@ _catalogs: dict[str, tuple] = {}
 def api_steering(body) -> dict | None:
     """The request extension `{"features": {name: scale}, "apply": ...}` -> extra_args entry.
 
-    Bad input raises ValueError, which vLLM's server answers with a 400 error object.
+    The field is read by morph serve's own parser (one shape for both servers: list or map
+    of features, `experimental`, vector files refused over HTTP). Bad input raises
+    ValueError, which vLLM's server answers with a 400 error object.
     """
-    from morph.errors import MorphError
-
-    if not isinstance(body, dict):
-        raise ValueError("'steering' must be an object like {\"features\": {\"formal\": 0.3}}")
-    unknown = set(body) - {"features", "apply", "mode", "experimental"}
-    if unknown:
-        raise ValueError(f"unknown 'steering' field(s): {', '.join(sorted(unknown))}")
     from morph.engine.vllm import prompt_factor
+    from morph.errors import MorphError
+    from morph.server.errors import APIError  # the plugin is a front end, like morph serve
+    from morph.server.params import parse_steering
 
-    apply = body.get("apply", "all")
+    try:
+        spec = parse_steering(body)
+    except APIError as e:
+        raise ValueError(str(e)) from None
+    apply = spec.apply or "all"
     try:
         pf = prompt_factor(apply)
     except MorphError as e:
         raise ValueError(f"steering.apply: {e}") from None
-    if body.get("mode", "residual") != "residual":
+    if spec.mode != "residual":
         raise ValueError("this server steers the residual stream only (steering.mode 'logits' is morph serve's)")
-    feats = body.get("features") or {}
-    if not isinstance(feats, dict) or not all(isinstance(k, str) for k in feats):
-        raise ValueError("steering.features must map feature names to scales")
-    for k, v in feats.items():
-        if v is not None and v not in ("default", "off") and (isinstance(v, bool) or not isinstance(v, (int, float))):
-            raise ValueError(f"steering.features[{k!r}] must be a number, 'default' or 'off'")
-    experimental = body.get("experimental", False)
-    if not isinstance(experimental, bool):
-        raise ValueError("steering.experimental must be true or false")
     try:
-        n_layer, hidden, vector = _resolve_features(feats, experimental)
+        n_layer, hidden, vector = _resolve_features(spec.features, spec.experimental)
     except MorphError as e:
         raise ValueError(str(e)) from None
     if vector is None:
@@ -428,7 +421,7 @@ def _resolve_features(feats: dict, experimental: bool = False):
         info = hf_info(Path(model))
         _catalogs[model] = (info, Catalog(info.model_id))
     info, catalog = _catalogs[model]
-    requests = {k: (None if v == "default" else v) for k, v in feats.items() if v != "off"}
+    requests = dict(feats)
     if not requests:
         return info.n_layer, info.n_embd, None
     from morph.steering import profile
