@@ -15,7 +15,7 @@ come from `morph eval --vector`. Variants:
 
     current         the shipped SAE feature (<name>.gguf)
     diffmean        the shipped diffmean twin (<name>.diffmean.gguf)
-    file:PATH       any control vector file (its block-L direction)
+    file:PATH       any control vector file (its block-L direction); {name}: the feature's name
     lat:R           the R-th best-separating latent of the pole (0-based)
     id:J[+J2...]    decoder rows of these latents, summed with their mean code differences
     sparse:M        sum of the top-M latents' decoder rows weighted by mean code difference (0: all)
@@ -135,8 +135,8 @@ def directions(engine, sae, layer: int, vec_dir: Path, name: str, specs: list[st
             u = cur
         elif kind == "diffmean":
             u = dmu
-        elif kind == "file":
-            u = file_unit(Path(arg), layer)
+        elif kind == "file":  # "{name}" in the path stands for the feature's name
+            u = file_unit(Path(arg.replace("{name}", name)), layer)
         elif kind == "lat":
             j = int(pl.order[int(arg)])
             u, info = V.latent(sae, j), {"latents": [j]}

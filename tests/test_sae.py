@@ -238,6 +238,54 @@ def test_corpus_is_deterministic_and_documents_its_make_up(engine):
     assert norms.max() <= 4 * np.median(norms)
 
 
+def test_corpus_text_reads_the_contexts_generation_saw(engine, tmp_path):
+    """Text generated once (`vectors corpus`) and read back gives the activations the
+    generation pass captured for the same documents: same opening framing, same tokens."""
+    from morph.errors import MorphError
+    from morph.sae.corpus import CorpusConfig, build_corpus, generate_text, load_text, save_text
+
+    prompts = load_prompts()[:12]
+    cfg = CorpusConfig(tokens=1200, n_seq=4, max_new=40, seed=5, reframe=0.0)
+    docs, stops = generate_text(engine, cfg, prompts=prompts)
+    assert len(docs) >= 8 and sum(stops.values()) >= 1
+    assert {d["kind"] for d in docs} == {"raw", "rewrite", "chat"}
+    f = save_text(tmp_path / "t.jsonl.gz", docs, {"seed": 5})
+    back, meta = load_text(f)
+    assert back == docs and meta == {"seed": 5}
+    gen = build_corpus(engine, [16], cfg, prompts=prompts)  # generation, captured while generating
+    txt = build_corpus(engine, [16], CorpusConfig(tokens=1200, reframe=0.0), prompts=prompts, text=back)
+    assert txt.stats["text_rows"] == txt.stats["rows"] >= 1100 and txt.stats["generated_rows"] == 0
+    assert txt.stats["text_documents"] >= 8 and txt.stats["documents_generated"] == 0
+    # the same sampled text (seed 5): where both corpora hold the same token at the same
+    # position of the same document, the activations agree (batching differs, not the context)
+    by_gen = {(d, p): i for i, (d, p) in enumerate(zip(gen.doc.tolist(), gen.pos.tolist()))}
+    same = [(by_gen[(d, p)], i) for i, (d, p) in enumerate(zip(txt.doc.tolist(), txt.pos.tolist()))
+            if (d, p) in by_gen and d < len(gen.docs) and p < len(gen.docs[d]["tokens"])
+            and p < len(txt.docs[d]["tokens"]) and gen.docs[d]["tokens"][:p + 1] == txt.docs[d]["tokens"][:p + 1]]
+    assert len(same) >= 0.8 * len(txt), (len(same), len(txt))
+    a, b = gen.acts[16][[g for g, _ in same]], txt.acts[16][[t for _, t in same]]
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert np.median(cos) > 0.999 and cos.min() > 0.98, (np.median(cos), cos.min())
+    # a text is read in the framing it was generated in (rows start after the template)
+    assert all(d["tokens"][0] == gen.docs[i]["tokens"][0] for i, d in enumerate(txt.docs[:8]))
+    # a text too short for the budget is topped up by reframing (then generating)
+    more = build_corpus(engine, [16], CorpusConfig(tokens=2000, n_seq=4, max_new=40, seed=5), prompts=prompts,
+                        text=back[:3])
+    assert more.stats["rows"] >= 1900 and more.stats["text_rows"] > 0 and more.stats["reframed_rows"] > 0
+    bad = tmp_path / "bad.jsonl.gz"
+    bad.write_bytes(b"not gzip")
+    with pytest.raises(MorphError, match="not a corpus text file"):
+        load_text(bad)
+
+
+def test_vectors_build_rejects_a_bad_text_file(tmp_path, data_dir):
+    bad = tmp_path / "bad.jsonl.gz"
+    bad.write_text("plain text, not a corpus\n")
+    r = _morph("vectors", "build", "--text", str(bad), "--tokens", "4096", data_dir=data_dir)
+    err = r.stderr.decode().strip().splitlines()
+    assert r.returncode == 1 and len(err) == 1 and err[0].startswith("morph: error:") and "bad.jsonl.gz" in err[0]
+
+
 def test_vectors_build_end_to_end_small(tmp_path, data_dir, model_info):
     """`morph vectors build` on a tiny budget: every artefact is written and usable."""
     r = dm.load_recipe(paths.recipes_dir() / "formality.json")
@@ -312,3 +360,23 @@ def test_new_sae_manifest_drops_the_old_sae_vectors(tmp_path):
     assert sorted((e["name"], e["method"]) for e in man["features"]) == [("formal", "diffmean"), ("formal", "sae")]
     assert not (tmp_path / "vivid.gguf").exists()
     assert (tmp_path / "formal.gguf").exists() and (tmp_path / "formal.diffmean.gguf").exists()
+
+
+def test_vectors_corpus_writes_text_a_build_can_read(tmp_path, data_dir):
+    out = tmp_path / "t.jsonl.gz"
+    r = _morph("vectors", "corpus", "--tokens", "1000", "--threads", "1", "--out", str(out), data_dir=data_dir)
+    assert r.returncode == 0, r.stderr.decode()[-1500:]
+    from morph.sae.corpus import load_text
+
+    docs, meta = load_text(out)
+    assert len(docs) >= 2 and all(d["text"].strip() for d in docs)
+    assert meta["model_fingerprint"].startswith(MODEL_ID) and meta["tokens"] == 1000 and meta["seed"] == 1
+
+
+def test_shipped_corpus_text_is_the_default_models_own():
+    from morph.sae.corpus import load_prompts, load_text, text_path
+
+    docs, meta = load_text(text_path(MODEL_ID))
+    assert meta["model_id"] == MODEL_ID and len(docs) == meta["documents"] > 1000
+    n = len(load_prompts())
+    assert all(0 <= d["prompt"] < n for d in docs) and {d["kind"] for d in docs} == {"raw", "rewrite", "chat"}

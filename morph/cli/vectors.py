@@ -82,7 +82,11 @@ def diffmean_cmd(obj, recipes, layer, out_dir, budget, gpu):
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Output directory (default: the data dir's vectors/<model-id>/).")
 @click.option("--corpus", "corpus_cache", type=click.Path(dir_okay=False), default=None,
-              help="Corpus cache (.npz): reused when it matches model, layer, seed and size, else written.")
+              help="Corpus cache (.npz): reused when it matches model, layer, seed, size and text, else written.")
+@click.option("--text", "text", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Generated text to read before generating more (`morph vectors corpus`; default: the "
+                   "text shipped for the model, if any).")
+@click.option("--no-text", "no_text", is_flag=True, help="Generate all of the corpus, reading no stored text.")
 @click.option("--recipe", "recipes", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="Contrast-set recipe(s) to name features from (default: every shipped recipe).")
 @click.option("--direction", default="latents", show_default=True, metavar="latents|proj:M|blend:A",
@@ -92,8 +96,8 @@ def diffmean_cmd(obj, recipes, layer, out_dir, budget, gpu):
               help="Capture, generate and score through the vLLM engine (as the global --gpu); same files.")
 @click.option("--json", "as_json", is_flag=True, help="Print the build report as JSON.")
 @click.pass_obj
-def build_cmd(obj, model_spec, layer, width, tokens, seed, k, epochs, threads, out_dir, corpus_cache, recipes,
-              direction, gpu, as_json):
+def build_cmd(obj, model_spec, layer, width, tokens, seed, k, epochs, threads, out_dir, corpus_cache, text, no_text,
+              recipes, direction, gpu, as_json):
     """The SAE pipeline: corpus, sparse autoencoder, latent evidence, named features.
 
     \b
@@ -119,6 +123,7 @@ def build_cmd(obj, model_spec, layer, width, tokens, seed, k, epochs, threads, o
         raise click.BadParameter(f"must be within 1..{info.n_layer - 1} for {info.model_id}", param_hint="--layer")
     cfg = BuildConfig(layer=layer, width=width, k=k, tokens=tokens, seed=seed, epochs=epochs, threads=threads,
                       corpus_cache=Path(corpus_cache) if corpus_cache else None,
+                      text=Path(text) if text else None, use_text=not no_text,
                       recipes=[Path(r) for r in recipes] or None, gpu=gpu, direction=direction,
                       tensor_parallel_size=obj.tensor_parallel_size or conf.tensor_parallel_size)
     bars = _Bars()
@@ -150,6 +155,56 @@ def build_cmd(obj, model_spec, layer, width, tokens, seed, k, epochs, threads, o
                f"{len(report['features'])} feature vectors, features.json, build.json", err=True)
 
 
+@vectors_cmd.command("corpus")
+@click.option("--model", "-m", "model_spec", metavar="PATH|NAME", default=None,
+              help="Model whose text to generate (default: the global --model or the configured one).")
+@click.option("--tokens", type=click.IntRange(1000, None), default=260_000, show_default=True,
+              help="Tokens to generate, openings included.")
+@click.option("--seed", type=int, default=1, show_default=True)
+@click.option("--threads", type=click.IntRange(1, None), default=None,
+              help="llama.cpp threads (default: all cores, or 1 when the machine is busy).")
+@click.option("--out", "out_file", type=click.Path(dir_okay=False), required=True,
+              help="Where to write the text (.jsonl.gz); `vectors build --text` reads it.")
+@click.pass_obj
+def corpus_cmd(obj, model_spec, tokens, seed, threads, out_file):
+    """Generate corpus text once, for builds that only read it.
+
+    The model continues morph's corpus openings (the same sampling as `vectors build`);
+    the text is stored, not activations, so a build reads it in any framing and at any
+    layer. The default model's text ships with morph.
+
+    \b
+      morph vectors corpus --out smol.jsonl.gz     # ~17 min on 2 cores
+      morph vectors build --text smol.jsonl.gz
+    """
+    from pathlib import Path
+
+    from morph.config import load_config
+    from morph.engine import load_engine
+    from morph.runtime import model_info
+    from morph.sae import corpus as corpus_mod
+    from morph.sae.build import pick_threads
+
+    info = model_info(model_spec or obj.model or load_config().model, False)
+    out = Path(out_file)
+    if out.exists() and out.is_dir():
+        raise click.BadParameter("is a folder", param_hint="--out")
+    engine = load_engine(info, gpu=False, n_ctx=512, threads=threads or pick_threads())
+    bars = _Bars()
+    try:
+        cfg = corpus_mod.CorpusConfig(tokens=tokens, seed=seed, reframe=0.0)
+        docs, stops = corpus_mod.generate_text(engine, cfg, progress=bars.stage("generate", tokens))
+    finally:
+        bars.close()
+        engine.close()
+    meta = {"model_id": info.model_id, "model_fingerprint": info.fingerprint, "seed": seed, "tokens": tokens,
+            "documents": len(docs), "stops": stops,
+            "sampling": {"temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p,
+                         "max_new": cfg.max_new}}
+    corpus_mod.save_text(out, docs, meta)
+    click.echo(f"wrote {len(docs)} documents to {out}", err=True)
+
+
 class _Bars:
     """One tqdm bar per pipeline stage on stderr."""
 
@@ -160,8 +215,8 @@ class _Bars:
         from tqdm import tqdm
 
         self.close()
-        self.bar = tqdm(total=total, desc=f"{name:<9}", unit="tok" if name in ("corpus", "evidence") else "it",
-                        unit_scale=name in ("corpus", "evidence"), leave=True, dynamic_ncols=True)
+        self.bar = tqdm(total=total, desc=f"{name:<9}", unit="tok" if name in ("corpus", "evidence", "generate") else "it",
+                        unit_scale=name in ("corpus", "evidence", "generate"), leave=True, dynamic_ncols=True)
         return self.bar.update
 
     def write(self, msg):

@@ -63,6 +63,10 @@ class BuildConfig:
     n_seq: int = 32
     recipes: list[Path] | None = None  # default: every shipped recipe
     corpus_cache: Path | None = None  # load the corpus from here if it fits, else save it there
+    # Generated text read before generating more (corpus.capture_text): this file, else the
+    # text shipped for the model (morph/data/corpus/text/<model-id>.jsonl.gz) if any.
+    text: Path | None = None
+    use_text: bool = True
     direction: str = "latents"  # latents | proj:M | blend:A (combine.py)
     gpu: bool = False  # capture, generation and scoring through the vLLM engine (same files)
     tensor_parallel_size: int = 1  # with gpu: vLLM's tensor parallelism
@@ -146,13 +150,25 @@ def _corpus(engine, info: ModelInfo, cfg: BuildConfig, layer: int, bar: Progress
     """1. The corpus: from `cfg.corpus_cache` when it was built the same way, else generated
     (and saved there)."""
     ccfg = corpus_mod.CorpusConfig(tokens=cfg.tokens, seed=cfg.seed, n_seq=cfg.n_seq)
-    corp = _cached_corpus(cfg.corpus_cache, layer, ccfg, info)
+    text_file = corpus_text_file(info, cfg)
+    text_id = None
+    if text_file is not None:
+        from morph.sae.io import sha256_file
+
+        text_id = {"file": text_file.name, "sha256": sha256_file(text_file)}
+    corp = _cached_corpus(cfg.corpus_cache, layer, ccfg, info, text_id)
     if corp is not None:
         log(f"corpus: reusing {cfg.corpus_cache}")
         timings["corpus_reused"] = True  # corpus_s is then only the load
         return corp
-    corp = corpus_mod.build_corpus(engine, [layer], ccfg, progress=bar("corpus", cfg.tokens))
+    text = None
+    if text_file is not None:
+        text, meta = corpus_mod.load_text(text_file)
+        log(f"corpus: reading {len(text)} generated documents from {text_file}")
+        text_id["generated_by"] = meta.get("model_fingerprint")
+    corp = corpus_mod.build_corpus(engine, [layer], ccfg, progress=bar("corpus", cfg.tokens), text=text)
     corp.stats["model_fingerprint"] = info.fingerprint
+    corp.stats["text"] = text_id
     # Train on exactly what a cached corpus holds (float16), so a rebuild from
     # `--corpus` gives the same SAE bit for bit.
     corp.acts = {L: a.astype(np.float16).astype(np.float32) for L, a in corp.acts.items()}
@@ -261,14 +277,27 @@ def _write(out_dir: Path, info: ModelInfo, sae, ev: dict, picks: list, layer: in
     return sae_info, kept, rejected, feats
 
 
-def _cached_corpus(path: Path | None, layer: int, ccfg, info: ModelInfo):
-    """A saved corpus built with the same model, layer, seed and size, or None."""
+def corpus_text_file(info: ModelInfo, cfg: BuildConfig) -> Path | None:
+    """The generated text a build reads first: --text, else the text shipped for the model."""
+    if not cfg.use_text:
+        return None
+    if cfg.text is not None:
+        if not Path(cfg.text).is_file():
+            raise MorphError(f"{cfg.text}: no such corpus text file")
+        return Path(cfg.text)
+    shipped = corpus_mod.text_path(info.model_id)
+    return shipped if shipped.is_file() else None
+
+
+def _cached_corpus(path: Path | None, layer: int, ccfg, info: ModelInfo, text_id: dict | None = None):
+    """A saved corpus built with the same model, layer, seed, size and text, or None."""
     if path is None or not Path(path).is_file():
         return None
     c = corpus_mod.Corpus.load(path)
     st = c.stats
+    same_text = (st.get("text") or {}).get("sha256") == (text_id or {}).get("sha256")
     same = (layer in c.acts and st.get("model_fingerprint") == info.fingerprint and st.get("seed") == ccfg.seed
-            and st.get("requested") == ccfg.tokens)
+            and st.get("requested") == ccfg.tokens and same_text)
     return c if same else None
 
 

@@ -5,6 +5,11 @@ continued by the model itself, many sequences at a time (`engine.batch_runner`),
 residual stream `l_out-L` of every token is captured during generation: prompt and
 continuation tokens alike, so no second capture pass is needed.
 
+Generation is the slow part (~250 tokens/s batched on 2 cores), so text the model
+generated once can be shipped with morph (`morph/data/corpus/text/<model-id>.jsonl.gz`,
+written by `morph vectors corpus`) and only read again: a build then spends its time on
+distinct text instead of re-reading the same text many times (`capture_text`).
+
 Instruct models see each opening in three framings (raw continuation, the `rewrite` task
 exactly as `morph steer` sends it, and a chat "continue this"), so the SAE learns the
 activations steering will meet; base models (no chat template) get raw continuations.
@@ -30,6 +35,7 @@ from morph.errors import MorphError
 from morph.sae.sampling import sample_rows
 
 PROMPTS = Path(__file__).resolve().parent.parent / "data" / "corpus" / "prompts.jsonl"
+TEXT_DIR = PROMPTS.parent / "text"
 OUTLIER = 4.0  # rows whose norm exceeds this multiple of the median are sinks, not text
 CONTINUE_USER = "Continue this text:\n\n{text}"
 
@@ -65,6 +71,7 @@ class CorpusConfig:
 @dataclass
 class Job:
     id: int
+    prompt: int  # index into the prompts
     genre: str
     kind: str  # "raw" | "rewrite" | "chat"
     tokens: list[int]
@@ -150,7 +157,7 @@ def iter_jobs(engine, prompts: list[dict], max_prompt: int) -> Iterator[Job]:
         for i, p in enumerate(prompts):
             kind = kinds[(i + rep) % len(kinds)]
             toks = job_tokens(engine, kind, p["text"])[:max_prompt]
-            yield Job(jid, p["genre"], kind, toks, min(skips[kind], len(toks) - 1))
+            yield Job(jid, i, p["genre"], kind, toks, min(skips[kind], len(toks) - 1))
             jid += 1
 
 
@@ -216,7 +223,7 @@ class _Generation:
         job = next(self.jobs)
         runner.clear(s)
         self.docs.append({"genre": job.genre, "kind": job.kind, "n_prompt": len(job.tokens),
-                          "tokens": list(job.tokens)})
+                          "tokens": list(job.tokens), "prompt": job.prompt})
         self.slots[s] = (job, len(self.docs) - 1, np.random.default_rng([self.cfg.seed, job.id]))
         n = len(job.tokens)
         logits, cap = runner.decode(job.tokens, list(range(n)), [s] * n, [False] * (n - 1) + [True],
@@ -265,8 +272,12 @@ def build_corpus(
     cfg: CorpusConfig,
     prompts: list[dict] | None = None,
     progress: Callable[[int], None] | None = None,
+    text: list[dict] | None = None,
 ) -> Corpus:
     """Generate continuations and capture `l_out-L` for each layer until cfg.tokens rows.
+
+    With `text` (documents from `load_text`, generated once by this model), those are read
+    first; generation then only makes up what they lack of the generation pass's share.
 
     Each sequence has its own KV stream (no cross-sequence attention cost); a new job's
     prompt is evaluated in a call of its own, then every running sequence advances by one
@@ -279,14 +290,19 @@ def build_corpus(
     docs: list[dict] = []
     # Small budgets get fewer sequences, else prompts alone (~100 rows each) would fill them.
     target = total - int(round(cfg.reframe * total))  # rows from the generation pass
+    if text:
+        capture_text(engine, prompts, text, docs, rows, total, cfg.max_prompt)
+    n_text = rows.n
     gen = _Generation(engine, layers, cfg, iter_jobs(engine, prompts, cfg.max_prompt), docs, rows,
-                      n_seq=max(1, min(cfg.n_seq, target // 400)))
-    gen.run(target)
+                      n_seq=max(1, min(cfg.n_seq, (target - n_text) // 400)))
+    if rows.n < target:
+        gen.run(target)
     _reframe(engine, docs, rows, total)
     if rows.n < total:  # too little generated text to re-read (small budgets): generate the rest
         gen.run(total)
     stats = {
-        "documents_generated": sum(1 for d in docs if not d["kind"].startswith("reframe")),
+        "documents_generated": sum(1 for d in docs if not d["kind"].startswith(("reframe", "text"))),
+        "text_documents": sum(1 for d in docs if d["kind"].startswith("text")),
         "stops": {k: v for k, v in gen.counts.items() if k.startswith("stop_")},
         "excluded": "position 0 of every document; the shared chat-template prefix of chat jobs; "
                     f"rows above {OUTLIER}x the median norm",
@@ -309,11 +325,11 @@ def _reframings(engine, src: dict, rnd: int) -> tuple[list[int], int, str] | Non
     a rewrite request. Later rounds (and base models) use the generated text from a later
     start, i.e. with less context.
     """
-    gen = src["tokens"][src["n_prompt"]:]
+    gen = src["tokens"][src.get("n_head", src["n_prompt"]):]  # text docs: after the opening
     if len(gen) < 16:
         return None
     chat = engine.info.has_chat_template
-    kind = src["kind"]
+    kind = src["kind"].removeprefix("text:")
     if chat and rnd < 2:
         if (kind == "raw") == (rnd == 0):
             text = engine.detokenize(src["tokens"] if kind == "raw" else gen)
@@ -325,35 +341,54 @@ def _reframings(engine, src: dict, rnd: int) -> tuple[list[int], int, str] | Non
     return engine.tokenize(engine.detokenize(gen[cut:])), 1, f"reframe:{kind}>raw@{cut}"
 
 
+class _Capture:
+    """Read whole documents (no sampling) in batches of up to `n_batch` tokens, capture
+    stopping at the deepest layer (no logits needed: ~2.3x cheaper per row than generating),
+    and add their rows from position `docs[d]["n_prompt"]` on, up to `total` rows."""
+
+    n_batch = 1024
+
+    def __init__(self, runner, docs: list[dict], rows: _Rows, total: int):
+        self.runner, self.docs, self.rows, self.total = runner, docs, rows, total
+        self.pending: list[tuple[list[int], int]] = []  # (tokens, doc index)
+
+    def add(self, doc: dict) -> None:
+        self.docs.append(doc)
+        toks = doc["tokens"]
+        if sum(len(t) for t, _ in self.pending) + len(toks) > self.n_batch or len(self.pending) == 16:
+            self.flush()
+        self.pending.append((toks, len(self.docs) - 1))
+
+    def flush(self) -> None:
+        if not self.pending or self.rows.n >= self.total:
+            self.pending.clear()
+            return
+        toks, pos, seq = [], [], []
+        for s, (t, _) in enumerate(self.pending):
+            toks += t; pos += range(len(t)); seq += [s] * len(t)
+        self.runner.clear()
+        _, cap = self.runner.decode(toks, pos, seq, [False] * len(toks), layers=list(self.rows.acts),
+                                    stop_after=True)
+        off = 0
+        for t, d in self.pending:
+            skip = self.docs[d]["n_prompt"]
+            r = np.asarray(list(range(off + skip, off + len(t)))[: self.total - self.rows.n], dtype=np.int64)
+            if len(r):
+                self.rows.add(cap, r, d, r - off)
+            off += len(t)
+        self.pending.clear()
+
+
 def _reframe(engine, docs: list[dict], rows: _Rows, total: int) -> None:
     """Fill rows up to `total` with the model's own text seen in other framings.
 
-    The tokens are the model's own, the contexts new. Capture stops at the deepest layer
-    (no logits needed): ~2.3x cheaper per row than generating it.
+    The tokens are the model's own, the contexts new.
     """
     if rows.n >= total:
         return
-    n_batch = 1024
-    layers = list(rows.acts)
-    pending: list[tuple[list[int], int]] = []  # (tokens, doc index)
-
-    def flush(runner) -> None:
-        toks, pos, seq = [], [], []
-        for s, (t, _) in enumerate(pending):
-            toks += t; pos += range(len(t)); seq += [s] * len(t)
-        runner.clear()
-        _, cap = runner.decode(toks, pos, seq, [False] * len(toks), layers=layers, stop_after=True)
-        off = 0
-        for t, d in pending:
-            skip = docs[d]["n_prompt"]
-            r = np.asarray(list(range(off + skip, off + len(t)))[: total - rows.n], dtype=np.int64)
-            if len(r):
-                rows.add(cap, r, d, r - off)
-            off += len(t)
-        pending.clear()
-
     sources = [d for d in range(len(docs))]
-    with engine.batch_runner(n_seq=16, n_ctx=n_batch, n_batch=n_batch, unified=True) as runner:
+    with engine.batch_runner(n_seq=16, n_ctx=_Capture.n_batch, n_batch=_Capture.n_batch, unified=True) as runner:
+        cap = _Capture(runner, docs, rows, total)
         for rnd in range(3):
             for d in sources:
                 if rows.n >= total:
@@ -362,16 +397,88 @@ def _reframe(engine, docs: list[dict], rows: _Rows, total: int) -> None:
                 if got is None:
                     continue
                 toks, skip, kind = got
-                toks = toks[: n_batch // 2]
+                toks = toks[: _Capture.n_batch // 2]
                 if len(toks) <= skip:
                     continue
-                docs.append({"genre": docs[d]["genre"], "kind": kind, "n_prompt": skip, "tokens": toks,
-                             "src": d})
-                if sum(len(t) for t, _ in pending) + len(toks) > n_batch or len(pending) == 16:
-                    flush(runner)
-                pending.append((toks, len(docs) - 1))
-        if pending and rows.n < total:
-            flush(runner)
+                cap.add({"genre": docs[d]["genre"], "kind": kind, "n_prompt": skip, "tokens": toks, "src": d})
+        cap.flush()
+
+
+def capture_text(engine, prompts: list[dict], text: list[dict], docs: list[dict], rows: _Rows, total: int,
+                 max_prompt: int) -> None:
+    """Read shipped generated text in the framing it was generated in: the opening's job
+    tokens (as generation saw them), then the generated text. Rows from the end of the
+    template's shared prefix on, as in generation."""
+    kinds = set(chat_kinds(engine))
+    skips = {k: shared_prefix(engine, k) for k in kinds}
+    with engine.batch_runner(n_seq=16, n_ctx=_Capture.n_batch, n_batch=_Capture.n_batch, unified=True) as runner:
+        cap = _Capture(runner, docs, rows, total)
+        for t in text:
+            if rows.n >= total:
+                break
+            kind = t["kind"] if t["kind"] in kinds else "raw"
+            if not 0 <= t["prompt"] < len(prompts):
+                raise MorphError(f"corpus text names opening {t['prompt']}, which is not in the prompts")
+            head = job_tokens(engine, kind, prompts[t["prompt"]]["text"])[:max_prompt]
+            toks = (head + engine.tokenize(t["text"], add_bos=False))[: _Capture.n_batch // 2]
+            n_prompt = min(len(head), len(toks) - 1)
+            cap.add({"genre": t["genre"], "kind": f"text:{kind}", "n_prompt": min(skips[kind], n_prompt),
+                     "n_head": n_prompt, "tokens": toks, "prompt": t["prompt"]})
+        cap.flush()
+
+
+def generate_text(engine, cfg: CorpusConfig, prompts: list[dict] | None = None,
+                  progress: Callable[[int], None] | None = None) -> tuple[list[dict], dict]:
+    """The generation pass alone (nothing captured): `cfg.tokens` tokens (openings plus
+    continuations) as documents {genre, kind, prompt, text} for `save_text`, and stop counts."""
+    prompts = prompts if prompts is not None else load_prompts()
+    rows = _Rows([], int(cfg.tokens), engine.n_embd, progress)
+    docs: list[dict] = []
+    gen = _Generation(engine, [], cfg, iter_jobs(engine, prompts, cfg.max_prompt), docs, rows,
+                      n_seq=max(1, min(cfg.n_seq, int(cfg.tokens) // 400)))
+    gen.run(int(cfg.tokens))
+    out = [{"genre": d["genre"], "kind": d["kind"], "prompt": d["prompt"],
+            "text": engine.detokenize(d["tokens"][d["n_prompt"]:])} for d in docs]
+    return [d for d in out if d["text"].strip()], dict(gen.counts)
+
+
+def text_path(model_id: str) -> Path:
+    return TEXT_DIR / f"{model_id}.jsonl.gz"
+
+
+def save_text(path: Path, docs: list[dict], meta: dict) -> Path:
+    """gzip JSONL, a header line {"meta": ...} then one document per line; atomic."""
+    import gzip
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps({"meta": meta})] + [json.dumps(d, ensure_ascii=False) for d in docs]
+    with fsutil.replacing(path) as tmp, gzip.open(tmp, "wt", encoding="utf-8") as fh:
+        fh.write("\n".join(lines) + "\n")
+    return path
+
+
+def load_text(path: Path) -> tuple[list[dict], dict]:
+    """(documents, meta) from `save_text`'s file; a malformed one is a MorphError."""
+    import gzip
+
+    docs, meta = [], {}
+    try:
+        with gzip.open(path, "rt", encoding="utf-8") as fh:
+            for i, line in enumerate(fh):
+                if not line.strip():
+                    continue
+                d = json.loads(line)
+                if i == 0 and "meta" in d:
+                    meta = d["meta"]
+                    continue
+                if not isinstance(d.get("text"), str) or not isinstance(d.get("prompt"), int):
+                    raise MorphError(f"{path}:{i + 1}: a corpus text needs 'text' and 'prompt'")
+                docs.append({"genre": str(d.get("genre", "?")), "kind": str(d.get("kind", "raw")),
+                             "prompt": d["prompt"], "text": d["text"]})
+    except (OSError, EOFError, ValueError) as e:
+        raise MorphError(f"{path}: not a corpus text file ({e})") from None
+    return docs, meta
 
 
 def drop_outliers(c: Corpus, factor: float = OUTLIER) -> Corpus:
@@ -399,8 +506,10 @@ def row_stats(c: Corpus) -> dict:
         genres[doc["genre"]] += 1
         if doc["kind"].startswith("reframe"):
             src["reframed_rows"] += 1
+        elif doc["kind"].startswith("text"):
+            src["text_rows"] += 1
         else:
             src["prompt_rows" if p < doc["n_prompt"] else "generated_rows"] += 1
     return {"rows": len(c), "prompt_rows": src["prompt_rows"], "generated_rows": src["generated_rows"],
-            "reframed_rows": src["reframed_rows"], "documents": len(c.docs),
+            "reframed_rows": src["reframed_rows"], "text_rows": src["text_rows"], "documents": len(c.docs),
             "rows_by_kind": dict(sorted(kinds.items())), "rows_by_genre": dict(sorted(genres.items()))}
