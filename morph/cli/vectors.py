@@ -76,7 +76,8 @@ def diffmean_cmd(obj, recipes, layer, out_dir, budget, gpu):
               help="Activation tokens to collect (prompts + the model's continuations).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--k", "k", type=click.IntRange(1, None), default=32, show_default=True, help="Active latents per token.")
-@click.option("--epochs", type=click.FloatRange(0.05, None), default=2.0, show_default=True)
+@click.option("--epochs", type=click.FloatRange(0.05, None), default=3.0, show_default=True,
+              help="Passes over the corpus (3: held-out FVU 0.177 on the shipped text, README).")
 @click.option("--threads", type=click.IntRange(1, None), default=None,
               help="llama.cpp threads (default: all cores, or 1 when the machine is busy).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
@@ -101,7 +102,7 @@ def build_cmd(obj, model_spec, layer, width, tokens, seed, k, epochs, threads, o
     """The SAE pipeline: corpus, sparse autoencoder, latent evidence, named features.
 
     \b
-      morph vectors build                      # the default model, ~20 min on 2 cores
+      morph vectors build                      # the default model, ~25 min on 2 cores
       morph vectors build --model gemma-3-270m.gguf --tokens 200000
       morph vectors build --gpu --model ~/hf/Llama-3.2-1B-Instruct   # vLLM; a GGUF or HF folder
     """
