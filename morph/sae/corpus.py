@@ -300,8 +300,9 @@ def build_corpus(
     _reframe(engine, docs, rows, total)
     if rows.n < total:  # too little generated text to re-read (small budgets): generate the rest
         gen.run(total)
+    n_generated = sum(1 for d in docs if not d["kind"].startswith(("reframe", "text")))
     stats = {
-        "documents_generated": sum(1 for d in docs if not d["kind"].startswith(("reframe", "text"))),
+        "documents_generated": n_generated,
         "text_documents": sum(1 for d in docs if d["kind"].startswith("text")),
         "stops": {k: v for k, v in gen.counts.items() if k.startswith("stop_")},
         "excluded": "position 0 of every document; the shared chat-template prefix of chat jobs; "
@@ -309,7 +310,8 @@ def build_corpus(
         "seed": cfg.seed,
         "requested": total,
         "sampling": {"temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p,
-                     "max_new": cfg.max_new, "n_seq": gen.n_seq, "reframe": cfg.reframe},
+                     "max_new": cfg.max_new, "n_seq": gen.n_seq} if n_generated else None,
+        "reframe": cfg.reframe,
     }
     n = rows.n
     corp = Corpus({L: a[:n] for L, a in rows.acts.items()}, rows.doc[:n], rows.pos[:n], docs, stats)
