@@ -102,7 +102,7 @@ def build_cmd(obj, model_spec, layer, width, tokens, seed, k, epochs, threads, o
     """The SAE pipeline: corpus, sparse autoencoder, latent evidence, named features.
 
     \b
-      morph vectors build                      # the default model, ~25 min on 2 cores
+      morph vectors build                      # the default model, ~23 min on 2 cores
       morph vectors build --model gemma-3-270m.gguf --tokens 200000
       morph vectors build --gpu --model ~/hf/Llama-3.2-1B-Instruct   # vLLM; a GGUF or HF folder
     """
