@@ -284,6 +284,9 @@ def test_vectors_build_rejects_a_bad_text_file(tmp_path, data_dir):
     r = _morph("vectors", "build", "--text", str(bad), "--tokens", "4096", data_dir=data_dir)
     err = r.stderr.decode().strip().splitlines()
     assert r.returncode == 1 and len(err) == 1 and err[0].startswith("morph: error:") and "bad.jsonl.gz" in err[0]
+    r = _morph("vectors", "build", "--text", str(bad), "--no-text", data_dir=data_dir)
+    err = r.stderr.decode().strip().splitlines()
+    assert r.returncode == 1 and len(err) == 1 and "--no-text" in err[0], err
 
 
 def test_vectors_build_end_to_end_small(tmp_path, data_dir, model_info):
