@@ -21,6 +21,7 @@ and each sequence samples from its own generator.
 
 from __future__ import annotations
 
+import gzip
 import itertools
 import json
 from collections import Counter
@@ -161,6 +162,12 @@ def iter_jobs(engine, prompts: list[dict], max_prompt: int) -> Iterator[Job]:
             jid += 1
 
 
+def _n_seq(cfg: CorpusConfig, rows: int) -> int:
+    """Sequences decoded together for a generation pass of `rows` rows: small budgets get
+    fewer, else the prompts alone (~100 rows each) would fill them."""
+    return max(1, min(cfg.n_seq, rows // 400))
+
+
 def _looping(gen: list[int]) -> bool:
     """A degenerate repetition loop (few distinct tokens in the last 64)."""
     return len(gen) >= 64 and len(set(gen[-64:])) < 10
@@ -288,13 +295,12 @@ def build_corpus(
     total = int(cfg.tokens)
     rows = _Rows(layers, total, engine.n_embd, progress)
     docs: list[dict] = []
-    # Small budgets get fewer sequences, else prompts alone (~100 rows each) would fill them.
     target = total - int(round(cfg.reframe * total))  # rows from the generation pass
     if text:
         capture_text(engine, prompts, text, docs, rows, total, cfg.max_prompt)
     n_text = rows.n
     gen = _Generation(engine, layers, cfg, iter_jobs(engine, prompts, cfg.max_prompt), docs, rows,
-                      n_seq=max(1, min(cfg.n_seq, (target - n_text) // 400)))
+                      n_seq=_n_seq(cfg, target - n_text))
     if rows.n < target:
         gen.run(target)
     _reframe(engine, docs, rows, total)
@@ -437,7 +443,7 @@ def generate_text(engine, cfg: CorpusConfig, prompts: list[dict] | None = None,
     rows = _Rows([], int(cfg.tokens), engine.n_embd, progress)
     docs: list[dict] = []
     gen = _Generation(engine, [], cfg, iter_jobs(engine, prompts, cfg.max_prompt), docs, rows,
-                      n_seq=max(1, min(cfg.n_seq, int(cfg.tokens) // 400)))
+                      n_seq=_n_seq(cfg, int(cfg.tokens)))
     gen.run(int(cfg.tokens))
     out = [{"genre": d["genre"], "kind": d["kind"], "prompt": d["prompt"],
             "text": engine.detokenize(d["tokens"][d["n_prompt"]:])} for d in docs]
@@ -450,8 +456,6 @@ def text_path(model_id: str) -> Path:
 
 def save_text(path: Path, docs: list[dict], meta: dict) -> Path:
     """gzip JSONL, a header line {"meta": ...} then one document per line; atomic."""
-    import gzip
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = [json.dumps({"meta": meta})] + [json.dumps(d, ensure_ascii=False) for d in docs]
@@ -462,8 +466,6 @@ def save_text(path: Path, docs: list[dict], meta: dict) -> Path:
 
 def load_text(path: Path) -> tuple[list[dict], dict]:
     """(documents, meta) from `save_text`'s file; a malformed one is a MorphError."""
-    import gzip
-
     docs, meta = [], {}
     try:
         with gzip.open(path, "rt", encoding="utf-8") as fh:
