@@ -205,7 +205,8 @@ sys.path.insert(0, os.environ["BENCH_ROOT"])
 import llama_cpp
 from morph import models
 from morph.engine.base import Request
-from morph.engine.llama import LlamaEngine, load_cpu_backends
+from morph.engine.llama import LlamaEngine
+from morph.engine.llamacpp import load_cpu_backends
 d = os.environ.get("BENCH_GGML_DIR")
 if d:
     load_cpu_backends(llama_cpp, d)

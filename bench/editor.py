@@ -256,7 +256,7 @@ def main() -> None:
     if args.threads:
         argv += ["--threads", str(args.threads)]
     from morph.cli.write import editor_threads
-    from morph.engine.llama import default_threads
+    from morph.engine.llamacpp import default_threads
 
     threads = editor_threads(args.threads, default_threads())
     print(f"bench/editor: {len(text.split())} words, steering {feat}", file=sys.stderr)

@@ -34,7 +34,8 @@ import _llama_bench  # noqa: E402
 from morph import models  # noqa: E402
 from morph.errors import MorphError  # noqa: E402
 from morph.engine.base import Request  # noqa: E402
-from morph.engine.llama import LlamaEngine, default_threads  # noqa: E402
+from morph.engine.llama import LlamaEngine
+from morph.engine.llamacpp import default_threads  # noqa: E402
 from morph.steering.vector import ControlVector, residual_relative  # noqa: E402
 
 N_PROMPT = 512  # like llama-bench pp512 (the prompt is cut to at most this many tokens)

@@ -24,6 +24,10 @@ DEFAULT_TOML = """\
 # Context window in tokens.
 # n_ctx = 4096
 
+# llama.cpp's extra buffer types (weights repacked for other kernels; AMX on CPUs that
+# have it). Default: off on CPUs with AMX, where they crash (llama.cpp#20824), on elsewhere.
+# extra_buffer_types = false
+
 # Features applied when none are given on the command line, name = scale
 # (scale is a fraction of the layer's residual norm; omit it with `features.formal = "default"`).
 [features]
@@ -62,6 +66,7 @@ class Config:
     model: str | None = None
     threads: int | None = None
     n_ctx: int = 4096
+    extra_buffer_types: bool | None = None  # None: off on AMX CPUs, on elsewhere (engine/llamacpp.py)
     features: dict[str, float | None] = field(default_factory=dict)
     generation: dict[str, float | int] = field(default_factory=dict)  # tasks.Sampling fields
     apply: dict[str, str] = field(default_factory=dict)  # framing -> "all" | "generated"
@@ -93,6 +98,8 @@ def load_config(create: bool = True) -> Config:
         cfg.threads = raw["threads"]
     if isinstance(raw.get("n_ctx"), int) and raw["n_ctx"] >= 256:
         cfg.n_ctx = raw["n_ctx"]
+    if isinstance(raw.get("extra_buffer_types"), bool):
+        cfg.extra_buffer_types = raw["extra_buffer_types"]
     feats = raw.get("features")
     if isinstance(feats, dict):
         for name, val in feats.items():

@@ -79,7 +79,7 @@ def editor_threads(configured: int | None, cores: int) -> int:
 def _editor_runtime(obj, threads: int | None):
     from morph.config import load_config
     from morph.engine import load_engine
-    from morph.engine.llama import default_threads
+    from morph.engine.llamacpp import default_threads
     from morph.runtime import Runtime, model_info
     from morph.steering.catalog import Catalog
 

@@ -22,73 +22,20 @@ from __future__ import annotations
 import codecs
 import ctypes
 import hashlib
-import os
 import threading
 import time
-from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 
 from morph.engine.base import Event, Request, Timings, apply_factors
 from morph.engine.chat import EngineCommon
+from morph.engine.llamacpp import default_threads, open_llama
 from morph.errors import MorphError
 from morph.models import ModelInfo
 from morph.steering.vector import ControlVector
 
 PROMPT_CHUNK = 128  # prompt tokens per decode call: cancellation is checked between chunks
-
-
-def default_threads() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
-
-
-def load_cpu_backends(llama_cpp, directory: str | os.PathLike | None = None) -> None:
-    """Builds with GGML_BACKEND_DL (the portable one in dist/morph) keep the CPU code in
-    several libggml-cpu-<variant>.so, one per instruction set; ggml scores them against
-    this CPU and loads the best. Its default search path is the executable's directory
-    and the cwd, neither of which holds them here, so name the directory. Builds without
-    it (the default pip build) have the CPU backend linked in: nothing to do."""
-    lib = Path(llama_cpp.__file__).resolve().parent / "lib"
-    if directory is None:
-        from morph import _bundle
-
-        directory = _bundle.backends_dir()
-        if directory is None:  # pip puts them in site-packages/bin (llama.cpp's own install rule)
-            found = [d for d in (lib, lib.parent.parent / "bin") if any(d.glob("libggml-cpu-*.so"))]
-            if not found:
-                return
-            directory = found[0]
-    # The registry libllama uses: its libggml.so.0, already loaded, found by soname (the
-    # wheel holds libggml.so* as separate copies; opening another by path is another registry).
-    try:
-        ggml = ctypes.CDLL("libggml.so.0")
-    except OSError:
-        ggml = ctypes.CDLL(str(lib / "libggml.so"))
-    ggml.ggml_backend_reg_count.restype = ctypes.c_size_t
-    if ggml.ggml_backend_reg_count() == 0:
-        ggml.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
-        with _quiet_stderr():  # ggml logs "load_backend: loaded CPU backend from ..." at info level
-            ggml.ggml_backend_load_all_from_path(os.fsencode(directory))
-    if ggml.ggml_backend_reg_count() == 0:
-        raise MorphError(f"no llama.cpp CPU backend in {directory} fits this CPU")
-
-
-class _quiet_stderr:
-    """fd 2 to /dev/null for a C call that prints (Python's sys.stderr is left alone)."""
-
-    def __enter__(self):
-        self.saved = os.dup(2)
-        null = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(null, 2)
-        os.close(null)
-
-    def __exit__(self, *exc):
-        os.dup2(self.saved, 2)
-        os.close(self.saved)
 
 
 class LlamaEngine(EngineCommon):
@@ -102,22 +49,22 @@ class LlamaEngine(EngineCommon):
         threads: int | None = None,
         flash_attn: bool = True,
         n_batch: int = 512,
+        extra_bufts: bool | None = None,
     ):
         import llama_cpp
 
-        load_cpu_backends(llama_cpp)
         self._lc = llama_cpp
         self.info = info
         self.threads = threads or default_threads()
         try:
-            self.llm = llama_cpp.Llama(
-                model_path=str(info.file.path),
+            self.llm = open_llama(
+                info.file.path,
+                extra_bufts=extra_bufts,  # None: config.toml, else off on AMX CPUs (llamacpp.py)
                 n_ctx=n_ctx,
                 n_batch=n_batch,
                 n_threads=self.threads,
                 n_threads_batch=self.threads,
                 flash_attn=flash_attn,
-                verbose=False,
             )
         except (ValueError, RuntimeError) as e:
             raise MorphError(f"{info.file.path}: llama.cpp could not load it ({e})") from None

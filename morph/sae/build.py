@@ -41,7 +41,7 @@ def pick_threads() -> int:
     """All cores unless the machine is crowded. Two llama.cpp threads meet at ~1,000
     barriers per step: measured on 2 cores, 137 vs 108 tok/s (2 vs 1 thread) at load 2.3,
     but 2.6 vs 87 tok/s at load 10, when the other thread is rarely scheduled."""
-    from morph.engine.llama import default_threads
+    from morph.engine.llamacpp import default_threads
 
     n = default_threads()
     try:
