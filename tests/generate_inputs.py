@@ -40,7 +40,7 @@ def eval_requests(engine) -> list:
 
 
 def probe_jobs(engine) -> tuple[int, list[tuple[list[int], np.ndarray | None, float]]]:
-    """(layer, [(prompt tokens, vector at the layer, prompt factor)]) as sae/generate took them."""
+    """(layer, [(prompt tokens, vector at the layer, prompt factor)]) as the old sae/generate.py took them."""
     layer = 16
     v = formal(engine).directions[layer].astype(np.float32)
     a = engine.tokenize("The weather today is")
