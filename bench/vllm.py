@@ -31,21 +31,26 @@ PROMPTS = [
 ]
 
 
-def main() -> None:
+def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None)
     ap.add_argument("--tokens", type=int, default=48, help="tokens generated per request")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--feature", default="formal")
-    a = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> None:
+    a = parse_args()
 
     import numpy as np
 
     from morph import runtime
     from morph.engine.base import Request
     from morph.engine.vllm import VllmEngine
-    from morph.engine.vllm_plugin import rpc_set_hooks, vector_key
+    from morph.engine.vllm_plugin import rpc_set_hooks
+    from morph.engine.wire import vector_key
     from morph.errors import MorphError
     from morph.steering.catalog import Catalog
 
