@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from morph.cli import cli
+from morph.cli.app import cli
 from morph.errors import MorphError
 
 
