@@ -41,6 +41,18 @@ def parse_args():
     return ap.parse_args()
 
 
+def batch_figures(res: dict[str, list[float]]) -> dict:
+    """Best of the repetitions per condition, and the hooks' cost against no hooks."""
+    best = {c: max(v) for c, v in res.items()}
+    return {
+        "tok_per_s": {c: round(v, 2) for c, v in best.items()},
+        "all_reps": {c: [round(x, 2) for x in v] for c, v in res.items()},
+        "hook_cost_zero": round(1 - best["hooks_zero"] / best["no_hooks"], 4),
+        "hook_cost_unsteered": round(1 - best["hooks_unsteered"] / best["no_hooks"], 4),
+        "steered_cost": round(1 - best["steered"] / best["no_hooks"], 4),
+    }
+
+
 def main() -> None:
     a = parse_args()
 
@@ -111,15 +123,7 @@ def main() -> None:
         "threads": os.environ.get("OMP_NUM_THREADS"), "tokens_per_request": a.tokens, "reps": a.reps,
         "load_s": round(load_s, 1), "feature": feat.key,
     }
-    for b in a.batch:
-        best = {c: max(v) for c, v in res[b].items()}
-        out[f"batch{b}"] = {
-            "tok_per_s": {c: round(v, 2) for c, v in best.items()},
-            "all_reps": {c: [round(x, 2) for x in v] for c, v in res[b].items()},
-            "hook_cost_zero": round(1 - best["hooks_zero"] / best["no_hooks"], 4),
-            "hook_cost_unsteered": round(1 - best["hooks_unsteered"] / best["no_hooks"], 4),
-            "steered_cost": round(1 - best["steered"] / best["no_hooks"], 4),
-        }
+    out |= {f"batch{b}": batch_figures(res[b]) for b in a.batch}
     print(json.dumps(out, indent=2))
     eng.close()
 

@@ -3,7 +3,7 @@
     python -m experiments.sae_variants --features formal,concise --variants current,diffmean,lat:0,sparse:8,proj:16 \
         --scales 0.1,0.2,0.3 --apply generated --split tune --n 10 --out /work/results/sae/x.json
 
-For issue 10 item 4: each variant is a direction at the SAE's layer (morph/sae/variants.py),
+For issue 10 item 4: each variant is a direction at the SAE's layer (experiments/sae_directions.py),
 stored like every shipped vector (unit x the layer's median residual norm) and measured
 at absolute scales. Per (feature, variant, scale) the same figures as `morph eval`
 (morph/eval/run.py's own row and goal code): concept shift from the MiniLM judge, relevance
