@@ -188,8 +188,8 @@ def _run(obj, names, vec_specs, concept, methods, kinds, quick, split, limit, sc
     prompts = promptsmod.load_prompts(split, quick=quick, limit=limit)
     cfg = load_config()
     info = models.check(models.resolve(obj.model or cfg.model))
-    judge = judgemod.Judge(judgemod.Embedder(threads=threads))
-    known = judge.poles()
+    axes = judgemod.load_axes()
+    known = sorted(pole for ax in axes for pole in ax.poles)  # checked before the embedder loads
     catalog = Catalog(info.model_id)
     targets = []
     if names is not None or not vec_specs:
@@ -199,6 +199,7 @@ def _run(obj, names, vec_specs, concept, methods, kinds, quick, split, limit, sc
     if not targets:
         raise MorphError(f"nothing to measure: no feature of {info.model_id} is one the judge can score")
     conditions = planmod.plan(targets, scales, apply_list, kinds)
+    judge = judgemod.Judge(judgemod.Embedder(threads=threads or cfg.threads), axes)
     engine = load_engine(info, gpu=obj.gpu, n_ctx=2048, threads=threads or cfg.threads)
     try:
         cache_path = None if no_cache else Path(cache) if cache else paths.data_dir() / "eval-cache" / f"{info.model_id}.jsonl"
