@@ -110,6 +110,11 @@ def eval_cmd(obj, features, vectors, concept, methods, kinds, quick, split, limi
     from morph.eval import plan as planmod
     from morph.eval import report, run
 
+    if report_md:  # before a run that may take an hour, not after it
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            raise MorphError("--report-md draws its plots with matplotlib: pip install 'morph[eval]'")
     names = _csv(features)
     method_list = tuple(_csv(methods) or ())
     kind_list = tuple(_csv(kinds) or planmod.KINDS)

@@ -180,8 +180,8 @@ def model_path(log=None) -> Path:
     from morph import _bundle
 
     bundled = _bundle.unpacked()
-    if bundled is not None and (bundled / "embed" / FILE).is_file():
-        return bundled / "embed" / FILE
+    if bundled is not None and (bundled / _bundle.EMBED_DIR / FILE).is_file():
+        return bundled / _bundle.EMBED_DIR / FILE
     src, version, src_sha = source()
     origin = f"{DIST} {version} {src_sha}"
     out = paths.data_dir() / "embed" / FILE
