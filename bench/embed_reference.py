@@ -129,12 +129,12 @@ def main() -> int:
     new_stored = [float(ours.score([o["text"].strip()], o["concept"])[0]) for o in outs if o["concept"]]
     out["report_half"] = {
         "outputs": len(outs), "concept_pairs": len(pairs),
-        "concept_pearson": round(float(pearsonr(new_c, old_c)[0]), 4),
-        "concept_mean_abs_diff": round(float(np.mean(np.abs(np.array(new_c) - old_c))), 4),
-        "concept_pearson_vs_stored": round(float(pearsonr(new_stored, stored)[0]), 4),
-        "relevance_pearson": round(float(pearsonr(new_r, old_r)[0]), 4),
+        "concept_pearson": round(float(pearsonr(new_c, old_c)[0]), 6),
+        "concept_mean_abs_diff": round(float(np.mean(np.abs(np.array(new_c) - old_c))), 5),
+        "concept_pearson_vs_stored": round(float(pearsonr(new_stored, stored)[0]), 6),
+        "relevance_pearson": round(float(pearsonr(new_r, old_r)[0]), 6),
         "relevance_mean_abs_diff": round(float(np.mean(np.abs(new_r - old_r))), 5),
-        "relevance_pearson_vs_stored": round(float(pearsonr(new_r, [o["relevance"] for o in outs])[0]), 4),
+        "relevance_pearson_vs_stored": round(float(pearsonr(new_r, [o["relevance"] for o in outs])[0]), 6),
     }
     if args.write_sample:
         pick = [sents[0], sents[20], sents[-6], sents[-5], sents[-2], sents[-1]][:SAMPLE]
