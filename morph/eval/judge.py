@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from morph.engine.embed import Embedder  # noqa: F401  (the judge's embedder: `judge.Embedder(threads=...)`)
+from morph.engine.embed import Embedder  # the judge's embedder (callers: `judge.Embedder(threads=...)`)
 from morph.engine.minilm import MODEL_NAME as EMBEDDER_NAME
 from morph.errors import MorphError
 from morph.eval.prompts import DATA_DIR
