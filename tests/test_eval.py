@@ -275,13 +275,38 @@ def judge():
     return Judge(Embedder(threads=1))
 
 
+# Held-out accuracy of the judge this one replaced (scikit-learn's LogisticRegression(C=4)
+# on sentence-transformers' embeddings; bench/embed_reference.py), as in EVAL.md.
+ORIGINAL_ACCURACY = {"formality": 0.944, "imagery": 0.889, "length": 1.0, "poetry": 0.778, "register": 0.889,
+                     "sentiment": 1.0}
+
+
 def test_judge_held_out_accuracy_is_above_the_floor(judge):
     acc = {name: v["heldout_accuracy"] for name, v in judge.heldout().items()}
     assert len(acc) == 6 and all(v >= ACCURACY_FLOOR for v in acc.values()), acc
     assert np.mean(list(acc.values())) >= MEAN_ACCURACY_FLOOR, acc
+    assert all(abs(acc[k] - v) <= 0.03 for k, v in ORIGINAL_ACCURACY.items()), acc
     # and it reads style, not topic: the same content in either pole's words
     s = judge.score(["Hey, you coming to lunch or what?", "We would be honoured if you could attend the luncheon on Friday."], "formal")
     assert s[1] > 0.5 > s[0]
+
+
+def test_numpy_logistic_regression_reaches_the_regularised_optimum():
+    from morph.eval.judge import fit_logistic
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((120, 20))
+    y = (x @ rng.standard_normal(20) + 0.3 * rng.standard_normal(120) > 0.5).astype(int)
+    m = fit_logistic(x, y, c=4.0)
+    p = m.proba(x)
+    # the gradient of sum(log-loss) + |w|^2 / (2C) vanishes there (intercept not penalised)
+    assert np.abs(x.T @ (p - y) + m.w / 4.0).max() < 1e-6 and abs((p - y).sum()) < 1e-6
+    assert (m.predict(x) == y).mean() > 0.9
+    again = fit_logistic(x, y, c=4.0)
+    assert np.array_equal(again.w, m.w) and again.b == m.b  # deterministic
+    # separable data: the penalty keeps the weights finite
+    sep = fit_logistic(np.array([[-1.0], [1.0]]), np.array([0, 1]), c=4.0)
+    assert np.isfinite(sep.w).all() and sep.predict(np.array([[-2.0], [2.0]])).tolist() == [0, 1]
 
 
 def _offered() -> list[dict]:
