@@ -6,7 +6,7 @@ llama-cpp-python sdist of exactly the installed version and build it with the wh
 defaults (native CPU, OpenMP, Release). The result is cached per version:
 `<user cache>/morph-bench/llama.cpp-<version>/build/bin/llama-bench`.
 
-Run directly to build: `python bench/_llama_bench.py` (prints the binary's path).
+Run directly to build: `python -m bench._llama_bench` (prints the binary's path).
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """The single-file executable against the pip-installed morph: one JSON object on stdout.
 
-    python bench/binary.py                        # dist/morph vs the `morph` beside this Python
-    python bench/binary.py --reps 7 --threads 2
-    python bench/binary.py --no-decode            # skip the portable-vs-native decode figures
+    python -m bench.binary                        # dist/morph vs the `morph` beside this Python
+    python -m bench.binary --reps 7 --threads 2
+    python -m bench.binary --no-decode            # skip the portable-vs-native decode figures
 
-Run it under the CPU lock (`flock /tmp/morph-cpu.lock python bench/binary.py`). Figures:
+Run it under the CPU lock (`flock /tmp/morph-cpu.lock python -m bench.binary`). Figures:
 - size: dist/morph, its payload section, and what `pip install` puts on disk for morph
   (the installed files of morph and of every distribution it requires, from their RECORDs);
 - start-to-first-token: process start -> first byte of `morph steer -f formal` on stdout.
@@ -38,9 +38,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path.insert(0, str(ROOT))
 
-from morph._bundle import SECTION, elf_section  # noqa: E402
+from morph._bundle import SECTION, elf_section
 
 STEER_INPUT = b"hey, can u send me the report by friday? thx\n"
 STEER_ARGS = ["steer", "-f", "formal", "--max-tokens", "16", "--temperature", "0", "--no-log"]
@@ -201,7 +200,6 @@ def unpacked_per_start(binary: Path, env: dict, cwd: Path) -> int:
 
 DECODE_CHILD = r"""
 import json, os, sys, time
-sys.path.insert(0, os.environ["BENCH_ROOT"])
 import llama_cpp
 from morph import models
 from morph.engine.base import Request
@@ -226,8 +224,7 @@ print(json.dumps({"tok_s": best, "gen_tokens": t.gen_tokens, "cpu_backend": vari
 
 
 def decode_once(python: str, threads: int, ggml_dir: str | None = None) -> dict:
-    env = dict(os.environ, BENCH_ROOT=str(ROOT), BENCH_THREADS=str(threads))
-    env.pop("PYTHONPATH", None)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), BENCH_THREADS=str(threads))  # this checkout's morph only
     if ggml_dir:
         env["BENCH_GGML_DIR"] = ggml_dir
     r = subprocess.run([python, "-c", DECODE_CHILD], capture_output=True, text=True, env=env, timeout=600)

@@ -1,6 +1,6 @@
 """Editor responsiveness: the real `morph write` in a pseudo-terminal, one JSON object.
 
-    /work/venv/bin/python bench/editor.py [--samples 40] [--keys 60] [--words 2000]
+    python -m bench.editor [--samples 40] [--keys 60] [--words 2000]
 
 The app runs as its own process on a pty (100x30), exactly as a user starts it, on a
 2,000-word Markdown document, with steering on (a shipped feature if the catalog has one,
@@ -40,7 +40,6 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
 
 MARK = "§"
 SENTENCES = [

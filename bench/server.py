@@ -1,6 +1,6 @@
 """`morph serve` against the same engine called directly: TTFT and throughput, one JSON object.
 
-    flock /tmp/morph-cpu.lock python bench/server.py [--threads 1] [--quick]
+    flock /tmp/morph-cpu.lock python -m bench.server [--threads 1] [--quick]
 
 The server runs as a real `morph serve` process (private data dir, same model, threads
 and context as the direct engine; its requests log, in that private dir, gives the
@@ -36,12 +36,10 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from morph import models  # noqa: E402
-from morph.engine.base import Request  # noqa: E402
-from morph.engine.llama import LlamaEngine  # noqa: E402
-from morph import tasks  # noqa: E402
+from morph import models, tasks
+from morph.engine.base import Request
+from morph.engine.llama import LlamaEngine
 
 PREFIX = (
     "The town of Millbrook sits at the bend of a slow river, where the valley opens into wide "

@@ -4,17 +4,10 @@ Prints one JSON object. Ratios are taken within this one run, conditions interle
 repeated (best of reps), so a busy neighbour hurts every condition alike. Target: the
 hooks cost <= 2% (hooks_zero vs no_hooks).
 
-    OMP_NUM_THREADS=2 VLLM_CPU_OMP_THREADS_BIND=0-1 flock /tmp/morph-cpu.lock python bench/vllm.py
+    OMP_NUM_THREADS=2 VLLM_CPU_OMP_THREADS_BIND=0-1 flock /tmp/morph-cpu.lock python -m bench.vllm
 """
 
 from __future__ import annotations
-
-import os
-import sys
-
-# This file is bench/vllm*.py: with bench/ first on sys.path, `import vllm` would find it.
-_here = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
 
 import argparse
 import json

@@ -43,7 +43,8 @@ def test_prompts_halves_are_fixed_balanced_and_large_enough():
     for task in prompts.TASKS:
         per = {s: Counter(p.genre for p in every if p.task == task and p.split == s) for s in prompts.SPLITS}
         assert per["tune"] == per["report"], task  # balanced by genre
-        assert sum(per["report"].values()) >= 40 and len(per["report"]) >= 8, task
+        # >= 48 per task: with 16 report prompts, differences under 0.05 were noise (issue 20)
+        assert sum(per["report"].values()) >= 48 and len(per["report"]) >= 8, task
     quick = prompts.load_prompts("report", quick=True)
     assert Counter(p.task for p in quick) == {"rewrite": 4, "continue": 4}
     assert prompts.load_prompts("report", quick=True) == quick  # a fixed subset

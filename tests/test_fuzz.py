@@ -1,26 +1,19 @@
-"""The fuzz targets of bench/fuzz.py, a short pass (about a minute on 2 cores).
+"""The fuzz targets of tests/fuzz.py, a short pass (about a minute on 2 cores).
 
 Every parser of outside input gets generated inputs (mutated real files, structured edits,
 random bytes) and must either accept them or refuse them with one clear MorphError line:
-no other exception, no hang. `python bench/fuzz.py` runs the long pass (>= 10^5 inputs).
+no other exception, no hang. `python tests/fuzz.py` runs the long pass (>= 10^5 inputs).
 The seed is fixed so that a failure here reproduces; MORPH_FUZZ_SEED changes it.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
-from pathlib import Path
 
+import fuzz  # tests/fuzz.py (pytest puts tests/ on sys.path)
 import pytest
 
 from morph import paths
-
-_spec = importlib.util.spec_from_file_location("morph_bench_fuzz", Path(__file__).parents[1] / "bench" / "fuzz.py")
-fuzz = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = fuzz  # dataclasses look their module up there
-_spec.loader.exec_module(fuzz)
 
 SEED = int(os.environ.get("MORPH_FUZZ_SEED", "20261129"))
 CI_INPUTS = {

@@ -51,13 +51,3 @@ def test_projected_direction_lies_in_the_latents_span_and_steers_both_poles(engi
         moved = [sign * (x - y) for x, y in zip(res[str(sign)]["per_pair"], res["base"]["per_pair"])]
         assert np.mean(moved) > 0 and sum(m > 0 for m in moved) > len(moved) / 2, (sign, moved)
 
-
-@pytest.mark.parametrize("first", ["morph.sae.select", "morph.sae.build", "morph.sae.sweep", "morph.sae.variants"])
-def test_sae_modules_import_in_any_order(first):
-    """select imports combine, combine imports variants: neither may need select at import."""
-    import subprocess
-    import sys
-
-    res = subprocess.run([sys.executable, "-c", f"import {first}, morph.sae.combine, morph.sae.select"],
-                         capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr[-800:]

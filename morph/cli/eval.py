@@ -91,7 +91,7 @@ def _read_json(path: Path) -> dict:
 @click.option("--threads", type=click.IntRange(1, None), default=None, help="llama.cpp and judge threads.")
 @click.option("--sequential", is_flag=True,
               help="Generate one request at a time through the product path (engine.stream) instead of "
-                   "batched (same tokens, measured: bench/eval_agreement.py).")
+                   "batched (same tokens, measured: experiments/eval_agreement.py).")
 @click.option("--no-progress", is_flag=True, help="No progress bars on stderr.")
 @click.option("--note", "notes", multiple=True, metavar="TEXT", help="A note for the --report-md page (repeatable).")
 @click.pass_obj

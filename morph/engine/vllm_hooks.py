@@ -13,7 +13,7 @@ pass from the batch's token -> request map. The hook gathers `table[token_rows, 
 and adds it. Both tensors are persistent and updated in place, so the hooks can be
 installed before torch.compile / CUDA-graph capture and stay valid after it.
 
-This module is also what `bench/gpu_check.py` runs on a plain transformers model, so it
+This module is also what `experiments/gpu_check.py` runs on a plain transformers model, so it
 must not import vLLM.
 """
 

@@ -24,7 +24,7 @@ cache, another sequence's cells in the cache changed a prompt's logits by up to 
 sum), and greedy text parted from the engine's within a few tokens. With separate
 streams, and batches of one prompt or of one token per sequence with consecutive ids
 (the shapes the runner keeps in order), the logits equal the engine's bit for bit on
-this build; `bench/eval_agreement.py` measures the texts against `engine.stream`.
+this build; `experiments/eval_agreement.py` measures the texts against `engine.stream`.
 Greedy requests only.
 """
 

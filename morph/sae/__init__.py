@@ -2,6 +2,6 @@
 
 corpus.py (prompts + the model's continuations, captured while generating) -> train.py
 (numpy TopK SAE) -> io.py (SAE GGUF) -> evidence.py (frequencies, top contexts) ->
-select.py (contrast-set ranking, steering probes, default scales) -> interpret.py
-(self-explanation) -> build.py (`morph vectors build`). sweep.py: the layer sweep.
+select.py (contrast-set ranking, steering probes, default scales; combine.py: latents with
+the diffmean signal) -> interpret.py (self-explanation) -> build.py (`morph vectors build`).
 """

@@ -14,8 +14,9 @@ pairs, only latents that fire more on the pole). Orientation: toward the pole.
 
 from __future__ import annotations
 
+import numpy as np
+
 from morph.errors import MorphError
-from morph.sae import variants as V
 
 KINDS = ("latents", "proj", "blend")
 
@@ -40,16 +41,42 @@ def direction(spec: str, sae, latent_unit, dm_unit, order) -> tuple:
     diffmean direction oriented toward the pole; order: the pole's latents, best first."""
     kind, arg = parse(spec)
     if kind == "latents":
-        return V.unit(latent_unit), {"direction": "latents"}
+        return unit(latent_unit), {"direction": "latents"}
     if kind == "proj":
         span = [int(j) for j in order[:arg]]
         if not span:
             raise MorphError("no latent fires more on this pole: nothing to project onto")
-        u = V.project(sae, dm_unit, span)
+        u = project(sae, dm_unit, span)
         info = {"direction": f"proj:{arg}", "span": span}
     else:
-        u = V.blend(latent_unit, dm_unit, arg)
+        u = blend(latent_unit, dm_unit, arg)
         info = {"direction": f"blend:{arg:g}"}
-    info["cos_diffmean"] = round(V.cos(u, dm_unit), 4)
-    info["cos_latents"] = round(V.cos(u, latent_unit), 4)
+    info["cos_diffmean"] = round(cos(u, dm_unit), 4)
+    info["cos_latents"] = round(cos(u, latent_unit), 4)
     return u, info
+
+
+def unit(v: np.ndarray) -> np.ndarray:
+    v = np.asarray(v, np.float64)
+    n = np.linalg.norm(v)
+    if not n > 0:
+        raise ValueError("zero direction")
+    return (v / n).astype(np.float32)
+
+
+def project(sae, d: np.ndarray, latents: list[int]) -> np.ndarray:
+    """d's least-squares projection onto span(W_dec[latents]); keeps d's orientation."""
+    B = sae.W_dec[latents].astype(np.float64).T  # (n_embd, m)
+    coef, *_ = np.linalg.lstsq(B, np.asarray(d, np.float64), rcond=None)
+    p = B @ coef
+    if p @ d < 0:
+        p = -p
+    return unit(p)
+
+
+def blend(a: np.ndarray, b: np.ndarray, alpha: float) -> np.ndarray:
+    return unit(alpha * unit(a).astype(np.float64) + (1 - alpha) * unit(b).astype(np.float64))
+
+
+def cos(a: np.ndarray, b: np.ndarray) -> float:
+    return float(unit(a).astype(np.float64) @ unit(b).astype(np.float64))

@@ -53,7 +53,7 @@ up to ~3 nats for random directions too. So on this model the composite ranks mo
 noise, and the chosen strength does not predict a good steering scale: against `morph
 eval`'s tune sweep (x0.25..x1, 21 feature x method pairs) the composite's pick among the
 eval's scales was in the best 3 of 4 for 8/21 (chance 15.75) and the best for 3/21
-(bench/selfexplain_scales.py; vectors/<model>/README.md). Default scales stay with the
+(experiments/selfexplain_scales.py; vectors/<model>/README.md). Default scales stay with the
 eval; the chosen strength is only the strength the explanation is read at.
 
 One numeric caveat (measured): rows decoded together in one llama.cpp batch get slightly

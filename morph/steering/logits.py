@@ -23,7 +23,7 @@ sampled token. Choices, and why:
   is subtracted (RMSNorm does not centre).
 - **Only the direct path.** What the later blocks do with v (attention and MLPs reading
   the steered residual) is lost; that indirect effect is most of what residual steering
-  does, so logit steering is weaker at the same scale. bench/logit_steering.py measures
+  does, so logit steering is weaker at the same scale. experiments/logit_steering.py measures
   how much (pole shift on held-out contrast pairs): on SmolLM2's 9 SAE features, a median
   4% of residual steering's shift at the same scale (3% at equal fluency cost); only
   vocabulary-like features keep a useful share (technical and simple about half at equal

@@ -16,7 +16,7 @@ Prints one JSON object (progress on stderr). Default: the first 10 report prompt
 task x 6 conditions (unsteered, prompting, and vectors at several scales and every
 apply mode), 120 generations per path.
 
-    flock /tmp/morph-cpu.lock python bench/eval_agreement.py --threads 2
+    flock /tmp/morph-cpu.lock python -m experiments.eval_agreement --threads 2
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Fuzz every parser of outside input; one JSON object on stdout (progress on stderr).
 
-    python bench/fuzz.py                      # every target, >= 10^5 inputs in all (~10 min)
-    python bench/fuzz.py --scale 0.01         # the same targets, 1% of the inputs
-    python bench/fuzz.py --target cvec_mutated --target config --seed 7
+    python tests/fuzz.py                      # every target, >= 10^5 inputs in all (~10 min)
+    python tests/fuzz.py --scale 0.01         # the same targets, 1% of the inputs
+    python tests/fuzz.py --target cvec_mutated --target config --seed 7
 
 Inputs come from hypothesis strategies (generation only, no shrinking: every input is
 run and counted). Real files are the seeds: the shipped control vectors, SAE and
@@ -37,14 +37,12 @@ from typing import Any, Callable
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
-from hypothesis import seed as hyp_seed  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import seed as hyp_seed
+from hypothesis import strategies as st
 
-from morph.errors import MorphError  # noqa: E402
+from morph.errors import MorphError
 
 MODEL_ID = "smollm2-135m-instruct"
 N_EMBD, N_LAYER = 576, 30  # SmolLM2-135M, what the shipped vectors are checked against

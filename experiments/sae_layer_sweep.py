@@ -11,7 +11,7 @@ SAE and measure
 - features: the formality and sentiment selection (held-out style shift at the default
   scale and the fluency cost), i.e. the quantity the named features are judged by.
 
-    python -m morph.sae.sweep --layers 12 16 20 --tokens 100000 --out sweep.json
+    python -m experiments.sae_layer_sweep --layers 12 16 20 --tokens 100000 --out sweep.json
 """
 
 from __future__ import annotations

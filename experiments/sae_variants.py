@@ -1,6 +1,6 @@
 """SAE feature variants against their diffmean twins, judged on the eval prompts (one JSON).
 
-    python bench/sae_variants.py --features formal,concise --variants current,diffmean,lat:0,sparse:8,proj:16 \
+    python -m experiments.sae_variants --features formal,concise --variants current,diffmean,lat:0,sparse:8,proj:16 \
         --scales 0.1,0.2,0.3 --apply generated --split tune --n 10 --out /work/results/sae/x.json
 
 For issue 10 item 4: each variant is a direction at the SAE's layer (morph/sae/variants.py),
@@ -40,23 +40,21 @@ from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
 
-from morph import models, paths  # noqa: E402
-from morph.errors import MorphError  # noqa: E402
-from morph.eval import plan as planmod  # noqa: E402
-from morph.eval import run as runmod  # noqa: E402
-from morph.eval import scores  # noqa: E402
-from morph.eval.plan import Condition, Source, Target  # noqa: E402
-from morph.eval.prompts import load_prompts  # noqa: E402
-from morph.sae import variants as V  # noqa: E402
-from morph.sae.generate import GenJob, greedy  # noqa: E402
-from morph.sae.io import load_sae, sha256_file  # noqa: E402
-from morph.sae.score import Item, logprobs  # noqa: E402
-from morph.steering import diffmean as dm  # noqa: E402
-from morph.steering.vector import ControlVector  # noqa: E402
-from morph.engine.base import apply_factors  # noqa: E402
+from morph import models, paths
+from morph.errors import MorphError
+from morph.eval import plan as planmod
+from morph.eval import run as runmod
+from morph.eval import scores
+from morph.eval.plan import Condition, Source, Target
+from morph.eval.prompts import load_prompts
+from experiments import sae_directions as V
+from morph.sae.generate import GenJob, greedy
+from morph.sae.io import load_sae, sha256_file
+from morph.sae.score import Item, logprobs
+from morph.steering import diffmean as dm
+from morph.steering.vector import ControlVector
+from morph.engine.base import apply_factors
 
 MAX_NEW = planmod.GEN["max_tokens"]
 

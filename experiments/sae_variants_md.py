@@ -1,6 +1,6 @@
-"""Markdown table of bench/sae_variants.py results (one or more JSON files, merged).
+"""Markdown table of experiments/sae_variants.py results (one or more JSON files, merged).
 
-    python bench/sae_variants_md.py /work/results/sae/s2.json /work/results/sae/s3.json > VARIANTS.md
+    python -m experiments.sae_variants_md /work/results/sae/s2.json /work/results/sae/s3.json > VARIANTS.md
 
 One row per feature x variant x scale (a later file's row replaces an earlier one's):
 concept shift (moved toward/away of n prompts), relevance ratio, NLL ratio, hmean, and

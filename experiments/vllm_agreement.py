@@ -13,17 +13,10 @@ distribution after the prompt is computed by both engines, unsteered and steered
 
 The steering effect must dwarf the engines' disagreement. Prints one JSON object.
 
-    OMP_NUM_THREADS=2 VLLM_CPU_OMP_THREADS_BIND=0-1 flock /tmp/morph-cpu.lock python bench/vllm_agreement.py
+    OMP_NUM_THREADS=2 VLLM_CPU_OMP_THREADS_BIND=0-1 flock /tmp/morph-cpu.lock python -m experiments.vllm_agreement
 """
 
 from __future__ import annotations
-
-import os
-import sys
-
-# This file is bench/vllm*.py: with bench/ first on sys.path, `import vllm` would find it.
-_here = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
 
 import argparse
 import json
@@ -69,7 +62,7 @@ def main() -> None:
         llama = LlamaEngine(info, n_ctx=1024, threads=a.threads)
         vllm = VllmEngine(info, n_ctx=1024, max_num_seqs=16)
     except MorphError as e:
-        sys.exit(f"bench/vllm_agreement.py: {e}")
+        sys.exit(f"experiments/vllm_agreement.py: {e}")
     corpus = Path_corpus()
     texts = []
     for ln in corpus.read_text(encoding="utf-8").splitlines()[: a.prompts]:

@@ -1,4 +1,5 @@
-"""Ways to turn SAE latents (and the diffmean signal) into one steering direction.
+"""Ways to turn SAE latents (and the diffmean signal) into one steering direction (the
+variants experiments/sae_variants.py screens; the shipped ones are morph/sae/combine.py's).
 
 All directions are unit vectors at the SAE's layer, in the residual stream's own basis
 (a control vector is then the unit times the layer's median residual norm times a scale).
@@ -22,15 +23,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from morph.sae.combine import blend, cos, project, unit  # noqa: F401 (variants use them)
+from morph.sae.select import paired_effect, text_codes
 from morph.sae.train import SAE
-
-
-def unit(v: np.ndarray) -> np.ndarray:
-    v = np.asarray(v, np.float64)
-    n = np.linalg.norm(v)
-    if not n > 0:
-        raise ValueError("zero direction")
-    return (v / n).astype(np.float32)
 
 
 @dataclass
@@ -43,8 +38,6 @@ class PoleLatents:
 
 def pole_latents(engine, sae: SAE, layer: int, pairs: list[dict]) -> dict[int, PoleLatents]:
     """Per sign, the latents ranked as select.py ranks them, from one capture of the pairs."""
-    from morph.sae.select import paired_effect, text_codes  # select imports combine -> variants
-
     pos = text_codes(engine, sae, [p["positive"] for p in pairs], layer)
     neg = text_codes(engine, sae, [p["negative"] for p in pairs], layer)
     effect, mdiff = paired_effect(pos, neg)
@@ -67,21 +60,3 @@ def weighted(sae: SAE, latents: list[int], weights: list[float]) -> np.ndarray:
 def sparse_diff(sae: SAE, pl: PoleLatents, m: int | None) -> np.ndarray:
     lat = pl.order[:m] if m else pl.order
     return weighted(sae, list(lat), list(pl.mdiff[lat]))
-
-
-def project(sae: SAE, d: np.ndarray, latents: list[int]) -> np.ndarray:
-    """d's least-squares projection onto span(W_dec[latents]); keeps d's orientation."""
-    B = sae.W_dec[latents].astype(np.float64).T  # (n_embd, m)
-    coef, *_ = np.linalg.lstsq(B, np.asarray(d, np.float64), rcond=None)
-    p = B @ coef
-    if p @ d < 0:
-        p = -p
-    return unit(p)
-
-
-def blend(a: np.ndarray, b: np.ndarray, alpha: float) -> np.ndarray:
-    return unit(alpha * unit(a).astype(np.float64) + (1 - alpha) * unit(b).astype(np.float64))
-
-
-def cos(a: np.ndarray, b: np.ndarray) -> float:
-    return float(unit(a).astype(np.float64) @ unit(b).astype(np.float64))

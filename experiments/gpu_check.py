@@ -10,17 +10,10 @@ and across devices: the logits shift that the feature causes on CUDA equals the 
 within tolerance (float32; also bfloat16 with a looser one).
 Prints one JSON object; exit 1 when a check fails. Under 5 minutes on a CUDA machine.
 
-    python bench/gpu_check.py [--model DIR] [--feature formal]
+    python -m experiments.gpu_check [--model DIR] [--feature formal]
 """
 
 from __future__ import annotations
-
-import os
-import sys
-
-# This file is bench/vllm*.py: with bench/ first on sys.path, `import vllm` would find it.
-_here = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
 
 import argparse
 import json
@@ -49,7 +42,7 @@ def main() -> None:
         folder = convert.ensure_converted(info)
         feat = Catalog(info.model_id).get(a.feature, experimental=True)
     except MorphError as e:
-        sys.exit(f"bench/gpu_check.py: {e}")
+        sys.exit(f"experiments/gpu_check.py: {e}")
     cv = feat.load_vector() * feat.default_scale
     vec = dense(cv.directions, info.n_layer, info.n_embd)
     tok = AutoTokenizer.from_pretrained(str(folder))

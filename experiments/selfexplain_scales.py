@@ -18,7 +18,7 @@ predictions:
 
 Prints one JSON object. Usage (from the repository root):
 
-    python bench/selfexplain_scales.py --tune results.json [--apply default] \
+    python -m experiments.selfexplain_scales --tune results.json [--apply default] \
         [--sweeps saved.json] [--save-sweeps saved.json]
 """
 
@@ -30,10 +30,8 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from morph.eval.run import _rank  # noqa: E402  (the eval's own ranking)
-from morph.sae import interpret as I  # noqa: E402
+from morph.eval.run import _rank  # (the eval's own ranking)
+from morph.sae import interpret as I
 
 MULTS = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0)  # eval multiples the sweep covers
 

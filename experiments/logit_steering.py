@@ -1,6 +1,6 @@
 """How much weaker is logit steering than residual steering? One JSON object on stdout.
 
-    python bench/logit_steering.py [--methods sae[,diffmean]] [--pairs 8] [--threads 1]
+    python -m experiments.logit_steering [--methods sae[,diffmean]] [--pairs 8] [--threads 1]
 
 For every shipped feature that is a pole of a contrast recipe (vectors/recipes/), on the
 recipe's held-out pairs (the split `morph vectors` builds with, so never trained on):
@@ -27,13 +27,12 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from morph import models, paths  # noqa: E402
-from morph.engine.llama import LlamaEngine  # noqa: E402
-from morph.steering import diffmean as dm  # noqa: E402
-from morph.steering.catalog import Catalog  # noqa: E402
-from morph.steering.logits import LogitSteering  # noqa: E402
+from morph import models, paths
+from morph.engine.llama import LlamaEngine
+from morph.steering import diffmean as dm
+from morph.steering.catalog import Catalog
+from morph.steering.logits import LogitSteering
 
 RESIDUAL_SCALES = (0.5,)  # plus each feature's default scale
 LOGIT_SCALES = (0.5, 1.0, 2.0, 4.0, 8.0)  # plus the default scale

@@ -1,6 +1,6 @@
-"""Write one bench/sae_variants.py variant as a control-vector file in the shipped SAE format.
+"""Write one experiments/sae_variants.py variant as a control-vector file in the shipped SAE format.
 
-    python bench/sae_variant_vector.py critical blend:0.5 0.2 /work/results/sae/critical-blend.gguf
+    python -m experiments.sae_variant_vector critical blend:0.5 0.2 /work/results/sae/critical-blend.gguf
 
 The direction is the variant's unit at the SAE's layer, stretched to the SAE's median
 residual norm (as `vectors build` writes SAE features); the metadata is the shipped
@@ -10,25 +10,20 @@ updated, so `morph eval --vector FILE` and the catalog read it as the feature it
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
 
-from morph import models, paths  # noqa: E402
-from morph.sae.io import load_sae, sha256_file  # noqa: E402
-from morph.steering.vector import ControlVector, residual_relative  # noqa: E402
+from morph import models, paths
+from morph.sae.io import load_sae, sha256_file
+from morph.steering.vector import ControlVector, residual_relative
 
 
 def main(argv: list[str]) -> int:
     name, spec, scale, out = argv[0], argv[1], float(argv[2]), Path(argv[3])
-    spec_ = importlib.util.spec_from_file_location("sae_variants", HERE / "sae_variants.py")
-    sv = importlib.util.module_from_spec(spec_)
-    spec_.loader.exec_module(sv)
+    from experiments import sae_variants as sv
     from morph.engine.llama import LlamaEngine
 
     info = models.check(models.resolve(None))
