@@ -155,15 +155,28 @@ def child_command(model: str | None) -> list[str]:
 
 
 def child_checks(model: str | None, threads: int | None, timeout: float, mf) -> list[Check]:
-    from morph.engine.llamacpp import extra_buffer_decision, has_amx
+    from morph.engine.llamacpp import extra_buffer_decision
 
     extra, why = extra_buffer_decision()
     out = [Check("extra buffer types", INFO, f"{'on' if extra else 'off'} ({why})", {"on": extra, "why": why})]
     if mf is None:
         return [*out, Check("generation", FAIL, "skipped: no usable model")]
-    cmd = child_command(model) + (["--threads", str(threads)] if threads else [])
+    run = _run_child(child_command(model) + (["--threads", str(threads)] if threads else []), timeout)
+    return [*out, *_llama_checks(run.stages), _generation_check(run, timeout, extra)]
+
+
+@dataclass
+class ChildRun:
+    pid: int
+    returncode: int
+    stages: dict[str, dict]  # stage -> its JSON line
+    stderr: str
+    timed_out: bool
+    wall_s: float
+
+
+def _run_child(cmd: list[str], timeout: float) -> ChildRun:
     env = dict(os.environ, MORPH_DATA_DIR=str(paths.data_dir()))
-    stages: dict[str, dict] = {}
     t0 = time.monotonic()
     p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     timed_out = False
@@ -177,37 +190,46 @@ def child_checks(model: str | None, threads: int | None, timeout: float, mf) -> 
         except subprocess.TimeoutExpired:
             p.kill()
             stdout, stderr = p.communicate()
+    stages: dict[str, dict] = {}
     for line in stdout.decode("utf-8", "replace").splitlines():
         try:
             row = json.loads(line)
             stages[row.pop("stage")] = row
         except (ValueError, KeyError, AttributeError):
             continue
-    out.extend(_llama_checks(stages))
-    during = STAGES[list(stages)[-1] if stages else None]
-    gen = stages.get("generate")
+    return ChildRun(p.pid, p.returncode, stages, stderr.decode("utf-8", "replace"), timed_out,
+                    round(time.monotonic() - t0, 2))
+
+
+def _generation_check(run: ChildRun, timeout: float, extra: bool) -> Check:
+    from morph.engine.llamacpp import has_amx
+
+    during = STAGES[list(run.stages)[-1] if run.stages else None]
     # The child's own crash report (cli.main keeps one): claimed here, so no later run announces it.
-    reports = crash.collect(crash.crash_dir(paths.data_dir()), pid=p.pid)
+    reports = crash.collect(crash.crash_dir(paths.data_dir()), pid=run.pid)
     report = str(reports[0].path) if reports else None
     where = f"; report: {report}" if report else ""
-    if timed_out:
-        summary = (f"generation timed out after {timeout:.0f} s in a child process, while {during}{where}; "
-                   "a busy CPU slows llama.cpp's threads a lot: try again, or with --threads 1")
-        return [*out, Check("generation", FAIL, summary, {"timeout_s": timeout, "during": during, "report": report})]
-    if p.returncode < 0:
-        sig = -p.returncode
-        name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else "?"
-        hint = ("; this CPU has AMX and extra buffer types were on: set extra_buffer_types = false in config.toml"
-                if extra and has_amx() else "; every morph command that generates will crash the same way")
-        summary = f"generation crashed with signal {sig} ({name}) in a child process, while {during}{where}{hint}"
-        return [*out, Check("generation", FAIL, summary, {"signal": sig, "during": during, "report": report})]
-    if p.returncode != 0 or gen is None:
-        err = stderr.decode("utf-8", "replace").strip().splitlines()
-        return [*out, Check("generation", FAIL, f"the child process failed (exit {p.returncode}): "
-                            + (err[-1] if err else "no message"), {"exit": p.returncode, "reached": reached})]
-    gen["wall_s"] = round(time.monotonic() - t0, 2)
-    return [*out, Check("generation", OK, f"{gen['tokens']} tokens in a child process: decode {gen['tok_s']:.1f} tok/s, "
-                        f"TTFT {gen['ttft_s']:.3f} s, {_threads(gen['threads'])}: {gen['text'][:60]!r}", gen)]
+    if run.timed_out:
+        return Check("generation", FAIL, f"generation timed out after {timeout:.0f} s in a child process, while "
+                     f"{during}{where}; a busy CPU slows llama.cpp's threads a lot: try again, or with --threads 1",
+                     {"timeout_s": timeout, "during": during, "report": report})
+    if run.returncode < 0:
+        sig = -run.returncode
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = "unknown signal"
+        hint = ("this CPU has AMX and extra buffer types were on: set extra_buffer_types = false in config.toml"
+                if extra and has_amx() else "every morph command that generates will crash the same way")
+        return Check("generation", FAIL, f"generation crashed with signal {sig} ({name}) in a child process, "
+                     f"while {during}{where}; {hint}", {"signal": sig, "during": during, "report": report})
+    gen = run.stages.get("generate")
+    if run.returncode != 0 or gen is None:
+        err = run.stderr.strip().splitlines()
+        return Check("generation", FAIL, f"the child process failed (exit {run.returncode}) while {during}: "
+                     + (err[-1] if err else "no message"), {"exit": run.returncode, "during": during})
+    return Check("generation", OK, f"{gen['tokens']} tokens in a child process: decode {gen['tok_s']:.1f} tok/s, "
+                 f"TTFT {gen['ttft_s']:.3f} s, {_threads(gen['threads'])}: {gen['text'][:60]!r}", {**gen, "wall_s": run.wall_s})
 
 
 def _llama_checks(stages: dict[str, dict]) -> list[Check]:
