@@ -239,8 +239,10 @@ def _llama_checks(stages: dict[str, dict]) -> list[Check]:
     out = [Check("llama.cpp", OK, f"llama-cpp-python {lib['version']}; CPU backend: {lib['backend']}; "
                  f"{lib['system_info']}", lib)]
     if load is not None:
-        out.append(Check("threads", INFO, f"{_threads(load['threads'])}; OpenMP threads wait with {lib['omp_wait']}",
-                         {"threads": load["threads"], "omp_wait": lib["omp_wait"]}))
+        adaptive = ("adaptive: fewer while other work keeps the CPUs busy" if load["adaptive"]
+                    else "fixed (adaptive_threads = false, or 1 thread)")
+        out.append(Check("threads", INFO, f"{_threads(load['threads'])}, {adaptive}; OpenMP waiting: {lib['omp_wait']}",
+                         {"threads": load["threads"], "adaptive": load["adaptive"], "omp_wait": lib["omp_wait"]}))
     return out
 
 
@@ -270,7 +272,7 @@ def child(model: str | None, threads: int | None) -> None:
     cfg = load_config(create=False)
     t0 = time.perf_counter()
     eng = LlamaEngine(model_info(model or cfg.model), n_ctx=512, threads=threads or cfg.threads)
-    emit("load", load_s=round(time.perf_counter() - t0, 3), threads=eng.threads,
+    emit("load", load_s=round(time.perf_counter() - t0, 3), threads=eng.threads, adaptive=eng.adaptive,
          extra_bufts=bool(eng.llm.model_params.use_extra_bufts))
     done = None
     text = []

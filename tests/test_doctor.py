@@ -36,6 +36,7 @@ def test_doctor_on_the_real_model(data_dir):
     lib = c["llama.cpp"]["details"]
     assert lib["version"] and "CPU :" in lib["system_info"] and "libggml-cpu" in lib["backend"]
     assert c["extra buffer types"]["details"] == {"on": True, "why": "default: no AMX on this CPU"}
+    assert c["threads"]["details"]["threads"] == 1 and c["threads"]["details"]["adaptive"] is False  # 1: nothing to adapt
     assert c["model"]["status"] == "ok" and c["model"]["details"]["sha256_ok"] is True
     assert c["data dir"]["details"]["writable"] is True
     gen = c["generation"]

@@ -17,6 +17,11 @@ through `open_llama`, so what must hold for every load is decided here:
   get_tensor_traits; ggml-cpu/traits.cpp, ggml_cpu_extra_compute_forward).
 - **CPU backend variants**: a portable build (dist/morph) keeps one libggml-cpu per
   instruction set, which must be loaded before the first model (`load_cpu_backends`).
+- **Threads on a shared CPU**: llama.cpp's threads meet at an OpenMP barrier after every
+  op and spin there, so a thread that is off the CPU stalls the others: two processes
+  generating at once on 2 cores fell from ~105 to ~20 tok/s each (bench/contention.py).
+  `ThreadGovernor` gives the next decode only the CPUs other work leaves free; alone it
+  keeps every thread. A passive OpenMP wait policy cost 70% of the speed alone instead.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
+import time
 from functools import lru_cache
 from pathlib import Path
 
@@ -162,6 +168,63 @@ def load_cpu_backends(llama_cpp, directory: str | os.PathLike | None = None) -> 
             ggml.ggml_backend_load_all_from_path(os.fsencode(directory))
     if ggml.ggml_backend_reg_count() == 0:
         raise MorphError(f"no llama.cpp CPU backend in {directory} fits this CPU")
+
+
+def adaptive_threads(setting: bool | None = None) -> bool:
+    """Whether the engine's threads give way to other work: `setting` if given, else
+    config.toml's `adaptive_threads` (default on)."""
+    if setting is not None:
+        return setting
+    from morph.config import load_config
+
+    return load_config(create=False).adaptive_threads
+
+
+class ThreadGovernor:
+    """How many threads the next decode should use, given how busy other processes keep the
+    CPUs this process may run on: llama.cpp's threads meet at a barrier after every op, so
+    one thread that is off the CPU stalls the others. Every INTERVAL seconds it compares the
+    busy time of those CPUs (/proc/stat) with this process's own (os.times): the rest is
+    other work, and the threads are the CPUs it leaves free (at least 1, at most `most`)."""
+
+    INTERVAL = 0.2
+
+    def __init__(self, most: int):
+        self.most = most
+        try:
+            self.cpus = {f"cpu{c}" for c in os.sched_getaffinity(0)}
+        except AttributeError:
+            self.cpus = set()
+        self.now = most
+        self.tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self.last = self._sample()
+
+    def _sample(self) -> tuple[float, float, float] | None:
+        try:
+            with open("/proc/stat", encoding="ascii") as fh:
+                busy = 0
+                for line in fh:
+                    if not line.startswith("cpu"):
+                        break
+                    f = line.split()
+                    if f[0] in self.cpus:  # user nice system idle iowait irq softirq steal
+                        busy += sum(int(x) for x in f[1:9]) - int(f[4]) - int(f[5])
+        except (OSError, ValueError, IndexError):
+            return None
+        t = os.times()
+        return time.monotonic(), busy / self.tick, t.user + t.system
+
+    def threads(self) -> int:
+        if self.last is None or self.most <= 1 or time.monotonic() - self.last[0] < self.INTERVAL:
+            return self.now
+        new = self._sample()
+        if new is None:
+            return self.now
+        (t0, busy0, own0), (t1, busy1, own1) = self.last, new
+        self.last = new
+        others = max(0.0, (busy1 - busy0) - (own1 - own0)) / (t1 - t0)  # CPUs' worth of other work
+        self.now = max(1, min(self.most, int(len(self.cpus) - others + 0.5)))
+        return self.now
 
 
 def cpu_backend() -> str:
