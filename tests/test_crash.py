@@ -33,7 +33,7 @@ def test_native_crash_leaves_a_report_announced_once(data_dir):
     assert len(runs) == 1
     text = runs[0].read_text()
     assert "command: morph steer --mode continue --max-tokens 4 --no-log" in text
-    assert f"cpu_flags: {' '.join(sorted(cpu_flags()))}\n" in text and "avx2" in text
+    assert f"cpu_flags: {' '.join(sorted(cpu_flags()))}\n" in text and len(cpu_flags()) > 5
     assert "morph: 0.1.0" in text and "llama.cpp: llama-cpp-python 0.3." in text
     assert "Fatal Python error: Segmentation fault" in text
     # the Python stack, from the command down to the native call

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from morph import crash
+from morph.engine.llamacpp import has_amx
 
 
 def doctor(*opts, model=None, data_dir, fault=None, timeout=300):
@@ -32,10 +33,12 @@ def test_doctor_on_the_real_model(data_dir):
     assert r.returncode == 0, r.stdout + r.stderr
     c = checks(r)
     assert json.loads(r.stdout)["ok"] is True
-    assert c["cpu"]["details"]["simd"] and c["cpu"]["details"]["amx"] is False  # this machine: AVX2, no AMX
+    amx = has_amx()  # the test runs on CPUs with AMX and without
+    assert c["cpu"]["details"]["simd"] and c["cpu"]["details"]["amx"] is amx
     lib = c["llama.cpp"]["details"]
     assert lib["version"] and "CPU :" in lib["system_info"] and "libggml-cpu" in lib["backend"]
-    assert c["extra buffer types"]["details"] == {"on": True, "why": "default: no AMX on this CPU"}
+    assert c["extra buffer types"]["details"]["on"] is not amx
+    assert c["extra buffer types"]["details"]["why"].startswith("default: ")
     assert c["threads"]["details"]["threads"] == 1 and c["threads"]["details"]["adaptive"] is False  # 1: nothing to adapt
     assert c["model"]["status"] == "ok" and c["model"]["details"]["sha256_ok"] is True
     assert c["data dir"]["details"]["writable"] is True
