@@ -21,6 +21,10 @@ DEFAULT_TOML = """\
 # CPU threads for generation (default: the cores this process may use).
 # threads = 2
 
+# Fewer threads while other programs keep the CPUs busy (llama.cpp's threads wait for each
+# other after every step, so one that is off the CPU stalls the rest). Default: on.
+# adaptive_threads = true
+
 # Context window in tokens.
 # n_ctx = 4096
 
@@ -67,6 +71,7 @@ class Config:
     threads: int | None = None
     n_ctx: int = 4096
     extra_buffer_types: bool | None = None  # None: off on AMX CPUs, on elsewhere (engine/llamacpp.py)
+    adaptive_threads: bool = True  # engine/llamacpp.ThreadGovernor
     features: dict[str, float | None] = field(default_factory=dict)
     generation: dict[str, float | int] = field(default_factory=dict)  # tasks.Sampling fields
     apply: dict[str, str] = field(default_factory=dict)  # framing -> "all" | "generated"
@@ -100,6 +105,8 @@ def load_config(create: bool = True) -> Config:
         cfg.n_ctx = raw["n_ctx"]
     if isinstance(raw.get("extra_buffer_types"), bool):
         cfg.extra_buffer_types = raw["extra_buffer_types"]
+    if isinstance(raw.get("adaptive_threads"), bool):
+        cfg.adaptive_threads = raw["adaptive_threads"]
     feats = raw.get("features")
     if isinstance(feats, dict):
         for name, val in feats.items():

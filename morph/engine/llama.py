@@ -30,6 +30,7 @@ import numpy as np
 
 from morph.engine.base import Event, Request, Timings, apply_factors
 from morph.engine.chat import EngineCommon
+from morph.engine import llamacpp
 from morph.engine.llamacpp import default_threads, open_llama
 from morph.errors import MorphError
 from morph.models import ModelInfo
@@ -50,6 +51,7 @@ class LlamaEngine(EngineCommon):
         flash_attn: bool = True,
         n_batch: int = 512,
         extra_bufts: bool | None = None,
+        adaptive_threads: bool | None = None,
     ):
         import llama_cpp
 
@@ -68,6 +70,10 @@ class LlamaEngine(EngineCommon):
             )
         except (ValueError, RuntimeError) as e:
             raise MorphError(f"{info.file.path}: llama.cpp could not load it ({e})") from None
+        self._threads_now = self.threads
+        # fewer threads while other work holds the CPUs (None: config.toml's adaptive_threads, on)
+        self.adaptive = self.threads > 1 and llamacpp.adaptive_threads(adaptive_threads)
+        self._governor = llamacpp.ThreadGovernor(self.threads) if self.adaptive else None
         self._n_embd = self.llm.n_embd()
         self._n_layer = info.n_layer
         self._vocab = self.llm._model.vocab
@@ -216,6 +222,11 @@ class LlamaEngine(EngineCommon):
 
     def _eval(self, tokens: list[int]) -> None:
         """Append `tokens` to the cache under the vector set now (tagged with it)."""
+        if self._governor is not None:
+            k = self._governor.threads()
+            if k != self._threads_now:
+                self._lc.llama_set_n_threads(self.llm._ctx.ctx, k, k)
+                self._threads_now = k
         n = self.llm.n_tokens
         self._kv_tag[n : n + len(tokens)] = self._tag()
         self.llm.eval(tokens)
