@@ -387,6 +387,23 @@ def test_tmux_end_to_end(data_dir, model_info, tmp_path):
         t.run("kill-server", check=False)
 
 
+def test_model_switch_drops_features_the_new_model_lacks(rt, model_info):
+    """The new runtime's catalog has the shipped features but not the user's testfeat:
+    the switch drops testfeat with a note and keeps formal, resolved in the new catalog."""
+    shipped_only = Catalog(model_info.model_id, [(paths.shipped_vectors_dir() / model_info.model_id, "shipped")])
+    assert rt.catalog.get("testfeat").name == "testfeat"
+    with pytest.raises(MorphError):
+        shipped_only.get("testfeat")
+    other = types.SimpleNamespace(**{**vars(rt), "catalog": shipped_only, "model_name": "other.gguf"})
+    app, out = drive(rt, "/feature testfeat 0.2" + ENTER + "/feature formal@diffmean 0.1" + ENTER + "/model smollm2"
+                     + ENTER + CTRL_D, open_runtime=lambda spec: other)
+    assert "dropped testfeat@diffmean" in out and "model: other.gguf" in out
+    assert app.session.profile == {"formal@diffmean": 0.1}
+    want = shipped_only.get("formal@diffmean").load_vector() * 0.1
+    got = app.session.steering()
+    assert got.layers == want.layers and all(np.allclose(got.directions[il], want.directions[il]) for il in want.layers)
+
+
 def test_model_switch_keeps_valid_features(rt):
     opened = []
 
