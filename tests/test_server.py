@@ -646,7 +646,8 @@ class Proc:
     def __init__(self, tmp: Path, *args, env=None):
         data = tmp / "data"
         data.mkdir(exist_ok=True)
-        (data / "config.toml").write_text("threads = 1\nn_ctx = 2048\n")
+        threads = int(os.environ.get("MORPH_TEST_THREADS") or 1)  # as conftest's engines
+        (data / "config.toml").write_text(f"threads = {threads}\nn_ctx = 2048\n")
         self.env = dict(os.environ, MORPH_DATA_DIR=str(data), PYTHONPATH=str(Path(__file__).parents[1]),
                         **(env or {}))
         self.p = subprocess.Popen([sys.executable, "-m", "morph", "serve", *args], stdout=subprocess.PIPE,
