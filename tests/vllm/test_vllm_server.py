@@ -110,15 +110,17 @@ def test_openai_sampling_fields_reach_vllm(served, vengine, model_info, catalog)
         forced = vengine.tokenize(" banana", add_bos=False)[0]
         assert complete(logit_bias={str(forced): 100}).startswith(" banana")
         loop = "one two one two one two one two one two"
-        vengine.reset_prefix_cache()
-        plain = h.post(base + "/completions", json={"prompt": loop, "max_tokens": 16, "temperature": 0,
-                                                    "repetition_penalty": 1.0}).json()["choices"][0]["text"]
-        vengine.reset_prefix_cache()
-        pres = h.post(base + "/completions", json={"prompt": loop, "max_tokens": 16, "temperature": 0,
-                                                   "repetition_penalty": 1.0, "presence_penalty": 2.0}
-                      ).json()["choices"][0]["text"]
-    assert pres != plain
-    assert pres == direct("continue", prompt=loop, max_tokens=16, temperature=0, repeat_penalty=1.0, presence_penalty=2.0)
+        out = {}
+        for field in (None, "presence_penalty", "frequency_penalty"):
+            vengine.reset_prefix_cache()
+            body = {"prompt": loop, "max_tokens": 16, "temperature": 0, "repetition_penalty": 1.0}
+            out[field] = h.post(base + "/completions", json=body | ({field: 0.5} if field else {})).json()["choices"][0]["text"]
+    # Each penalty is its own field (at 0.5 a word seen five times costs 2.5 by frequency,
+    # 0.5 by presence: three texts), and gives what the engine gives for that field.
+    assert len(set(out.values())) == 3, out
+    for field in ("presence_penalty", "frequency_penalty"):
+        assert out[field] == direct("continue", prompt=loop, max_tokens=16, temperature=0, repeat_penalty=1.0,
+                                    **{field: 0.5}), field
     # Logit-mode steering is a dense bias: it reaches vLLM as logit_bias.
     vengine.reset_prefix_cache()
     steered = _chat(base, None, stream=False, steering={"features": {"casual": 1.0}, "mode": "logits",
