@@ -167,7 +167,7 @@ def test_stop_strings_and_seed(engine):
         return collect(engine.stream(Request(prompt="List: 1. apples\n2.", max_tokens=30, temperature=0.9, seed=7, **kw)))
 
     a, b = run(), run()
-    assert a.text == b.text and a.finish_reason == "length"
+    assert a.text == b.text and a.text.split()
     # A stop string taken from that text: the same sample is cut right before it.
     words = a.text.split()
     stop = words[len(words) // 2]
