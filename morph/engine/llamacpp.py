@@ -91,16 +91,43 @@ class _model_params:
         _params_lock.release()
 
 
-def open_llama(path: str | os.PathLike, *, extra_bufts: bool | None = None, **kwargs):
+class _context_params:
+    """Within the block, Llama(...) builds its context with `n_seq_max` sequences in one
+    unified KV cache (Llama has no argument for either field). Under _model_params' lock."""
+
+    def __init__(self, llama_cpp, n_seq_max: int):
+        self.mod = llama_cpp.llama_cpp
+        self.n_seq_max = n_seq_max
+
+    def __enter__(self):
+        self.orig = orig = self.mod.llama_context_default_params
+        n = self.n_seq_max
+
+        def params():
+            p = orig()
+            p.n_seq_max = n
+            p.kv_unified = True  # every sequence may use all n_ctx cells
+            return p
+
+        self.mod.llama_context_default_params = params
+
+    def __exit__(self, *exc):
+        self.mod.llama_context_default_params = self.orig
+
+
+def open_llama(path: str | os.PathLike, *, extra_bufts: bool | None = None, n_seq_max: int = 1, **kwargs):
     """llama_cpp.Llama on `path` (kwargs as Llama's), with the backends loaded and the
-    extra-buffer-type decision applied. `llm.model_params.use_extra_bufts` says what it got."""
+    extra-buffer-type decision applied. `llm.model_params.use_extra_bufts` says what it got.
+    `n_seq_max` > 1: a context whose one KV cache holds that many sequences."""
     import llama_cpp
 
     load_cpu_backends(llama_cpp)
     kwargs.setdefault("verbose", False)
     with _model_params(llama_cpp, extra_buffer_types(extra_bufts)):
-        llm = llama_cpp.Llama(model_path=str(path), **kwargs)
-    return llm
+        if n_seq_max == 1:
+            return llama_cpp.Llama(model_path=str(path), **kwargs)
+        with _context_params(llama_cpp, n_seq_max):
+            return llama_cpp.Llama(model_path=str(path), **kwargs)
 
 
 def load_cpu_backends(llama_cpp, directory: str | os.PathLike | None = None) -> None:
