@@ -88,6 +88,6 @@ def _editor_runtime(obj, threads: int | None):
     n = editor_threads(threads or cfg.threads, default_threads())
     engine = load_engine(info, gpu=obj.gpu, n_ctx=cfg.n_ctx, threads=n,
                          tensor_parallel_size=obj.tensor_parallel_size or cfg.tensor_parallel_size,
-                         compile=cfg.gpu_compile)
+                         compile=cfg.gpu_compile, slots=2)
     return Runtime(cfg, info, engine, Catalog(info.model_id))
 
