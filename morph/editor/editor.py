@@ -83,6 +83,7 @@ class Editor:
         self._manage_gc = False
         self._last_gc = time.monotonic()
         self._mirror_handle = None
+        self._resume_handle = None
         self._mirrored = False  # a recovery file of ours exists
 
         self.command_buffer = Buffer(name="command", multiline=False)
@@ -307,7 +308,15 @@ class Editor:
     def _after_key(self, _=None) -> None:
         self._last_key = time.monotonic()
         if self.worker is not None:
-            self.worker.pause_idle()  # a background prefill gives way before the next suggestion
+            # A background prefill gives way while keys come, so that the suggestion after
+            # the pause finds the worker free; it goes on once keys pause.
+            self.worker.pause_idle()
+            if self._resume_handle is not None:
+                self._resume_handle.cancel()
+            if self.loop is not None:
+                # after the suggestion the pause starts (debounce_ms) was submitted
+                self._resume_handle = self.loop.call_later(self.config.debounce_ms / 1000.0 + 0.05,
+                                                           self.worker.resume_idle)
         if self._trace_fh is not None:
             self.trace("key")
         # Leaving insert mode (vi Esc) dismisses a suggestion shown or on its way.

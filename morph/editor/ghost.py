@@ -12,7 +12,7 @@ The first suggestion must not wait for the whole window (~900 tokens, seconds of
 on one thread), so the controller keeps the window ready ahead of the user:
 - on open, the window at the end of the document (where writing usually goes on) is
   loaded from the document's saved KV state (kvcache.py), else a short window (the last
-  ~600 characters) is evaluated at once and the full one in the background;
+  ~400 characters) is evaluated at once and the full one in the background;
 - a suggestion uses the full window when the cache holds it, else the short one;
 - while the worker idles (engine `prefill` into the second KV sequence, given up at the
   next keystroke and resumed later) it evaluates the full window at the cursor, and the
@@ -36,8 +36,8 @@ from morph.editor import kvcache
 GHOST_STYLE = "class:ghost"
 WINDOW_CHARS = 4000  # prompt window before the cursor (~900 tokens of English)
 WINDOW_STEP = 1000  # the window start moves in steps of this many characters
-SHORT_CHARS = 600  # the window used while the full one is not cached (~130 tokens, <1 s)
-SHORT_STEP = 200
+SHORT_CHARS = 400  # the window used while the full one is not cached (~90 tokens, ~0.6 s)
+SHORT_STEP = 100
 NEXT_MARGIN = 400  # this close to a step, the next window is prefilled while idle
 READY_SLACK = 16  # tokens: the full window unless it needs this many more than the short one
 POST_INTERVAL_S = 0.05  # 20 redraws/s while streaming: smooth, and fewer for a key to wait behind
@@ -156,8 +156,6 @@ class SuggestionController:
 
     def _settled(self) -> None:
         self._timer = None
-        if self.ed.worker is not None:
-            self.ed.worker.resume_idle()  # keys paused: background prefill may go on (after what follows)
         if self.ed.busy_with_popup():
             return
         if self.ed.insert_mode() and self._can_suggest_here():
@@ -362,15 +360,16 @@ class SuggestionController:
         self.prefetch(text)
 
     def save_state(self) -> None:
-        """On close, after the worker stopped: keep the KV state of the window at the end
-        of the saved document for the next open (not for a buffer left unsaved)."""
+        """On close, after the worker stopped: keep the KV state of the window at the end of
+        the document as it is on disk (what the next open reads), as far as the cache holds
+        it (text typed after it and left unsaved does not spoil the prefix before it)."""
         ed = self.ed
-        if ed.engine is None or ed.ebuf.modified or not hasattr(ed.engine, "export_state"):
+        if ed.engine is None or not hasattr(ed.engine, "export_state"):
             return
         limit = ed.kv_store_bytes()
         if limit <= 0:
             return
-        full, _ = self._window(ed.buffer.text)
+        full, _ = self._window(ed.ebuf.saved_text)
         if full:
             t = time.perf_counter()
             n = kvcache.save(ed.engine, self._request(full), ed.path, limit)
