@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 
 import click
 
@@ -43,6 +44,9 @@ def write_cmd(obj, file, keys, features, experimental, no_suggest, no_log, threa
         raise NeedsTerminal("morph write needs a terminal (for pipes use `morph steer`)")
     for spec in features:  # bad specs fail before the model loads
         profile.parse(spec)
+    # Markdown highlighting's pygments modules take ~0.1 s to import: overlap that with the
+    # model load (C code, the GIL released) instead of adding it to the first paint.
+    threading.Thread(target=_preload_lexer, daemon=True).start()
     rt = None
     if no_suggest:
         cfg = load_config()
@@ -67,6 +71,13 @@ def write_cmd(obj, file, keys, features, experimental, no_suggest, no_log, threa
     finally:
         if rt is not None:
             rt.close()
+
+
+def _preload_lexer() -> None:
+    try:
+        import pygments.lexers.markup  # noqa: F401
+    except ImportError:
+        pass
 
 
 def editor_threads(configured: int | None, cores: int) -> int:
