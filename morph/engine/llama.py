@@ -21,7 +21,7 @@ and a request reuses whichever shares the longer prefix with it (a new prompt re
 one used less recently). `prefill` evaluates a prompt without generating, so the editor
 can prepare the text before the cursor, or the window it will need next, while the
 other sequence still serves suggestions. `export_state` / `import_state` carry a cached
-prompt's cells across processes (editor/kvstate.py keys and stores them).
+prompt's cells across processes (editor/kvcache.py keys and stores them).
 """
 
 from __future__ import annotations
@@ -253,9 +253,9 @@ class LlamaEngine(EngineCommon):
         """Make current the sequence to extend for `tokens` and return its reusable prefix
         (at most `cap`). A sequence is extended when it keeps at least half of its cells
         (the same prompt with text added or changed near its end), the one keeping more if
-        both would; otherwise the one used less recently (the other) is replaced, so a
-        prompt that merely starts alike does not wipe a cached one. The other is dropped
-        when both would not fit in the context."""
+        both would; otherwise an empty one, else the one used less recently (the other), is
+        replaced, so a prompt that merely starts alike does not wipe a cached one. The other
+        is dropped when both would not fit in the context."""
         here, there = self._matches(tokens, tag)
         here, there = min(here, cap), min(there, cap)
         o = self._other
@@ -263,10 +263,13 @@ class LlamaEngine(EngineCommon):
             def keeps(common: int, n: int) -> bool:
                 return common > 0 and 2 * common >= n
 
-            if keeps(there, o.n) and (there > here or not keeps(here, self.llm.n_tokens)):
+            n_cur = self.llm.n_tokens
+            if keeps(there, o.n) and (there > here or not keeps(here, n_cur)):
                 use_other = True
+            elif keeps(here, n_cur):
+                use_other = False
             else:
-                use_other = not keeps(here, self.llm.n_tokens)
+                use_other = n_cur > 0
             if use_other:
                 self._switch()
                 here = there
