@@ -151,8 +151,6 @@ def test_exported_cells_import_exactly_and_bad_ones_are_refused(slots2, model_in
 
 
 def test_state_key_names_model_vector_and_placement(slots2):
-    import numpy as np
-
     from morph.steering.vector import ControlVector
 
     rng = np.random.default_rng(3)
