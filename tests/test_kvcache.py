@@ -1,9 +1,9 @@
 """editor/kvcache.py: a document's KV state saved, restored only under the same key, bounded.
 
 Real model and engine. Restoring a wrong state must be impossible: each key part (model
-file, vector, placement, window text, document) is changed in turn and the state must not
-be loaded (nothing cached afterwards, the file gone); torn and corrupt files are refused
-before llama.cpp reads them.
+file, its bytes, vector, placement, window text, document) is changed in turn and the state
+must not be loaded (nothing cached afterwards, the file gone); torn and corrupt files are
+refused before llama.cpp reads them.
 """
 
 from __future__ import annotations
@@ -107,6 +107,33 @@ def test_another_model_file_is_not_reused(data_dir, tmp_path, eng, model_info):
         assert other.reusable(_req())[1] == 0 and not kvcache.cache_file(doc).exists()
     finally:
         other.close()
+
+
+def test_the_same_model_path_with_other_bytes_is_not_reused(data_dir, tmp_path, model_info):
+    """Same path, size and mtime (a `cp -p` over it), other tensor bytes: refused."""
+    doc = tmp_path / "doc.md"
+    copy = tmp_path / "m" / model_info.file.path.name
+    copy.parent.mkdir()
+    shutil.copy(model_info.file.path, copy)
+    first = LlamaEngine(models.check(models.resolve(str(copy))), n_ctx=1024, threads=1, slots=2)
+    try:
+        assert _save(first, _req(), doc) > 0
+    finally:
+        first.close()
+    st = copy.stat()
+    with open(copy, "r+b") as fh:  # one byte of the last tensor data
+        fh.seek(st.st_size - 1000)
+        b = fh.read(1)
+        fh.seek(st.st_size - 1000)
+        fh.write(bytes([b[0] ^ 0x01]))
+    os.utime(copy, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert copy.stat().st_size == st.st_size and copy.stat().st_mtime_ns == st.st_mtime_ns
+    second = LlamaEngine(models.check(models.resolve(str(copy))), n_ctx=1024, threads=1, slots=2)
+    try:
+        assert kvcache.restore(second, _req(), doc) == 0
+        assert second.reusable(_req())[1] == 0 and not kvcache.cache_file(doc).exists()
+    finally:
+        second.close()
 
 
 @pytest.mark.parametrize("damage", ["truncated", "payload byte", "token byte", "header", "empty"])

@@ -110,6 +110,7 @@ class LlamaEngine(EngineCommon):
         self.slots = slots
         n = self.llm.n_ctx()
         self._other = _Slot(1, np.zeros(n, np.intc), np.zeros(n, np.int32)) if slots == 2 else None
+        self._file_sample: str | None = None  # state_key's model file digest, made once
         self._capture = None  # lazily created capture context (morph.engine.capture)
         self._chat_formatter = None
         self._piece_buf = ctypes.create_string_buffer(64)
@@ -439,11 +440,14 @@ class LlamaEngine(EngineCommon):
 
         path = os.path.realpath(self.info.file.path)
         st = os.stat(path)
+        if self._file_sample is None:
+            self._file_sample = _file_sample(path, st.st_size)
         prompt_f, _ = apply_factors(request.apply)
         hexd = lambda cv: None if _digest(cv) is None else _digest(cv).hex()  # noqa: E731
         cp = self.llm.context_params
         return {
             "model": self.info.fingerprint, "file": path, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "sample": self._file_sample,
             "llama_cpp": llama_cpp.__version__, "flash_attn": bool(self._flash_attn),
             "extra_bufts": bool(self.llm.model_params.use_extra_bufts),
             "type_k": int(cp.type_k), "type_v": int(cp.type_v),
@@ -651,6 +655,17 @@ class LlamaEngine(EngineCommon):
         from morph.engine.batch import BatchRunner
 
         return BatchRunner(self, n_seq=n_seq, n_ctx=n_ctx, n_batch=n_batch, unified=unified)
+
+
+def _file_sample(path: str, size: int, n: int = 1 << 20) -> str:
+    """Digest of a model file's first and last MiB (header, and tensors a fine-tune changes):
+    with size and mtime, another file in the same place is told apart without hashing it all."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as fh:
+        h.update(fh.read(n))
+        fh.seek(max(0, size - n))
+        h.update(fh.read(n))
+    return h.hexdigest()
 
 
 def _digest(cv: ControlVector | None) -> bytes | None:
