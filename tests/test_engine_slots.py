@@ -162,3 +162,25 @@ def test_state_key_names_model_vector_and_placement(slots2):
     assert steered["prompt_vector"] == steered["vector"] and gen["prompt_vector"] is None
     assert len({str(sorted(k.items())) for k in (plain, steered, gen)}) == 3
     assert plain["file"].endswith(".gguf") and plain["size"] > 0 and plain["llama_cpp"]
+
+
+def test_a_stream_right_after_the_prefill_of_its_prompt_evaluates_nothing(slots2, engine):
+    slots2.reset_cache()
+    a, b = _req(HARBOUR, max_tokens=1), _req(LEDGER, max_tokens=1)
+    assert slots2.prefill(a)
+    # The prefill's last decode left the logits after HARBOUR: the stream samples from them.
+    done = [ev for ev in slots2.stream(a)]
+    assert done[-1].timings.evaluated_tokens == 0
+    # They are the logits after HARBOUR: the same greedy token as a fresh context (the top
+    # two are far apart here, so rounding cannot swap them).
+    engine.reset_cache()
+    fresh = engine.logits(HARBOUR)
+    top2 = np.sort(fresh)[-2:]
+    assert top2[1] - top2[0] > 1.0
+    assert [t for ev in done for t in ev.token_ids] == [int(np.argmax(fresh))]
+    # Only exactly then: after another decode (LEDGER into the other sequence) the stream on
+    # HARBOUR evaluates its last token again.
+    slots2.reset_cache()
+    assert slots2.prefill(a) and slots2.prefill(b)
+    done = [ev for ev in slots2.stream(a) if ev.done][0]
+    assert done.timings.evaluated_tokens == 1

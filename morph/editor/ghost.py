@@ -40,6 +40,7 @@ SHORT_CHARS = 400  # the window used while the full one is not cached (~90 token
 SHORT_STEP = 100
 NEXT_MARGIN = 400  # this close to a step, the next window is prefilled while idle
 READY_SLACK = 16  # tokens: the full window unless it needs this many more than the short one
+TYPED_MS = 80  # this long after a keystroke, what was typed is evaluated (the pause comes later)
 POST_INTERVAL_S = 0.05  # 20 redraws/s while streaming: smooth, and fewer for a key to wait behind
 _WORD = re.compile(r"\s*[^\s]+")
 
@@ -107,6 +108,7 @@ class SuggestionController:
         self.ed = editor
         self.current: Suggestion | None = None
         self._timer = None
+        self._typed_timer = None
         self._applying = False  # our own edits do not count as typing
         self.last_ttft_s: float | None = None
         self.last_tok_per_s: float | None = None
@@ -138,6 +140,7 @@ class SuggestionController:
             return
         self.drop("cancelled")
         self.schedule()
+        self._schedule_typed()
 
     def schedule(self, delay_ms: int | None = None) -> None:
         self.cancel_timer()
@@ -150,9 +153,40 @@ class SuggestionController:
         self._timer = loop.call_later(delay, self._settled)
 
     def cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        for t in (self._timer, self._typed_timer):
+            if t is not None:
+                t.cancel()
+        self._timer = self._typed_timer = None
+
+    def _schedule_typed(self) -> None:
+        ed = self.ed
+        if ed.loop is None or not hasattr(ed.engine, "prefill"):
+            return
+        if self._typed_timer is not None:
+            self._typed_timer.cancel()
+        delay = min(TYPED_MS, ed.config.debounce_ms / 3)  # well before the suggestion's debounce
+        self._typed_timer = ed.loop.call_later(delay / 1000.0, self._typed)
+
+    def _typed(self) -> None:
+        """Evaluate the window up to the cursor now, while the user may still be typing, so
+        that the suggestion after the pause has nothing left to evaluate: the engine samples
+        from the logits this prefill leaves (LlamaEngine._logits_after)."""
+        self._typed_timer = None
+        ed = self.ed
+        if self.current is not None or ed.busy_with_popup() or not (ed.insert_mode() and self._can_suggest_here()):
+            return  # a suggestion on its way is never cancelled for this
+        before = ed.buffer.document.text_before_cursor
+        full, _ = self._window(before)
+        short = self._short(before)
+        full_req = self._request(full)
+        short_req = self._request(short) if short and short != full else None
+
+        def run(job):
+            req = self._pick(full_req, short_req)
+            req.cancel = job.cancel
+            ed.engine.prefill(req)
+
+        ed.worker.submit("typed", run)
 
     def _settled(self) -> None:
         self._timer = None
@@ -223,19 +257,16 @@ class SuggestionController:
             t_request=time.perf_counter(),
         )
         self.current = s
+        if self._typed_timer is not None:
+            self._typed_timer.cancel()
+            self._typed_timer = None
         full_req = self._request(prompt)
         short_req = self._request(short) if short and short != prompt else None
         ed.trace("request", chars=len(prompt), start=len(before) - len(prompt) - strip)
         post = ed.post
 
         def run(job):
-            req = full_req
-            if short_req is not None:
-                # The full window once the cache holds it (nearly), else the short one if
-                # that is cheaper now; the idle prefetch completes the full one meanwhile.
-                missing = self._missing(full_req)
-                if missing > READY_SLACK and self._missing(short_req) + READY_SLACK < missing:
-                    req = short_req
+            req = self._pick(full_req, short_req)
             s.extra["window_chars"] = len(req.prompt)
             ed.trace("window", chars=len(req.prompt), short=req is short_req)
             # The first piece goes to the screen at once; later ones are batched so the UI
@@ -261,6 +292,16 @@ class SuggestionController:
         s.job = ed.worker.submit("suggest", run)
         self._warmed = None
         self.prefetch(before)
+
+    def _pick(self, full_req, short_req):
+        """The full window once the cache holds it (nearly), else the short one if that is
+        cheaper now (worker thread); the idle prefetch completes the full one meanwhile."""
+        if short_req is None:
+            return full_req
+        missing = self._missing(full_req)
+        if missing > READY_SLACK and self._missing(short_req) + READY_SLACK < missing:
+            return short_req
+        return full_req
 
     def _prefill(self, req, job) -> bool:
         """Evaluate `req`'s prompt unless the cache (nearly) holds it (worker thread). A

@@ -7,8 +7,8 @@ which schedules a callback on the UI's event loop (`call_soon_threadsafe`).
 
 One idle job (`submit_idle`: prefilling windows the editor will need) runs only while no
 other job waits or runs. A submitted job interrupts it; `pause_idle` (a keystroke)
-interrupts it and holds it back until the next submitted job or `resume_idle` (the typing
-pause), so that the suggestion after a pause finds the worker free. It runs again from the
+interrupts it and holds it back until `resume_idle` (the typing pause, once its suggestion
+is submitted), so that the suggestion finds the worker free. It runs again from the
 start whenever it may, until it finishes uninterrupted or is replaced; so its function must
 be cheap to repeat (a prefill continues where it stopped).
 """
@@ -59,7 +59,6 @@ class EngineWorker:
         with self._cv:
             self._cancel_locked()
             self._pending = job
-            self._idle_held = False
             self._cv.notify()
         return job
 
@@ -73,8 +72,7 @@ class EngineWorker:
             self._cv.notify()
 
     def pause_idle(self) -> None:
-        """Interrupt the idle job if it runs and hold it back until `resume_idle` or the
-        next submitted job."""
+        """Interrupt the idle job if it runs and hold it back until `resume_idle`."""
         with self._cv:
             self._idle_held = True
             run, idle = self._running, self._idle

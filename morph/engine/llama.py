@@ -103,6 +103,7 @@ class LlamaEngine(EngineCommon):
         # The current sequence's cells: ids in llm.input_ids[:llm.n_tokens], tags here.
         self._kv_tag = np.zeros(self.llm.n_ctx(), np.int32)  # per cached cell: tag it was computed under
         self._seq = 0
+        self._logits_key: tuple[int, int, int] | None = None  # (sequence, length, tag) the logits follow
         self._flash_attn = flash_attn
         self._mem = llama_cpp.llama_get_memory(self.llm._ctx.ctx)
         if slots not in (1, 2):
@@ -220,6 +221,7 @@ class LlamaEngine(EngineCommon):
     def _reset_kv(self) -> None:
         self.llm._ctx.kv_cache_clear()
         self.llm.n_tokens = 0
+        self._logits_key = None
         if self._other is not None:
             self._other.n = 0
 
@@ -274,26 +276,55 @@ class LlamaEngine(EngineCommon):
             if use_other:
                 self._switch()
                 here = there
+        self._make_room(len(tokens) + reserve)
+        return here
+
+    def _make_room(self, n: int) -> None:
+        """Drop the other sequence if the current one needs `n` cells besides it."""
         o = self._other
-        if o is not None and o.n and len(tokens) + reserve + o.n > self.n_ctx:
+        if o is not None and o.n and n + o.n > self.n_ctx:
             self._seq_rm(o.seq, 0)
             o.n = 0
-        return here
+
+    def _logits_after(self, tokens: Sequence[int], tag: int) -> bool:
+        """Whether the context's logits are the next-token logits after exactly `tokens`
+        (the last decode ended them under `tag`, e.g. a prefill of what was typed); then
+        that sequence becomes current and a stream samples without evaluating anything."""
+        key = self._logits_key
+        if key is None or key[1] != len(tokens) or key[2] != tag:
+            return False
+        o = self._other
+        if key[0] == self._seq:
+            ids, tags, n = self.llm.input_ids, self._kv_tag, self.llm.n_tokens
+        elif o is not None and key[0] == o.seq:
+            ids, tags, n = o.ids, o.tags, o.n
+        else:
+            return False
+        if n != len(tokens) or self._common(ids, tags, n, tokens, tag) != n:
+            return False
+        if key[0] != self._seq:
+            self._switch()
+        return True
 
     # --- evaluation -------------------------------------------------------------------
 
     def _prime(self, tokens: list[int], cancel: threading.Event | None = None, reserve: int = 0,
-               whole: bool = False, chunk: int = PROMPT_CHUNK) -> tuple[int, bool]:
+               whole: bool = False, chunk: int = PROMPT_CHUNK, reuse_logits: bool = False) -> tuple[int, bool]:
         """Bring a KV sequence to `tokens`, evaluating only what is not cached (reusable:
         the same token computed under the vector set now).
 
         Returns (tokens evaluated, cancelled). At least the last token is evaluated so that
-        logits are fresh for sampling, unless `whole` (prefill: nothing to sample). `reserve`:
+        logits are fresh for sampling, or with `whole` (prefill) the prompt's end. A stream
+        (`reuse_logits`) evaluates nothing when the last decode left exactly the logits after
+        `tokens` (a prefill of what was typed). `reserve`:
         cells still needed after the prompt. Only a stream or a prefill passes `cancel`
         (and then `cancel()` counts too): scoring calls must never stop half-way on a stale
         cancel and return the previous prompt's logits.
         """
         llm = self.llm
+        if reuse_logits and self._logits_after(tokens, self._tag()):
+            self._make_room(len(tokens) + reserve)
+            return 0, False
         common = self._choose(tokens, self._tag(), len(tokens) - (0 if whole else 1), reserve)
         self._seq_rm(self._seq, common)
         llm.n_tokens = common
@@ -322,6 +353,7 @@ class LlamaEngine(EngineCommon):
         llm.input_ids[n : n + k] = tokens
         self._kv_tag[n : n + k] = self._tag()
         llm.n_tokens = n + k
+        self._logits_key = (self._seq, n + k, self._tag())  # get_logits_ith(-1) is after this
 
     def _last_logits(self) -> np.ndarray:
         ptr = self.llm._ctx.get_logits_ith(-1)
@@ -498,6 +530,8 @@ class LlamaEngine(EngineCommon):
             if o is not None and o.n and len(prompt) + max(0, int(request.max_tokens)) + o.n > self.n_ctx:
                 self._seq_rm(o.seq, 0)
                 o.n = 0
+            if self._logits_key is not None and self._logits_key[0] == seq:
+                self._logits_key = None
             src = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
             got = lc.llama_state_seq_set_data(ctx, src, len(data), seq)
             ok = (got == len(data) and lc.llama_memory_seq_pos_min(self._mem, seq) == 0
@@ -560,7 +594,7 @@ class LlamaEngine(EngineCommon):
         tim = Timings(prompt_tokens=len(tokens))
         prompt_f, gen_f = apply_factors(request.apply)
         self.set_steering(_scaled(request.steering, prompt_f))
-        evaluated, stopped = self._prime(tokens, cancel, reserve=max_tokens)
+        evaluated, stopped = self._prime(tokens, cancel, reserve=max_tokens, reuse_logits=True)
         tim.evaluated_tokens = evaluated
         tim.prompt_s = time.perf_counter() - t0
         if stopped:
