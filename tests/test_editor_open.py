@@ -124,3 +124,15 @@ def test_a_jump_prefills_the_window_where_the_cursor_rests(open_doc, fresh_engin
     assert first.anchor_cursor == len(before) + 4
     assert first.timings.evaluated_tokens <= 4, first.timings.as_dict()  # "Then" and no prefill
     s.send(ESC)
+
+
+def test_the_next_window_is_the_one_typing_leads_to():
+    from morph.editor.ghost import NEXT_MARGIN, WINDOW_STEP, window_start
+
+    text = DOC
+    now, nxt = window_start(text), window_start(text, ahead=NEXT_MARGIN)
+    typed = "x" * NEXT_MARGIN
+    assert window_start(text + typed) == nxt  # where the window is once that much is typed
+    # within a step of typing the start moves at most once, and to the predicted place
+    starts = {window_start(text + "y" * k) for k in range(0, WINDOW_STEP, 50)}
+    assert starts <= {now, window_start(text, ahead=WINDOW_STEP - 50)} and now in starts

@@ -175,11 +175,7 @@ class SuggestionController:
         ed = self.ed
         if self.current is not None or ed.busy_with_popup() or not (ed.insert_mode() and self._can_suggest_here()):
             return  # a suggestion on its way is never cancelled for this
-        before = ed.buffer.document.text_before_cursor
-        full, _ = self._window(before)
-        short = self._short(before)
-        full_req = self._request(full)
-        short_req = self._request(short) if short and short != full else None
+        _, _, full_req, short_req = self._requests(ed.buffer.document.text_before_cursor)
 
         def run(job):
             req = self._pick(full_req, short_req)
@@ -214,9 +210,6 @@ class SuggestionController:
         stripped = window.rstrip(" \t")
         return stripped, len(window) - len(stripped)
 
-    def _prompt(self) -> tuple[str, int]:
-        return self._window(self.ed.buffer.document.text_before_cursor)
-
     def _two_slots(self) -> bool:
         """The engine keeps a second prompt cached (LlamaEngine(slots=2)): only then can a
         short window serve while the full one is prefilled beside it."""
@@ -230,6 +223,13 @@ class SuggestionController:
     def _request(self, prompt: str, **kw):
         ed = self.ed
         return tasks.build_request("ghost", prompt, defaults=ed.defaults, steering=ed.steering, **kw)
+
+    def _requests(self, before: str):
+        """(prompt, blanks cut, its request, the short window's request or None) at `before`."""
+        prompt, strip = self._window(before)
+        short = self._short(before)
+        short_req = self._request(short) if short and short != prompt else None
+        return prompt, strip, self._request(prompt), short_req
 
     def _missing(self, req) -> int:
         """Prompt tokens of `req` the cache lacks (worker thread; all if the engine cannot tell)."""
@@ -245,10 +245,9 @@ class SuggestionController:
         """Ask the engine to continue the text before the cursor (UI thread)."""
         ed = self.ed
         before = ed.buffer.document.text_before_cursor
-        prompt, strip = self._window(before)
+        prompt, strip, full_req, short_req = self._requests(before)
         if not prompt:
             return
-        short = self._short(before)
         s = Suggestion(
             anchor_text=ed.buffer.text,
             anchor_cursor=ed.buffer.cursor_position,
@@ -260,8 +259,6 @@ class SuggestionController:
         if self._typed_timer is not None:
             self._typed_timer.cancel()
             self._typed_timer = None
-        full_req = self._request(prompt)
-        short_req = self._request(short) if short and short != prompt else None
         ed.trace("request", chars=len(prompt), start=len(before) - len(prompt) - strip)
         post = ed.post
 
