@@ -72,6 +72,24 @@ def test_failed_save_of_a_large_document_keeps_buffer_and_file(session, tmp_path
     assert p.read_text(encoding="utf-8") == text + " and more"
 
 
+def test_undo_history_of_a_large_document_is_bounded(session, tmp_path):  # noqa: F811
+    from morph.editor.buffer import MIN_UNDO_STEPS, UNDO_BYTES
+
+    text = big_document()
+    p = tmp_path / "book.md"
+    p.write_text(text, encoding="utf-8")
+    s = session(p, engine=None)
+    s.send("GA")
+    keep = max(MIN_UNDO_STEPS, UNDO_BYTES // len(text))
+    for i in range(keep + 40):  # each insert after a delete is an undo step (a full copy)
+        s.send("x\x7f")
+    s.send("z" + ESC)
+    wait(lambda: s.ed.buffer.text == text + "z", what="the edits")
+    assert keep < len(s.ed.buffer._undo_stack) + 40 and len(s.ed.buffer._undo_stack) <= keep
+    s.send("u")  # the newest steps are still there
+    wait(lambda: s.ed.buffer.text == text, what="undo")
+
+
 @pytest.mark.tmux
 @pytest.mark.skipif(TMUX is None, reason="tmux is not installed")
 def test_kill_9_while_typing_loses_at_most_2_s(tmux, tmp_path, data_dir):  # noqa: F811
