@@ -62,6 +62,7 @@ DEFAULT_TOML = """\
 # keys = "vi"          # or "emacs"
 # debounce_ms = 250    # pause before a suggestion starts
 # suggestion_tokens = 32
+# kv_cache_mb = 256    # saved suggestion state per document (kvcache/, ~20 MB each); 0: none
 """
 
 
@@ -78,6 +79,7 @@ class Config:
     editor_keys: str = "vi"
     debounce_ms: int = 250
     suggestion_tokens: int = 32
+    kv_cache_mb: int = 256
     tensor_parallel_size: int = 1
     gpu_compile: bool = False
 
@@ -130,6 +132,8 @@ def load_config(create: bool = True) -> Config:
             cfg.debounce_ms = ed["debounce_ms"]
         if isinstance(ed.get("suggestion_tokens"), int) and ed["suggestion_tokens"] > 0:
             cfg.suggestion_tokens = ed["suggestion_tokens"]
+        if isinstance(ed.get("kv_cache_mb"), int) and not isinstance(ed["kv_cache_mb"], bool) and ed["kv_cache_mb"] >= 0:
+            cfg.kv_cache_mb = ed["kv_cache_mb"]
     return cfg
 
 

@@ -111,9 +111,34 @@ class _model_params:
         _params_lock.release()
 
 
-def open_llama(path: str | os.PathLike, *, extra_bufts: bool | None = None, **kwargs):
+class _context_params:
+    """Within the block, Llama(...) builds its context with `n_seq_max` sequences in one
+    unified KV cache (Llama has no argument for either field). Under _model_params' lock."""
+
+    def __init__(self, llama_cpp, n_seq_max: int):
+        self.mod = llama_cpp.llama_cpp
+        self.n_seq_max = n_seq_max
+
+    def __enter__(self):
+        self.orig = orig = self.mod.llama_context_default_params
+        n = self.n_seq_max
+
+        def params():
+            p = orig()
+            p.n_seq_max = n
+            p.kv_unified = True  # every sequence may use all n_ctx cells
+            return p
+
+        self.mod.llama_context_default_params = params
+
+    def __exit__(self, *exc):
+        self.mod.llama_context_default_params = self.orig
+
+
+def open_llama(path: str | os.PathLike, *, extra_bufts: bool | None = None, n_seq_max: int = 1, **kwargs):
     """llama_cpp.Llama on `path` (kwargs as Llama's), with the backends loaded and the
-    extra-buffer-type decision applied. `llm.model_params.use_extra_bufts` says what it got."""
+    extra-buffer-type decision applied. `llm.model_params.use_extra_bufts` says what it got.
+    `n_seq_max` > 1: a context whose one KV cache holds that many sequences."""
     import llama_cpp
 
     load_cpu_backends(llama_cpp)
@@ -122,7 +147,11 @@ def open_llama(path: str | os.PathLike, *, extra_bufts: bool | None = None, **kw
     crash.note(f"llama.cpp: llama-cpp-python {llama_cpp.__version__}, model {path}, "
                f"extra buffer types {'on' if extra else 'off'}, {kwargs.get('n_threads')} threads")
     with _model_params(llama_cpp, extra):
-        llm = llama_cpp.Llama(model_path=str(path), **kwargs)
+        if n_seq_max == 1:
+            llm = llama_cpp.Llama(model_path=str(path), **kwargs)
+        else:
+            with _context_params(llama_cpp, n_seq_max):
+                llm = llama_cpp.Llama(model_path=str(path), **kwargs)
     _test_fault()
     return llm
 
