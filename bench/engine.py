@@ -295,7 +295,7 @@ def machine() -> dict:
     }
 
 
-def main() -> int:
+def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="2 repetitions instead of 5")
     ap.add_argument("--reps", type=int, default=None, help="repetitions (default 5, --quick 2)")
@@ -305,7 +305,198 @@ def main() -> int:
     ap.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
                     help="before each repetition wait up to S seconds for the CPUs to be idle "
                          "(shared machines; the busy fraction seen is recorded)")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+class Samples:
+    """Every figure of every repetition: morph's (`s`) and raw llama-bench's (`raw_s`)."""
+
+    def __init__(self, exe, info, threads: int):
+        self.exe, self.info, self.threads = exe, info, threads
+        self.s = {k: [] for k in ("cold", "append", "append_gen", "decode_d0", "decode_d0_steer1",
+                                  "decode_d0_steerall", "decode_d0_steer1_gen", "cold_steer1", "steer_process")}
+        self.raw_s = {k: [] for k in ("pp_d0", "tg_d0", "tg_d512", "pp_append")}  # per repetition, tok/s
+        self.raw_rows: list[dict] = []
+        self.raw_timeouts: list[str] = []
+        self.loads: list[float] = []
+        self.busy: list[float] = []  # CPU busy fraction just before each repetition (--wait-idle)
+        self.rep = 0
+
+    def raw(self, key: str, p: int, n: int, d: int = 0) -> None:
+        if self.exe is None:
+            return
+        try:
+            row = run_llama_bench(self.exe, self.info.file.path, self.threads, p, n, d)
+        except TimeoutError as e:  # a busy machine: lose this sample, keep the run
+            log(f"warning: {e}")
+            self.raw_timeouts.append(f"rep {self.rep}: p{p} n{n} d{d}")
+            return
+        row["rep"] = self.rep
+        self.raw_rows.append(row)
+        self.raw_s[key][-1].append(row["avg_ts"])
+
+    def col(self, name, key):
+        return [x.get(key) for x in self.s[name]]
+
+    def repetition(self, engine, cv_one, cv_all, steer) -> None:
+        """One repetition. Each raw test runs right next to the morph figure it is compared
+        with: on a shared machine the load changes within seconds, so coarser interleaving
+        compares noise."""
+        s, raw = self.s, self.raw
+        for v in self.raw_s.values():
+            v.append([])
+        prompt = long_prompt(engine, f"Notes, part {self.rep + 1}.")
+        # Cold prompt (no shared prefix), then decode at depth ~N_PROMPT.
+        raw("pp_d0", N_PROMPT, 0)
+        s["cold"].append(timed_stream(engine, greedy(prompt, N_GEN)))
+        raw("tg_d512", 0, N_GEN, N_PROMPT)
+        # Appends to the cached prompt: only the new tokens are evaluated.
+        text = prompt
+        for a in APPENDS:
+            text += a
+            s["append"].append(timed_stream(engine, greedy(text, 1)))
+        # The same appends steered on the generated tokens only (the editor's ghost text):
+        # the prompt's cells stay unsteered, so the vector is cleared and set again per request.
+        for a in APPENDS:
+            text += a
+            s["append_gen"].append(timed_stream(engine, greedy(text, 1, cv_one, "generated")))
+        # Raw floor for an append: llama.cpp evaluating that many tokens on a cached prompt.
+        raw("pp_append", APPEND_TOKENS, 0, N_PROMPT)
+        # Decode from a short prompt (depth ~0, like tg128), plain and steered, between two raw runs.
+        raw("tg_d0", 0, N_GEN)
+        s["decode_d0"].append(timed_stream(engine, greedy(SHORT_PROMPT, N_GEN)))
+        s["decode_d0_steer1"].append(timed_stream(engine, greedy(SHORT_PROMPT, N_GEN, cv_one)))
+        s["decode_d0_steerall"].append(timed_stream(engine, greedy(SHORT_PROMPT, N_GEN, cv_all)))
+        s["decode_d0_steer1_gen"].append(timed_stream(engine, greedy(SHORT_PROMPT, N_GEN, cv_one, "generated")))
+        raw("tg_d0", 0, N_GEN)
+        # Steered cold prompt and steered decode at depth.
+        s["cold_steer1"].append(timed_stream(engine, greedy(prompt, N_GEN, cv_one)))
+        raw("tg_d512", 0, N_GEN, N_PROMPT)
+        timed_stream(engine, greedy(SHORT_PROMPT, 1))  # clear steering
+        s["steer_process"].append(steer_first_byte(*steer))
+
+
+def morph_figures(sm: Samples) -> dict:
+    col, s = sm.col, sm.s
+    return {
+        "ttft_cold_s": med(col("cold", "ttft_s")),
+        "ttft_cold_steered_s": med(col("cold_steer1", "ttft_s")),
+        "prompt_tokens": med(col("cold", "prompt_tokens")),
+        "prompt_tok_s": med(col("cold", "prompt_tok_s")),
+        "ttft_append_s": med(col("append", "ttft_s")),
+        "append_evaluated_tokens": med(col("append", "evaluated_tokens")),
+        "ttft_append_generated_s": med(col("append_gen", "ttft_s")),
+        "append_generated_evaluated_tokens": med(col("append_gen", "evaluated_tokens")),
+        "decode_tok_s": med(col("decode_d0", "decode_tok_s")),
+        "decode_steered_1block_tok_s": med(col("decode_d0_steer1", "decode_tok_s")),
+        "decode_steered_allblocks_tok_s": med(col("decode_d0_steerall", "decode_tok_s")),
+        "decode_steered_generated_tok_s": med(col("decode_d0_steer1_gen", "decode_tok_s")),
+        "ttft_steered_generated_s": med(col("decode_d0_steer1_gen", "ttft_s")),
+        "ttft_steered_1block_s": med(col("decode_d0_steer1", "ttft_s")),
+        "decode_at_depth_tok_s": med(col("cold", "decode_tok_s")),
+        "decode_at_depth_steered_1block_tok_s": med(col("cold_steer1", "decode_tok_s")),
+        "gen_tokens_min": min(x.get("gen_tokens") or 0 for k in s if k not in ("append", "append_gen", "steer_process")
+                              for x in s[k]),
+        "steer_first_byte_s": med(col("steer_process", "first_byte_s")),
+        "steer_exit_s": med(col("steer_process", "exit_s")),
+    }
+
+
+def comparisons(sm: Samples, morph: dict) -> dict:
+    """Raw medians, paired ratios (morph / raw within a repetition), ratios of medians."""
+    col, exe = sm.col, sm.exe
+    # Raw figure of a repetition: the mean of its runs (tg runs twice, around the morph runs).
+    raw_rep = {k: [statistics.fmean(x) if x else None for x in v] for k, v in sm.raw_s.items()}
+    raw_med = {f"pp{N_PROMPT}@d0": med(raw_rep["pp_d0"]), f"tg{N_GEN}@d0": med(raw_rep["tg_d0"]),
+               f"tg{N_GEN}@d{N_PROMPT}": med(raw_rep["tg_d512"]),
+               f"pp{APPEND_TOKENS}@d{N_PROMPT}": med(raw_rep["pp_append"])} if exe else {}
+    raw_append_s = ratio(APPEND_TOKENS, raw_med.get(f"pp{APPEND_TOKENS}@d{N_PROMPT}"))
+
+    def paired(name, key, raw_key):
+        """Median over repetitions of morph / raw within the same repetition."""
+        xs = [ratio(m, rw) for m, rw in zip(col(name, key), raw_rep.get(raw_key, []))]
+        return med(xs), xs
+
+    pairs = {
+        "decode / raw tg": paired("decode_d0", "decode_tok_s", "tg_d0"),
+        "steered decode (1 block) / raw tg": paired("decode_d0_steer1", "decode_tok_s", "tg_d0"),
+        "steered decode (all blocks) / raw tg": paired("decode_d0_steerall", "decode_tok_s", "tg_d0"),
+        "steered decode (generated only) / raw tg": paired("decode_d0_steer1_gen", "decode_tok_s", "tg_d0"),
+        f"decode at depth {N_PROMPT} / raw tg at depth": paired("cold", "decode_tok_s", "tg_d512"),
+        f"steered decode at depth {N_PROMPT} / raw tg at depth": paired("cold_steer1", "decode_tok_s", "tg_d512"),
+        "prompt / raw pp": paired("cold", "prompt_tok_s", "pp_d0"),
+    } if exe else {}
+    steer_cost = [ratio(a, b) for a, b in zip(col("decode_d0_steer1", "decode_tok_s"), col("decode_d0", "decode_tok_s"))]
+    ratios = {k: v[0] for k, v in pairs.items()}
+    ratios["steered decode (1 block) / unsteered decode"] = med(steer_cost)
+    if raw_append_s:
+        # Time, not speed: > 1 means morph is slower than llama.cpp evaluating the same tokens.
+        raw_med[f"append: {APPEND_TOKENS} tokens evaluated at depth {N_PROMPT}, s"] = round(raw_append_s, 5)
+        ratios["TTFT after appending / raw eval of the appended tokens"] = ratio(morph["ttft_append_s"], raw_append_s)
+        ratios["TTFT after appending, steered generated only / raw eval of the appended tokens"] = ratio(
+            morph["ttft_append_generated_s"], raw_append_s)
+    ratios_of_medians = {
+        "decode / raw tg": ratio(morph["decode_tok_s"], raw_med.get(f"tg{N_GEN}@d0")),
+        "steered decode (1 block) / raw tg": ratio(morph["decode_steered_1block_tok_s"], raw_med.get(f"tg{N_GEN}@d0")),
+        "prompt / raw pp": ratio(morph["prompt_tok_s"], raw_med.get(f"pp{N_PROMPT}@d0")),
+    }
+    return {"raw_med": raw_med, "ratios": ratios, "ratios_of_medians": ratios_of_medians, "pairs": pairs,
+            "steer_cost": steer_cost}
+
+
+def best_of_reps(sm: Samples) -> dict:
+    col, raw_s = sm.col, sm.raw_s
+    bests = {
+        "ttft_cold_s": best(col("cold", "ttft_s"), lowest=True),
+        "ttft_append_s": best(col("append", "ttft_s"), lowest=True),
+        "prompt_tok_s": best(col("cold", "prompt_tok_s")),
+        "decode_tok_s": best(col("decode_d0", "decode_tok_s")),
+        "decode_steered_1block_tok_s": best(col("decode_d0_steer1", "decode_tok_s")),
+        "decode_steered_allblocks_tok_s": best(col("decode_d0_steerall", "decode_tok_s")),
+        "decode_at_depth_tok_s": best(col("cold", "decode_tok_s")),
+        "steer_first_byte_s": best(col("steer_process", "first_byte_s"), lowest=True),
+        f"raw pp{N_PROMPT}@d0": best([x for v in raw_s["pp_d0"] for x in v]),
+        f"raw tg{N_GEN}@d0": best([x for v in raw_s["tg_d0"] for x in v]),
+        f"raw tg{N_GEN}@d{N_PROMPT}": best([x for v in raw_s["tg_d512"] for x in v]),
+    }
+    bests["ratios"] = {
+        "decode / raw tg": ratio(bests["decode_tok_s"], bests[f"raw tg{N_GEN}@d0"]),
+        "steered decode (1 block) / raw tg": ratio(bests["decode_steered_1block_tok_s"], bests[f"raw tg{N_GEN}@d0"]),
+        "steered decode (all blocks) / raw tg": ratio(bests["decode_steered_allblocks_tok_s"], bests[f"raw tg{N_GEN}@d0"]),
+        f"decode at depth {N_PROMPT} / raw tg at depth": ratio(bests["decode_at_depth_tok_s"], bests[f"raw tg{N_GEN}@d{N_PROMPT}"]),
+        "prompt / raw pp": ratio(bests["prompt_tok_s"], bests[f"raw pp{N_PROMPT}@d0"]),
+    }
+    return bests
+
+
+def noise_of(sm: Samples) -> dict:
+    """Spread of the raw decode runs (quiet machine: within ~10%), loads, timeouts."""
+    tg_all = [x for v in sm.raw_s["tg_d0"] for x in v]
+    noisy = bool(sm.raw_timeouts) or (bool(tg_all) and max(tg_all) / min(tg_all) > 1.25)
+    if noisy:
+        log("warning: raw decode speed varied by more than 25% in this run (busy machine): rerun when quieter")
+    return {"raw tg128 max/min": ratio(max(tg_all), min(tg_all)) if tg_all else None,
+            "load_avg_1min_per_rep": sm.loads, "cpu_busy_before_rep": sm.busy or None,
+            "raw_timeouts": sm.raw_timeouts, "noisy": noisy}
+
+
+def targets_of(morph: dict, ratios: dict, steer_desc: str) -> list[dict]:
+    def target(name, value, op, limit, note=""):
+        ok = None if value is None else (value >= limit if op == ">=" else value <= limit)
+        return {"target": name, "measured": value, "limit": f"{op} {limit}", "pass": ok, **({"note": note} if note else {})}
+
+    return [
+        target("steered decode >= 0.92 x raw tg (aim 0.97)", ratios.get("steered decode (1 block) / raw tg"), ">=", 0.92,
+               "one middle block; paired per repetition; all blocks: %s" % ratios.get("steered decode (all blocks) / raw tg")),
+        target("TTFT after appending <= 60 ms", morph["ttft_append_s"], "<=", 0.060),
+        target("TTFT after appending, steered on generated tokens only <= 60 ms", morph["ttft_append_generated_s"],
+               "<=", 0.060, "apply=generated: the vector is cleared for the prompt and set again per request"),
+        target("`morph steer` start to first byte <= 1.0 s", morph["steer_first_byte_s"], "<=", 1.0, steer_desc),
+    ]
+
+
+def main() -> int:
+    args = parse_args()
     reps = args.reps or (2 if args.quick else 5)
     load_before = os.getloadavg()
     t_start = time.perf_counter()
@@ -335,174 +526,20 @@ def main() -> int:
     (tmp / "data" / "config.toml").write_text(f"threads = {threads}\n")
     steer_first_byte(argv, env)  # first run creates the data dir and warms the page cache
 
-    s = {k: [] for k in ("cold", "append", "append_gen", "decode_d0", "decode_d0_steer1", "decode_d0_steerall",
-                         "decode_d0_steer1_gen", "cold_steer1", "steer_process")}
-    raw_s = {k: [] for k in ("pp_d0", "tg_d0", "tg_d512", "pp_append")}  # per repetition, tok/s
-    raw_rows: list[dict] = []
-    raw_timeouts: list[str] = []
-    loads = []
-    busy: list[float] = []  # CPU busy fraction just before each repetition (--wait-idle)
-
-    def raw(key: str, p: int, n: int, d: int = 0) -> None:
-        if exe is None:
-            return
-        try:
-            row = run_llama_bench(exe, info.file.path, threads, p, n, d)
-        except TimeoutError as e:  # a busy machine: lose this sample, keep the run
-            log(f"warning: {e}")
-            raw_timeouts.append(f"rep {r}: p{p} n{n} d{d}")
-            return
-        row["rep"] = r
-        raw_rows.append(row)
-        raw_s[key][-1].append(row["avg_ts"])
-
-    # Each raw test runs right next to the morph figure it is compared with: on a shared
-    # machine the load changes within seconds, so coarser interleaving compares noise.
+    sm = Samples(exe, info, threads)
     for r in range(reps):
         log(f"repetition {r + 1}/{reps}")
+        sm.rep = r
         if args.wait_idle > 0:
-            busy.append(wait_idle(args.wait_idle))
-        loads.append(round(os.getloadavg()[0], 2))
-        for v in raw_s.values():
-            v.append([])
-        prompt = long_prompt(engine, f"Notes, part {r + 1}.")
-        # Cold prompt (no shared prefix), then decode at depth ~N_PROMPT.
-        raw("pp_d0", N_PROMPT, 0)
-        s["cold"].append(timed_stream(engine, greedy(prompt, N_GEN)))
-        raw("tg_d512", 0, N_GEN, N_PROMPT)
-        # Appends to the cached prompt: only the new tokens are evaluated.
-        text = prompt
-        for a in APPENDS:
-            text += a
-            s["append"].append(timed_stream(engine, greedy(text, 1)))
-        # The same appends steered on the generated tokens only (the editor's ghost text):
-        # the prompt's cells stay unsteered, so the vector is cleared and set again per request.
-        for a in APPENDS:
-            text += a
-            s["append_gen"].append(timed_stream(engine, greedy(text, 1, cv_one, "generated")))
-        # Raw floor for an append: llama.cpp evaluating that many tokens on a cached prompt.
-        raw("pp_append", APPEND_TOKENS, 0, N_PROMPT)
-        # Decode from a short prompt (depth ~0, like tg128), plain and steered, between two raw runs.
-        raw("tg_d0", 0, N_GEN)
-        s["decode_d0"].append(timed_stream(engine, greedy(SHORT_PROMPT, N_GEN)))
-        s["decode_d0_steer1"].append(timed_stream(engine, greedy(SHORT_PROMPT, N_GEN, cv_one)))
-        s["decode_d0_steerall"].append(timed_stream(engine, greedy(SHORT_PROMPT, N_GEN, cv_all)))
-        s["decode_d0_steer1_gen"].append(timed_stream(engine, greedy(SHORT_PROMPT, N_GEN, cv_one, "generated")))
-        raw("tg_d0", 0, N_GEN)
-        # Steered cold prompt and steered decode at depth.
-        s["cold_steer1"].append(timed_stream(engine, greedy(prompt, N_GEN, cv_one)))
-        raw("tg_d512", 0, N_GEN, N_PROMPT)
-        timed_stream(engine, greedy(SHORT_PROMPT, 1))  # clear steering
-        s["steer_process"].append(steer_first_byte(argv, env))
+            sm.busy.append(wait_idle(args.wait_idle))
+        sm.loads.append(round(os.getloadavg()[0], 2))
+        sm.repetition(engine, cv_one, cv_all, (argv, env))
     engine.close()
     shutil.rmtree(tmp, ignore_errors=True)
     load_after = os.getloadavg()
 
-    def col(name, key):
-        return [x.get(key) for x in s[name]]
-
-    morph = {
-        "ttft_cold_s": med(col("cold", "ttft_s")),
-        "ttft_cold_steered_s": med(col("cold_steer1", "ttft_s")),
-        "prompt_tokens": med(col("cold", "prompt_tokens")),
-        "prompt_tok_s": med(col("cold", "prompt_tok_s")),
-        "ttft_append_s": med(col("append", "ttft_s")),
-        "append_evaluated_tokens": med(col("append", "evaluated_tokens")),
-        "ttft_append_generated_s": med(col("append_gen", "ttft_s")),
-        "append_generated_evaluated_tokens": med(col("append_gen", "evaluated_tokens")),
-        "decode_tok_s": med(col("decode_d0", "decode_tok_s")),
-        "decode_steered_1block_tok_s": med(col("decode_d0_steer1", "decode_tok_s")),
-        "decode_steered_allblocks_tok_s": med(col("decode_d0_steerall", "decode_tok_s")),
-        "decode_steered_generated_tok_s": med(col("decode_d0_steer1_gen", "decode_tok_s")),
-        "ttft_steered_generated_s": med(col("decode_d0_steer1_gen", "ttft_s")),
-        "ttft_steered_1block_s": med(col("decode_d0_steer1", "ttft_s")),
-        "decode_at_depth_tok_s": med(col("cold", "decode_tok_s")),
-        "decode_at_depth_steered_1block_tok_s": med(col("cold_steer1", "decode_tok_s")),
-        "gen_tokens_min": min(x.get("gen_tokens") or 0 for k in s if k not in ("append", "append_gen", "steer_process")
-                              for x in s[k]),
-        "steer_first_byte_s": med(col("steer_process", "first_byte_s")),
-        "steer_exit_s": med(col("steer_process", "exit_s")),
-    }
-    # Raw figure of a repetition: the mean of its runs (tg runs twice, around the morph runs).
-    raw_rep = {k: [statistics.fmean(x) if x else None for x in v] for k, v in raw_s.items()}
-    raw_med = {f"pp{N_PROMPT}@d0": med(raw_rep["pp_d0"]), f"tg{N_GEN}@d0": med(raw_rep["tg_d0"]),
-               f"tg{N_GEN}@d{N_PROMPT}": med(raw_rep["tg_d512"]),
-               f"pp{APPEND_TOKENS}@d{N_PROMPT}": med(raw_rep["pp_append"])} if exe else {}
-    raw_append_s = ratio(APPEND_TOKENS, raw_med.get(f"pp{APPEND_TOKENS}@d{N_PROMPT}"))
-
-    def paired(name, key, raw_key):
-        """Median over repetitions of morph / raw within the same repetition."""
-        xs = [ratio(m, rw) for m, rw in zip(col(name, key), raw_rep.get(raw_key, []))]
-        return med(xs), xs
-
-    pairs = {
-        "decode / raw tg": paired("decode_d0", "decode_tok_s", "tg_d0"),
-        "steered decode (1 block) / raw tg": paired("decode_d0_steer1", "decode_tok_s", "tg_d0"),
-        "steered decode (all blocks) / raw tg": paired("decode_d0_steerall", "decode_tok_s", "tg_d0"),
-        "steered decode (generated only) / raw tg": paired("decode_d0_steer1_gen", "decode_tok_s", "tg_d0"),
-        f"decode at depth {N_PROMPT} / raw tg at depth": paired("cold", "decode_tok_s", "tg_d512"),
-        f"steered decode at depth {N_PROMPT} / raw tg at depth": paired("cold_steer1", "decode_tok_s", "tg_d512"),
-        "prompt / raw pp": paired("cold", "prompt_tok_s", "pp_d0"),
-    } if exe else {}
-    steer_cost = [ratio(a, b) for a, b in zip(col("decode_d0_steer1", "decode_tok_s"), col("decode_d0", "decode_tok_s"))]
-    ratios = {k: v[0] for k, v in pairs.items()}
-    ratios["steered decode (1 block) / unsteered decode"] = med(steer_cost)
-    if raw_append_s:
-        # Time, not speed: > 1 means morph is slower than llama.cpp evaluating the same tokens.
-        raw_med[f"append: {APPEND_TOKENS} tokens evaluated at depth {N_PROMPT}, s"] = round(raw_append_s, 5)
-        ratios["TTFT after appending / raw eval of the appended tokens"] = ratio(morph["ttft_append_s"], raw_append_s)
-        ratios["TTFT after appending, steered generated only / raw eval of the appended tokens"] = ratio(
-            morph["ttft_append_generated_s"], raw_append_s)
-    bests = {
-        "ttft_cold_s": best(col("cold", "ttft_s"), lowest=True),
-        "ttft_append_s": best(col("append", "ttft_s"), lowest=True),
-        "prompt_tok_s": best(col("cold", "prompt_tok_s")),
-        "decode_tok_s": best(col("decode_d0", "decode_tok_s")),
-        "decode_steered_1block_tok_s": best(col("decode_d0_steer1", "decode_tok_s")),
-        "decode_steered_allblocks_tok_s": best(col("decode_d0_steerall", "decode_tok_s")),
-        "decode_at_depth_tok_s": best(col("cold", "decode_tok_s")),
-        "steer_first_byte_s": best(col("steer_process", "first_byte_s"), lowest=True),
-        f"raw pp{N_PROMPT}@d0": best([x for v in raw_s["pp_d0"] for x in v]),
-        f"raw tg{N_GEN}@d0": best([x for v in raw_s["tg_d0"] for x in v]),
-        f"raw tg{N_GEN}@d{N_PROMPT}": best([x for v in raw_s["tg_d512"] for x in v]),
-    }
-    bests["ratios"] = {
-        "decode / raw tg": ratio(bests["decode_tok_s"], bests[f"raw tg{N_GEN}@d0"]),
-        "steered decode (1 block) / raw tg": ratio(bests["decode_steered_1block_tok_s"], bests[f"raw tg{N_GEN}@d0"]),
-        "steered decode (all blocks) / raw tg": ratio(bests["decode_steered_allblocks_tok_s"], bests[f"raw tg{N_GEN}@d0"]),
-        f"decode at depth {N_PROMPT} / raw tg at depth": ratio(bests["decode_at_depth_tok_s"], bests[f"raw tg{N_GEN}@d{N_PROMPT}"]),
-        "prompt / raw pp": ratio(bests["prompt_tok_s"], bests[f"raw pp{N_PROMPT}@d0"]),
-    }
-    ratios_of_medians = {
-        "decode / raw tg": ratio(morph["decode_tok_s"], raw_med.get(f"tg{N_GEN}@d0")),
-        "steered decode (1 block) / raw tg": ratio(morph["decode_steered_1block_tok_s"], raw_med.get(f"tg{N_GEN}@d0")),
-        "prompt / raw pp": ratio(morph["prompt_tok_s"], raw_med.get(f"pp{N_PROMPT}@d0")),
-    }
-    # Noise: spread of the raw decode runs. Quiet machine: within ~10%.
-    tg_all = [x for v in raw_s["tg_d0"] for x in v]
-    noise = {
-        "raw tg128 max/min": ratio(max(tg_all), min(tg_all)) if tg_all else None,
-        "load_avg_1min_per_rep": loads,
-        "cpu_busy_before_rep": busy or None,
-        "raw_timeouts": raw_timeouts,
-    }
-    noisy = bool(raw_timeouts) or (bool(tg_all) and max(tg_all) / min(tg_all) > 1.25)
-    if noisy:
-        log("warning: raw decode speed varied by more than 25% in this run (busy machine): rerun when quieter")
-    noise["noisy"] = noisy
-
-    def target(name, value, op, limit, note=""):
-        ok = None if value is None else (value >= limit if op == ">=" else value <= limit)
-        return {"target": name, "measured": value, "limit": f"{op} {limit}", "pass": ok, **({"note": note} if note else {})}
-
-    targets = [
-        target("steered decode >= 0.92 x raw tg (aim 0.97)", ratios.get("steered decode (1 block) / raw tg"), ">=", 0.92,
-               "one middle block; paired per repetition; all blocks: %s" % ratios.get("steered decode (all blocks) / raw tg")),
-        target("TTFT after appending <= 60 ms", morph["ttft_append_s"], "<=", 0.060),
-        target("TTFT after appending, steered on generated tokens only <= 60 ms", morph["ttft_append_generated_s"],
-               "<=", 0.060, "apply=generated: the vector is cleared for the prompt and set again per request"),
-        target("`morph steer` start to first byte <= 1.0 s", morph["steer_first_byte_s"], "<=", 1.0, steer_desc),
-    ]
+    morph = morph_figures(sm)
+    cmp = comparisons(sm, morph)
     wheel_info = llama_cpp.llama_print_system_info().decode().strip()
     raw_info = _llama_bench.system_info(exe) if exe else None
     if morph["gen_tokens_min"] < N_GEN:
@@ -519,18 +556,19 @@ def main() -> int:
                      "system_info": wheel_info,
                      "llama-bench system_info": raw_info,
                      "same CPU features": (raw_info == wheel_info) if raw_info else None,
-                     "llama-bench build": ({k: raw_rows[0].get(k) for k in ("build_commit", "build_number", "backends", "cpu_info")}
-                                           if raw_rows else None)},
+                     "llama-bench build": ({k: sm.raw_rows[0].get(k) for k in ("build_commit", "build_number", "backends", "cpu_info")}
+                                           if sm.raw_rows else None)},
         "morph": morph,
-        "raw_llama_bench_tok_s": raw_med,
-        "ratios": ratios,
-        "ratios_of_medians": ratios_of_medians,
-        "best_of_reps": bests,
-        "noise": noise,
-        "targets": targets,
-        "samples": {"morph": s, "raw": [{k: x.get(k) for k in ("rep", "n_prompt", "n_gen", "n_depth", "avg_ts")} for x in raw_rows],
-                    "paired_ratios": {k: v[1] for k, v in pairs.items()},
-                    "steered / unsteered": steer_cost},
+        "raw_llama_bench_tok_s": cmp["raw_med"],
+        "ratios": cmp["ratios"],
+        "ratios_of_medians": cmp["ratios_of_medians"],
+        "best_of_reps": best_of_reps(sm),
+        "noise": noise_of(sm),
+        "targets": targets_of(morph, cmp["ratios"], steer_desc),
+        "samples": {"morph": sm.s,
+                    "raw": [{k: x.get(k) for k in ("rep", "n_prompt", "n_gen", "n_depth", "avg_ts")} for x in sm.raw_rows],
+                    "paired_ratios": {k: v[1] for k, v in cmp["pairs"].items()},
+                    "steered / unsteered": cmp["steer_cost"]},
     }
     json.dump(report, sys.stdout, indent=1)
     print()

@@ -31,21 +31,38 @@ PROMPTS = [
 ]
 
 
-def main() -> None:
+def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None)
     ap.add_argument("--tokens", type=int, default=48, help="tokens generated per request")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--feature", default="formal")
-    a = ap.parse_args()
+    return ap.parse_args()
+
+
+def batch_figures(res: dict[str, list[float]]) -> dict:
+    """Best of the repetitions per condition, and the hooks' cost against no hooks."""
+    best = {c: max(v) for c, v in res.items()}
+    return {
+        "tok_per_s": {c: round(v, 2) for c, v in best.items()},
+        "all_reps": {c: [round(x, 2) for x in v] for c, v in res.items()},
+        "hook_cost_zero": round(1 - best["hooks_zero"] / best["no_hooks"], 4),
+        "hook_cost_unsteered": round(1 - best["hooks_unsteered"] / best["no_hooks"], 4),
+        "steered_cost": round(1 - best["steered"] / best["no_hooks"], 4),
+    }
+
+
+def main() -> None:
+    a = parse_args()
 
     import numpy as np
 
     from morph import runtime
     from morph.engine.base import Request
     from morph.engine.vllm import VllmEngine
-    from morph.engine.vllm_plugin import rpc_set_hooks, vector_key
+    from morph.engine.vllm_plugin import rpc_set_hooks
+    from morph.engine.wire import vector_key
     from morph.errors import MorphError
     from morph.steering.catalog import Catalog
 
@@ -106,15 +123,7 @@ def main() -> None:
         "threads": os.environ.get("OMP_NUM_THREADS"), "tokens_per_request": a.tokens, "reps": a.reps,
         "load_s": round(load_s, 1), "feature": feat.key,
     }
-    for b in a.batch:
-        best = {c: max(v) for c, v in res[b].items()}
-        out[f"batch{b}"] = {
-            "tok_per_s": {c: round(v, 2) for c, v in best.items()},
-            "all_reps": {c: [round(x, 2) for x in v] for c, v in res[b].items()},
-            "hook_cost_zero": round(1 - best["hooks_zero"] / best["no_hooks"], 4),
-            "hook_cost_unsteered": round(1 - best["hooks_unsteered"] / best["no_hooks"], 4),
-            "steered_cost": round(1 - best["steered"] / best["no_hooks"], 4),
-        }
+    out |= {f"batch{b}": batch_figures(res[b]) for b in a.batch}
     print(json.dumps(out, indent=2))
     eng.close()
 

@@ -2,7 +2,7 @@
 
 The same (condition, prompt) requests are generated twice, each without a cache: one at
 a time through `engine.stream` from a fresh KV cache (what `morph steer` prints; `morph
-eval --sequential`) and many at a time through the batch runner (morph/eval/batched.py,
+eval --sequential`) and many at a time through the batch runner (morph/engine/generate.py,
 the default). Then, per condition and overall:
 
 - identical: share of outputs whose token ids are identical;
@@ -70,7 +70,7 @@ def main() -> int:
     catalog = Catalog(info.model_id)
     concepts = sorted({c.concept for c in conds if c.concept})
     judge = Judge(Embedder(threads=args.threads))
-    targets = plan.targets_from_catalog(catalog, concepts, judge.poles())
+    targets = plan.targets_from_catalog(catalog, concepts, judge.poles(), n_embd=info.n_embd, n_layer=info.n_layer)
     sample = prompts.load_prompts(args.split, limit=args.per_task)
     engine = LlamaEngine(info, n_ctx=2048, threads=args.threads)
     res, wall = {}, {}

@@ -33,7 +33,8 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from morph import convert, runtime
-    from morph.engine.vllm_hooks import SteerTable, dense
+    from morph.engine.vllm_hooks import SteerTable
+    from morph.engine.wire import dense
     from morph.errors import MorphError
     from morph.steering.catalog import Catalog
 

@@ -3,13 +3,13 @@
     python -m experiments.sae_variants --features formal,concise --variants current,diffmean,lat:0,sparse:8,proj:16 \
         --scales 0.1,0.2,0.3 --apply generated --split tune --n 10 --out /work/results/sae/x.json
 
-For issue 10 item 4: each variant is a direction at the SAE's layer (morph/sae/variants.py),
+For issue 10 item 4: each variant is a direction at the SAE's layer (experiments/sae_directions.py),
 stored like every shipped vector (unit x the layer's median residual norm) and measured
 at absolute scales. Per (feature, variant, scale) the same figures as `morph eval`
 (morph/eval/run.py's own row and goal code): concept shift from the MiniLM judge, relevance
 ratio, NLL ratio, repetition, hmean, and the item 5 goal against the prompting baseline.
 
-This is a screening tool: generation is batched (morph/sae/generate.py, greedy with the
+This is a screening tool: generation is batched (morph/engine/generate.py, greedy with the
 engine's repeat penalty and apply placement), not the product path, so final figures
 come from `morph eval --vector`. Variants:
 
@@ -49,7 +49,7 @@ from morph.eval import scores
 from morph.eval.plan import Condition, Source, Target
 from morph.eval.prompts import load_prompts
 from experiments import sae_directions as V
-from morph.sae.generate import GenJob, greedy
+from morph.engine.generate import Job, generate, runner_for
 from morph.sae.io import load_sae, sha256_file
 from morph.sae.score import Item, logprobs
 from morph.steering import diffmean as dm
@@ -234,22 +234,15 @@ def main() -> int:
         todo = sorted({k: i for i, k in enumerate(keys) if k not in cache.data}.values())
         log(f"{len(jobs)} generations, {len(todo)} to run")
         if todo:
-            per_seq = -(-(max(len(jobs[i][3]) for i in todo) + MAX_NEW + 8) // 256) * 256
-            n_seq = min(a.n_seq, len(todo))
-            done = [0]
+            gjobs = [Job(jobs[i][3], None if jobs[i][4] is None else ControlVector({layer: jobs[i][4]}),
+                         f"prompt-scaled:{jobs[i][5]}", MAX_NEW, repeat_penalty=1.1) for i in todo]
 
-            def prog(k):
-                done[0] += k
-                log(f"generated {done[0]}/{len(todo)}")
+            def done(j, out):  # cached as each finishes: an interruption keeps them
+                cache.put(keys[todo[j]], {"ids": out.ids, "text": out.text})
+                log(f"generated {j + 1}/{len(todo)}")
 
-            for c0 in range(0, len(todo), n_seq):  # one group per chunk: an interruption keeps finished groups
-                chunk = todo[c0:c0 + n_seq]
-                with engine.batch_runner(n_seq=n_seq, n_ctx=n_seq * per_seq, n_batch=max(512, per_seq),
-                                         unified=False) as runner:
-                    ids = greedy(runner, [GenJob(jobs[i][3], jobs[i][4], jobs[i][5]) for i in chunk], layer,
-                                 engine.is_eog, MAX_NEW, progress=prog)
-                for i, g in zip(chunk, ids):
-                    cache.put(keys[i], {"ids": g, "text": engine.detokenize(g)})
+            with runner_for(engine, gjobs, a.n_seq) as runner:
+                generate(runner, gjobs, on_done=done)
         gens = [cache.data[k] for k in keys]
         # NLL under the unsteered model in the plain framing
         uniq: dict[tuple, int] = {}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import importlib.metadata as md
+import math
 import os
 import re
 import struct
@@ -253,6 +254,56 @@ _SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "
 _STRING, _ARRAY = 8, 9
 
 
+class _Reader:
+    """Little-endian GGUF fields from a file, read in 1 MiB pieces as needed."""
+
+    def __init__(self, fh):
+        self.fh, self.buf, self.pos = fh, fh.read(1 << 20), 0
+
+    def need(self, n: int) -> None:
+        while self.pos + n > len(self.buf):
+            more = self.fh.read(max(n, 1 << 20))
+            if not more:
+                raise ValueError("header ends early")
+            self.buf += more
+
+    def take(self, fmt: str):
+        n = struct.calcsize("<" + fmt)
+        self.need(n)
+        v = struct.unpack_from("<" + fmt, self.buf, self.pos)[0]
+        self.pos += n
+        return v
+
+    def skip(self, n: int) -> None:
+        self.need(n)
+        self.pos += n
+
+    def string(self) -> str:
+        n = self.take("Q")
+        self.need(n)
+        v = self.buf[self.pos : self.pos + n].decode("utf-8")
+        self.pos += n
+        return v
+
+    def value(self, t: int):
+        """A metadata value of type `t`; an array as its length (skipped, not decoded)."""
+        if t == _STRING:
+            return self.string()
+        if t == _ARRAY:
+            et, n = self.take("I"), self.take("Q")
+            if et == _STRING:  # skip by length prefix: decoding 98k tokens costs ~46 ms
+                for _ in range(n):
+                    self.skip(self.take("Q"))
+            elif et in _SCALAR:
+                self.skip(struct.calcsize("<" + _SCALAR[et]) * n)
+            else:
+                raise ValueError(f"unknown array type {et}")
+            return n
+        if t not in _SCALAR:
+            raise ValueError(f"unknown value type {t}")
+        return self.take(_SCALAR[t])
+
+
 def read_gguf_header(path: Path) -> tuple[dict, int]:
     """Metadata (arrays reduced to their length) and the end offset of the tensor data.
 
@@ -263,80 +314,27 @@ def read_gguf_header(path: Path) -> tuple[dict, int]:
     import gguf
 
     with open(path, "rb") as fh:
-        buf = fh.read(1 << 20)
-        pos = 0
-
-        def need(n: int) -> None:
-            nonlocal buf
-            while pos + n > len(buf):
-                more = fh.read(max(n, 1 << 20))
-                if not more:
-                    raise ValueError("header ends early")
-                buf += more
-
-        def take(fmt: str):
-            nonlocal pos
-            n = struct.calcsize("<" + fmt)
-            need(n)
-            v = struct.unpack_from("<" + fmt, buf, pos)[0]
-            pos += n
-            return v
-
-        def take_str() -> str:
-            nonlocal pos
-            n = take("Q")
-            need(n)
-            v = buf[pos : pos + n].decode("utf-8")
-            pos += n
-            return v
-
-        def take_val(t: int):
-            nonlocal pos
-            if t == _STRING:
-                return take_str()
-            if t == _ARRAY:
-                et, n = take("I"), take("Q")
-                if et == _STRING:  # skip by length prefix: decoding 98k tokens costs ~46 ms
-                    for _ in range(n):
-                        need(8)
-                        k = struct.unpack_from("<Q", buf, pos)[0]
-                        need(8 + k)
-                        pos += 8 + k
-                elif et in _SCALAR:
-                    k = struct.calcsize("<" + _SCALAR[et]) * n
-                    need(k)
-                    pos += k
-                else:
-                    raise ValueError(f"unknown array type {et}")
-                return n
-            if t not in _SCALAR:
-                raise ValueError(f"unknown value type {t}")
-            return take(_SCALAR[t])
-
-        if take("4s") != GGUF_MAGIC:
+        r = _Reader(fh)
+        if r.take("4s") != GGUF_MAGIC:
             raise ValueError("bad magic")
-        version = take("I")
+        version = r.take("I")
         if version < 2:
             raise ValueError(f"GGUF version {version} is too old")
-        n_tensors, n_kv = take("Q"), take("Q")
+        n_tensors, n_kv = r.take("Q"), r.take("Q")
         kv = {}
         for _ in range(n_kv):
-            key = take_str()
-            kv[key] = take_val(take("I"))
+            key = r.string()
+            kv[key] = r.value(r.take("I"))
         end = 0
         for _ in range(n_tensors):
-            take_str()
-            n_dims = take("I")
-            dims = [take("Q") for _ in range(n_dims)]
-            ttype, offset = take("I"), take("Q")
+            r.string()
+            dims = [r.take("Q") for _ in range(r.take("I"))]
+            ttype, offset = r.take("I"), r.take("Q")
             try:
                 block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ttype)]
             except (KeyError, ValueError):
                 raise ValueError(f"unknown tensor type {ttype}") from None
-            n = 1
-            for d in dims:
-                n *= d
-            end = max(end, offset + n // block * type_size)
+            end = max(end, offset + math.prod(dims) // block * type_size)
         align = int(kv.get("general.alignment", 32))
-        data_start = (pos + align - 1) // align * align
+        data_start = (r.pos + align - 1) // align * align
     return kv, data_start + end

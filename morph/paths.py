@@ -15,6 +15,7 @@ from morph.fsutil import user_path
 
 APP_NAME = "tinymorph"
 _override: Path | None = None
+_bundle_dir: Path | None = None  # set by morph._bundle in the single-file executable
 
 
 def set_data_dir(path: str | os.PathLike | None) -> None:
@@ -72,13 +73,17 @@ def cache_dir() -> Path:
     return _sub("cache")
 
 
-def shipped_vectors_dir() -> Path:
-    """Vectors shipped with morph: inside the wheel, or `vectors/` in a source checkout."""
-    from morph import _bundle
+def set_bundle_dir(path: Path | None) -> None:
+    """Where the single-file executable unpacked its payload (morph/_bundle calls this)."""
+    global _bundle_dir
+    _bundle_dir = path
 
-    bundled = _bundle.unpacked()  # the single-file executable: unpacked once into the data dir
-    if bundled is not None:
-        return bundled / "vectors"
+
+def shipped_vectors_dir() -> Path:
+    """Vectors shipped with morph: inside the wheel, or `vectors/` in a source checkout (or
+    in the single-file executable's payload, unpacked at its start)."""
+    if _bundle_dir is not None:
+        return _bundle_dir / "vectors"
     pkg = Path(__file__).resolve().parent
     inside = pkg / "_shipped_vectors"
     if inside.is_dir():

@@ -14,8 +14,9 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field, fields, replace
 
-from morph.engine.base import Request, apply_factors
+from morph.engine.base import Request
 from morph.errors import MorphError
+from morph.steering.request import apply_factors
 
 MODES = ("rewrite", "continue", "chat")
 FRAMINGS = MODES + ("explain", "expand", "compress", "ghost")
@@ -173,8 +174,7 @@ def build_request(framing: str, text: str = "", *, defaults: Defaults | None = N
     else:  # ghost: continue the text before the cursor, up to a blank line
         kw |= {"prompt": text, "max_tokens": d.suggestion_tokens, "stop": ["\n\n"]}
     kw |= {k: v for k, v in overrides.items() if v is not None}
-    apply_factors(kw["apply"])  # one clear error for a bad placement
-    return Request(**kw)
+    return Request(**kw)  # `apply` was checked where it came in (flags, config, a request body)
 
 
 def valid_apply(value) -> bool:

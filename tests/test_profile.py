@@ -168,5 +168,7 @@ def test_tasks_defaults_and_config(tmp_path):
     # Every framing gets the repeat penalty (the 135M model loops without it).
     for f in tasks.FRAMINGS:
         assert tasks.build_request(f, "A short text.", word="short").repeat_penalty == 1.1
-    with pytest.raises(MorphError):
-        tasks.build_request("rewrite", "x", apply="sometimes")
+    # A bad placement is refused where it comes in (here config.toml: a warning, the default
+    # kept; flags and request bodies: an error), not again by build_request.
+    bad = tasks.defaults(Config(apply={"rewrite": "sometimes", "chat": "prompt-scaled:2"}))
+    assert bad.apply["rewrite"] == tasks.DEFAULT_APPLY["rewrite"] and bad.apply["chat"] == tasks.DEFAULT_APPLY["chat"]

@@ -88,6 +88,7 @@ def test_vector_option_steers(data_dir, tmp_path, model_info):
     (("-f", "no-such-feature"), b"hello", "unknown feature"),
     (("-f", "formal=abc"), b"hello", "is not a number"),
     (("--vector", "/nonexistent/v.gguf"), b"hello", "no such control-vector file"),
+    (("--apply", "sometimes"), b"hello", "steering applies to"),  # checked at the flag, before the model loads
 ])
 def test_bad_input_one_line_nonzero(data_dir, args, stdin, needle):
     r = morph("steer", *args, input=stdin, data_dir=data_dir)

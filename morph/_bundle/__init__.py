@@ -113,6 +113,7 @@ def unpacked() -> Path | None:
                          f"({e.strerror or e}); give a writable --data-dir") from None
     sys.path.insert(0, str(target / "site"))  # numpy, llama_cpp: imported from here
     sys.path.append(str(target))  # the model's dist-info: found through package metadata
+    paths.set_bundle_dir(target)  # the shipped vectors are in the payload
     _unpacked = target
     return target
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from morph.cli import cli
+from morph.cli.app import cli
 from morph.errors import MorphError
 
 
@@ -91,7 +91,7 @@ def _read_json(path: Path) -> dict:
 @click.option("--threads", type=click.IntRange(1, None), default=None, help="llama.cpp and judge threads.")
 @click.option("--sequential", is_flag=True,
               help="Generate one request at a time through the product path (engine.stream) instead of "
-                   "batched (same tokens, measured: experiments/eval_agreement.py).")
+                   "batched (the same tokens: tests/test_generate.py).")
 @click.option("--no-progress", is_flag=True, help="No progress bars on stderr.")
 @click.option("--note", "notes", multiple=True, metavar="TEXT", help="A note for the --report-md page (repeatable).")
 @click.pass_obj
@@ -193,7 +193,8 @@ def _run(obj, names, vec_specs, concept, methods, kinds, quick, split, limit, sc
     catalog = Catalog(info.model_id)
     targets = []
     if names is not None or not vec_specs:
-        targets = planmod.targets_from_catalog(catalog, names, known, methods)
+        targets = planmod.targets_from_catalog(catalog, names, known, methods, n_embd=info.n_embd,
+                                               n_layer=info.n_layer)
     for path, scale in vec_specs:
         targets.append(planmod.target_from_file(path, scale, concept, known, info.n_embd, info.n_layer))
     if not targets:
@@ -221,6 +222,6 @@ def _run(obj, names, vec_specs, concept, methods, kinds, quick, split, limit, sc
         else "per method at its default scale (x1), applied at every position",
         "command": "morph eval " + " ".join(sys.argv[sys.argv.index("eval") + 1:]) if "eval" in sys.argv else "morph eval",
         "date": time.strftime("%Y-%m-%d"), "wall_s": round(time.perf_counter() - t0, 1),
-        "generation": "sequential (engine.stream)" if sequential else "batched (engine.batch_runner)",
+        "generation": "sequential (engine.stream)" if sequential else "batched (engine/generate.py)",
     }
     return res

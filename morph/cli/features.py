@@ -6,7 +6,7 @@ import json
 
 import click
 
-from morph.cli import cli
+from morph.cli.app import cli
 from morph.config import load_config
 from morph.steering.catalog import Catalog
 

@@ -8,7 +8,7 @@ import time
 import click
 
 from morph import store
-from morph.cli import cli
+from morph.cli.app import cli
 from morph.errors import MorphError
 from morph.fsutil import user_path
 

@@ -8,7 +8,7 @@ import json
 import click
 
 from morph import paths, store
-from morph.cli import cli
+from morph.cli.app import cli
 
 
 def _short(s: str | None, n: int) -> str:

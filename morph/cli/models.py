@@ -7,7 +7,7 @@ import json
 import click
 
 from morph import models, paths
-from morph.cli import cli
+from morph.cli.app import cli
 from morph.errors import MorphError
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import click
 
 from morph import tasks
-from morph.engine.base import apply_factors
 from morph.errors import MorphError
+from morph.steering.request import apply_factors
 
 _S = tasks.Sampling()
 

@@ -8,7 +8,7 @@ import click
 from click.core import ParameterSource
 
 from morph import tasks
-from morph.cli import cli
+from morph.cli.app import cli
 from morph.cli.options import feature_option, sampling_options
 from morph.errors import MorphError, NeedsTerminal
 from morph.steering import profile

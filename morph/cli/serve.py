@@ -6,7 +6,7 @@ import signal
 
 import click
 
-from morph.cli import cli
+from morph.cli.app import cli
 from morph.cli.options import feature_option
 from morph.errors import EXIT_INTERRUPTED, MorphError
 
@@ -35,15 +35,13 @@ def serve_cmd(obj, host, port, api_key, features, experimental, gpu, no_log):
     exit status is then 130 after Ctrl-C, 0 after SIGTERM.
     """
     from morph.server.app import Server
-    from morph.server.errors import APIError
-    from morph.server.params import parse_steering
     from morph.server.run import bind, run
-    from morph.steering import profile
+    from morph.steering import profile, request
 
     try:
-        default = parse_steering({"features": list(features), "experimental": experimental}) if features else None
-    except APIError as e:
-        raise MorphError(e.message.replace("'steering.features'", "-f")) from None
+        default = request.parse({"features": list(features), "experimental": experimental}) if features else None
+    except MorphError as e:
+        raise MorphError(str(e).replace("'steering.features'", "-f")) from None
     bind(host, port).close()  # a busy port fails here, before the model loads
     if gpu:
         obj.gpu = True

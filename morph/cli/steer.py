@@ -7,7 +7,7 @@ import sys
 import click
 
 from morph import store, tasks
-from morph.cli import cli
+from morph.cli.app import cli
 from morph.cli.options import feature_option, sampling_options
 from morph.errors import MorphError
 from morph.steering import profile

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from morph.cli import cli
+from morph.cli.app import cli
 
 
 @cli.group("vectors")

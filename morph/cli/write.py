@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from morph.cli import cli
+from morph.cli.app import cli
 from morph.cli.options import feature_option
 from morph.errors import NeedsTerminal
 from morph.fsutil import user_path

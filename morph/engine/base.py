@@ -4,23 +4,9 @@ LlamaEngine (llama.cpp, CPU) and VllmEngine (--gpu) both implement `Engine`. Cal
 (steer, editor, REPL, server) build a `Request`, iterate `engine.stream(request)` and get
 `Event`s: text pieces with their token ids, and a final event carrying `Timings`.
 
-Where the steering vector applies (`Request.apply`; every engine implements all three):
-
-- "all": every position, prompt included: llama.cpp's `--control-vector`.
-- "generated": the prompt is evaluated unsteered and the vector is added from the first
-  generated token on (that token is still chosen from the unsteered prompt's logits, as in
-  contrastive activation addition, which steers the positions after the instruction). The
-  prompt's KV cache is then the unsteered one, so it is reused by unsteered requests and
-  by "generated" requests with any vector. Measured (FACTS): rewrites keep their meaning
-  much better at strong scales, with a smaller style shift.
-- "prompt-scaled" (or "prompt-scaled:F", 0 <= F <= 1): the prompt gets the vector at F
-  times its scale (default PROMPT_SCALE) and the generated tokens get it in full. A
-  middle way from the literature's "smaller scale on the prompt": the model reads the
-  input mostly as written (less drift of the facts) but the generation still starts from
-  a steered context, so the first tokens shift too.
-
-`apply_factors` turns the string into (prompt factor, generation factor), the one rule
-both engines follow; a cache entry is valid only for the vector that produced it.
+Where the steering vector applies (`Request.apply`: "all", "generated", "prompt-scaled[:F]")
+is one rule for every engine, `steering.request.apply_factors`; a cache entry is valid
+only for the vector that produced it.
 """
 
 from __future__ import annotations
@@ -31,8 +17,8 @@ from typing import Callable, Iterator, Mapping, Protocol, Sequence, runtime_chec
 
 import numpy as np
 
-from morph.errors import MorphError
 from morph.models import ModelInfo
+from morph.steering.request import APPLY_MODES, PROMPT_SCALE, apply_factors  # noqa: F401 (engine API)
 from morph.steering.vector import ControlVector
 
 
@@ -58,27 +44,6 @@ class Request:
     presence_penalty: float = 0.0
     cancel: threading.Event | None = None  # set it to stop this stream at the next token
     add_bos: bool = True
-
-
-APPLY_MODES = ("all", "generated", "prompt-scaled")
-PROMPT_SCALE = 0.5  # "prompt-scaled": the prompt's share of the vector unless ":F" says
-
-
-def apply_factors(apply: str) -> tuple[float, float]:
-    """(factor on prompt positions, factor on generated positions) for `Request.apply`."""
-    mode, _, arg = (apply or "all").partition(":")
-    if mode == "all" and not arg:
-        return 1.0, 1.0
-    if mode == "generated" and not arg:
-        return 0.0, 1.0
-    if mode == "prompt-scaled":
-        try:
-            f = float(arg) if arg else PROMPT_SCALE
-        except ValueError:
-            f = -1.0
-        if 0.0 <= f <= 1.0:
-            return f, 1.0
-    raise MorphError(f"steering applies to 'all', 'generated' or 'prompt-scaled[:F]' (0<=F<=1), not {apply!r}")
 
 
 @dataclass
@@ -127,6 +92,7 @@ class BatchRunner(Protocol):
     context), with residual capture and per-row edits at chosen blocks. Not thread-safe.
     Positions and sequence ids are the caller's; `clear` forgets cells."""
 
+    engine: "Engine"  # the engine whose model it runs (tokenizer, end-of-generation tokens)
     n_seq: int  # sequences it holds
     n_ctx: int  # KV cells in all
     n_batch: int  # tokens per decode call at most
@@ -136,6 +102,10 @@ class BatchRunner(Protocol):
 
     def clear(self, seq: int = -1) -> None:
         """Forget sequence `seq`'s cells (-1: all)."""
+        ...
+
+    def copy(self, src: int, dst: int, n: int) -> None:
+        """Make sequence `dst` hold the first `n` positions of sequence `src`."""
         ...
 
     def decode(self, tokens: Sequence[int], pos: Sequence[int], seq: Sequence[int], logits: Sequence[bool],

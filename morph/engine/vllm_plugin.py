@@ -1,23 +1,18 @@
-"""morph's steering inside vLLM: the worker side, and the `vllm.general_plugins` entry point.
+"""morph's steering inside vLLM: the worker side of every steered request.
 
-`register()` is what vLLM calls in each of its processes when morph is installed (entry
-point `vllm.general_plugins: morph = morph.engine.vllm_plugin:register`); VllmEngine calls
-it too before it builds its in-process engine. It patches, idempotently:
+`register()` patches vLLM, idempotently, in the process it runs in: VllmEngine calls it
+before it builds its in-process engine, and `vllm serve` calls it through morph's
+`vllm.general_plugins` entry point (server/vllm_serve.py, which also accepts the
+`"steering"` request field there):
 
 - the model runner: after `load_model` a `SteerTable` (vllm_hooks) is hooked onto every
   decoder layer, before any torch.compile/CUDA-graph capture; before every forward pass
   the batch's token -> request map is turned into the per-token row map;
 - the engine core's `Request`: a steered request gets a cache salt derived from its
   vector and where it applies, so the prefix cache never hands it KV computed under other
-  steering (and never hands steered KV to an unsteered request);
-- the OpenAI server's request models: a `"steering"` field in the body (the openai
-  client's `extra_body`), the same extension as `morph serve`, becomes the request's
-  steering.
+  steering (and never hands steered KV to an unsteered request).
 
-A request carries its steering in `SamplingParams.extra_args["morph"]`:
-`{"key": str, "vector": bytes (float32, n_layer x hidden, row N = block N), "apply": str,
-"prompt_factor": float (share of the vector on prompt tokens: "all" 1, "generated" 0),
-"capture": {"tag": str, "layer": int | "final"}}` (all optional).
+A request carries its steering in `SamplingParams.extra_args["morph"]` (engine/wire.py).
 
 Tensor parallelism: at a decoder layer's boundary the hidden state and the residual are
 whole (RowParallelLinear all-reduces), replicated on every rank, so every rank adds the
@@ -27,15 +22,14 @@ holds only some layers; `_find_layers` refuses).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
-from typing import Any
 
 import numpy as np
 
+from morph.engine.wire import Steer
+
 log = logging.getLogger("morph.vllm")
-EXTRA_KEY = "morph"
 # Edit callbacks by id, for activation edits (self-explanation, SAE scoring). A request names
 # one; the worker calls it in its forward pass, so this works only with the worker in this
 # process (VLLM_ENABLE_V1_MULTIPROCESSING=0 and one GPU), which is how VllmEngine runs.
@@ -53,10 +47,6 @@ def register() -> None:
         _registered = True
     _patch_runner()
     _patch_request()
-    try:
-        _patch_openai()
-    except ImportError:  # a build without the OpenAI server
-        pass
 
 
 # --- the worker -----------------------------------------------------------------------
@@ -103,46 +93,42 @@ class WorkerState:
         return row
 
     def _resolve(self, runner, rid: str) -> tuple:
-        """-> (row for prompt tokens, row for generated tokens, prompt length, capture tag)."""
+        """-> (row for prompt tokens, row for generated tokens, prompt length, capture tags)."""
         state = runner.requests.get(rid)
-        sp = getattr(state, "sampling_params", None)
-        m = (sp.extra_args or {}).get(EXTRA_KEY) if sp is not None else None
-        if not m:
+        m = Steer.of(getattr(state, "sampling_params", None))
+        if m is None:
             return (0, 0, 0, ())
         row_p = row_g = 0
-        key = m.get("key")
-        if key:
-            # Where the vector applies: prompt tokens get prompt_factor x the vector
-            # ("all" 1, "generated" 0, "prompt-scaled:F" F), generated tokens all of it.
-            pf = float(m.get("prompt_factor", 1.0))
-            row_g = self._row(runner, key, m.get("vector"), 1.0)
-            row_p = row_g if pf == 1.0 else (0 if pf == 0.0 else self._row(runner, key, m.get("vector"), pf))
-        tags = []
-        caps = list(m.get("captures") or ())
-        if m.get("capture"):
-            caps.append(m["capture"])
-        for cap in caps:
-            if self.compiled:
-                raise RuntimeError("activation capture needs an eager engine (enforce_eager=True)")
-            tag = str(cap["tag"])
-            where = cap["layer"]
-            if where == "final":
-                # Not the inner model itself: vLLM's compile decorator calls its forward
-                # directly, so module hooks on it never run. Its final norm is a plain module.
-                self.capture.ensure("final", getattr(self.inner, "norm", None) or self.inner)
-            else:
-                where = int(where)
-                self.capture.ensure(where, self.layers[where])
-            self.capture.layer_of[tag] = where
-            if cap.get("edit"):
-                fn = EDITS.get(cap["edit"])
-                if fn is None:
-                    raise RuntimeError("activation edits need the in-process engine (one GPU, no worker processes)")
-                self.capture.edits[tag] = fn
-            tags.append(tag)
-        # "split": where "generated" starts when scoring a given continuation (default: the prompt's end)
-        prompt_len = int(m.get("split", len(state.prompt_token_ids or ())))
-        return (row_p, row_g, prompt_len, tuple(tags))
+        if m.key:
+            # Prompt tokens get prompt_factor x the vector, generated tokens all of it.
+            row_g = self._row(runner, m.key, m.vector, 1.0)
+            pf = m.prompt_factor
+            row_p = row_g if pf == 1.0 else (0 if pf == 0.0 else self._row(runner, m.key, m.vector, pf))
+        tags = tuple(self._capture(cap) for cap in m.captures)
+        # where "generated" starts: the prompt's end, unless scoring a given continuation
+        prompt_len = m.split if m.split is not None else len(state.prompt_token_ids or ())
+        return (row_p, row_g, prompt_len, tags)
+
+    def _capture(self, cap: dict) -> str:
+        """Hook what a capture entry asks for; returns its tag."""
+        if self.compiled:
+            raise RuntimeError("activation capture needs an eager engine (enforce_eager=True)")
+        tag = str(cap["tag"])
+        where = cap["layer"]
+        if where == "final":
+            # Not the inner model itself: vLLM's compile decorator calls its forward
+            # directly, so module hooks on it never run. Its final norm is a plain module.
+            self.capture.ensure("final", getattr(self.inner, "norm", None) or self.inner)
+        else:
+            where = int(where)
+            self.capture.ensure(where, self.layers[where])
+        self.capture.layer_of[tag] = where
+        if cap.get("edit"):
+            fn = EDITS.get(cap["edit"])
+            if fn is None:
+                raise RuntimeError("activation edits need the in-process engine (one GPU, no worker processes)")
+            self.capture.edits[tag] = fn
+        return tag
 
     def before_forward(self, runner) -> None:
         ib = runner.input_batch
@@ -305,14 +291,6 @@ def rpc_drop_captures(worker) -> None:
 # --- the engine core: prefix-cache isolation ---------------------------------------------
 
 
-def steering_salt(sp) -> str | None:
-    """Cache salt of a request: its vector and placement; "salt" keeps edited KV private."""
-    m = (getattr(sp, "extra_args", None) or {}).get(EXTRA_KEY) if sp is not None else None
-    if not m or not (m.get("key") or m.get("salt")):
-        return None
-    return f"morph:{m.get('key')}:{m.get('prompt_factor', m.get('apply', 'all'))}:{m.get('salt', '')}"
-
-
 def _patch_request() -> None:
     from vllm.v1.request import Request
 
@@ -321,120 +299,11 @@ def _patch_request() -> None:
         return
 
     def from_engine_core_request(cls, request, block_hasher):
-        salt = steering_salt(request.sampling_params)
+        m = Steer.of(request.sampling_params)
+        salt = m.cache_salt() if m is not None else None
         if salt:
             request.cache_salt = f"{request.cache_salt}|{salt}" if request.cache_salt else salt
         return orig(cls, request, block_hasher)
 
     from_engine_core_request._morph = True
     Request.from_engine_core_request = classmethod(from_engine_core_request)
-
-
-# --- the OpenAI server: the "steering" request field -------------------------------------
-
-_served: dict[str, Any] = {}
-
-
-def _patch_openai() -> None:
-    from vllm.engine.arg_utils import EngineArgs
-    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
-
-    orig_cmc = EngineArgs.create_model_config
-    if not getattr(orig_cmc, "_morph", False):
-        def create_model_config(self, *a, **kw):
-            mc = orig_cmc(self, *a, **kw)
-            _served["model"] = mc.model
-            return mc
-
-        create_model_config._morph = True
-        EngineArgs.create_model_config = create_model_config
-
-    for cls in (ChatCompletionRequest, CompletionRequest):
-        orig = cls.to_sampling_params
-        if getattr(orig, "_morph", False):
-            continue
-        cls.to_sampling_params = _wrap_to_sampling_params(orig)
-
-
-def _wrap_to_sampling_params(orig):
-    def to_sampling_params(self, *args, **kwargs):
-        sp = orig(self, *args, **kwargs)
-        body = (self.model_extra or {}).get("steering")
-        if body is not None:
-            extra = dict(sp.extra_args or {})
-            extra[EXTRA_KEY] = api_steering(body)
-            sp.extra_args = extra
-        return sp
-
-    to_sampling_params._morph = True
-    return to_sampling_params
-
-
-_catalogs: dict[str, tuple] = {}
-
-
-def api_steering(body) -> dict | None:
-    """The request extension `{"features": {name: scale}, "apply": ...}` -> extra_args entry.
-
-    The field is read by morph serve's own parser (one shape for both servers: list or map
-    of features, `experimental`, vector files refused over HTTP). Bad input raises
-    ValueError, which vLLM's server answers with a 400 error object.
-    """
-    from morph.engine.vllm import prompt_factor
-    from morph.errors import MorphError
-    from morph.server.errors import APIError  # the plugin is a front end, like morph serve
-    from morph.server.params import parse_steering
-
-    try:
-        spec = parse_steering(body)
-    except APIError as e:
-        raise ValueError(str(e)) from None
-    apply = spec.apply or "all"
-    try:
-        pf = prompt_factor(apply)
-    except MorphError as e:
-        raise ValueError(f"steering.apply: {e}") from None
-    if spec.mode != "residual":
-        raise ValueError("this server steers the residual stream only (steering.mode 'logits' is morph serve's)")
-    try:
-        n_layer, hidden, vector = _resolve_features(spec.features, spec.experimental)
-    except MorphError as e:
-        raise ValueError(str(e)) from None
-    if vector is None:
-        return {"apply": apply}
-    arr = _dense(vector, n_layer, hidden)
-    return {"key": vector_key(arr), "vector": arr.tobytes(), "apply": apply, "prompt_factor": pf}
-
-
-def _resolve_features(feats: dict, experimental: bool = False):
-    from pathlib import Path
-
-    from morph.convert import hf_info
-    from morph.errors import MorphError
-    from morph.steering.catalog import Catalog
-
-    model = _served.get("model")
-    if not model or not Path(model).is_dir():
-        raise MorphError("steering needs the served model to be a local folder (e.g. one from `morph models convert`)")
-    if model not in _catalogs:
-        info = hf_info(Path(model))
-        _catalogs[model] = (info, Catalog(info.model_id))
-    info, catalog = _catalogs[model]
-    requests = dict(feats)
-    if not requests:
-        return info.n_layer, info.n_embd, None
-    from morph.steering import profile
-
-    steering = profile.resolve(catalog, info, requests, experimental=experimental)
-    return info.n_layer, info.n_embd, steering.vector
-
-
-def _dense(cv, n_layer: int, hidden: int) -> np.ndarray:
-    from morph.engine.vllm_hooks import dense
-
-    return dense(cv.directions, n_layer, hidden)
-
-
-def vector_key(arr: np.ndarray) -> str:
-    return hashlib.blake2b(np.ascontiguousarray(arr, np.float32).tobytes(), digest_size=12).hexdigest()

@@ -133,10 +133,10 @@ def plain(prompt: EvalPrompt) -> Request:
 
 
 def targets_from_catalog(catalog, names: list[str] | None, known_concepts: list[str],
-                         methods=("sae", "diffmean")) -> list[Target]:
+                         methods=("sae", "diffmean"), *, n_embd: int, n_layer: int) -> list[Target]:
     """One target per feature name (all of the catalog's when `names` is None), with each
-    of its methods as a source. Names the judge cannot score are an error when asked for
-    by name and skipped otherwise."""
+    of its methods as a source, its vector checked against the model. Names the judge
+    cannot score are an error when asked for by name and skipped otherwise."""
     from morph.errors import MorphError
 
     wanted = names if names is not None else [n for n in catalog.names() if n in known_concepts]
@@ -150,7 +150,9 @@ def targets_from_catalog(catalog, names: list[str] | None, known_concepts: list[
             raise MorphError(f"unknown feature {name!r} for {catalog.model_id} (available: {avail})")
         t = Target(name, feats[0].description)
         for f in feats:
-            t.sources[f.method] = Source(f.method, f.load_vector(), float(f.default_scale), f.key)
+            cv = f.load_vector()
+            cv.validate(n_embd, n_layer, where=f"feature {f.key} ({f.path})")
+            t.sources[f.method] = Source(f.method, cv, float(f.default_scale), f.key)
         out.append(t)
     return out
 

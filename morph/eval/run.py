@@ -1,8 +1,8 @@
 """Run an evaluation: every (condition, prompt) through the product path, then scores.
 
 Each (condition, prompt) is the request `morph steer` would send (see plan.build). By
-default they run many at a time through the engine's batch runner (eval/batched.py: the
-same prompt tokens, steering placement, greedy sampler and stop rule as `engine.stream`);
+default they run many at a time through the engine's batch runner (engine/generate.py:
+the same prompt tokens, steering placement, greedy sampler and stop rule as `engine.stream`);
 `sequential=True` runs each through `engine.stream` itself from a fresh KV cache, as in a
 new `morph steer` process. Generations and NLLs are cached
 (JSONL, keyed by the model, the exact prompt tokens, the sampling fields and the vector's
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from morph.engine.base import collect
-from morph.eval import batched
+from morph.engine.generate import generate_requests
 from morph.eval import plan as planmod
 from morph.eval import scores
 from morph.eval.plan import Condition, Target
@@ -111,7 +111,8 @@ def generate(engine, jobs: list[tuple[EvalPrompt, Condition, object]], cache: Ca
                 out[i] = rec
                 bar.update(1)
 
-            batched.generate(engine, [jobs[i][2] for i in todo], on_done=done)
+            generate_requests(engine, [jobs[i][2] for i in todo],
+                              on_done=lambda j, o: done(j, {"text": o.text, "ids": o.ids, "finish": o.finish}))
             return out  # type: ignore[return-value]
 
         def group(i):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import gzip
 import itertools
 import json
+import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,8 +33,8 @@ from typing import Callable, Iterator
 import numpy as np
 
 from morph import fsutil, tasks
+from morph.engine import generate as engine_generate
 from morph.errors import MorphError
-from morph.sae.sampling import sample_rows
 
 PROMPTS = Path(__file__).resolve().parent.parent / "data" / "corpus" / "prompts.jsonl"
 TEXT_DIR = PROMPTS.parent / "text"
@@ -196,8 +197,8 @@ class _Rows:
 
 
 class _Generation:
-    """The generation pass: `n_seq` slots, each running one job (its prompt evaluated in a
-    call of its own, then one sampled token per call for every running slot)."""
+    """The generation pass: up to `n_seq` jobs at a time through engine/generate.py, their
+    rows captured as they are evaluated, until the row budget is reached."""
 
     def __init__(self, engine, layers: list[int], cfg: CorpusConfig, jobs: Iterator[Job], docs: list[dict],
                  rows: _Rows, n_seq: int):
@@ -205,72 +206,46 @@ class _Generation:
         self.n_seq = n_seq
         self.per_seq = -(-(cfg.max_prompt + cfg.max_new + 8) // 256) * 256  # llama.cpp pads n_ctx to 256
         self.counts: Counter = Counter()
-        self.target = 0
-        # Per slot: (job, doc index, rng); the next token to feed and its position.
-        self.slots: list[tuple[Job, int, np.random.Generator] | None] = [None] * n_seq
-        self.nxt = [0] * n_seq
-        self.npos = [0] * n_seq
 
     def run(self, limit: int) -> None:
         """Decode until `limit` rows; jobs still running at the end stop where they are."""
-        self.target = limit
-        self.slots[:] = [None] * self.n_seq
-        cfg = self.cfg
+        if self.rows.n >= limit:
+            return
+        cfg, full = self.cfg, threading.Event()
+        taken: list[Job] = []  # generate's job index -> the corpus job
+        doc_of: dict[int, int] = {}  # generate's job index -> its document
+
+        def jobs():
+            for job in self.jobs:
+                taken.append(job)
+                yield engine_generate.Job(job.tokens, max_tokens=cfg.max_new + 1, temperature=cfg.temperature,
+                                          top_p=cfg.top_p, top_k=cfg.top_k, seed=[cfg.seed, job.id],
+                                          capture=self.layers, until=lambda ids: _looping(ids[:-1]))
+
+        def on_rows(i: int, pos: np.ndarray, acts: dict[int, np.ndarray]) -> None:
+            job = taken[i]
+            if i not in doc_of:  # its prompt: the document starts
+                self.docs.append({"genre": job.genre, "kind": job.kind, "n_prompt": len(job.tokens),
+                                  "tokens": list(job.tokens), "prompt": job.prompt})
+                doc_of[i] = len(self.docs) - 1
+            keep = np.flatnonzero(pos >= job.skip)[: limit - self.rows.n]
+            if len(keep):
+                self.rows.add(acts, keep, doc_of[i], pos[keep])
+            if self.rows.n >= limit:
+                full.set()
+
+        def on_done(i: int, out) -> None:
+            doc = self.docs[doc_of[i]]
+            # The last sampled token was evaluated (and captured) unless the job ended on it.
+            gen = out.ids[:-1] if out.finish in ("length", "until") else out.ids
+            doc["tokens"] = doc["tokens"][: doc["n_prompt"]] + gen
+            if out.finish != "cancelled":
+                self.counts[{"stop": "stop_eog", "length": "stop_length", "until": "stop_loop"}[out.finish]] += 1
+
         with self.engine.batch_runner(n_seq=self.n_seq, n_ctx=self.n_seq * self.per_seq,
                                       n_batch=max(cfg.max_prompt, self.n_seq), unified=False) as runner:
-            while self.rows.n < self.target:
-                for s in range(self.n_seq):  # refill free slots, one prompt per call
-                    if self.slots[s] is None and self.rows.n < self.target:
-                        self._start(runner, s)
-                live = [s for s in range(self.n_seq) if self.slots[s] is not None]
-                if live and self.rows.n < self.target:
-                    self._step(runner, live)
-
-    def _start(self, runner, s: int) -> None:
-        job = next(self.jobs)
-        runner.clear(s)
-        self.docs.append({"genre": job.genre, "kind": job.kind, "n_prompt": len(job.tokens),
-                          "tokens": list(job.tokens), "prompt": job.prompt})
-        self.slots[s] = (job, len(self.docs) - 1, np.random.default_rng([self.cfg.seed, job.id]))
-        n = len(job.tokens)
-        logits, cap = runner.decode(job.tokens, list(range(n)), [s] * n, [False] * (n - 1) + [True],
-                                    layers=self.layers)
-        self._collect([s] * n, list(range(n)), cap)
-        self._advance(s, int(self._sample(logits, [s])[0]))
-
-    def _step(self, runner, live: list[int]) -> None:
-        pos = [self.npos[s] for s in live]
-        logits, cap = runner.decode([self.nxt[s] for s in live], pos, live, [True] * len(live), layers=self.layers)
-        self._collect(live, pos, cap)
-        for s, t in zip(live, self._sample(logits, live).tolist()):
-            self._advance(s, t)
-
-    def _sample(self, logits, slots: list[int]) -> np.ndarray:
-        cfg = self.cfg
-        return sample_rows(np.asarray(logits), [self.slots[s][2] for s in slots], cfg.temperature, cfg.top_k,
-                           cfg.top_p)
-
-    def _collect(self, seq: list[int], pos: list[int], captured: dict[int, np.ndarray]) -> None:
-        keep = [i for i, (s, p) in enumerate(zip(seq, pos)) if p >= self.slots[s][0].skip]
-        keep = keep[: self.target - self.rows.n]
-        if keep:
-            self.rows.add(captured, np.asarray(keep), [self.slots[seq[i]][1] for i in keep], [pos[i] for i in keep])
-
-    def _advance(self, s: int, tok: int) -> None:
-        """Record sampled token `tok` for slot s, or end its job."""
-        _, d, _ = self.slots[s]
-        doc = self.docs[d]
-        if self.engine.is_eog(tok):
-            self.counts["stop_eog"] += 1
-        elif len(doc["tokens"]) - doc["n_prompt"] >= self.cfg.max_new:
-            self.counts["stop_length"] += 1
-        elif _looping(doc["tokens"][doc["n_prompt"]:]):
-            self.counts["stop_loop"] += 1
-        else:
-            self.nxt[s], self.npos[s] = tok, len(doc["tokens"])
-            doc["tokens"].append(tok)
-            return
-        self.slots[s] = None
+            engine_generate.generate(runner, jobs(), cancel=full, on_rows=on_rows, on_done=on_done,
+                                     prompt_chunk=None)
 
 
 def build_corpus(

@@ -1,69 +1,19 @@
 """Self-explanation: the model describes a direction of its own residual stream in words.
 
-The method of "Self-explaining SAE features" (Kharlapenko et al., 2024; after SelfIE and
-Patchscopes): a prompt asks what a placeholder word means, the residual stream at the
-placeholder's positions is *replaced* by the direction (an SAE latent's decoder row, or a
-named feature's vector) stretched to `strength` x the insert block's median residual
-norm, and the model answers greedily. The direction comes from the SAE layer but is
-written at an early block (~1/10 of the depth), where the model still reads the position
-as a word: measured on SmolLM2, a latent that fires on " great", " good", " wonderful"
-read as "good or positive" when written at block 3 with 3x the norm, and as "The in many
-languages" when written at block 16, the SAE layer itself. The placeholder positions are
-found by tokenising the prompt with two placeholder words and comparing. The answer
-prefix ends in an opening quote, so the first answer token is already content (with
-`... means` it was the quote itself for almost every direction and strength, and its
-entropy said nothing about the direction).
+After Kharlapenko et al. 2024 ("Self-explaining SAE features"; SelfIE, Patchscopes): a
+prompt asks what a placeholder word means; the residual stream at the placeholder's
+positions is *replaced* by the direction (a latent's decoder row or a feature's vector)
+at an early block (~1/10 of the depth, where the model still reads the position as a
+word), stretched to `strength` x that block's median norm, and the model answers greedily.
+The answer prefix ends in an opening quote, so the first answer token is already content.
 
-The strength matters (the paper's main practical point): too weak and the model explains
-the blank word, too strong and the inserted vector swamps the prompt. So each direction
-gets a sweep over `STRENGTHS`, one sequence per (direction, strength), through
-`engine.batch_runner`: one decode both writes the placeholder rows at the insert block and
-captures the read block (the SAE layer), and gives the first answer token's logits. At
-each strength:
-
-- self-similarity: cosine between the read block's residual at the last prompt token and
-  the direction. Its value at strength 0 is the prompt's own overlap with the direction
-  (up to +-0.15 on this SAE, the same prompt for every latent), so what the insert adds is
-  `rise = ss(s) - ss(0)`;
-- entropy (nats) of the first answer token's distribution;
-- composite = max(rise, 0) x max(drop, 0), where drop = (H(0) - H(s)) / H(0) is the
-  relative fall of the entropy below the blank-word prompt's.
-
-The chosen strength maximises the composite; if it is zero everywhere (the insert never
-both reaches the read block and sharpens the answer), the grid's strength nearest the
-fixed STRENGTH used before the sweep, and the sweep says so (`fallback`).
-Why a product and not "the first peak of self-similarity": measured on SmolLM2 (see
-vectors/<model>/README.md), self-similarity at the SAE layer is small (0.02-0.15) and
-often flat or still rising at the largest strength, so its first peak is mostly the grid's
-edge, where the answers are the inserted vector's degenerate echo; and the entropy alone
-keeps falling into that regime too. The product is large only where the insert both
-reaches the read block (the model carries the direction to the answer position) and
-makes the answer more certain than for a blank word, which is the paper's argument for
-combining the two. Both factors are relative to strength 0, which every direction
-shares, so no per-direction normalisation over the grid is needed (a min-max
-normalisation would make a flat, noise-only sweep look as decisive as a clear one).
-
-What the sweep measures on SmolLM2-135M (measured on the shipped catalog, 21 feature
-directions and 3 random ones, strengths 0..12; `morph features explain NAME` shows one):
-the insert at block 3 reaches block 16's last prompt token only weakly. A feature's own
-self-similarity moves by -0.035..+0.064 at 12x (mean +0.008; formal@sae falls, -0.034 ->
--0.066), random directions by -0.013..+0.014; the blank word's first-token entropy is
-6.91 nats (the answer opens with a quote, so the next token is wide open) and moves by
-up to ~3 nats for random directions too. So on this model the composite ranks mostly
-noise, and the chosen strength does not predict a good steering scale: against `morph
-eval`'s tune sweep (x0.25..x1, 21 feature x method pairs) the composite's pick among the
-eval's scales was in the best 3 of 4 for 8/21 (chance 15.75) and the best for 3/21
-(experiments/selfexplain_scales.py; vectors/<model>/README.md). Default scales stay with the
-eval; the chosen strength is only the strength the explanation is read at.
-
-One numeric caveat (measured): rows decoded together in one llama.cpp batch get slightly
-different numbers depending on their place in the batch (KL ~0.003-0.005 to the same
-prompt decoded alone), and the first-token entropy moves by up to ~0.3 nats with that.
-So every sequence is decoded on its own (`n_seq=1` rows per decode): the stored sweep of
-a latent equals what `morph features explain` computes live, bit for bit.
-
-With a 135M model the answers are rough; they are stored next to the evidence (the
-tokens a latent fires on), and `morph features search` matches both.
+The strength is swept (`STRENGTHS`): per strength, the rise of self-similarity (cosine of
+the read block's residual at the last prompt token with the direction, over strength 0)
+times the relative fall of the first answer token's entropy; the largest product picks
+the strength the explanation is read at (none positive: the one nearest STRENGTH, marked
+`fallback`). Each sequence is decoded alone, so a stored sweep equals a live one. What it
+measures on SmolLM2, and that it does not predict steering scales:
+vectors/smollm2-135m-instruct/README.md ("Self-explanation scales").
 """
 
 from __future__ import annotations
@@ -74,6 +24,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from morph.engine.generate import Job, generate
 from morph.errors import MorphError
 
 CHAT_QUESTION = 'What does the word "{w}" mean? Answer in a few words.'
@@ -235,42 +186,43 @@ def sweep(engine, directions: np.ndarray, probe: Probe, strengths: Sequence[floa
     Sweep's composite and chosen strength are set, its explanation is not."""
     strengths = check_strengths(strengths)
     units = _unit(directions)
-    toks, where, n = list(probe.tokens), list(probe.where), len(probe.tokens)
-    L_in, L_read = probe.insert_layer, probe.read_layer
-    layers = sorted({L_in, L_read})
+    read: dict[int, np.ndarray] = {}  # job -> the read block's row at the last prompt token
+
+    def on_rows(i, pos, acts):
+        if pos[-1] == len(probe.tokens) - 1:
+            read[i] = acts[probe.read_layer][-1].astype(np.float64)
+
+    def job(vec: np.ndarray) -> Job:
+        return Job(list(probe.tokens), max_tokens=1, capture=(probe.read_layer,), keep_first_logits=True,
+                   replace=(probe.insert_layer, probe.where, vec))
+
+    # strength 0 writes zeros: the same prompt for every direction, run once
+    jobs = [job(np.zeros(engine.n_embd, np.float32))]
+    jobs += [job((u * (a * probe.insert_norm)).astype(np.float32)) for u in units for a in strengths[1:]]
+    per = len(strengths) - 1
+
+    def on_done(i, _out):
+        if progress and i and i % per == 0:  # a direction's last strength
+            progress(1)
+
+    with _runner(engine, probe.tokens) as runner:
+        outs = generate(runner, jobs, on_rows=on_rows, on_done=on_done)
     out: list[Sweep] = []
-    with engine.batch_runner(n_seq=1, n_ctx=_ctx(n), n_batch=max(64, n)) as runner:
-
-        def run(vec: np.ndarray | None) -> tuple[np.ndarray, float]:
-            def edit(layer, acts):
-                if layer != L_in or vec is None:
-                    return None
-                acts[where] = vec
-                return acts
-
-            runner.clear()
-            logits, acts = runner.decode(toks, list(range(n)), [0] * n, [False] * (n - 1) + [True],
-                                         layers=layers, edit=edit)
-            return acts[L_read][-1].astype(np.float64), _entropy(logits[0])
-
-        # strength 0 writes zeros: the same prompt for every direction, run once
-        r0, h0 = run(np.zeros(engine.n_embd, np.float32))
-        for u in units:
-            ss, hs = [float(r0 @ u / (np.linalg.norm(r0) + 1e-12))], [h0]
-            for a in strengths[1:]:
-                r, h = run((u * (a * probe.insert_norm)).astype(np.float32))
-                ss.append(float(r @ u / (np.linalg.norm(r) + 1e-12)))
-                hs.append(h)
-            sw = Sweep(strengths, ss, hs)
-            sw.composite, sw.chosen = choose(sw)
-            out.append(sw)
-            if progress:
-                progress(1)
+    for k, u in enumerate(units):
+        idx = [0] + [1 + k * per + j for j in range(per)]
+        ss = [float(read[i] @ u / (np.linalg.norm(read[i]) + 1e-12)) for i in idx]
+        sw = Sweep(strengths, ss, [_entropy(outs[i].first_logits) for i in idx])
+        sw.composite, sw.chosen = choose(sw)
+        out.append(sw)
     return out
 
 
-def _ctx(n: int) -> int:
-    return 256 * math.ceil((n + MAX_TOKENS + 8) / 256)
+def _runner(engine, tokens):
+    """One sequence at a time: rows decoded together in one batch get slightly different
+    numbers (KL ~0.003-0.005 to the prompt alone), so a stored sweep equals a live one."""
+    n = len(tokens)
+    return engine.batch_runner(n_seq=1, n_ctx=256 * math.ceil((n + MAX_TOKENS + 8) / 256), n_batch=max(64, n),
+                               unified=False)
 
 
 # --- the explanation ----------------------------------------------------------------------
@@ -289,33 +241,13 @@ def explain(engine, directions: np.ndarray, layer: int | None = None, residual_n
     else:
         toks, where = list(probe.tokens), list(probe.where)
         layer, residual_norm = probe.insert_layer, probe.insert_norm
-    n = len(toks)
     per_row = np.broadcast_to(np.asarray(strength, dtype=np.float64), (len(units),))
-    out: list[str] = []
-    with engine.batch_runner(n_seq=1, n_ctx=_ctx(n), n_batch=max(64, n)) as runner:
-        for u, a in zip(units, per_row):
-            vec = (u * (float(a) * residual_norm)).astype(np.float32)
-
-            def edit(_layer, acts, vec=vec):
-                acts[where] = vec
-                return acts
-
-            runner.clear()
-            logits, _ = runner.decode(toks, list(range(n)), [0] * n, [False] * (n - 1) + [True],
-                                      layers=[layer], edit=edit)
-            gen: list[int] = []
-            for step in range(MAX_TOKENS):
-                t = int(np.argmax(logits[0]))
-                if engine.is_eog(t):
-                    break
-                gen.append(t)
-                if _done(engine.detokenize(gen)) or step == MAX_TOKENS - 1:
-                    break
-                logits, _ = runner.decode([t], [n + len(gen) - 1], [0], [True])
-            out.append(_clean(engine.detokenize(gen)))
-            if progress:
-                progress(1)
-    return out
+    jobs = [Job(list(toks), max_tokens=MAX_TOKENS, until=lambda ids: _done(engine.detokenize(ids)),
+                replace=(layer, where, (u * (float(a) * residual_norm)).astype(np.float32)))
+            for u, a in zip(units, per_row)]
+    with _runner(engine, toks) as runner:
+        outs = generate(runner, jobs, on_done=(lambda i, o: progress(1)) if progress else None)
+    return [_clean(o.text) for o in outs]
 
 
 def self_explain(engine, directions: np.ndarray, probe: Probe, strengths: Sequence[float] = STRENGTHS,

@@ -215,7 +215,6 @@ def train_sae(
     n, k = cfg.width, cfg.k
 
     scale, params = _init_params(x[rng.choice(tr, size=min(len(tr), 20_000), replace=False)], n, rng)
-    W_enc, b_enc, W_dec, b_dec = (params[name] for name in ("W_enc", "b_enc", "W_dec", "b_dec"))
     opt = {name: _Adam(p.shape) for name, p in params.items()}
     since_fired = np.zeros(n, np.int64)  # tokens since each latent last fired
 
@@ -232,45 +231,8 @@ def train_sae(
         if len(order) < B:
             order = np.concatenate([order, rng.permutation(tr)])
         bi, order = order[:B], order[B:]
-        xb = x[bi] * sc
-        xc = xb - b_dec
-        pre = xc @ W_enc
-        pre += b_enc
-        idx, val = topk(pre, k)
-        Wg = W_dec[idx]  # (B, k, d)
-        recon = np.einsum("bk,bkd->bd", val, Wg)
-        recon += b_dec
-        e = recon - xb
-        loss = float(np.square(e).sum()) / B
-        gE = e * np.float32(2.0 / B)  # d loss / d recon
-
-        fired = np.zeros(n, bool)
-        fired[idx[val > 0]] = True
-        since_fired += B
-        since_fired[fired] = 0
-        dead = np.flatnonzero(since_fired >= cfg.dead_tokens)
-
-        # Main path gradients.
-        gval = np.einsum("bd,bkd->bk", gE, Wg)
-        gval *= val > 0
-        Z.fill(0)
-        Z[rows, idx] = val
-        gW_dec = Z.T @ gE
-        G.fill(0)
-        G[rows, idx] = gval
-        aux = _aux_grads(cfg, pre, e, W_dec, dead, rows, gW_dec, G) if len(dead) and cfg.aux_coef > 0 else 0.0
-        gW_enc = xc.T @ G
-        gsum = G.sum(axis=0)
-        gb_dec = gE.sum(axis=0) - W_enc @ gsum  # b_dec enters the encoder input too
-        # Unit-norm decoder rows: drop the radial part of their gradient.
-        gW_dec -= np.einsum("nd,nd->n", gW_dec, W_dec)[:, None] * W_dec
-
         lr = _lr_at(cfg, step, total)
-        opt["W_enc"].step(W_enc, gW_enc, lr, step)
-        opt["b_enc"].step(b_enc, gsum, lr, step)
-        opt["W_dec"].step(W_dec, gW_dec, lr, step)
-        opt["b_dec"].step(b_dec, gb_dec, lr, step)
-        W_dec /= np.linalg.norm(W_dec, axis=1, keepdims=True)
+        loss, aux, dead = _step(cfg, x[bi] * sc, params, opt, since_fired, (Z, G, rows), lr, step)
 
         if progress is not None or step % 50 == 0 or step == total:
             info = {"step": step, "steps": total, "loss": loss, "aux": aux, "dead": int(len(dead)),
@@ -280,7 +242,7 @@ def train_sae(
             if progress is not None:
                 progress(step, info)
 
-    sae = SAE(W_enc, b_enc, W_dec, b_dec, k, scale)
+    sae = SAE(params["W_enc"], params["b_enc"], params["W_dec"], params["b_dec"], k, scale)
     sae.meta = _scores(sae, x, tr, ho) | {
         "steps": total,
         "dead_at_end": int((since_fired >= cfg.dead_tokens).sum()),
@@ -289,6 +251,53 @@ def train_sae(
         "history": [{k_: (round(v, 5) if isinstance(v, float) else v) for k_, v in h.items()} for h in hist],
     }
     return sae
+
+
+def _step(cfg: SAEConfig, xb: np.ndarray, params: dict, opt: dict, since_fired: np.ndarray, buffers, lr: float,
+          step: int) -> tuple[float, float, np.ndarray]:
+    """One Adam step on batch `xb` (already scaled); returns (loss, aux loss, dead latents).
+    `buffers`: the dense (B, width) code and gradient matrices and the row index, reused."""
+    W_enc, b_enc, W_dec, b_dec = (params[name] for name in ("W_enc", "b_enc", "W_dec", "b_dec"))
+    Z, G, rows = buffers
+    B, n = Z.shape
+    xc = xb - b_dec
+    pre = xc @ W_enc
+    pre += b_enc
+    idx, val = topk(pre, cfg.k)
+    Wg = W_dec[idx]  # (B, k, d)
+    recon = np.einsum("bk,bkd->bd", val, Wg)
+    recon += b_dec
+    e = recon - xb
+    loss = float(np.square(e).sum()) / B
+    gE = e * np.float32(2.0 / B)  # d loss / d recon
+
+    fired = np.zeros(n, bool)
+    fired[idx[val > 0]] = True
+    since_fired += B
+    since_fired[fired] = 0
+    dead = np.flatnonzero(since_fired >= cfg.dead_tokens)
+
+    # Main path gradients.
+    gval = np.einsum("bd,bkd->bk", gE, Wg)
+    gval *= val > 0
+    Z.fill(0)
+    Z[rows, idx] = val
+    gW_dec = Z.T @ gE
+    G.fill(0)
+    G[rows, idx] = gval
+    aux = _aux_grads(cfg, pre, e, W_dec, dead, rows, gW_dec, G) if len(dead) and cfg.aux_coef > 0 else 0.0
+    gW_enc = xc.T @ G
+    gsum = G.sum(axis=0)
+    gb_dec = gE.sum(axis=0) - W_enc @ gsum  # b_dec enters the encoder input too
+    # Unit-norm decoder rows: drop the radial part of their gradient.
+    gW_dec -= np.einsum("nd,nd->n", gW_dec, W_dec)[:, None] * W_dec
+
+    opt["W_enc"].step(W_enc, gW_enc, lr, step)
+    opt["b_enc"].step(b_enc, gsum, lr, step)
+    opt["W_dec"].step(W_dec, gW_dec, lr, step)
+    opt["b_dec"].step(b_dec, gb_dec, lr, step)
+    W_dec /= np.linalg.norm(W_dec, axis=1, keepdims=True)
+    return loss, aux, dead
 
 
 def _scores(sae: SAE, x: np.ndarray, tr: np.ndarray, ho: np.ndarray) -> dict:

@@ -32,10 +32,11 @@ from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from morph.engine.base import Event, Request, apply_factors
+from morph.engine.base import Event, Request
 from morph.errors import MorphError
 from morph.server.errors import APIError, bad
-from morph.server.params import Params, SteeringSpec, parse_chat, parse_completion
+from morph.server.params import Params, parse_chat, parse_completion
+from morph.steering.request import SteeringRequest
 from morph.server.requestlog import RequestLog
 from morph.server.scheduler import Failure, Job, Scheduler
 from morph.steering import profile
@@ -59,7 +60,7 @@ class Server:
     """State shared by the routes: the runtime, the scheduler, caches and the log."""
 
     def __init__(self, rt, *, api_key: str | None = None, log: bool = True,
-                 default_steering: SteeringSpec | None = None, max_body: int = MAX_BODY,
+                 default_steering: SteeringRequest | None = None, max_body: int = MAX_BODY,
                  streams: int | None = None):
         self.rt = rt
         self.engine = rt.engine
@@ -214,19 +215,11 @@ class Server:
             return None, None, apply, None
         st = await self._resolve(spec)
         cv, bias = None, None
-        if spec.mode == "logits":
-            if spec.apply not in (None, "generated"):
-                raise bad("'steering.apply' must be \"generated\" (or left out) with mode \"logits\": "
-                          "a logit bias acts on sampled tokens only", "steering.apply")
+        if spec.mode == "logits":  # a logit bias acts on sampled tokens only (checked in the parser)
             apply = "generated"
             bias = (await self._logit_steering()).bias(st.vector)
         else:
-            if spec.apply is not None:
-                try:
-                    apply_factors(spec.apply)  # the engine's one rule for what apply means
-                except MorphError as e:
-                    raise bad(f"'steering.apply': {e}", "steering.apply") from None
-                apply = spec.apply
+            apply = spec.apply or apply  # checked where the body was parsed
             cv = st.vector
         return cv, bias, apply, {"features": dict(st.profile), "apply": apply, "mode": spec.mode}
 
@@ -273,7 +266,7 @@ class Server:
         except MorphError as e:  # e.g. a model without a chat template
             raise bad(str(e), "messages" if req.messages is not None else "prompt") from None
 
-    async def _resolve(self, spec: SteeringSpec):
+    async def _resolve(self, spec: SteeringRequest):
         key = (tuple(spec.features.items()), spec.experimental)
         st = self._resolved.get(key)
         if st is None:

@@ -7,12 +7,8 @@ extra fields are ignored, as OpenAI-compatible servers do.
 
 Sampling fields a request leaves out take morph's defaults (morph/tasks.py, config.toml's
 [generation]), the same as `morph steer`: a chat request is the "chat" framing, a
-completion the "continue" framing. The steering extension is read here too:
-
-    "steering": {"features": {"formal": 0.3, "concise": null} | ["formal=0.3", "concise"],
-                 "apply": "all" | "generated" | ...,   # default: the framing's (tasks.py)
-                 "mode": "residual" | "logits",        # default residual
-                 "experimental": false}
+completion the "continue" framing. The `steering` extension is morph's steering request
+(steering/request.py), the same for `vllm serve` with morph's plugin.
 """
 
 from __future__ import annotations
@@ -21,21 +17,14 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from morph.errors import FieldError
+from morph.errors import kind_of as _show
 from morph.server.errors import APIError, bad
+from morph.steering import request as steering_request
+from morph.steering.request import SteeringRequest
 
-STEERING_MODES = ("residual", "logits")
 MAX_STOPS = 16
 MAX_LOGIT_BIAS = 1024  # entries in a request's logit_bias (OpenAI allows 300)
-
-
-@dataclass
-class SteeringSpec:
-    """The request's `steering` field, shape-checked (resolution needs the catalog)."""
-
-    features: dict[str, float | None]
-    apply: str | None = None
-    mode: str = "residual"
-    experimental: bool = False
 
 
 @dataclass
@@ -54,7 +43,7 @@ class Params:
     sampling: dict[str, Any] = field(default_factory=dict)  # Request fields the body set
     stop: list[str] = field(default_factory=list)
     logit_bias: dict[int, float] | None = None
-    steering: SteeringSpec | None = None
+    steering: SteeringRequest | None = None
 
     @property
     def framing(self) -> str:
@@ -114,20 +103,6 @@ def boolean(body: dict, key: str, default: bool = False, prefix: str = "") -> bo
 
 def string(body: dict, key: str, prefix: str = "") -> str | None:
     return _typed(body, key, str, "a string", None, prefix)
-
-
-def _show(v) -> str:
-    if isinstance(v, bool):
-        return "a boolean"
-    if isinstance(v, str):
-        return "a string"
-    if isinstance(v, (int, float)):
-        return f"{v!r}"
-    if isinstance(v, list):
-        return "an array"
-    if isinstance(v, dict):
-        return "an object"
-    return "null" if v is None else type(v).__name__
 
 
 def _unsupported(body: dict, key: str, ok=(None, False, 0, 1, [], {}, "")) -> None:
@@ -307,41 +282,9 @@ def _logit_bias(v: Any) -> dict[int, float] | None:
     return out
 
 
-def parse_steering(v: Any) -> SteeringSpec | None:
-    if v is None:
-        return None
-    if not isinstance(v, dict):
-        raise bad(f"'steering' must be an object, got {_show(v)}", "steering")
-    unknown = set(v) - {"features", "apply", "mode", "experimental"}
-    if unknown:
-        raise bad(f"'steering' has unknown field(s): {', '.join(sorted(unknown))} "
-                  "(known: features, apply, mode, experimental)", "steering")
-    feats = v.get("features")
-    if feats is None:
-        feats = {}
-    if isinstance(feats, str):
-        feats = [feats]
-    if isinstance(feats, list):
-        if not all(isinstance(s, str) for s in feats):
-            raise bad("'steering.features' as an array holds spec strings like \"formal=0.3\"",
-                      "steering.features")
-        feats = {s: None for s in feats}
-    if not isinstance(feats, dict):
-        raise bad(f"'steering.features' must be an object of name -> scale, got {_show(feats)}",
-                  "steering.features")
-    out: dict[str, float | None] = {}
-    for name, scale in feats.items():
-        if name.strip().lower().startswith("file:"):
-            raise APIError("'steering.features': vector files are not accepted over HTTP "
-                           "(install them as features: `morph vectors`)", 400, "steering.features")
-        if isinstance(scale, str) and scale.strip().lower() == "default":
-            scale = None
-        if scale is not None and (not _is_num(scale) or not math.isfinite(scale)):
-            raise bad(f"'steering.features' scale for {name!r} must be a number or null (default), "
-                      f"got {_show(scale)}", "steering.features")
-        out[name] = None if scale is None else float(scale)
-    apply = string(v, "apply", prefix="steering.")
-    mode = string(v, "mode", prefix="steering.") or "residual"
-    if mode not in STEERING_MODES:
-        raise bad(f"'steering.mode' must be one of {', '.join(STEERING_MODES)}, got {mode!r}", "steering.mode")
-    return SteeringSpec(out, apply, mode, boolean(v, "experimental", prefix="steering."))
+def parse_steering(v: Any) -> SteeringRequest | None:
+    """The body's `steering` field (steering/request.py), its errors as 400s naming the field."""
+    try:
+        return steering_request.parse(v)
+    except FieldError as e:
+        raise APIError(str(e), 400, e.param) from None

@@ -23,12 +23,8 @@ sampled token. Choices, and why:
   is subtracted (RMSNorm does not centre).
 - **Only the direct path.** What the later blocks do with v (attention and MLPs reading
   the steered residual) is lost; that indirect effect is most of what residual steering
-  does, so logit steering is weaker at the same scale. experiments/logit_steering.py measures
-  how much (pole shift on held-out contrast pairs): on SmolLM2's 9 SAE features, a median
-  4% of residual steering's shift at the same scale (3% at equal fluency cost); only
-  vocabulary-like features keep a useful share (technical and simple about half at equal
-  cost, poetic a quarter), and the structural ones (plain, concise, critical) move the
-  wrong way.
+  does, so logit steering is much weaker at the same scale (measured by
+  experiments/logit_steering.py; figures in the README's server section).
 - SmolLM2 ties its input and output embeddings (no `output.weight` in the GGUF), so W_U
   is `token_embd.weight`, dequantised from the GGUF with the `gguf` package.
 """
