@@ -100,6 +100,31 @@ def defaults(config=None) -> Defaults:
     return Defaults(sampling, apply, config.suggestion_tokens)
 
 
+# The style instruction for each pole (morph eval's prompting baseline and the ladder's
+# instructed rungs), in the task's own framing: "Rewrite this text <phrase>:" and, for
+# continue, "(Written <phrase>.)" above the text.
+STYLE_PHRASES = {
+    "formal": "in a formal, polite, professional register",
+    "casual": "in a casual, chatty register",
+    "concise": "concisely, in as few words as possible",
+    "elaborate": "in an elaborate, detailed, wordy style",
+    "vivid": "vividly, with sensory, concrete imagery",
+    "plain": "plainly and literally, without imagery",
+    "technical": "in a technical register, with precise terms, numbers and units",
+    "simple": "in simple everyday words a child could follow",
+    "positive": "in a positive, enthusiastic, warm tone",
+    "critical": "in a critical, skeptical, fault-finding tone",
+    "poetic": "poetically, with rhythm and metaphor",
+    "prosaic": "as matter-of-fact, literal prose",
+}
+
+
+def style_phrase(name: str, description: str = "") -> str:
+    """How to ask for a feature in words: its phrase, else its description."""
+    return STYLE_PHRASES.get(name) or f"in this style: {description or name}"
+
+
+
 # --- framings: text -> prompt or messages ---------------------------------------------
 
 

@@ -21,24 +21,6 @@ STEERED = ("diffmean", "sae", "file")  # condition kinds that are one vector alo
 KINDS = ("unsteered", "prompt", "diffmean", "sae", "sae+prompt", "file")
 DEFAULT_APPLY = "default"  # apply "default": each task's shipped placement (tasks.DEFAULT_APPLY), as `morph steer` does
 
-# How the prompting baseline asks for each pole, in the task's own framing:
-# "Rewrite this text <phrase>:" and, for continue, "(Written <phrase>.)" above the text.
-STYLE_PHRASES = {
-    "formal": "in a formal, polite, professional register",
-    "casual": "in a casual, chatty register",
-    "concise": "concisely, in as few words as possible",
-    "elaborate": "in an elaborate, detailed, wordy style",
-    "vivid": "vividly, with sensory, concrete imagery",
-    "plain": "plainly and literally, without imagery",
-    "technical": "in a technical register, with precise terms, numbers and units",
-    "simple": "in simple everyday words a child could follow",
-    "positive": "in a positive, enthusiastic, warm tone",
-    "critical": "in a critical, skeptical, fault-finding tone",
-    "poetic": "poetically, with rhythm and metaphor",
-    "prosaic": "as matter-of-fact, literal prose",
-}
-
-
 @dataclass
 class Source:
     """One vector that claims to steer a concept: a catalog feature or a user's file."""
@@ -57,7 +39,7 @@ class Target:
 
     @property
     def phrase(self) -> str:
-        return STYLE_PHRASES.get(self.concept) or f"in this style: {self.description or self.concept}"
+        return tasks.style_phrase(self.concept, self.description)
 
 
 @dataclass(frozen=True)
