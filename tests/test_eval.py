@@ -134,7 +134,7 @@ def test_requests_are_the_ones_morph_steer_sends():
         if p.task == "rewrite":  # tasks' own prompted rewrite
             assert prompted.messages == tasks.rewrite_messages(p.text, tasks.STYLE_PHRASES["formal"])
         else:
-            assert prompted.prompt == f"(Written {tasks.STYLE_PHRASES["formal"]}.)\n\n{p.text}"
+            assert prompted.prompt == f"(Written {tasks.STYLE_PHRASES['formal']}.)\n\n{p.text}"
         both = plan.build(p, plan.Condition("sae+prompt", "formal", 1.0), t)
         assert both.steering is not None and (both.messages, both.prompt) == (prompted.messages, prompted.prompt)
     assert {p.task for p in prompts.load_prompts("report", quick=True)} == {"rewrite", "continue"}
