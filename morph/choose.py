@@ -23,12 +23,14 @@ share two prompt evaluations (with and without the instruction) instead of one e
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
 
 from morph import meaning, tasks
+from morph.engine.base import Timings
 from morph.engine.generate import Job, generate, runner_for
 from morph.errors import MorphError
 from morph.steering.vector import ControlVector
@@ -102,6 +104,7 @@ class Candidate:
 class Choice:
     chosen: Candidate
     candidates: list[Candidate]
+    timings: Timings | None = None  # the whole ladder: TTFT is the time to the choice
 
     @property
     def text(self) -> str:
@@ -176,6 +179,7 @@ def run(engine, embedder, framing: str, text: str, features: Sequence[Feature], 
         rungs: Sequence[Rung] = RUNGS, thresholds: Thresholds = THRESHOLDS, cancel: threading.Event | None = None,
         **overrides) -> Choice:
     """Generate the ladder in one batch, check every candidate, return the choice."""
+    t0 = time.perf_counter()
     pairs = ladder_jobs(engine, framing, text, features, defaults=defaults, rungs=rungs, **overrides)
     jobs = [j for _, j in pairs]
     reads = Reads(jobs, [len(j.tokens) for j in jobs])
@@ -184,9 +188,27 @@ def run(engine, embedder, framing: str, text: str, features: Sequence[Feature], 
     if cancel is not None and cancel.is_set():
         raise KeyboardInterrupt
     cands = [Candidate(r, o.text.strip(), o.ids, o.finish) for (r, _), o in zip(pairs, outs)]
+    t_gen = time.perf_counter()
     for i, c in enumerate(cands):
         c.reads = {f.key: reads.mean(i, *unit_direction(f)) for f in features}
-    return pick(embedder, text, cands, thresholds)
+    choice = pick(embedder, text, cands, thresholds)
+    end = time.perf_counter()
+    gen = sum(len(c.ids) for c in cands)
+    choice.timings = Timings(prompt_tokens=len(jobs[0].tokens), evaluated_tokens=sum(
+        len(t) for t in {tuple(j.tokens) for j in jobs}), gen_tokens=gen, ttft_s=end - t0,
+        prompt_s=0.0, decode_s=t_gen - t0, total_s=end - t0)
+    return choice
+
+
+def describe(choice: Choice) -> str:
+    """One line for -v: the rung chosen, its scores, and how many candidates kept the meaning."""
+    c = choice.chosen
+    r = c.retention
+    kept = sum(x.keeps_meaning for x in choice.candidates)
+    why = "" if c.keeps_meaning else " (none kept the meaning: the closest one)"
+    return (f"chose {c.rung.name!r} of {len(choice.candidates)} candidates{why}: style {c.style:+.2f}, "
+            f"token F1 {c.token_f1:.2f}, kept numbers {r.numbers:.0%} names {r.names:.0%} content "
+            f"{r.content:.0%}; {kept} kept the meaning")
 
 
 def steered_layers(v: ControlVector) -> list[int]:
@@ -239,3 +261,16 @@ def token_f1(embedder, source: str, texts: Sequence[str]) -> list[float]:
         r, p = float(sim.max(axis=1).mean()), float(sim.max(axis=0).mean())
         scores.append(2 * r * p / (r + p) if r + p > 0 else 0.0)
     return scores
+
+
+def ladder_features(catalog, steering) -> list[Feature] | None:
+    """The features a ladder varies: all of a profile's, each at its default scale and from
+    the catalog. None (no ladder) when a scale was given or a vector file is in it: an
+    explicit `=SCALE` is honoured exactly."""
+    if steering is None or not steering.profile or steering.explicit:
+        return None
+    out = []
+    for key in steering.profile:
+        f = catalog.get(key, experimental=True)  # already resolved (and allowed) by the profile
+        out.append(Feature(key, f.load_vector(), tasks.style_phrase(f.name, f.description)))
+    return out
