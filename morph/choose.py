@@ -60,9 +60,12 @@ RUNGS: tuple[Rung, ...] = (
 )
 
 
+PLAIN = Rung("plain", 0.0)  # unsteered: the meaning reference where there is no input to keep
+
+
 @dataclass(frozen=True)
 class Thresholds:
-    """What a candidate must keep of its input to count as the same text."""
+    """What a candidate must keep of its reference to count as saying the same thing."""
 
     token_f1: float = 0.65
     content: float = 0.4
@@ -70,7 +73,13 @@ class Thresholds:
     names: float = 1.0
 
 
-THRESHOLDS = Thresholds()
+# A rewrite keeps its input; any other framing (chat, continue, expand, ...) is checked
+# against what the model writes unsteered. Both chosen on morph eval's tuning half.
+THRESHOLDS = {"rewrite": Thresholds(), "reference": Thresholds(token_f1=0.6, content=0.3)}
+
+
+def rungs_for(framing: str) -> tuple[Rung, ...]:
+    return RUNGS if framing == "rewrite" else (PLAIN, *RUNGS)
 
 
 @dataclass(frozen=True)
@@ -131,11 +140,10 @@ def combined(features: Sequence[Feature], scale: float) -> ControlVector | None:
 
 
 def ladder_jobs(engine, framing: str, text: str, features: Sequence[Feature], *, defaults=None,
-                rungs: Sequence[Rung] = RUNGS, **overrides) -> list[tuple[Rung, Job]]:
+                rungs: Sequence[Rung] | None = None, **overrides) -> list[tuple[Rung, Job]]:
     """One generation job per rung, each the request `tasks.build_request` makes for the
     framing (the instructed ones with the style instruction), with the ladder's placement."""
-    if framing not in ("rewrite",):
-        raise MorphError(f"a ladder is for rewrites, not {framing!r}")
+    rungs = rungs_for(framing) if rungs is None else rungs
     layers = {L for f in features for L in steered_layers(f.vector)}
     out = []
     for r in rungs:
@@ -176,9 +184,10 @@ class Reads:
 
 
 def run(engine, embedder, framing: str, text: str, features: Sequence[Feature], *, defaults=None,
-        rungs: Sequence[Rung] = RUNGS, thresholds: Thresholds = THRESHOLDS, cancel: threading.Event | None = None,
-        **overrides) -> Choice:
-    """Generate the ladder in one batch, check every candidate, return the choice."""
+        rungs: Sequence[Rung] | None = None, cancel: threading.Event | None = None, **overrides) -> Choice:
+    """Generate the ladder in one batch, check every candidate, return the choice. `text` is
+    what the framing takes (the text to rewrite, the user's message, ...); `overrides` are
+    Request fields and build_request's own keywords (history, scope, ...)."""
     t0 = time.perf_counter()
     pairs = ladder_jobs(engine, framing, text, features, defaults=defaults, rungs=rungs, **overrides)
     jobs = [j for _, j in pairs]
@@ -191,7 +200,7 @@ def run(engine, embedder, framing: str, text: str, features: Sequence[Feature], 
     t_gen = time.perf_counter()
     for i, c in enumerate(cands):
         c.reads = {f.key: reads.mean(i, *unit_direction(f)) for f in features}
-    choice = pick(embedder, text, cands, thresholds)
+    choice = choose_among(embedder, framing, text, cands)
     end = time.perf_counter()
     gen = sum(len(c.ids) for c in cands)
     choice.timings = Timings(prompt_tokens=len(jobs[0].tokens), evaluated_tokens=sum(
@@ -222,7 +231,19 @@ def unit_direction(f: Feature) -> tuple[int, np.ndarray]:
     return L, v / max(float(np.linalg.norm(v)), 1e-12)
 
 
-def pick(embedder, source: str, cands: list[Candidate], thresholds: Thresholds = THRESHOLDS) -> Choice:
+def choose_among(embedder, framing: str, text: str, cands: list[Candidate]) -> Choice:
+    """The framing's rule: a rewrite is checked against its input; anything else against
+    the unsteered candidate, which is then left out of the choice."""
+    if framing == "rewrite":
+        return pick(embedder, text, cands, THRESHOLDS["rewrite"])
+    plain = next((c for c in cands if c.rung == PLAIN), None)
+    if plain is None:
+        raise MorphError("a ladder outside rewrites needs its unsteered candidate")
+    choice = pick(embedder, plain.text, [c for c in cands if c is not plain], THRESHOLDS["reference"])
+    return choice
+
+
+def pick(embedder, source: str, cands: list[Candidate], thresholds: Thresholds) -> Choice:
     """Score meaning and style; the candidate with the most style among those that keep the
     meaning (none does: the one that keeps the most)."""
     if not cands:

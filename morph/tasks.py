@@ -180,6 +180,9 @@ def build_request(framing: str, text: str = "", *, defaults: Defaults | None = N
 
     `overrides` are Request fields given explicitly (a flag the user set, a request's own
     max_tokens...); None values are ignored so callers can pass optional flags through.
+    `style` (e.g. "in a formal register") asks for a style in words, in the framing's own
+    way: in the rewrite request, "(Written <style>.)" above a text to continue, an
+    instruction in the system message of the other chat framings.
     """
     d = defaults or Defaults()
     if framing not in FRAMINGS:
@@ -188,7 +191,7 @@ def build_request(framing: str, text: str = "", *, defaults: Defaults | None = N
     if framing == "rewrite":
         kw |= {"messages": rewrite_messages(text, style)}
     elif framing == "continue":
-        kw |= {"prompt": text, "max_tokens": CONTINUE_TOKENS}
+        kw |= {"prompt": styled_text(text, style), "max_tokens": CONTINUE_TOKENS}
     elif framing == "chat":
         kw |= {"messages": chat_messages(text, history)}
     elif framing == "explain":
@@ -197,9 +200,24 @@ def build_request(framing: str, text: str = "", *, defaults: Defaults | None = N
         msgs, n = telescope_messages(framing, scope, text)
         kw |= {"messages": msgs, "max_tokens": n}
     else:  # ghost: continue the text before the cursor, up to a blank line
-        kw |= {"prompt": text, "max_tokens": d.suggestion_tokens, "stop": ["\n\n"]}
+        kw |= {"prompt": styled_text(text, style), "max_tokens": d.suggestion_tokens, "stop": ["\n\n"]}
+    if style and framing not in ("rewrite", "continue", "ghost"):
+        kw["messages"] = styled_messages(kw["messages"], style)
     kw |= {k: v for k, v in overrides.items() if v is not None}
     return Request(**kw)  # `apply` was checked where it came in (flags, config, a request body)
+
+
+def styled_text(text: str, style: str | None) -> str:
+    """A raw text to continue, with the style asked for above it."""
+    return f"(Written {style.strip()}.)\n\n{text}" if style else text
+
+
+def styled_messages(messages: list[dict], style: str) -> list[dict]:
+    """Chat turns with "Write <style>." added to the system message (one is made if none)."""
+    ask = f"Write {style.strip()}."
+    if messages and messages[0]["role"] == "system":
+        return [{"role": "system", "content": f"{messages[0]['content']} {ask}"}, *messages[1:]]
+    return [{"role": "system", "content": ask}, *messages]
 
 
 def valid_apply(value) -> bool:

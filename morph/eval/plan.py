@@ -100,13 +100,8 @@ def build(prompt: EvalPrompt, cond: Condition, target: Target | None) -> Request
         src = target.sources[cond.method]
         kw["steering"] = src.vector * (src.default_scale * cond.scale_x)
         kw["apply"] = None if cond.apply == DEFAULT_APPLY else cond.apply  # None: tasks' default for the framing
-    text, style = prompt.text, None
-    if cond.prompted:
-        if prompt.task == "rewrite":
-            style = target.phrase
-        else:
-            text = f"(Written {target.phrase}.)\n\n{text}"
-    return tasks.build_request(prompt.task, text, style=style, **kw)
+    style = target.phrase if cond.prompted else None
+    return tasks.build_request(prompt.task, prompt.text, style=style, **kw)
 
 
 def plain(prompt: EvalPrompt) -> Request:
