@@ -32,7 +32,7 @@ from morph import models
 from morph.errors import MorphError
 from morph.engine.base import Request
 from morph.engine.llama import LlamaEngine
-from morph.engine.llamacpp import default_threads
+from morph.engine.llamacpp import default_threads, extra_buffer_types
 from morph.steering.vector import ControlVector, residual_relative
 
 N_PROMPT = 512  # like llama-bench pp512 (the prompt is cut to at most this many tokens)
@@ -217,8 +217,10 @@ def random_vector(engine, blocks: list[int], seed: int = 0) -> ControlVector:
 
 def run_llama_bench(exe: Path, model: Path, threads: int, p: int, n: int, d: int = 0) -> dict:
     """One llama-bench test (one repetition, after its own warm-up run); its JSON row."""
+    # --repack: llama-bench's switch for extra buffer types; the same decision as morph's loads
+    # (off on AMX CPUs, where they crash: engine/llamacpp.py)
     cmd = [str(exe), "-m", str(model), "-p", str(p), "-n", str(n), "-d", str(d),
-           "-fa", "1", "-t", str(threads), "-r", "1", "-o", "json"]
+           "-fa", "1", "-t", str(threads), "-r", "1", "-o", "json", "--repack", str(int(extra_buffer_types()))]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=RAW_TIMEOUT_S)
     except subprocess.TimeoutExpired:

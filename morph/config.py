@@ -21,6 +21,10 @@ DEFAULT_TOML = """\
 # CPU threads for generation (default: the cores this process may use).
 # threads = 2
 
+# Fewer threads while other programs keep the CPUs busy (llama.cpp's threads wait for each
+# other after every step, so one that is off the CPU stalls the rest). Default: on.
+# adaptive_threads = true
+
 # Context window in tokens.
 # n_ctx = 4096
 
@@ -58,6 +62,7 @@ DEFAULT_TOML = """\
 # keys = "vi"          # or "emacs"
 # debounce_ms = 250    # pause before a suggestion starts
 # suggestion_tokens = 32
+# kv_cache_mb = 256    # saved suggestion state per document (kvcache/, ~20 MB each); 0: none
 """
 
 
@@ -67,12 +72,14 @@ class Config:
     threads: int | None = None
     n_ctx: int = 4096
     extra_buffer_types: bool | None = None  # None: off on AMX CPUs, on elsewhere (engine/llamacpp.py)
+    adaptive_threads: bool = True  # engine/llamacpp.ThreadGovernor
     features: dict[str, float | None] = field(default_factory=dict)
     generation: dict[str, float | int] = field(default_factory=dict)  # tasks.Sampling fields
     apply: dict[str, str] = field(default_factory=dict)  # framing -> "all" | "generated"
     editor_keys: str = "vi"
     debounce_ms: int = 250
     suggestion_tokens: int = 32
+    kv_cache_mb: int = 256
     tensor_parallel_size: int = 1
     gpu_compile: bool = False
 
@@ -100,6 +107,8 @@ def load_config(create: bool = True) -> Config:
         cfg.n_ctx = raw["n_ctx"]
     if isinstance(raw.get("extra_buffer_types"), bool):
         cfg.extra_buffer_types = raw["extra_buffer_types"]
+    if isinstance(raw.get("adaptive_threads"), bool):
+        cfg.adaptive_threads = raw["adaptive_threads"]
     feats = raw.get("features")
     if isinstance(feats, dict):
         for name, val in feats.items():
@@ -123,6 +132,8 @@ def load_config(create: bool = True) -> Config:
             cfg.debounce_ms = ed["debounce_ms"]
         if isinstance(ed.get("suggestion_tokens"), int) and ed["suggestion_tokens"] > 0:
             cfg.suggestion_tokens = ed["suggestion_tokens"]
+        if isinstance(ed.get("kv_cache_mb"), int) and not isinstance(ed["kv_cache_mb"], bool) and ed["kv_cache_mb"] >= 0:
+            cfg.kv_cache_mb = ed["kv_cache_mb"]
     return cfg
 
 

@@ -64,6 +64,11 @@ def recovery_dir() -> Path:
     return _sub("recovery")
 
 
+def kvcache_dir() -> Path:
+    """Saved KV states of editor documents (editor/kvcache.py), bounded in size."""
+    return _sub("kvcache")
+
+
 def history_file(name: str) -> Path:
     """Input-history file for prompt-toolkit sessions (e.g. the REPL)."""
     return data_dir() / f"{name}_history"

@@ -8,6 +8,7 @@ fresh HOME, XDG_DATA_HOME and TMPDIR, and checks that it wrote only under the XD
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -104,6 +105,17 @@ def test_bad_input_is_one_error_line(box):
         err = r.stderr.decode()
         assert r.returncode == 1 and err.startswith("morph: error: ") and err.count("\n") == 1, err
         assert "Traceback" not in err
+
+
+def test_doctor_from_a_clean_environment(box):
+    """The frozen executable runs doctor's generation in a child of itself, on the CPU
+    variant ggml chose, and leaves no crash file behind."""
+    r = box.run("doctor", "--json")
+    assert r.returncode == 0, r.stdout.decode() + r.stderr.decode()
+    checks = {c["name"]: c for c in json.loads(r.stdout)["checks"]}
+    assert "the portable build's variant" in checks["llama.cpp"]["details"]["backend"]
+    assert checks["model"]["status"] == "ok" and checks["generation"]["details"]["tokens"] > 1
+    assert not list((box.data() / "crash").glob("run-*.log"))
 
 
 def test_cpu_backend_fallback_and_clear_error(box):

@@ -10,7 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from morph import paths
+from morph import paths, tasks
+from morph.engine.base import collect
 from morph.steering import diffmean as dm
 from morph.steering.catalog import Catalog
 from morph.steering.vector import ControlVector
@@ -72,7 +73,7 @@ def test_feature_shifts_heldout_style(engine, axis):
         assert abs(measured - stored) <= 0.02 + 0.1 * abs(stored), (axis, measured, stored)
 
 
-def test_diffmean_command_writes_vectors_and_manifest(tmp_path, data_dir):
+def test_diffmean_command_writes_vectors_and_manifest(tmp_path, data_dir, engine, threads):
     recipe = {
         "axis": "tiny",
         "positive": {"name": "shouty", "description": "All caps."},
@@ -84,7 +85,7 @@ def test_diffmean_command_writes_vectors_and_manifest(tmp_path, data_dir):
     rp = tmp_path / "tiny.json"
     rp.write_text(json.dumps(recipe))
     (data_dir).mkdir(parents=True, exist_ok=True)
-    (data_dir / "config.toml").write_text("threads = 1\n")
+    (data_dir / "config.toml").write_text(f"threads = {threads}\n")
     out = data_dir / "vectors" / "smollm2-135m-instruct"
     out.mkdir(parents=True)
     older = json.dumps({"older": {"layer": 16}}, indent=2) + "\n"
@@ -104,10 +105,29 @@ def test_diffmean_command_writes_vectors_and_manifest(tmp_path, data_dir):
     report = json.loads((out / "diffmean.json").read_text())
     assert report["tiny"]["layer"] == 12 and len(report["tiny"]["sweep"]) >= 2
     assert report["older"] == {"layer": 16}  # other axes' reports are kept
-    # The new feature is usable right away, by name and by method.
-    r = subprocess.run([sys.executable, "-m", "morph", "steer", "-f", "shouty@diffmean", "--max-tokens", "3",
-                        "--temperature", "0", "--no-log"], input=b"hello there", capture_output=True, env=env, timeout=120)
-    assert r.returncode == 0, r.stderr.decode()
+    # The new feature is usable right away, by name and by method: `morph steer` (a fresh
+    # process: the whole prompt evaluated, as by the engine after reset_cache, same
+    # kernels) prints exactly the engine's continuation under the new vector, which at 0.4
+    # is not the unsteered one, and logs the feature and scale it resolved.
+    default = next(e["default_scale"] for e in manifest["features"] if e["name"] == "shouty")
+    text = "hello there"
+
+    def engine_continue(cv):
+        engine.reset_cache()
+        return collect(engine.stream(tasks.build_request("continue", text, max_tokens=12, temperature=0.0,
+                                                         steering=cv))).text
+
+    assert engine_continue(a * 0.4) != engine_continue(None)
+    runs = [("shouty@diffmean=0.4", 0.4), ("shouty=0.4", 0.4), ("shouty", default)]
+    for spec, scale in runs:
+        r = subprocess.run([sys.executable, "-m", "morph", "steer", "--mode", "continue", "-f", spec, "--max-tokens",
+                            "12", "--temperature", "0"], input=text.encode(), capture_output=True, env=env, timeout=120)
+        assert r.returncode == 0, r.stderr.decode()
+        assert r.stdout.decode().rstrip("\n") == engine_continue(a * scale).rstrip("\n"), spec
+    log = json.loads(subprocess.run([sys.executable, "-m", "morph", "log", "--json"], capture_output=True, env=env,
+                                    timeout=60).stdout)
+    logged = [row["features"] for row in log[: len(runs)]][::-1]
+    assert [json.loads(f) if isinstance(f, str) else f for f in logged] == [{"shouty@diffmean": s} for _, s in runs]
     bad = tmp_path / "bad.json"
     bad.write_text('{"axis": "x"}')
     r = subprocess.run([sys.executable, "-m", "morph", "vectors", "diffmean", str(bad)], capture_output=True, env=env)

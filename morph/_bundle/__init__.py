@@ -8,7 +8,7 @@ large, read-only parts travel in a second ELF section of the executable,
 `morphpayload`: an uncompressed tar of `site/` (the numpy and llama_cpp packages, with
 the libraries they load), `ggml/` (llama.cpp's CPU backend variants), the embedded model
 with its wheel's dist-info (so `morph.models` finds it through package metadata as
-always) and `vectors/`. The entry point unpacks it on the first run into
+always), `embed/` (the sentence embedder's GGUF, converted at build time) and `vectors/`. The entry point unpacks it on the first run into
 `<data dir>/bundle/<payload id>/` (a temp dir, then an atomic rename) and puts it on
 sys.path; later runs only check that the directory is complete.
 
@@ -25,6 +25,7 @@ import tempfile
 from pathlib import Path
 
 SECTION = "morphpayload"
+EMBED_DIR = "embed"  # the embedder's GGUF in the payload (engine/minilm.py looks there first)
 _DONE = ".complete"
 _unpacked: Path | None = None
 

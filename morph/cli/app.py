@@ -12,7 +12,7 @@ import sys
 
 import click
 
-from morph import paths
+from morph import __version__, paths
 from morph.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_NEEDS_TERMINAL, MorphError
 
 EXIT_STATUS = (
@@ -20,6 +20,7 @@ EXIT_STATUS = (
     f"{EXIT_ERROR} an error (bad input or usage: one `morph: error: ...` line on stderr);\n"
     f"{EXIT_NEEDS_TERMINAL} the command needs a terminal (write, repl); {EXIT_INTERRUPTED} interrupted (Ctrl-C)."
 )
+_crash_reports = False  # set by main(); in-process callers (tests' CliRunner) keep their own faulthandler
 # click >= 8.2 raises this for a group given no subcommand (`morph vectors`); 8.1 printed help
 _NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
@@ -89,6 +90,8 @@ def cli(ctx, model, gpu, tensor_parallel_size, data_dir, verbose):
     """morph: steer how a local language model writes, with named features."""
     if data_dir:
         paths.set_data_dir(data_dir)
+    if _crash_reports:
+        _start_crash_report()
     ctx.obj = Ctx(model, gpu, verbose, tensor_parallel_size)
     if ctx.invoked_subcommand is None:
         repl = cli.commands.get("repl")
@@ -98,5 +101,20 @@ def cli(ctx, model, gpu, tensor_parallel_size, data_dir, verbose):
             click.echo(ctx.get_help())
 
 
+def _start_crash_report() -> None:
+    """faulthandler into <data>/crash/ for this run; one line per earlier run that crashed."""
+    from morph import crash
+    from morph.engine.llamacpp import cpu_flags
+
+    try:
+        d = paths.data_dir()
+    except OSError:
+        return
+    for r in crash.start(d, sys.argv[1:], {"morph": __version__, "cpu_flags": " ".join(sorted(cpu_flags()))}):
+        click.echo(crash.announce(r), err=True)
+
+
 def main() -> None:
+    global _crash_reports
+    _crash_reports = True
     cli(prog_name="morph")

@@ -110,6 +110,11 @@ def eval_cmd(obj, features, vectors, concept, methods, kinds, quick, split, limi
     from morph.eval import plan as planmod
     from morph.eval import report, run
 
+    if report_md:  # before a run that may take an hour, not after it
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            raise MorphError("--report-md draws its plots with matplotlib: pip install 'morph[eval]'")
     names = _csv(features)
     method_list = tuple(_csv(methods) or ())
     kind_list = tuple(_csv(kinds) or planmod.KINDS)
@@ -188,8 +193,8 @@ def _run(obj, names, vec_specs, concept, methods, kinds, quick, split, limit, sc
     prompts = promptsmod.load_prompts(split, quick=quick, limit=limit)
     cfg = load_config()
     info = models.check(models.resolve(obj.model or cfg.model))
-    judge = judgemod.Judge(judgemod.Embedder(threads=threads))
-    known = judge.poles()
+    axes = judgemod.load_axes()
+    known = sorted(pole for ax in axes for pole in ax.poles)  # checked before the embedder loads
     catalog = Catalog(info.model_id)
     targets = []
     if names is not None or not vec_specs:
@@ -200,6 +205,7 @@ def _run(obj, names, vec_specs, concept, methods, kinds, quick, split, limit, sc
     if not targets:
         raise MorphError(f"nothing to measure: no feature of {info.model_id} is one the judge can score")
     conditions = planmod.plan(targets, scales, apply_list, kinds)
+    judge = judgemod.Judge(judgemod.Embedder(threads=threads or cfg.threads), axes)
     engine = load_engine(info, gpu=obj.gpu, n_ctx=2048, threads=threads or cfg.threads)
     try:
         cache_path = None if no_cache else Path(cache) if cache else paths.data_dir() / "eval-cache" / f"{info.model_id}.jsonl"

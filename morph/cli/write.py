@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 
 import click
 
@@ -43,6 +44,9 @@ def write_cmd(obj, file, keys, features, experimental, no_suggest, no_log, threa
         raise NeedsTerminal("morph write needs a terminal (for pipes use `morph steer`)")
     for spec in features:  # bad specs fail before the model loads
         profile.parse(spec)
+    # Markdown highlighting's pygments modules take ~0.1 s to import: overlap that with the
+    # model load (C code, the GIL released) instead of adding it to the first paint.
+    threading.Thread(target=_preload_lexer, daemon=True).start()
     rt = None
     if no_suggest:
         cfg = load_config()
@@ -69,6 +73,13 @@ def write_cmd(obj, file, keys, features, experimental, no_suggest, no_log, threa
             rt.close()
 
 
+def _preload_lexer() -> None:
+    try:
+        import pygments.lexers.markup  # noqa: F401
+    except ImportError:
+        pass
+
+
 def editor_threads(configured: int | None, cores: int) -> int:
     """All cores but one, so the UI thread always has a core: on a shared 2-core machine
     two generation threads stall each other behind any neighbour (bench/editor.py and the
@@ -88,6 +99,6 @@ def _editor_runtime(obj, threads: int | None):
     n = editor_threads(threads or cfg.threads, default_threads())
     engine = load_engine(info, gpu=obj.gpu, n_ctx=cfg.n_ctx, threads=n,
                          tensor_parallel_size=obj.tensor_parallel_size or cfg.tensor_parallel_size,
-                         compile=cfg.gpu_compile)
+                         compile=cfg.gpu_compile, slots=2)
     return Runtime(cfg, info, engine, Catalog(info.model_id))
 

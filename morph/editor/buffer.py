@@ -85,6 +85,23 @@ def atomic_write(path: Path, data: bytes) -> DiskState:
     return DiskState(st.st_mtime_ns, st.st_size, hashlib.sha256(data).hexdigest())
 
 
+UNDO_BYTES = 64 * 2**20  # text kept for undo: each step holds a whole copy of the text
+MIN_UNDO_STEPS = 100
+
+
+class BoundedUndoBuffer(Buffer):
+    """prompt-toolkit's Buffer keeps every undo step as a full copy of the text and never
+    drops one: on a 300 KB book, typing with pauses grew the process by ~0.3 MB a step.
+    Keep the newest steps within UNDO_BYTES (at least MIN_UNDO_STEPS)."""
+
+    def save_to_undo_stack(self, clear_redo_stack: bool = True) -> None:
+        super().save_to_undo_stack(clear_redo_stack)
+        keep = max(MIN_UNDO_STEPS, UNDO_BYTES // max(1, len(self.text)))
+        stack = self._undo_stack
+        if len(stack) > keep:
+            del stack[: len(stack) - keep]
+
+
 class EditorBuffer:
     """One open file: the prompt-toolkit Buffer and its location and saved state."""
 
@@ -92,7 +109,7 @@ class EditorBuffer:
         self.path = fsutil.user_path(path).absolute()
         text, self.newline, self.disk = read_text(self.path)
         self.saved_text = text
-        self.buffer = buffer or Buffer(name="main", multiline=True)
+        self.buffer = buffer or BoundedUndoBuffer(name="main", multiline=True)
         self.buffer.reset(Document(text, 0))  # no undo step for the initial load
 
     @property

@@ -64,6 +64,8 @@ class Editor:
         input=None,
         output=None,
     ):
+        self._trace_fh = _open_trace()
+        self.trace("open")
         self.config = config or Config()
         self.ebuf = EditorBuffer(path)  # MorphError for files we must not edit
         self.buffer: Buffer = self.ebuf.buffer
@@ -81,8 +83,8 @@ class Editor:
         self._manage_gc = False
         self._last_gc = time.monotonic()
         self._mirror_handle = None
+        self._resume_handle = None
         self._mirrored = False  # a recovery file of ours exists
-        self._trace_fh = _open_trace()
 
         self.command_buffer = Buffer(name="command", multiline=False)
         self.bg = Background(on_error=lambda m: self.post(self.error, m))
@@ -213,7 +215,7 @@ class Editor:
             self.offer_recovery(self.recovered)
         elif not self.message[1]:
             self.info(self._open_message())
-        self.suggest.schedule(0)  # warm the KV cache with the text before the cursor
+        self.suggest.on_open()  # the window at the end of the document: restored or prefilled
         if self._manage_gc:
             self.loop.call_later(GC_TICK_S, self._gc_tick)
         self.trace("ready")
@@ -231,11 +233,19 @@ class Editor:
             self._mirror_handle.cancel()
         if self.worker is not None:
             self.worker.close()
+            try:
+                self.suggest.save_state()
+            except Exception as e:  # a cache: never in the way of quitting
+                self.trace("save_state_error", error=repr(e))
         self.bg.flush()
         self.bg.close()
         if self._trace_fh is not None:
             self._trace_fh.close()
             self._trace_fh = None
+
+    def kv_store_bytes(self) -> int:
+        """Disk bound of the saved KV states (kvcache.py); 0 with --no-log (they encode the text)."""
+        return self.config.kv_cache_mb * 2**20 if self.log_enabled else 0
 
     def post(self, fn: Callable, *args) -> None:
         """Run fn(*args) on the UI thread (safe to call from any thread)."""
@@ -297,6 +307,16 @@ class Editor:
 
     def _after_key(self, _=None) -> None:
         self._last_key = time.monotonic()
+        if self.worker is not None:
+            # A background prefill gives way while keys come, so that the suggestion after
+            # the pause finds the worker free; it goes on once keys pause.
+            self.worker.pause_idle()
+            if self._resume_handle is not None:
+                self._resume_handle.cancel()
+            if self.loop is not None:
+                # after the suggestion the pause starts (debounce_ms) was submitted
+                self._resume_handle = self.loop.call_later(self.config.debounce_ms / 1000.0 + 0.05,
+                                                           self.worker.resume_idle)
         if self._trace_fh is not None:
             self.trace("key")
         # Leaving insert mode (vi Esc) dismisses a suggestion shown or on its way.
@@ -424,6 +444,7 @@ class Editor:
             then()
 
     def _save(self, target: str | None) -> bool:
+        t0 = time.perf_counter()
         try:
             self.ebuf.save(None if target is None else Path(target))
         except OSError as e:
@@ -437,6 +458,7 @@ class Editor:
         text = self.buffer.text if target is None else None
         nbytes = len(self.ebuf.encode())
         self.info(f'"{target or self.ebuf.display_name}" {nbytes}B written')
+        self.trace("saved", ms=round((time.perf_counter() - t0) * 1000, 2))
         if target is None:
             path = self.path
             if self.log_enabled:

@@ -7,6 +7,17 @@ on the engine worker thread, and applies accept/dismiss. `GhostProcessor` draws 
 first suggestion line inside the cursor's line; `GhostBufferControl` adds the further
 lines as virtual lines below it (prompt-toolkit's AppendAutoSuggestion only draws at the
 end of the buffer).
+
+The first suggestion must not wait for the whole window (~900 tokens, seconds of prefill
+on one thread), so the controller keeps the window ready ahead of the user:
+- on open, the window at the end of the document (where writing usually goes on) is
+  loaded from the document's saved KV state (kvcache.py), else a short window (the last
+  ~400 characters) is evaluated at once and the full one in the background;
+- a suggestion uses the full window when the cache holds it, else the short one;
+- while the worker idles (engine `prefill` into the second KV sequence, given up at the
+  next keystroke and resumed later) it evaluates the full window at the cursor, and the
+  window that follows the next step once the cursor nears it; after a jump in normal
+  mode the short window there comes first.
 """
 
 from __future__ import annotations
@@ -20,30 +31,43 @@ from prompt_toolkit.layout.processors import Processor, Transformation, Transfor
 from prompt_toolkit.mouse_events import MouseEvent
 
 from morph import tasks
+from morph.editor import kvcache
 
 GHOST_STYLE = "class:ghost"
 WINDOW_CHARS = 4000  # prompt window before the cursor (~900 tokens of English)
 WINDOW_STEP = 1000  # the window start moves in steps of this many characters
+SHORT_CHARS = 400  # the window used while the full one is not cached (~90 tokens, ~0.6 s)
+SHORT_STEP = 100
+NEXT_MARGIN = 400  # this close to a step, the next window is prefilled while idle
+READY_SLACK = 16  # tokens: the full window unless it needs this many more than the short one
+TYPED_MS = 80  # this long after a keystroke, what was typed is evaluated (the pause comes later)
 POST_INTERVAL_S = 0.05  # 20 redraws/s while streaming: smooth, and fewer for a key to wait behind
 _WORD = re.compile(r"\s*[^\s]+")
 
 
-def prompt_window(before: str, max_chars: int = WINDOW_CHARS, step: int = WINDOW_STEP) -> str:
-    """The last <= max_chars of `before`, starting at a clean boundary that is stable while typing.
+def window_start(before: str, max_chars: int = WINDOW_CHARS, step: int = WINDOW_STEP, ahead: int = 0) -> int:
+    """Where the prompt window before the cursor starts: at a clean boundary that is stable
+    while typing.
 
     The raw start (len - max_chars) is rounded up to a multiple of `step`, then moved to the
     next paragraph, line or word start within that step. Typing at the end therefore keeps
-    the same start (and the same tokens) for `step` characters.
+    the same start (and the same tokens) for `step` characters. `ahead`: the start once that
+    many more characters are typed (the next window's, when it differs).
     """
     n = len(before)
-    if n <= max_chars:
-        return before
-    lo = ((n - max_chars) // step + 1) * step
+    if n + ahead <= max_chars:
+        return 0
+    lo = min(n, ((n + ahead - max_chars) // step + 1) * step)
     for sep in ("\n\n", "\n", " "):
-        j = before.find(sep, lo, lo + step)
+        j = before.find(sep, lo, min(n, lo + step))
         if j >= 0:
-            return before[j + len(sep):]
-    return before[lo:]
+            return j + len(sep)
+    return lo
+
+
+def prompt_window(before: str, max_chars: int = WINDOW_CHARS, step: int = WINDOW_STEP) -> str:
+    """The last <= max_chars of `before`, from `window_start`."""
+    return before[window_start(before, max_chars, step):]
 
 
 def next_word(text: str) -> str:
@@ -84,10 +108,12 @@ class SuggestionController:
         self.ed = editor
         self.current: Suggestion | None = None
         self._timer = None
+        self._typed_timer = None
         self._applying = False  # our own edits do not count as typing
         self.last_ttft_s: float | None = None
         self.last_tok_per_s: float | None = None
-        self._warmed: str | None = None  # prompt last brought into the KV cache
+        self._warmed: str | None = None  # short window last prefilled after a cursor rest
+        self._prefetch_key: tuple | None = None  # what the idle job prefills now
 
     # --- state -------------------------------------------------------------------
 
@@ -114,6 +140,7 @@ class SuggestionController:
             return
         self.drop("cancelled")
         self.schedule()
+        self._schedule_typed()
 
     def schedule(self, delay_ms: int | None = None) -> None:
         self.cancel_timer()
@@ -126,9 +153,36 @@ class SuggestionController:
         self._timer = loop.call_later(delay, self._settled)
 
     def cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        for t in (self._timer, self._typed_timer):
+            if t is not None:
+                t.cancel()
+        self._timer = self._typed_timer = None
+
+    def _schedule_typed(self) -> None:
+        ed = self.ed
+        if ed.loop is None or not hasattr(ed.engine, "prefill"):
+            return
+        if self._typed_timer is not None:
+            self._typed_timer.cancel()
+        delay = min(TYPED_MS, ed.config.debounce_ms / 3)  # well before the suggestion's debounce
+        self._typed_timer = ed.loop.call_later(delay / 1000.0, self._typed)
+
+    def _typed(self) -> None:
+        """Evaluate the window up to the cursor now, while the user may still be typing, so
+        that the suggestion after the pause has nothing left to evaluate: the engine samples
+        from the logits this prefill leaves (LlamaEngine._logits_after)."""
+        self._typed_timer = None
+        ed = self.ed
+        if self.current is not None or ed.busy_with_popup() or not (ed.insert_mode() and self._can_suggest_here()):
+            return  # a suggestion on its way is never cancelled for this
+        _, _, full_req, short_req = self._requests(ed.buffer.document.text_before_cursor)
+
+        def run(job):
+            req = self._pick(full_req, short_req)
+            req.cancel = job.cancel
+            ed.engine.prefill(req)
+
+        ed.worker.submit("typed", run)
 
     def _settled(self) -> None:
         self._timer = None
@@ -146,19 +200,52 @@ class SuggestionController:
         nxt = doc.current_char
         return not (nxt and (nxt.isalnum() or nxt == "_"))  # not inside a word
 
-    def _prompt(self) -> tuple[str, int]:
-        window = prompt_window(self.ed.buffer.document.text_before_cursor)
+    @staticmethod
+    def _window(before: str, max_chars: int = WINDOW_CHARS, step: int = WINDOW_STEP,
+                ahead: int = 0) -> tuple[str, int]:
+        """(prompt, blanks cut from its end) for the text `before` the cursor."""
+        window = before[window_start(before, max_chars, step, ahead):]
         # BPE tokens carry their leading space: end the prompt before trailing blanks and
         # drop as much leading whitespace from the suggestion.
         stripped = window.rstrip(" \t")
         return stripped, len(window) - len(stripped)
+
+    def _two_slots(self) -> bool:
+        """The engine keeps a second prompt cached (LlamaEngine(slots=2)): only then can a
+        short window serve while the full one is prefilled beside it."""
+        return getattr(self.ed.engine, "slots", 1) >= 2
+
+    def _short(self, before: str) -> str:
+        """The short window's prompt ("" without a second slot). Same end as the full
+        window, so the same blanks are cut."""
+        return self._window(before, SHORT_CHARS, SHORT_STEP)[0] if self._two_slots() else ""
+
+    def _request(self, prompt: str, **kw):
+        ed = self.ed
+        return tasks.build_request("ghost", prompt, defaults=ed.defaults, steering=ed.steering, **kw)
+
+    def _requests(self, before: str):
+        """(prompt, blanks cut, its request, the short window's request or None) at `before`."""
+        prompt, strip = self._window(before)
+        short = self._short(before)
+        short_req = self._request(short) if short and short != prompt else None
+        return prompt, strip, self._request(prompt), short_req
+
+    def _missing(self, req) -> int:
+        """Prompt tokens of `req` the cache lacks (worker thread; all if the engine cannot tell)."""
+        reusable = getattr(self.ed.engine, "reusable", None)
+        if reusable is None:
+            return 1 << 30  # cannot tell: assume all
+        n, cached = reusable(req)
+        return n - cached
 
     # --- requests ------------------------------------------------------------------
 
     def start(self) -> None:
         """Ask the engine to continue the text before the cursor (UI thread)."""
         ed = self.ed
-        prompt, strip = self._prompt()
+        before = ed.buffer.document.text_before_cursor
+        prompt, strip, full_req, short_req = self._requests(before)
         if not prompt:
             return
         s = Suggestion(
@@ -169,11 +256,16 @@ class SuggestionController:
             t_request=time.perf_counter(),
         )
         self.current = s
-        req = tasks.build_request("ghost", prompt, defaults=ed.defaults, steering=ed.steering)
-        ed.trace("request", chars=len(prompt), start=len(ed.buffer.document.text_before_cursor) - len(prompt) - strip)
+        if self._typed_timer is not None:
+            self._typed_timer.cancel()
+            self._typed_timer = None
+        ed.trace("request", chars=len(prompt), start=len(before) - len(prompt) - strip)
         post = ed.post
 
         def run(job):
+            req = self._pick(full_req, short_req)
+            s.extra["window_chars"] = len(req.prompt)
+            ed.trace("window", chars=len(req.prompt), short=req is short_req)
             # The first piece goes to the screen at once; later ones are batched so the UI
             # redraws at most every POST_INTERVAL_S instead of once per token.
             req.cancel = job.cancel
@@ -195,27 +287,131 @@ class SuggestionController:
                     post(self._on_done, s, ev)
 
         s.job = ed.worker.submit("suggest", run)
-        self._warmed = prompt
+        self._warmed = None
+        self.prefetch(before)
+
+    def _pick(self, full_req, short_req):
+        """The full window once the cache holds it (nearly), else the short one if that is
+        cheaper now (worker thread); the idle prefetch completes the full one meanwhile."""
+        if short_req is None:
+            return full_req
+        missing = self._missing(full_req)
+        if missing > READY_SLACK and self._missing(short_req) + READY_SLACK < missing:
+            return short_req
+        return full_req
+
+    def _prefill(self, req, job) -> bool:
+        """Evaluate `req`'s prompt unless the cache (nearly) holds it (worker thread). A
+        prefill never cuts a cached prompt back, so a window that is already there (the cursor
+        rests just before where the user typed) is left alone."""
+        if self._missing(req) <= READY_SLACK:
+            return True
+        req.cancel = job.cancel
+        prefill = getattr(self.ed.engine, "prefill", None)
+        if prefill is not None:
+            return prefill(req)
+        for _ev in self.ed.engine.stream(req):  # an engine without prefill: a 0-token stream
+            pass
+        return not job.cancelled
 
     def warm(self) -> None:
-        """Bring the window before the cursor into the KV cache (no tokens generated)."""
+        """The cursor rests outside insert mode (a jump): make the short window there ready
+        now and the full one in the background (no tokens generated). An engine without
+        `prefill` gets the full window as a 0-token stream."""
         ed = self.ed
-        prompt, _ = self._prompt()
-        if not prompt or prompt == self._warmed:
+        if ed.engine is None:
             return
-        self._warmed = prompt
-        # The same framing as the suggestion (its steering placement decides the prompt's KV).
-        req = tasks.build_request("ghost", prompt, defaults=ed.defaults, steering=ed.steering, max_tokens=0)
+        before = ed.buffer.document.text_before_cursor
+        can = hasattr(ed.engine, "prefill")
+        prompt = self._short(before) or self._window(before)[0]
+        if prompt and prompt != self._warmed:
+            self._warmed = prompt
+            # The same framing as the suggestion (its steering placement decides the prompt's KV).
+            req = self._request(prompt, max_tokens=ed.defaults.suggestion_tokens if can else 0)
+            ed.worker.submit("warm", lambda job: self._prefill(req, job))
+        self.prefetch(before)
+
+    def prefetch(self, before: str | None = None) -> None:
+        """While the worker idles: the full window at the cursor (or for the text `before`),
+        then, within NEXT_MARGIN characters of its next step, the window after that step."""
+        ed = self.ed
+        if ed.worker is None or not hasattr(ed.engine, "prefill"):
+            return
+        if before is None:
+            before = ed.buffer.document.text_before_cursor
+        full, _ = self._window(before)
+        nxt = self._window(before, ahead=NEXT_MARGIN)[0] if self._two_slots() else ""
+        prompts = [p for p in dict.fromkeys((full, nxt)) if p]
+        key = (tuple(prompts), tuple(sorted(ed.profile.items())))
+        if not prompts or key == self._prefetch_key:
+            return
+        self._prefetch_key = key
+        reqs = [self._request(p, max_tokens=ed.defaults.suggestion_tokens) for p in prompts]
 
         def run(job):
-            req.cancel = job.cancel
-            for _ev in ed.engine.stream(req):
-                pass
+            t = time.perf_counter()
+            for req in reqs:
+                if not self._prefill(req, job):
+                    return
+            ed.trace("prefetched", chars=[len(r.prompt) for r in reqs], ms=round((time.perf_counter() - t) * 1000, 1))
 
-        ed.worker.submit("warm", run)
+        ed.worker.submit_idle("prefill", run)
 
     def invalidate_warm(self) -> None:
+        """The steering changed: windows prepared under the old vector no longer count."""
         self._warmed = None
+        self._prefetch_key = None
+        self.prefetch()
+
+    # --- open and close (saved KV state) -----------------------------------------------
+
+    def on_open(self) -> None:
+        """Right after the document opens: prepare the window at its end (UI thread)."""
+        ed = self.ed
+        if ed.worker is None or not hasattr(ed.engine, "prefill"):
+            return
+        text = ed.buffer.text
+        full, _ = self._window(text)
+        if not full:
+            return
+        short = self._short(text) or full  # one slot: the full window at once
+        n_gen = ed.defaults.suggestion_tokens
+        full_req = self._request(full, max_tokens=n_gen)
+        short_req = self._request(short, max_tokens=n_gen)
+        self._warmed = short
+        store = ed.kv_store_bytes() > 0 and hasattr(ed.engine, "import_state")
+
+        def run(job):
+            t = time.perf_counter()
+            n = 0
+            if store:
+                try:
+                    n = kvcache.restore(ed.engine, full_req, ed.path)
+                except Exception as e:  # a cache: never in the way of editing
+                    ed.trace("restore_error", error=repr(e))
+            ed.trace("restore", tokens=n, ms=round((time.perf_counter() - t) * 1000, 1))
+            if self._missing(full_req) > READY_SLACK:
+                self._prefill(short_req, job)
+                ed.trace("prefilled", chars=len(short), ms=round((time.perf_counter() - t) * 1000, 1))
+
+        ed.worker.submit("open", run)
+        self.prefetch(text)
+
+    def save_state(self) -> None:
+        """On close, after the worker stopped: keep the KV state of the window at the end of
+        the document as it is on disk (what the next open reads), as far as the cache holds
+        it (text typed after it and left unsaved does not spoil the prefix before it)."""
+        ed = self.ed
+        if ed.engine is None or not hasattr(ed.engine, "export_state"):
+            return
+        limit = ed.kv_store_bytes()
+        if limit <= 0:
+            return
+        full, _ = self._window(ed.ebuf.saved_text)
+        if full:
+            t = time.perf_counter()
+            n = kvcache.save(ed.engine, self._request(full), ed.path, limit)
+            ed.trace("saved_state", tokens=n, ms=round((time.perf_counter() - t) * 1000, 1))
 
     # --- results (UI thread, via call_soon_threadsafe) ---------------------------------
 

@@ -42,10 +42,15 @@ class MarkdownLexer(Lexer):
 
     def lex_document(self, document: Document) -> Callable[[int], StyleAndTextTuples]:
         lines = document.lines
+        # Every keystroke is a new document: on a book, scanning all lines for fences costs
+        # ~1 ms a keystroke, a substring search ~0.05 ms.
+        has_fence = "```" in document.text or "~~~" in document.text
         fenced: list[bool] | None = None
 
         def in_fence(i: int) -> bool:
             nonlocal fenced
+            if not has_fence:
+                return False
             if fenced is None:
                 fenced, inside = [], False
                 for ln in lines:

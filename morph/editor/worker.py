@@ -4,6 +4,13 @@ Jobs are "latest wins": submitting a job cancels the running one (its `cancel` E
 set, and the engine is told to stop at the next token) and replaces any job still waiting.
 A job's function runs on the worker thread and hands results to the UI through `post`,
 which schedules a callback on the UI's event loop (`call_soon_threadsafe`).
+
+One idle job (`submit_idle`: prefilling windows the editor will need) runs only while no
+other job waits or runs. A submitted job interrupts it; `pause_idle` (a keystroke)
+interrupts it and holds it back until `resume_idle` (the typing pause, once its suggestion
+is submitted), so that the suggestion finds the worker free. It runs again from the
+start whenever it may, until it finishes uninterrupted or is replaced; so its function must
+be cheap to repeat (a prefill continues where it stopped).
 """
 
 from __future__ import annotations
@@ -37,6 +44,8 @@ class EngineWorker:
         self._cv = threading.Condition()
         self._pending: Job | None = None
         self._running: Job | None = None
+        self._idle: tuple[str, Callable[[Job], None]] | None = None
+        self._idle_held = False
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="morph-engine", daemon=True)
         self._thread.start()
@@ -53,18 +62,46 @@ class EngineWorker:
             self._cv.notify()
         return job
 
+    def submit_idle(self, kind: str, fn: Callable[[Job], None]) -> None:
+        """Run `fn` whenever the worker is idle, until it once finishes uninterrupted."""
+        with self._cv:
+            run = self._running
+            if run is not None and self._idle is not None and run.kind == self._idle[0]:
+                self._stop(run)  # the old idle job: replaced
+            self._idle = (kind, fn)
+            self._cv.notify()
+
+    def pause_idle(self) -> None:
+        """Interrupt the idle job if it runs and hold it back until `resume_idle`."""
+        with self._cv:
+            self._idle_held = True
+            run, idle = self._running, self._idle
+            if run is not None and idle is not None and run.kind == idle[0]:
+                self._stop(run)
+
+    def resume_idle(self) -> None:
+        with self._cv:
+            self._idle_held = False
+            self._cv.notify()
+
     def cancel(self, kinds: tuple[str, ...] | None = None) -> None:
-        """Cancel the running and waiting jobs (only those of `kinds`, if given)."""
+        """Cancel the running and waiting jobs, the idle one included (only those of `kinds`, if given)."""
         with self._cv:
             self._cancel_locked(kinds)
+            if self._idle is not None and (kinds is None or self._idle[0] in kinds):
+                self._idle = None
 
     def _cancel_locked(self, kinds: tuple[str, ...] | None = None) -> None:
         if self._pending is not None and (kinds is None or self._pending.kind in kinds):
             self._pending.cancel.set()
             self._pending = None
         run = self._running
-        if run is not None and not run.cancelled and (kinds is None or run.kind in kinds):
-            run.cancel.set()
+        if run is not None and (kinds is None or run.kind in kinds):
+            self._stop(run)
+
+    def _stop(self, job: Job) -> None:
+        if not job.cancelled:
+            job.cancel.set()
             try:
                 self.engine.cancel()
             except Exception:
@@ -88,18 +125,28 @@ class EngineWorker:
             pass
         while True:
             with self._cv:
-                while self._pending is None and not self._closed:
+                while self._pending is None and (self._idle is None or self._idle_held) and not self._closed:
                     self._cv.wait()
                 if self._closed:
                     return
-                job, self._pending = self._pending, None
+                idle = None
+                if self._pending is not None:
+                    job, self._pending = self._pending, None
+                else:
+                    idle = self._idle
+                    job = Job(*idle)
                 self._running = job
+            failed = False
             try:
                 if not job.cancelled:
                     job.fn(job)
             except BaseException as e:  # report, never kill the worker
+                failed = True
                 if self._on_error is not None:
                     self._on_error(job, e)
             finally:
                 with self._cv:
                     self._running = None
+                    # Done (or failed: no retry loop) unless interrupted; a new one may wait.
+                    if idle is not None and self._idle is idle and (failed or not job.cancelled):
+                        self._idle = None

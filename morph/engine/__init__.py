@@ -14,13 +14,14 @@ __all__ = ["Engine", "BatchRunner", "Event", "Request", "Timings", "Completion",
 
 
 def load_engine(info: ModelInfo, gpu: bool = False, n_ctx: int = 4096, threads: int | None = None,
-                tensor_parallel_size: int = 1, compile: bool = False) -> Engine:
+                tensor_parallel_size: int = 1, compile: bool = False, slots: int = 1) -> Engine:
+    """`slots`: prompts the CPU engine keeps cached at once (2 for the editor; vLLM has its own cache)."""
     if gpu:
         return _vllm_engine_class()(info, n_ctx=n_ctx, tensor_parallel_size=tensor_parallel_size,
                                     enforce_eager=not compile)
     from morph.engine.llama import LlamaEngine
 
-    return LlamaEngine(info, n_ctx=n_ctx, threads=threads)
+    return LlamaEngine(info, n_ctx=n_ctx, threads=threads, slots=slots)
 
 
 def _vllm_engine_class():

@@ -29,6 +29,7 @@ import numpy as np
 
 from morph.engine.base import Request, apply_factors
 from morph.engine.sampling import penalize, sample_row
+from morph.errors import MorphError
 from morph.steering.vector import ControlVector
 
 N_SEQ = 32  # sequences decoded together (2 cores: ~32 is where the aggregate rate levels off)
@@ -63,6 +64,8 @@ class Job:
     @classmethod
     def from_request(cls, engine, req: Request) -> "Job":
         """A job that generates what `engine.stream(req)` does (greedy requests exactly)."""
+        if (req.logit_bias is not None and len(req.logit_bias)) or req.frequency_penalty or req.presence_penalty:
+            raise MorphError("batched generation has no logit bias, frequency or presence penalty")
         return cls(list(engine.prepare_tokens(req)), req.steering, req.apply, max(0, int(req.max_tokens)),
                    [s for s in req.stop if s], float(req.temperature), float(req.top_p or 1.0),
                    int(req.top_k or 0), float(req.repeat_penalty or 1.0), int(req.repeat_last_n), req.seed)

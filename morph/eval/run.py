@@ -483,7 +483,7 @@ def merge(parts: list[dict]) -> dict:
         m = p["meta"]
         if (m["split"], m["n_by_task"], m["model"], m["quick"]) != (first["split"], first["n_by_task"], first["model"], first["quick"]):
             raise MorphError("results to merge must come from the same model, split and prompts")
-    rows, outputs, seen, seen_o = [], [], set(), set()
+    rows, outputs, seen, seen_o = [], [], set(), {}
     for p in parts:
         for r in p["rows"]:
             if (r["concept"], r["condition"]) not in seen:
@@ -492,8 +492,10 @@ def merge(parts: list[dict]) -> dict:
         for o in p.get("outputs", []):
             k = (o["prompt"], o["concept"], o["condition"])
             if k not in seen_o:
-                seen_o.add(k)
+                seen_o[k] = o
                 outputs.append(o)
+            elif "concept_scores" in o:  # an unsteered output: each run scored it for its own concepts
+                seen_o[k]["concept_scores"] = {**o["concept_scores"], **seen_o[k].get("concept_scores", {})}
     order = list(dict.fromkeys(r["concept"] for r in rows))
     rows.sort(key=lambda r: order.index(r["concept"]))  # stable: each concept's rows together
     regoal(rows)

@@ -16,8 +16,9 @@ def greedy(prompt=PROMPT, n=16, **kw):
     return Request(prompt=prompt, max_tokens=n, temperature=0.0, **kw)
 
 
-def test_converted_folder_greedy_equals_transformers(vengine, hf_folder):
-    """vLLM on the converted folder produces transformers' greedy tokens on that folder."""
+def test_converted_folder_greedy_equals_transformers(vengine, hf_folder, greedy_agrees):
+    """vLLM on the converted folder produces transformers' greedy tokens on that folder:
+    other kernels (and implementations), so up to the first near-tie (conftest)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -27,7 +28,8 @@ def test_converted_folder_greedy_equals_transformers(vengine, hf_folder):
         out = model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)
     want = out[0, len(ids):].tolist()
     got = collect(vengine.stream(greedy())).token_ids
-    assert got == want[: len(got)] and len(got) == 16
+    assert len(got) == 16
+    greedy_agrees(vengine, PROMPT, want[:16], got)
 
 
 def test_stream_events_timings_and_stop(vengine):

@@ -60,39 +60,72 @@ def _chat(base, features=None, stream=True, **kw):
         return "".join(parts)
 
 
-def test_concurrent_requests_batch_with_their_own_steering(served, vengine):
+def test_concurrent_requests_batch_with_their_own_steering(served, vengine, model_info, catalog, greedy_agrees):
+    """Three requests batched against each alone: other batch shapes, other kernels, so
+    greedy tokens agree up to the first near-tie (conftest), scored under each request's
+    own steering (no repetition penalty, so the raw logits are what greedy compared)."""
+    from morph import tasks
+    from morph.engine.base import Request
+    from morph.steering import profile
+
     server, base = served
     assert server.scheduler.streams == vengine.max_streams > 1
     feats = [{"formal": 0.4}, {"casual": 0.4}, None]
-    alone = [_chat(base, f) for f in feats]
+    alone = [_chat(base, f, repetition_penalty=1.0) for f in feats]
     assert len(set(alone)) == 3
     out = [None] * 3
-    ts = [threading.Thread(target=lambda i=i: out.__setitem__(i, _chat(base, feats[i]))) for i in range(3)]
+    ts = [threading.Thread(target=lambda i=i: out.__setitem__(i, _chat(base, feats[i], repetition_penalty=1.0)))
+          for i in range(3)]
     for t in ts:
         t.start()
     for t in ts:
         t.join(600)
-    assert out == alone
+    prompt = vengine.prepare_tokens(Request(messages=CHAT))
+    for f, want, got in zip(feats, alone, out):
+        cv = profile.resolve(catalog, model_info, f, experimental=True).vector if f else None
+        greedy_agrees(vengine, prompt, vengine.tokenize(want, add_bos=False), vengine.tokenize(got, add_bos=False),
+                      cv, tasks.DEFAULT_APPLY["chat"])
 
 
-def test_openai_sampling_fields_reach_vllm(served, vengine):
+def test_openai_sampling_fields_reach_vllm(served, vengine, model_info, catalog):
+    """The server's penalties and logit-mode steering give exactly what the engine gives
+    for the same fields (each run alone after a prefix-cache reset: same kernels)."""
+    from morph import tasks
+    from morph.engine.base import Request, collect
+    from morph.steering import profile
+    from morph.steering.logits import LogitSteering
+
+    def direct(framing, **kw):
+        vengine.reset_prefix_cache()
+        return collect(vengine.stream(Request(**(tasks.Defaults().sampling_for(framing) | kw)))).text
+
     _, base = served
     prompt = "The capital of France is"
     with httpx.Client(timeout=600) as h:
         def complete(**kw):
+            vengine.reset_prefix_cache()
             r = h.post(base + "/completions", json={"prompt": prompt, "max_tokens": 4, "temperature": 0, **kw})
             return r.json()["choices"][0]["text"]
 
         forced = vengine.tokenize(" banana", add_bos=False)[0]
         assert complete(logit_bias={str(forced): 100}).startswith(" banana")
         loop = "one two one two one two one two one two"
-        plain = h.post(base + "/completions", json={"prompt": loop, "max_tokens": 16, "temperature": 0,
-                                                    "repetition_penalty": 1.0}).json()["choices"][0]["text"]
-        pres = h.post(base + "/completions", json={"prompt": loop, "max_tokens": 16, "temperature": 0,
-                                                   "repetition_penalty": 1.0, "presence_penalty": 2.0}
-                      ).json()["choices"][0]["text"]
-    assert pres != plain
+        out = {}
+        for field in (None, "presence_penalty", "frequency_penalty"):
+            vengine.reset_prefix_cache()
+            body = {"prompt": loop, "max_tokens": 16, "temperature": 0, "repetition_penalty": 1.0}
+            out[field] = h.post(base + "/completions", json=body | ({field: 0.5} if field else {})).json()["choices"][0]["text"]
+    # Each penalty is its own field (at 0.5 a word seen five times costs 2.5 by frequency,
+    # 0.5 by presence: three texts), and gives what the engine gives for that field.
+    assert len(set(out.values())) == 3, out
+    for field in ("presence_penalty", "frequency_penalty"):
+        assert out[field] == direct("continue", prompt=loop, max_tokens=16, temperature=0, repeat_penalty=1.0,
+                                    **{field: 0.5}), field
     # Logit-mode steering is a dense bias: it reaches vLLM as logit_bias.
+    vengine.reset_prefix_cache()
     steered = _chat(base, None, stream=False, steering={"features": {"casual": 1.0}, "mode": "logits",
                                                        "experimental": True})
-    assert steered != _chat(base, None, stream=False)
+    bias = LogitSteering.for_engine(vengine, model_info).bias(
+        profile.resolve(catalog, model_info, {"casual": 1.0}, experimental=True).vector)
+    want = direct("chat", messages=CHAT, max_tokens=24, temperature=0, logit_bias=bias)
+    assert steered == want != direct("chat", messages=CHAT, max_tokens=24, temperature=0)

@@ -24,6 +24,10 @@ def text(eng, **kw):
     return collect(eng.stream(greedy(**kw))).text
 
 
+def ids(eng, **kw):
+    return list(collect(eng.stream(greedy(**kw))).token_ids)
+
+
 def test_zero_vector_feature_and_clearing(vengine, formal):
     plain = text(vengine)
     zero = ControlVector({il: np.zeros_like(v) for il, v in formal.directions.items()})
@@ -35,13 +39,29 @@ def test_zero_vector_feature_and_clearing(vengine, formal):
 
 
 def test_steering_matches_llama_cpp_direction(vengine, engine, formal):
-    """The same file moves both engines' greedy text (llama.cpp: Q4; vLLM: dequantised)."""
+    """The same file moves both engines the same way (llama.cpp: Q4; vLLM: dequantised):
+    the change steering makes to the next-token logits points the same way in both, each
+    engine's greedy text moves away from its unsteered text, and the first steered token
+    is the same."""
+    def logprobs(x):
+        x = np.asarray(x, np.float64)
+        return x - x.max() - np.log(np.exp(x - x.max()).sum())
+
+    # log-probs: a logit offset common to every token changes nothing (measured cos 0.91)
+    delta_l = logprobs(engine.logits(PROMPT, formal)) - logprobs(engine.logits(PROMPT))
+    delta_v = logprobs(vengine.logits(PROMPT, formal)) - logprobs(vengine.logits(PROMPT))
+    cos = float(delta_l @ delta_v / np.linalg.norm(delta_l) / np.linalg.norm(delta_v))
+    assert np.abs(delta_v).max() > 1.0 and cos > 0.8, (np.abs(delta_v).max(), cos)
+    for eng in (engine, vengine):
+        assert collect(eng.stream(greedy(steering=formal))).token_ids != collect(eng.stream(greedy())).token_ids
     first_l = collect(engine.stream(greedy(n=1, steering=formal))).token_ids
     first_v = collect(vengine.stream(greedy(n=1, steering=formal))).token_ids
     assert first_l == first_v
 
 
-def test_two_features_in_one_batch_equal_each_alone(vengine, catalog):
+def test_two_features_in_one_batch_equal_each_alone(vengine, catalog, greedy_agrees):
+    """Two requests batched together against each alone: other batch shapes, other
+    kernels, so greedy tokens agree up to the first near-tie (conftest)."""
     from morph.engine.vllm_plugin import rpc_info
 
     vecs = {name: catalog.get(name, experimental=True).load_vector() * catalog.get(name, experimental=True).default_scale for name in ("formal", "casual")}
@@ -60,7 +80,8 @@ def test_two_features_in_one_batch_equal_each_alone(vengine, catalog):
         t.start()
     for t in threads:
         t.join()
-    assert together == alone
+    for name, cv in vecs.items():
+        greedy_agrees(vengine, PROMPT, alone[name], together[name], cv)
     assert vengine.llm.collective_rpc(rpc_info)[0]["mixed_batches"] > before  # really one batch
 
 
@@ -75,9 +96,15 @@ def test_generated_only_keeps_the_prompt_unsteered(vengine, formal):
         r = greedy(n=16, steering=formal)
         r.apply = f"prompt-scaled:{f}"  # the engine helper's third mode (issue 10.2c)
         assert collect(vengine.stream(r)).token_ids == want
-    half = greedy(n=16, steering=formal)
-    half.apply = "prompt-scaled:0.5"
-    assert collect(vengine.stream(half)).token_ids not in (plain,)
+    # prompt-scaled:0.5 is neither end: the prompt's logits lie between "generated"'s
+    # (unsteered) and "all"'s (measured: 0.79 and 0.80 from them, 1.59 apart), and with a
+    # vector strong enough to move all three texts apart, its text is a third one.
+    lg = {a: vengine.logits(PROMPT, formal, a) for a in ("generated", "all", "prompt-scaled:0.5")}
+    d_gen, d_all = (np.abs(lg["prompt-scaled:0.5"] - lg[a]).max() for a in ("generated", "all"))
+    assert 0.1 < d_gen < np.abs(lg["all"] - lg["generated"]).max() and d_all > 0.1, (d_gen, d_all)
+    strong = {a: collect(vengine.stream(greedy(n=16, steering=formal * 3, apply=a))).token_ids
+              for a in ("generated", "all", "prompt-scaled:0.5")}
+    assert len({tuple(t) for t in strong.values()}) == 3, strong
     # Scoring a continuation as if generated: unsteered prompt, steered continuation.
     cont = " descended into the dark."
     lp_gen = vengine.continuation_logprobs(PROMPT, cont, formal, apply="generated")
@@ -101,10 +128,12 @@ def test_prefix_cache_never_mixes_steering(vengine, formal):
     assert steered.text == fresh_steered.text
 
 
-def test_steering_survives_compilation(vengine, formal, hf_folder, tmp_path):
-    """torch.compile: hooks installed before compile add the persistent table, updated in place."""
+def test_steering_survives_compilation(vengine, formal, hf_folder, tmp_path, greedy_agrees):
+    """torch.compile: hooks installed before compile add the persistent table, updated in
+    place. Compiled against eager: other kernels, so greedy tokens agree up to the first
+    near-tie (conftest), scored by the eager engine."""
     formal.save(tmp_path / "formal.gguf")
-    want = {"plain": text(vengine), "steered": text(vengine, steering=formal)}
+    want = {"plain": ids(vengine), "steered": ids(vengine, steering=formal)}
     script = f"""
 import json, sys
 from morph import models
@@ -113,7 +142,7 @@ from morph.engine.base import Request, collect
 from morph.steering.vector import ControlVector
 cv = ControlVector.load({str(tmp_path / "formal.gguf")!r})
 e = VllmEngine(models.check(models.resolve(None)), n_ctx=512, max_num_seqs=4, enforce_eager=False)
-g = lambda **kw: collect(e.stream(Request(prompt={PROMPT!r}, max_tokens=16, temperature=0.0, repeat_penalty=1.0, **kw))).text
+g = lambda **kw: list(collect(e.stream(Request(prompt={PROMPT!r}, max_tokens=16, temperature=0.0, repeat_penalty=1.0, **kw))).token_ids)
 out = {{"plain": g(), "steered": g(steering=cv), "cleared": g(), "compiled": not e.enforce_eager}}
 print("RESULT " + json.dumps(out))
 e.close()
@@ -124,5 +153,7 @@ e.close()
     assert p.returncode == 0 and line, p.stderr[-3000:]
     got = json.loads(line[0][7:])
     assert got["compiled"]
-    assert got["plain"] == want["plain"] and got["cleared"] == want["plain"]
-    assert got["steered"] == want["steered"]
+    assert got["cleared"] == got["plain"]  # one process, one compiled graph: exact
+    greedy_agrees(vengine, PROMPT, want["plain"], got["plain"])
+    greedy_agrees(vengine, PROMPT, want["steered"], got["steered"], formal)
+    assert got["steered"] != got["plain"]
