@@ -71,6 +71,7 @@ class Thresholds:
     content: float = 0.4
     numbers: float = 1.0
     names: float = 1.0
+    invented: int = 0  # names the reference never mentions
 
 
 # A rewrite keeps its input; any other framing (chat, continue, expand, ...) is checked
@@ -145,6 +146,7 @@ def ladder_jobs(engine, framing: str, text: str, features: Sequence[Feature], *,
     framing (the instructed ones with the style instruction), with the ladder's placement."""
     rungs = rungs_for(framing) if rungs is None else rungs
     layers = {L for f in features for L in steered_layers(f.vector)}
+    cap = rewrite_cap(len(engine.tokenize(text))) if framing == "rewrite" else None
     out = []
     for r in rungs:
         req = tasks.build_request(framing, text, defaults=defaults, style=instruction(features) if r.instructed else None,
@@ -152,8 +154,19 @@ def ladder_jobs(engine, framing: str, text: str, features: Sequence[Feature], *,
         job = Job.from_request(engine, req)
         job.capture = sorted(layers)
         job.capture_prompt = False
+        if cap is not None:
+            job.until = lambda ids, cap=cap: len(ids) > cap
+            if "\n\n" not in text.strip():  # one paragraph in, one out: what follows a blank line is commentary
+                job.stop = [*job.stop, "\n\n"]
         out.append((r, job))
     return out
+
+
+def rewrite_cap(n_input_tokens: int) -> int:
+    """A rewrite candidate still going past this many tokens is adding, not rewriting (the
+    letters an instruction sometimes starts): it stops there and cannot be chosen. It also
+    bounds the ladder's time by the input's length."""
+    return int(1.5 * n_input_tokens) + 12
 
 
 class Reads:
@@ -260,13 +273,14 @@ def pick(embedder, source: str, cands: list[Candidate], thresholds: Thresholds) 
         for c, s in zip(cands, z.mean(axis=1)):
             c.style = float(s)
     ok = [c for c in cands if c.keeps_meaning]
-    chosen = max(ok, key=lambda c: c.style) if ok else max(cands, key=lambda c: (c.token_f1, -c.style))
+    chosen = max(ok, key=lambda c: c.style) if ok else max(cands, key=lambda c: (c.finish != "until", c.token_f1, -c.style))
     return Choice(chosen, cands)
 
 
 def keeps(c: Candidate, t: Thresholds) -> bool:
     r = c.retention
-    return (c.token_f1 >= t.token_f1 and r.content >= t.content and r.numbers >= t.numbers and r.names >= t.names)
+    return (c.finish != "until" and c.token_f1 >= t.token_f1 and r.content >= t.content and r.numbers >= t.numbers
+            and r.names >= t.names and len(r.invented) <= t.invented)
 
 
 def token_f1(embedder, source: str, texts: Sequence[str]) -> list[float]:

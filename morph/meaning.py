@@ -29,6 +29,12 @@ zero one two three four five six seven eight nine ten eleven twelve thirteen fou
 seventeen eighteen nineteen twenty thirty forty fifty sixty seventy eighty ninety hundred thousand
 million billion first second third fourth fifth sixth seventh eighth ninth tenth half dozen
 """.split())
+# Capitalised words a register change brings without naming anyone.
+TITLES = frozenset("""
+dear sir madam mr mrs ms dr regards sincerely best kind warm team all everyone monday tuesday wednesday
+thursday friday saturday sunday january february march april may june july august september october
+november december i
+""".split())
 _TOKEN = re.compile(r"[^\W\d_]+(?:['’][^\W\d_]+)?|\d+(?:[.,:]\d+)*", re.UNICODE)
 _SUFFIXES = ("ingly", "edly", "ing", "ied", "ies", "ed", "es", "s", "ly")
 
@@ -74,14 +80,17 @@ def words(text: str) -> Words:
 @dataclass(frozen=True)
 class Retention:
     """Share of the input's numbers, names and content words found in the output (1.0 when
-    the input has none of that kind)."""
+    the input has none of that kind), and the names the output brings that the input never
+    mentions ("Dear Dr. Sarah Thompson", "[Your Name]": made up, not rewritten)."""
 
     numbers: float
     names: float
     content: float
+    invented: tuple[str, ...] = ()
 
     def as_dict(self) -> dict:
-        return {"numbers": round(self.numbers, 3), "names": round(self.names, 3), "content": round(self.content, 3)}
+        return {"numbers": round(self.numbers, 3), "names": round(self.names, 3), "content": round(self.content, 3),
+                "invented": list(self.invented)}
 
 
 def retention(source: str, output: str) -> Retention:
@@ -92,8 +101,10 @@ def retention(source: str, output: str) -> Retention:
     def share(have: frozenset[str], kept) -> float:
         return 1.0 if not have else sum(1 for w in have if kept(w)) / len(have)
 
+    src_low = source.lower()
     return Retention(
         numbers=share(src.numbers, lambda n: n in out.numbers or n in low),
         names=share(src.names, lambda n: n in low),
         content=share(src.content, lambda w: w in out_stems),
+        invented=tuple(sorted(n for n in out.names if n not in src_low and n not in TITLES)),
     )
