@@ -82,6 +82,12 @@ def steer_cmd(obj, features, vectors, mode, max_tokens, temperature, top_p, seed
         sampling = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
                         repeat_penalty=repeat_penalty)
         ladder = None if (no_choose or mode != "rewrite" or apply) else choose.ladder_features(rt.catalog, steering)
+        if ladder:
+            try:
+                rt.embedder  # the meaning check's model: without it, one rewrite at the defaults
+            except MorphError as e:
+                click.echo(f"morph: {e}; rewriting once at the default strengths (as --no-choose)", err=True)
+                ladder = None
         chosen = None
         if ladder:
             out, finish, timings, chosen = _choose_to_stdout(rt, text, ladder, sampling)

@@ -18,7 +18,7 @@ GEN = {"max_tokens": 80, "temperature": 0.0}  # greedy, 80 tokens; the rest: tas
 DEFAULT_SCALES = (0.5, 1.0, 1.5, 2.0)  # multiples of each vector's default scale
 COMBO_SCALES = (1.0,)  # SAE plus prompting: at the default scale and the first apply mode only
 STEERED = ("diffmean", "sae", "file")  # condition kinds that are one vector alone
-KINDS = ("unsteered", "prompt", "diffmean", "sae", "sae+prompt", "file", "choose")
+KINDS = ("unsteered", "prompt", "diffmean", "sae", "sae+prompt", "file")
 DEFAULT_APPLY = "default"  # apply "default": each task's shipped placement (tasks.DEFAULT_APPLY), as `morph steer` does
 
 @dataclass
@@ -36,7 +36,6 @@ class Target:
     concept: str  # the judge's pole name
     description: str = ""
     sources: dict[str, Source] = field(default_factory=dict)  # by method
-    ladder: list | None = None  # [choose.Feature]: what `morph steer -f CONCEPT` chooses with
 
     @property
     def phrase(self) -> str:
@@ -52,7 +51,7 @@ class Condition:
 
     @property
     def method(self) -> str | None:
-        return {"sae+prompt": "sae", "choose": "choose"}.get(self.kind, self.kind if self.kind in STEERED else None)
+        return {"sae+prompt": "sae"}.get(self.kind, self.kind if self.kind in STEERED else None)
 
     @property
     def prompted(self) -> bool:
@@ -60,7 +59,7 @@ class Condition:
 
     @property
     def key(self) -> str:
-        if self.kind in ("unsteered", "prompt", "choose"):
+        if self.kind in ("unsteered", "prompt"):
             return self.kind
         return f"{self.kind} x{self.scale_x:g} {self.apply}"
 
@@ -81,8 +80,6 @@ def plan(targets: list[Target], scales=DEFAULT_SCALES, applies=("all",), kinds=K
     for t in targets:
         if "prompt" in kinds:
             out.append(Condition("prompt", t.concept))
-        if "choose" in kinds and t.ladder:
-            out.append(Condition("choose", t.concept))
         for method in t.sources:
             for kind in (method, "sae+prompt") if method == "sae" else (method,):
                 if kind not in kinds:
@@ -128,23 +125,13 @@ def targets_from_catalog(catalog, names: list[str] | None, known_concepts: list[
         if not feats:
             avail = ", ".join(catalog.names()) or "none"
             raise MorphError(f"unknown feature {name!r} for {catalog.model_id} (available: {avail})")
-        t = Target(name, feats[0].description, ladder=ladder_for(catalog, name))
+        t = Target(name, feats[0].description)
         for f in feats:
             cv = f.load_vector()
             cv.validate(n_embd, n_layer, where=f"feature {f.key} ({f.path})")
             t.sources[f.method] = Source(f.method, cv, float(f.default_scale), f.key)
         out.append(t)
     return out
-
-
-def ladder_for(catalog, name: str) -> list:
-    """The feature `morph steer -f NAME` runs its ladder with (the bare name's method)."""
-    from morph import choose
-    from morph.steering.profile import Profile
-
-    p = Profile(catalog, experimental=True)
-    p.apply(name)
-    return choose.ladder_features(catalog, p.steering())
 
 
 def target_from_file(path: str, scale: float | None, concept: str | None, known_concepts: list[str],

@@ -301,15 +301,9 @@ def write_features(results: dict, manifest: Path) -> list[str]:
     changed = []
     for e in raw.get("features", []):
         sel = results["selected"].get(e["name"])
-        if not sel:
+        if not sel or e["method"] not in sel["methods"]:
             continue
-        chose = sel["methods"].get("choose")
-        if chose is not None and f"{e['name']}@{e['method']}" in (chose.get("source") or "").split(","):
-            r = chose  # the feature a bare `-f NAME` runs its ladder with: offered on what the ladder does
-        elif e["method"] in sel["methods"]:
-            r = sel["methods"][e["method"]]
-        else:
-            continue
+        r = sel["methods"][e["method"]]
         old = e.setdefault("scores", {}).get("eval") or {}
         e["scores"]["eval"] = eval_entry(r, sel["prompting"], results["meta"])
         # A random vector of the same norm that met the goal too (tests/test_eval.py's random

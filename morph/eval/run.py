@@ -32,11 +32,7 @@ CACHE_VERSION = 1
 SHIFT_EPS = 0.05  # a prompt "moved" its concept when |shift| exceeds this
 
 # Issue 10 item 5: the goal a shipped feature must meet on the report half.
-# Issue 20 item 6: the goal a feature must meet on the report half. Fluency is measured
-# against the style instruction's own output (asking for a style in words costs the
-# unsteered model's likelihood too: x1.1-1.6), repetition against its repetition.
-GOAL = {"shift_vs_prompting": 1.5, "relevance_ratio_min": 0.9, "nll_vs_prompting_max": 1.2,
-        "repetition_vs_prompting_max": 0.05}
+GOAL = {"relevance_ratio_min": 0.85, "nll_ratio_max": 1.2}
 
 
 class Cache:
@@ -169,67 +165,12 @@ def _r(x: float, n: int = 4):
     return None if x is None or not math.isfinite(x) else round(float(x), n)
 
 
-def ladder_outputs(engine, embedder, items: list[tuple[EvalPrompt, Target]], cache: Cache,
-                   progress: bool = True) -> list[dict]:
-    """What `morph steer -f CONCEPT` prints for each (prompt, target): its ladder generated
-    (greedy, 80 tokens, every ladder of the run in one batch), then the choice, by the
-    product's own code (morph.choose). Each record names the rung chosen and its scores."""
-    from morph import choose
-    from morph.engine.generate import generate as run_jobs, runner_for
-
-    ladders = [choose.ladder_jobs(engine, p.task, p.text, t.ladder, **planmod.GEN) for p, t in items]
-    flat = [(i, r, job) for i, lad in enumerate(ladders) for r, job in lad]
-    keys = [_digest("ladder", CACHE_VERSION, _model_id(engine), job.tokens, _job_fields(job),
-                    [f.key for f in items[i][1].ladder], [f.vector.fingerprint() for f in items[i][1].ladder])
-            for i, _, job in flat]
-    recs: list[dict | None] = [cache.get(k) for k in keys]
-    todo = [j for j, r in enumerate(recs) if r is None]
-    if todo:
-        jobs = [flat[j][2] for j in todo]
-        reads = choose.Reads(jobs, [len(job.tokens) for job in jobs])
-        with _progress(len(todo), "ladders", progress) as bar, runner_for(engine, jobs) as runner:
-            def done(k: int, o) -> None:
-                i = flat[todo[k]][0]
-                rec = {"text": o.text, "ids": o.ids, "finish": o.finish,
-                       "reads": {f.key: reads.mean(k, *choose.unit_direction(f)) for f in items[i][1].ladder}}
-                cache.put(keys[todo[k]], rec)
-                recs[todo[k]] = rec
-                bar.update(1)
-
-            run_jobs(runner, jobs, on_rows=reads, on_done=done)
-    out, j = [], 0
-    for (p, t), lad in zip(items, ladders):
-        cands = []
-        for r, _ in lad:
-            rec = recs[j]
-            j += 1
-            cands.append(choose.Candidate(r, rec["text"].strip(), list(rec["ids"]), rec["finish"], reads=rec["reads"]))
-        choice = choose.choose_among(embedder, p.task, p.text, cands)
-        c = choice.chosen
-        out.append({"text": c.text, "ids": c.ids, "finish": c.finish, "chosen": choice.as_dict()})
-    return out
-
-
-def _job_fields(job) -> dict:
-    return {k: getattr(job, k) for k in ("steering", "apply", "max_tokens", "stop", "temperature", "top_p", "top_k",
-                                         "repeat_penalty", "repeat_last_n", "seed", "capture")
-            if k != "steering"} | {"vec": job.steering.fingerprint().hex() if job.steering is not None else ""}
-
-
 def evaluate(engine, judge, targets: list[Target], prompts: list[EvalPrompt], conditions: list[Condition],
-             cache: Cache, progress: bool = True, sequential: bool = False, embedder=None) -> dict:
-    """Generate, score and aggregate. Returns the results dict that report.py prints and writes.
-    `embedder`: relevance and the ladder's meaning check (default: the judge's own)."""
-    embedder = embedder if embedder is not None else judge.embed
+             cache: Cache, progress: bool = True, sequential: bool = False) -> dict:
+    """Generate, score and aggregate. Returns the results dict that report.py prints and writes."""
     by_concept = {t.concept: t for t in targets}
-    plain = [c for c in conditions if c.kind != "choose"]
-    chosen = [c for c in conditions if c.kind == "choose"]
-    jobs = [(p, c, planmod.build(p, c, by_concept.get(c.concept))) for c in plain for p in prompts]
+    jobs = [(p, c, planmod.build(p, c, by_concept.get(c.concept))) for c in conditions for p in prompts]
     gens = generate(engine, jobs, cache, progress, sequential=sequential)
-    if chosen:
-        items = [(p, by_concept[c.concept]) for c in chosen for p in prompts]
-        gens += ladder_outputs(engine, embedder, items, cache, progress)
-        jobs += [(p, c, None) for c in chosen for p in prompts]
     uniq: dict[tuple[str, tuple], int] = {}
     for (p, _, _), g in zip(jobs, gens):
         uniq.setdefault((p.id, tuple(g["ids"])), len(uniq))
@@ -237,8 +178,8 @@ def evaluate(engine, judge, targets: list[Target], prompts: list[EvalPrompt], co
     nll_u = nlls(engine, [(pmap[pid], list(ids)) for pid, ids in uniq], cache, progress)
 
     texts = [g["text"].strip() for g in gens]
-    out_emb = embedder(texts)
-    ref_emb = embedder([p.text for p, _, _ in jobs])
+    out_emb = judge.embed(texts)
+    ref_emb = judge.embed([p.text for p, _, _ in jobs])
     rel = scores.relevance(out_emb, ref_emb)
     outputs = []
     for j, ((p, c, _), g) in enumerate(zip(jobs, gens)):
@@ -248,7 +189,6 @@ def evaluate(engine, judge, targets: list[Target], prompts: list[EvalPrompt], co
             "text": g["text"], "n_tokens": len(g["ids"]), "finish": g["finish"],
             "relevance": float(rel[j]) if texts[j] else 0.0,
             "nll": nll, "repetition": scores.repetition(g["text"]),
-            **({"chosen": g["chosen"]} if "chosen" in g else {}),
         })
     # Concept scores: each output for its own concept; unsteered outputs for every concept.
     unsteered = {o["prompt"]: o for o in outputs if o["condition"] == "unsteered"}
@@ -298,7 +238,7 @@ def _row(t: Target, c: Condition, prompts, outs: dict, base: dict) -> dict:
     row = {"concept": t.concept, "condition": c.key, "kind": c.kind, "method": c.method,
            "apply": c.apply if src else None, "scale_x": c.scale_x if src else None,
            "scale": _r(src.default_scale * c.scale_x, 4) if src else None,
-           "source": src.label if src else ",".join(f.key for f in t.ladder) if c.kind == "choose" else None}
+           "source": src.label if src else None}
     row.update(summary(per))
     row["by_task"] = {task: summary([x for x in per if x["task"] == task])
                       for task in sorted({x["task"] for x in per})}
@@ -324,22 +264,12 @@ def regoal(rows: list[dict]) -> list[dict]:
 
 
 def goal(row: dict, prompt_row: dict | None) -> dict:
-    """The goal (GOAL) for one steered condition against its concept's prompting baseline:
-    a concept shift of at least 1.5x the instruction's, relevance at least 0.9x the
-    unsteered output's, fluency (NLL under the unsteered model, repetition) within a
-    margin of the instruction's, and never the wrong way."""
-    p = prompt_row or {}
-
-    def have(*xs):
-        return all(x is not None for x in xs)
-
-    shift, p_shift = row["concept_shift"], p.get("concept_shift")
+    """Issue 10 item 5, for one steered condition against its concept's prompting baseline."""
     checks = {
-        "beats_prompting": have(shift, p_shift) and shift >= GOAL["shift_vs_prompting"] * max(p_shift, 0.0),
-        "keeps_relevance": have(row["relevance_ratio"]) and row["relevance_ratio"] >= GOAL["relevance_ratio_min"],
-        "keeps_fluency": have(row["nll"], p.get("nll"), row["repetition"], p.get("repetition"))
-        and row["nll"] <= GOAL["nll_vs_prompting_max"] * p["nll"]
-        and row["repetition"] <= p["repetition"] + GOAL["repetition_vs_prompting_max"],
+        "beats_prompting": prompt_row is not None and row["concept_shift"] is not None
+        and prompt_row["concept_shift"] is not None and row["concept_shift"] >= prompt_row["concept_shift"],
+        "keeps_relevance": row["relevance_ratio"] is not None and row["relevance_ratio"] >= GOAL["relevance_ratio_min"],
+        "keeps_fluency": row["nll_ratio"] is not None and row["nll_ratio"] <= GOAL["nll_ratio_max"],
         "right_way": not wrong_way(row),
     }
     return {**checks, "meets_goal": all(checks.values())}
@@ -383,9 +313,6 @@ def select(rows: list[dict], tuned: dict | None = None) -> dict:
         methods: dict[str, dict] = {}
         for method in dict.fromkeys(r["method"] for r in rows if r["concept"] == concept and r["kind"] == r["method"]):
             cands = [r for r in rows if r["concept"] == concept and r["kind"] == method]
-            if method == "choose":  # one row: what the ladder chose
-                methods[method] = cands[0]
-                continue
             shipped = planmod.DEFAULT_APPLY if any(r["apply"] == planmod.DEFAULT_APPLY for r in cands) else "all"
             want = (tuned or {}).get(concept, {}).get(method) or {"apply": shipped, "scale_x": 1.0}
             if want.get("scale") is not None:  # an absolute scale (the tune run's): the same vector strength
