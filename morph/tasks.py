@@ -180,6 +180,7 @@ def build_request(framing: str, text: str = "", *, defaults: Defaults | None = N
 
     `overrides` are Request fields given explicitly (a flag the user set, a request's own
     max_tokens...); None values are ignored so callers can pass optional flags through.
+    `messages` among them replaces the framing's own turns (a server request's, as sent).
     `style` (e.g. "in a formal register") asks for a style in words, in the framing's own
     way: in the rewrite request, "(Written <style>.)" above a text to continue, an
     instruction in the system message of the other chat framings.
@@ -201,9 +202,9 @@ def build_request(framing: str, text: str = "", *, defaults: Defaults | None = N
         kw |= {"messages": msgs, "max_tokens": n}
     else:  # ghost: continue the text before the cursor, up to a blank line
         kw |= {"prompt": styled_text(text, style), "max_tokens": d.suggestion_tokens, "stop": ["\n\n"]}
-    if style and framing not in ("rewrite", "continue", "ghost"):
-        kw["messages"] = styled_messages(kw["messages"], style)
     kw |= {k: v for k, v in overrides.items() if v is not None}
+    if style and framing not in ("rewrite", "continue", "ghost"):  # also on messages given as an override
+        kw["messages"] = styled_messages(kw["messages"], style)
     return Request(**kw)  # `apply` was checked where it came in (flags, config, a request body)
 
 
