@@ -234,44 +234,38 @@ def test_ctrl_c_stops_the_reply_and_the_session_goes_on(rt, default_sigint):
 REWRITE = "hey, can u send me the report by friday? we need the 3 budget numbers before the call with Dana. thx"
 
 
-def test_a_rewrite_at_default_strength_is_chosen_from_a_ladder(rt, engine, emb):
-    """Rewrite mode with `formal` at its default strength prints the ladder's choice (the
-    one choose.run makes on the same input) and logs it; /choose off, or the same strength
-    given explicitly, is the one plain rewrite."""
+def test_a_rewrite_at_default_strength_is_chosen_from_a_ladder(rt, choose_calls, stream_calls):
+    """Rewrite mode with `formal` at its default strength prints the ladder's choice and
+    logs it (-v says which rung); /choose off, or the same strength given explicitly, is
+    the one plain rewrite."""
     once = ENTER + REWRITE + ENTER
     app, out = drive(rt, "/mode rewrite" + ENTER + "/feature formal" + once + "/choose off" + once
                      + "/choose on" + ENTER + "/feature formal 0.1" + once + "/choose" + ENTER + CTRL_D,
                      verbose=1, max_tokens=48)
-    s = app.session
-    default = rt.catalog.get("formal").default_scale
-    assert default == 0.1  # the explicit turn below asks for exactly the default strength
-    want = choose.run(engine, emb, "rewrite", REWRITE, choose.ladder_features(rt.catalog, _steering(rt, "formal")),
-                      defaults=rt.defaults, temperature=0.0, max_tokens=48)
-    plain = collect(engine.stream(tasks.build_request(
-        "rewrite", REWRITE, max_tokens=48, temperature=0.0,
-        steering=rt.catalog.get("formal").load_vector() * default))).text
-    assert want.text != plain.strip()  # else this test could not tell the two paths apart
-    chosen, off, explicit = (t for t in s.transcript if t.role == "assistant")
+    formal = rt.catalog.get("formal")
+    assert formal.default_scale == 0.1  # the explicit turn asks for exactly the default
+    [(args, kw, want)] = choose_calls  # one ladder: the first turn's
+    assert args[2:4] == ("rewrite", REWRITE) and [f.key for f in args[4]] == [formal.key]
+    assert kw["temperature"] == 0.0 and kw["max_tokens"] == 48 and kw["cancel"] is not None
+    assert len(want.candidates) == len(choose.RUNGS)
+    chosen, off, explicit = (t for t in app.session.transcript if t.role == "assistant")
     assert chosen.content == want.text and want.text in out
-    assert chosen.chosen["rung"] == want.chosen.rung.name
+    assert chosen.chosen == want.as_dict() and chosen.finish_reason == want.chosen.finish
     assert f"({choose.describe(want)})" in out  # -v says which rung
-    assert off.content == plain and off.chosen is None
-    assert explicit.content == plain and explicit.chosen is None  # =SCALE honoured exactly: no ladder
+    # The other two turns: one request each, the plain rewrite at the default strength.
+    single = tasks.build_request("rewrite", REWRITE, max_tokens=48, temperature=0.0)
+    assert len(stream_calls) == 2
+    for (req, text), turn in zip(stream_calls, (off, explicit)):
+        assert req.messages == single.messages and req.apply == single.apply and req.temperature == 0.0
+        np.testing.assert_array_equal(req.steering.directions[formal.layer],
+                                      formal.load_vector().directions[formal.layer] * 0.1)
+        assert turn.content == text and turn.chosen is None
     assert "choose: off" in out and "choose: on" in out
     rows = [r for r in db_turns() if r["role"] == "assistant"]
     import json
 
     assert json.loads(rows[0]["chosen"]) == want.as_dict() and rows[0]["content"] == want.text
     assert rows[1]["chosen"] is None and rows[2]["chosen"] is None
-
-
-def _steering(rt, *specs):
-    from morph.steering import profile
-
-    p = profile.Profile(rt.catalog, rt.info)
-    for spec in specs:
-        p.apply(profile.parse(spec))
-    return p.steering()
 
 
 def test_ctrl_c_cancels_the_ladder(rt, default_sigint, monkeypatch):
