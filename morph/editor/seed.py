@@ -100,6 +100,7 @@ class SeedUX:
         self.ed = editor
         self.popup: Popup | None = None
         self.preview: Preview | None = None
+        self._repainted = False
         self._popup_win = Window(
             FormattedTextControl(self._popup_fragments, focusable=True, key_bindings=self._popup_keys(), show_cursor=False),
             width=Dimension(min=30, max=64, preferred=64),
@@ -212,6 +213,9 @@ class SeedUX:
             if ladder is None:
                 single(job)
                 return
+            if not self._repainted:  # the embedder's first opening may print (its one-time conversion)
+                self._repainted = True
+                ed.post(self._repaint)
             ed.post(self._preview_status, pv, f"choosing among {len(choose.RUNGS)} candidates")
             try:
                 choice = choose.run(ed.engine, ladder.embedder, kind, text, ladder.features, defaults=ed.defaults,
@@ -221,6 +225,10 @@ class SeedUX:
             ed.post(self._preview_chosen, pv, choice)
 
         return run
+
+    def _repaint(self) -> None:
+        self.ed.app.renderer.clear()
+        self.ed.invalidate()
 
     def _no_ladder(self, why: str) -> None:
         self.ed.open_embedder = None  # said once; one generation from now on
