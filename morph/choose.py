@@ -25,7 +25,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -309,3 +309,23 @@ def ladder_features(catalog, steering) -> list[Feature] | None:
         f = catalog.get(key, experimental=True)  # already resolved (and allowed) by the profile
         out.append(Feature(key, f.load_vector(), tasks.style_phrase(f.name, f.description)))
     return out
+
+
+class Ladder(NamedTuple):
+    features: list[Feature]
+    embedder: object  # the meaning check's (morph.engine.embed.Embedder)
+
+
+def ladder_for(catalog, steering, open_embedder: Callable[[], object],
+               on_fallback: Callable[[str], None]) -> Ladder | None:
+    """What a ladder needs where the user left the strengths to morph: the features and the
+    embedder. None means one generation: a scale was given (or a vector file), or the
+    embedder cannot open (its package is missing), which `on_fallback` is told."""
+    features = ladder_features(catalog, steering)
+    if not features:
+        return None
+    try:
+        return Ladder(features, open_embedder())
+    except MorphError as e:
+        on_fallback(str(e))
+        return None

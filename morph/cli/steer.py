@@ -81,13 +81,9 @@ def steer_cmd(obj, features, vectors, mode, max_tokens, temperature, top_p, seed
             max_tokens = tasks.rewrite_max_tokens(len(rt.engine.tokenize(text)))
         sampling = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
                         repeat_penalty=repeat_penalty)
-        ladder = None if (no_choose or mode != "rewrite" or apply) else choose.ladder_features(rt.catalog, steering)
-        if ladder:
-            try:
-                rt.embedder  # the meaning check's model: without it, one rewrite at the defaults
-            except MorphError as e:
-                click.echo(f"morph: {e}; rewriting once at the default strengths (as --no-choose)", err=True)
-                ladder = None
+        ladder = None if (no_choose or mode != "rewrite" or apply) else choose.ladder_for(
+            rt.catalog, steering, lambda: rt.embedder,  # without the embedder: one rewrite at the defaults
+            lambda why: click.echo(f"morph: {why}; rewriting once at the default strengths (as --no-choose)", err=True))
         chosen = None
         if ladder:
             out, finish, timings, chosen = _choose_to_stdout(rt, text, ladder, sampling)
@@ -118,7 +114,8 @@ def steer_cmd(obj, features, vectors, mode, max_tokens, temperature, top_p, seed
 def _choose_to_stdout(rt, text: str, ladder, sampling: dict):
     """Generate the ladder, print the chosen candidate (nothing is printed before the choice)."""
     try:
-        choice = choose.run(rt.engine, rt.embedder, "rewrite", text, ladder, defaults=rt.defaults, **sampling)
+        choice = choose.run(rt.engine, ladder.embedder, "rewrite", text, ladder.features, defaults=rt.defaults,
+                            **sampling)
     except KeyboardInterrupt:
         click.echo("morph: interrupted", err=True)
         return "", "cancelled", None, None
