@@ -42,7 +42,7 @@ ROOT = HERE.parent
 from morph._bundle import SECTION, elf_section
 
 STEER_INPUT = b"hey, can u send me the report by friday? thx\n"
-STEER_ARGS = ["steer", "-f", "formal", "--max-tokens", "16", "--temperature", "0", "--no-log"]
+STEER_ARGS = ["steer", "-f", "formal", "--no-choose", "--max-tokens", "16", "--temperature", "0", "--no-log"]
 
 
 def log(msg: str) -> None:

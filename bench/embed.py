@@ -5,6 +5,9 @@
   short (12-word) and a 30-word sentence: p50, p95, max in ms;
 - meaning check: `similarity(input, candidate)` with the input already embedded (what a
   product check of one candidate costs): p50, p95;
+- ladder check: the rewrite ladder's whole meaning check (morph/choose.py: token-level F1
+  against the input over all-MiniLM-L6-v2's token rows, and lexical retention) for an
+  input and 6 candidates in one call; `per_candidate` is that over 6;
 - batch: 512 different eval-like texts in one `embed` call, texts per second, for each
   `--batch-tokens` value.
 
@@ -69,6 +72,19 @@ def main() -> int:
         check.similarity(LONG, f"{LONG} (v{i})")
         ts.append(time.perf_counter() - t)
     out["meaning_check_ms"] = _ms(ts)
+    from morph import meaning
+    from morph.choose import token_f1
+
+    ts = []
+    for i in range(args.reps):
+        cands = [f"{LONG} (v{i}.{k})" for k in range(6)]
+        t = time.perf_counter()
+        token_f1(check, LONG, cands)
+        for c in cands:
+            meaning.retention(LONG, c)
+        ts.append(time.perf_counter() - t)
+    out["ladder_check_ms"] = _ms(ts)
+    out["ladder_check_ms"]["per_candidate"] = round(out["ladder_check_ms"]["p50"] / 6, 2)
     check.close()
     texts = [p.text for p in load_prompts()]
     texts = [f"{texts[i % len(texts)]} ({i})" for i in range(512)]

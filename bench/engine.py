@@ -269,7 +269,8 @@ def steer_argv(info, tmp: Path, cv: ControlVector) -> tuple[list[str], str]:
         from morph.steering.catalog import Catalog
 
         Catalog(info.model_id).get("formal", experimental=True)
-        return base + ["--experimental", "-f", "formal"], "morph steer --experimental -f formal"
+        # --no-choose: one streamed rewrite, the engine's path (the ladder's cost: bench/choose.py)
+        return base + ["--experimental", "-f", "formal", "--no-choose"], "morph steer --experimental -f formal --no-choose"
     except Exception:
         path = tmp / "random.gguf"
         cv.save(path)

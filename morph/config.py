@@ -63,6 +63,8 @@ DEFAULT_TOML = """\
 # debounce_ms = 250    # pause before a suggestion starts
 # suggestion_tokens = 32
 # kv_cache_mb = 256    # saved suggestion state per document (kvcache/, ~20 MB each); 0: none
+# choose = true        # expand/compress at the features' default strengths: the strongest of a
+#                      # ladder of candidates that keeps the meaning; false: one generation
 """
 
 
@@ -80,6 +82,7 @@ class Config:
     debounce_ms: int = 250
     suggestion_tokens: int = 32
     kv_cache_mb: int = 256
+    editor_choose: bool = True  # telescope at default strengths: choose among a ladder (morph/choose.py)
     tensor_parallel_size: int = 1
     gpu_compile: bool = False
 
@@ -134,6 +137,8 @@ def load_config(create: bool = True) -> Config:
             cfg.suggestion_tokens = ed["suggestion_tokens"]
         if isinstance(ed.get("kv_cache_mb"), int) and not isinstance(ed["kv_cache_mb"], bool) and ed["kv_cache_mb"] >= 0:
             cfg.kv_cache_mb = ed["kv_cache_mb"]
+        if isinstance(ed.get("choose"), bool):
+            cfg.editor_choose = ed["choose"]
     return cfg
 
 

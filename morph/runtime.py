@@ -17,6 +17,16 @@ class Runtime:
     info: models.ModelInfo
     engine: Engine
     catalog: Catalog
+    _embedder: object | None = None
+
+    @property
+    def embedder(self):
+        """The sentence embedder (the meaning check's), opened on first use."""
+        if self._embedder is None:
+            from morph.engine.embed import Embedder
+
+            self._embedder = Embedder(threads=self.config.threads)
+        return self._embedder
 
     @property
     def defaults(self) -> tasks.Defaults:
@@ -27,6 +37,9 @@ class Runtime:
         return self.info.file.name
 
     def close(self) -> None:
+        if self._embedder is not None:
+            self._embedder.close()
+            self._embedder = None
         self.engine.close()
 
 

@@ -90,7 +90,19 @@ def _m1_core(db: sqlite3.Connection) -> None:
     )
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_m1_core]
+def _m2_chosen(db: sqlite3.Connection) -> None:
+    """Steer, check, choose: which candidate of the ladder a run, a REPL reply or a ghost
+    suggestion showed, with its scores (JSON; NULL when no ladder ran)."""
+    db.executescript(
+        """
+        ALTER TABLE runs ADD COLUMN chosen TEXT;
+        ALTER TABLE repl_turns ADD COLUMN chosen TEXT;
+        ALTER TABLE suggestions ADD COLUMN chosen TEXT;
+        """
+    )
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_m1_core, _m2_chosen]
 
 
 def connect(path: Path | None = None, timeout: float = 2.0) -> sqlite3.Connection:
@@ -152,17 +164,18 @@ def log_run(
     output: str,
     finish_reason: str | None,
     timings: dict | None,
+    chosen: dict | None = None,
 ) -> int:
     t = timings or {}
     with db:
         cur = db.execute(
             "INSERT INTO runs (ts, command, model, features, mode, input, output, finish_reason,"
-            " ttft_s, tok_per_s, prompt_tokens, gen_tokens, timings)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " ttft_s, tok_per_s, prompt_tokens, gen_tokens, timings, chosen)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 time.time(), command, model, _json(features), mode, input, output, finish_reason,
                 t.get("ttft_s"), t.get("tok_per_s"), t.get("prompt_tokens"), t.get("gen_tokens"),
-                _json(timings),
+                _json(timings), _json(chosen),
             ),
         )
     return int(cur.lastrowid)

@@ -100,6 +100,31 @@ def defaults(config=None) -> Defaults:
     return Defaults(sampling, apply, config.suggestion_tokens)
 
 
+# The style instruction for each pole (morph eval's prompting baseline and the ladder's
+# instructed rungs), in the task's own framing: "Rewrite this text <phrase>:" and, for
+# continue, "(Written <phrase>.)" above the text.
+STYLE_PHRASES = {
+    "formal": "in a formal, polite, professional register",
+    "casual": "in a casual, chatty register",
+    "concise": "concisely, in as few words as possible",
+    "elaborate": "in an elaborate, detailed, wordy style",
+    "vivid": "vividly, with sensory, concrete imagery",
+    "plain": "plainly and literally, without imagery",
+    "technical": "in a technical register, with precise terms, numbers and units",
+    "simple": "in simple everyday words a child could follow",
+    "positive": "in a positive, enthusiastic, warm tone",
+    "critical": "in a critical, skeptical, fault-finding tone",
+    "poetic": "poetically, with rhythm and metaphor",
+    "prosaic": "as matter-of-fact, literal prose",
+}
+
+
+def style_phrase(name: str, description: str = "") -> str:
+    """How to ask for a feature in words: its phrase, else its description."""
+    return STYLE_PHRASES.get(name) or f"in this style: {description or name}"
+
+
+
 # --- framings: text -> prompt or messages ---------------------------------------------
 
 
@@ -155,6 +180,10 @@ def build_request(framing: str, text: str = "", *, defaults: Defaults | None = N
 
     `overrides` are Request fields given explicitly (a flag the user set, a request's own
     max_tokens...); None values are ignored so callers can pass optional flags through.
+    `messages` among them replaces the framing's own turns (a server request's, as sent).
+    `style` (e.g. "in a formal register") asks for a style in words, in the framing's own
+    way: in the rewrite request, "(Written <style>.)" above a text to continue, an
+    instruction in the system message of the other chat framings.
     """
     d = defaults or Defaults()
     if framing not in FRAMINGS:
@@ -163,7 +192,7 @@ def build_request(framing: str, text: str = "", *, defaults: Defaults | None = N
     if framing == "rewrite":
         kw |= {"messages": rewrite_messages(text, style)}
     elif framing == "continue":
-        kw |= {"prompt": text, "max_tokens": CONTINUE_TOKENS}
+        kw |= {"prompt": styled_text(text, style), "max_tokens": CONTINUE_TOKENS}
     elif framing == "chat":
         kw |= {"messages": chat_messages(text, history)}
     elif framing == "explain":
@@ -172,9 +201,24 @@ def build_request(framing: str, text: str = "", *, defaults: Defaults | None = N
         msgs, n = telescope_messages(framing, scope, text)
         kw |= {"messages": msgs, "max_tokens": n}
     else:  # ghost: continue the text before the cursor, up to a blank line
-        kw |= {"prompt": text, "max_tokens": d.suggestion_tokens, "stop": ["\n\n"]}
+        kw |= {"prompt": styled_text(text, style), "max_tokens": d.suggestion_tokens, "stop": ["\n\n"]}
     kw |= {k: v for k, v in overrides.items() if v is not None}
+    if style and framing not in ("rewrite", "continue", "ghost"):  # also on messages given as an override
+        kw["messages"] = styled_messages(kw["messages"], style)
     return Request(**kw)  # `apply` was checked where it came in (flags, config, a request body)
+
+
+def styled_text(text: str, style: str | None) -> str:
+    """A raw text to continue, with the style asked for above it."""
+    return f"(Written {style.strip()}.)\n\n{text}" if style else text
+
+
+def styled_messages(messages: list[dict], style: str) -> list[dict]:
+    """Chat turns with "Write <style>." added to the system message (one is made if none)."""
+    ask = f"Write {style.strip()}."
+    if messages and messages[0]["role"] == "system":
+        return [{"role": "system", "content": f"{messages[0]['content']} {ask}"}, *messages[1:]]
+    return [{"role": "system", "content": ask}, *messages]
 
 
 def valid_apply(value) -> bool:

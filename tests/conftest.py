@@ -49,6 +49,38 @@ def engine(model_info, threads):
     eng.close()
 
 
+@pytest.fixture()
+def choose_calls(monkeypatch) -> list:
+    """Records each morph.choose.run call as (args, kwargs, Choice). Tests compare what a
+    frontend shows with that Choice, not with a second run: a ladder's steered rungs are
+    not reproducible bit for bit from one batch to the next (near-ties flip)."""
+    from morph import choose
+
+    calls, real = [], choose.run
+
+    def spy(*args, **kw):
+        calls.append((args, kw, real(*args, **kw)))
+        return calls[-1][2]
+
+    monkeypatch.setattr(choose, "run", spy)
+    return calls
+
+
+@pytest.fixture()
+def stream_calls(engine, monkeypatch) -> list:
+    """Records each engine.stream call as [request, text streamed]."""
+    calls, real = [], engine.stream
+
+    def spy(req):
+        calls.append([req, ""])
+        for ev in real(req):
+            calls[-1][1] += ev.text
+            yield ev
+
+    monkeypatch.setattr(engine, "stream", spy)
+    return calls
+
+
 @pytest.fixture(scope="session")
 def logit_atol() -> float:
     """The tolerance for logits (and log-probs) of one request computed by other kernels."""

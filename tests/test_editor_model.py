@@ -9,8 +9,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from morph import paths, tasks
+from morph import choose, paths, tasks
 from morph.editor import seed
+from morph.engine.base import collect
 from morph.steering.catalog import Catalog, Feature, write_entries
 from morph.steering.vector import ControlVector, residual_relative
 
@@ -104,3 +105,73 @@ def test_explain_and_expand_use_the_model(real, monkeypatch):
     assert new.strip()
     s.send("y")
     wait(lambda: s.ed.buffer.text == new + " Boats slept in the dark water.\n", what="accepted")
+
+
+@pytest.fixture(scope="module")
+def emb(threads):
+    from morph.engine.embed import Embedder
+
+    e = Embedder(threads=threads)
+    yield e
+    e.close()
+
+
+def test_telescope_at_default_strength_shows_the_ladders_choice(real, engine, emb, choose_calls, stream_calls,
+                                                               monkeypatch):
+    """\\c with `formal` at its default strength previews the choice of a ladder run on the
+    sentence in the compress framing (5 candidates: the unsteered one is the meaning
+    reference, not a candidate); `[editor] choose = false`, or a strength given, previews
+    the one generation."""
+    monkeypatch.setattr(tasks, "TELESCOPE_TOKENS", 40)
+    monkeypatch.setitem(tasks.FRAMING_SAMPLING, "compress", {"temperature": 0.0})  # greedy
+    sentence = "hey, can u send me the report by friday, we need the 3 budget numbers before the call with Dana."
+    greedy = tasks.Defaults(tasks.Sampling(temperature=0.0))
+    s = real(text=sentence + "\n", profile=["formal"], embedder=lambda: emb)
+    s.ed.defaults = greedy
+    formal = s.ed.catalog.get("formal")
+
+    def preview(keys):
+        s.send(keys)
+        wait(lambda: s.ed.seed.preview is not None and s.ed.seed.preview.done, timeout=120, what="compression")
+        pv = s.ed.seed.preview
+        title = s.ed.seed._preview_title()
+        s.send("n")
+        wait(lambda: s.ed.seed.preview is None, what="rejected")
+        return pv, title
+
+    def single(pv):
+        """The preview is the one request's text: compress, formal at its default strength."""
+        req, text = stream_calls[-1]
+        want = tasks.build_request("compress", sentence, scope="sentence", defaults=greedy)
+        assert req.messages == want.messages and req.temperature == 0.0
+        np.testing.assert_array_equal(req.steering.directions[formal.layer],
+                                      formal.load_vector().directions[formal.layer] * formal.default_scale)
+        return pv.text == seed.clean_reply(text) and not pv.chosen
+
+    asked = len(stream_calls)  # the ghost text's own requests
+    pv, title = preview("\\c")
+    assert len(stream_calls) == asked  # the ladder does not stream
+    [(args, kw, want)] = choose_calls
+    assert args[0] is engine and args[1] is emb and args[2:4] == ("compress", sentence)
+    assert [f.key for f in args[4]] == [formal.key] and kw["scope"] == "sentence"
+    assert kw["defaults"] is greedy and kw["cancel"] is not None
+    assert len(want.candidates) == len(choose.RUNGS) and choose.PLAIN not in [c.rung for c in want.candidates]
+    assert pv.text == seed.clean_reply(want.text) and pv.chosen.startswith(want.chosen.rung.name)
+    assert f"chose {want.chosen.rung.name}" in title
+    s.ed.config.editor_choose = False
+    pv, title = preview("\\c")
+    assert single(pv) and "chose" not in title
+    s.ed.config.editor_choose = True
+    s.send(ESC + ":feature formal 0.1\r")  # the default strength, given: honoured exactly
+    wait(lambda: "formal@diffmean" in s.ed.features.explicit, what="explicit strength")
+    assert s.ed.profile == {formal.key: formal.default_scale}
+    pv, _ = preview("\\c")
+    assert single(pv) and len(choose_calls) == 1
+
+
+def test_editor_choose_config_key(data_dir):
+    from morph.config import load_config
+
+    assert load_config().editor_choose is True
+    (data_dir / "config.toml").write_text("[editor]\nchoose = false\n")
+    assert load_config().editor_choose is False

@@ -135,9 +135,9 @@ def test_requests_are_the_ones_morph_steer_sends():
         prompted = plan.build(p, plan.Condition("prompt", "formal"), t)
         assert prompted.steering is None
         if p.task == "rewrite":  # tasks' own prompted rewrite
-            assert prompted.messages == tasks.rewrite_messages(p.text, plan.STYLE_PHRASES["formal"])
+            assert prompted.messages == tasks.rewrite_messages(p.text, tasks.STYLE_PHRASES["formal"])
         else:
-            assert prompted.prompt == f"(Written {plan.STYLE_PHRASES['formal']}.)\n\n{p.text}"
+            assert prompted.prompt == f"(Written {tasks.STYLE_PHRASES['formal']}.)\n\n{p.text}"
         both = plan.build(p, plan.Condition("sae+prompt", "formal", 1.0), t)
         assert both.steering is not None and (both.messages, both.prompt) == (prompted.messages, prompted.prompt)
     assert {p.task for p in prompts.load_prompts("report", quick=True)} == {"rewrite", "continue"}

@@ -18,10 +18,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "morph"
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("cli", "__main__", "_bundle.entry", "_bundle.build"),
     ("editor", "repl", "server", "eval", "sae", "doctor"),
-    ("tasks", "runtime"),
+    ("tasks", "runtime", "choose"),
     ("engine",),
     ("steering", "models", "store", "convert"),
-    ("paths", "errors", "fsutil", "config", "crash", "_bundle", "__init__"),
+    ("paths", "errors", "fsutil", "config", "crash", "meaning", "_bundle", "__init__"),
 )
 
 

@@ -19,7 +19,7 @@ from prompt_toolkit.enums import EditingMode
 from prompt_toolkit.input import create_pipe_input
 from prompt_toolkit.output import DummyOutput
 
-from morph import paths, store, tasks
+from morph import choose, paths, store, tasks
 from morph.cli import cli
 from morph.config import Config
 from morph.engine.base import collect
@@ -56,13 +56,22 @@ def engine(model_info, threads):
     eng.close()
 
 
+@pytest.fixture(scope="module")
+def emb(threads):
+    from morph.engine.embed import Embedder
+
+    e = Embedder(threads=threads)
+    yield e
+    e.close()
+
+
 @pytest.fixture()
-def rt(data_dir, engine, model_info):
+def rt(data_dir, engine, model_info, emb):
     make_feature(model_info)
     # The shared engine must outlive each REPL: close() is a no-op here.
     return types.SimpleNamespace(config=Config(), defaults=tasks.Defaults(), info=model_info, engine=engine,
                                  catalog=Catalog(model_info.model_id), model_name=model_info.file.name,
-                                 close=lambda: None)
+                                 embedder=emb, close=lambda: None)
 
 
 def drive(rt, typed: str, setup=None, **kw):
@@ -168,7 +177,7 @@ def test_slash_commands(rt, tmp_path):
     assert "mode: rewrite" in out and "error: unknown mode 'bogus'" in out and s.mode == "rewrite"
     assert f"model: {s.model_name}" in out and "error: unknown model 'no-such-model'" in out
     assert "Hello!" in out.split("/feature NAME")[0]  # /history listed this session
-    for c in ("/feature NAME", "/features", "/clear", "/model", "/mode", "/save", "/history", "/help"):
+    for c in ("/feature NAME", "/features", "/clear", "/model", "/mode", "/save", "/history", "/help", "/choose"):
         assert c in out
     assert "Alt-Enter" in out
     assert s.context == [] and "context cleared" in out
@@ -220,6 +229,61 @@ def test_ctrl_c_stops_the_reply_and_the_session_goes_on(rt, default_sigint):
     import json
 
     assert json.loads(db_turns()[1]["timings"])["finish_reason"] == "cancelled"
+
+
+REWRITE = "hey, can u send me the report by friday? we need the 3 budget numbers before the call with Dana. thx"
+
+
+def test_a_rewrite_at_default_strength_is_chosen_from_a_ladder(rt, choose_calls, stream_calls):
+    """Rewrite mode with `formal` at its default strength prints the ladder's choice and
+    logs it (-v says which rung); /choose off, or the same strength given explicitly, is
+    the one plain rewrite."""
+    once = ENTER + REWRITE + ENTER
+    app, out = drive(rt, "/mode rewrite" + ENTER + "/feature formal" + once + "/choose off" + once
+                     + "/choose on" + ENTER + "/feature formal 0.1" + once + "/choose" + ENTER + CTRL_D,
+                     verbose=1, max_tokens=48)
+    formal = rt.catalog.get("formal")
+    assert formal.default_scale == 0.1  # the explicit turn asks for exactly the default
+    [(args, kw, want)] = choose_calls  # one ladder: the first turn's
+    assert args[2:4] == ("rewrite", REWRITE) and [f.key for f in args[4]] == [formal.key]
+    assert kw["temperature"] == 0.0 and kw["max_tokens"] == 48 and kw["cancel"] is not None
+    assert len(want.candidates) == len(choose.RUNGS)
+    chosen, off, explicit = (t for t in app.session.transcript if t.role == "assistant")
+    assert chosen.content == want.text and want.text in out
+    assert chosen.chosen == want.as_dict() and chosen.finish_reason == want.chosen.finish
+    assert f"({choose.describe(want)})" in out  # -v says which rung
+    # The other two turns: one request each, the plain rewrite at the default strength.
+    single = tasks.build_request("rewrite", REWRITE, max_tokens=48, temperature=0.0)
+    assert len(stream_calls) == 2
+    for (req, text), turn in zip(stream_calls, (off, explicit)):
+        assert req.messages == single.messages and req.apply == single.apply and req.temperature == 0.0
+        np.testing.assert_array_equal(req.steering.directions[formal.layer],
+                                      formal.load_vector().directions[formal.layer] * 0.1)
+        assert turn.content == text and turn.chosen is None
+    assert "choose: off" in out and "choose: on" in out
+    rows = [r for r in db_turns() if r["role"] == "assistant"]
+    import json
+
+    assert json.loads(rows[0]["chosen"]) == want.as_dict() and rows[0]["content"] == want.text
+    assert rows[1]["chosen"] is None and rows[2]["chosen"] is None
+
+
+def test_ctrl_c_cancels_the_ladder(rt, default_sigint, monkeypatch):
+    reads = choose.Reads.__call__
+    sent = []
+
+    def interrupt(self, *a):  # the first generated rows: the ladder is running
+        if not sent:
+            sent.append(1)
+            os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C sends during a reply
+        return reads(self, *a)
+
+    monkeypatch.setattr(choose.Reads, "__call__", interrupt)
+    app, out = drive(rt, "/mode rewrite" + ENTER + "/feature formal" + ENTER + REWRITE + ENTER + CTRL_D,
+                     max_tokens=48)
+    [reply] = [t for t in app.session.transcript if t.role == "assistant"]
+    assert sent and reply.finish_reason == "cancelled" and reply.content == "" and "(cancelled)" in out
+    assert reply.chosen is None
 
 
 def test_resume_list_and_no_log(rt):
@@ -293,6 +357,7 @@ def test_completion(rt):
     assert "testfeat" in texts("/feature te") and "testfeat@diffmean" in texts("/feature te")
     assert texts("/feature testfeat o") == ["off"]
     assert texts("/mode c") == ["continue", "chat"]
+    assert texts("/choose o") == ["on", "off"]
     assert "--transcript" in texts("/save --t")
     assert texts("plain text /fea") == []
 

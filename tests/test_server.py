@@ -226,10 +226,10 @@ def test_logit_bias_and_penalties(srv, client, engine):
 # --- steering --------------------------------------------------------------------------------
 
 
-def _resolve(model_info, features):
+def _resolve(model_info, features, experimental=True):
     from morph.steering.catalog import Catalog
 
-    return profile.resolve(Catalog(model_info.model_id), model_info, features, experimental=True)
+    return profile.resolve(Catalog(model_info.model_id), model_info, features, experimental=experimental)
 
 
 def test_steering_through_extra_body(srv, client, engine, model_info):
@@ -539,8 +539,10 @@ def test_sixteen_queued_streams_are_served_in_arrival_order(srv, monkeypatch):
         assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     # Each logged wait covers at least the time the test kept it queued.
     srv.server.log.flush()
-    rows = [r for r in last_runs(n + 1) if r not in before]
-    waited = {int(r["input"].split(" ", 1)[0]): json.loads(r["timings"])["queue_s"] for r in rows}
+    # this test's rows (a request of the test before may be logged late, after `before`)
+    ours = {f"{i} {STORY}": i for i in range(n)}
+    rows = [r for r in last_runs(n + 8) if r not in before and r["input"] in ours]
+    waited = {ours[r["input"]]: json.loads(r["timings"])["queue_s"] for r in rows}
     assert sorted(waited) == list(range(n))
     assert all(waited[i] >= released - queued_at[i] for i in range(n)), (waited, released, queued_at)
 
@@ -629,6 +631,146 @@ def test_requests_are_logged(srv, client, model_info):
     out = subprocess.run([sys.executable, "-m", "morph", "log", "-n", "1"], capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0 and f" serve smollm2 [{next(iter(key))}=0.2] chat" in out.stdout
+
+
+# --- steer, check, choose ------------------------------------------------------------------------
+
+LADDER = {"steering": {"features": {"formal": None}}}  # the default strength: morph chooses one
+
+
+def _direct_choice(srv, engine, model_info, features, **kw):
+    """The ladder the server runs for CHAT, run here through choose.run on the engine."""
+    from morph import choose
+    from morph.steering.catalog import Catalog
+
+    ladder = choose.ladder_features(Catalog(model_info.model_id), _resolve(model_info, features, False))
+    return choose.run(engine, srv.server.rt.embedder, "chat", "", ladder, messages=CHAT, **kw)
+
+
+def test_chat_ladder_returns_the_chosen_candidate_and_logs_it(srv, client, engine, model_info):
+    from morph import choose
+
+    r = client.chat.completions.create(model="smollm2", messages=CHAT, max_tokens=32, temperature=0,
+                                       extra_body=LADDER)
+    chosen = r.steering["chosen"]
+    assert chosen["rung"] in {g.name for g in choose.rungs_for("chat") if g != choose.PLAIN}
+    assert r.steering["apply"] == choose.LADDER_APPLY
+    assert r.steering["features"] == _resolve(model_info, {"formal": None}, False).profile
+    want = _direct_choice(srv, engine, model_info, {"formal": None}, max_tokens=32, temperature=0)
+    by_rung = {c.rung.name: c for c in want.candidates}
+    assert r.choices[0].message.content == by_rung[chosen["rung"]].text == want.text
+    assert chosen == json.loads(json.dumps(want.as_dict()))  # the scores too, every candidate's
+    assert [c["rung"] for c in chosen["candidates"]] == [g.name for g in choose.RUNGS]  # PLAIN: the reference
+    assert r.usage.completion_tokens == len(want.chosen.ids) <= 32
+    assert r.choices[0].finish_reason == want.chosen.finish
+    srv.server.log.flush()
+    row = last_runs(1)[0]
+    assert json.loads(row["chosen"]) == chosen and row["output"] == r.choices[0].message.content
+
+
+def test_ladder_stream_equals_whole_and_carries_the_choice(srv, client):
+    whole = client.chat.completions.create(model="smollm2", messages=CHAT, max_tokens=32, temperature=0,
+                                           extra_body=LADDER)
+    chunks = list(client.chat.completions.create(model="smollm2", messages=CHAT, max_tokens=32, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True},
+                                                 extra_body=LADDER))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
+    echoed = [i for i, c in enumerate(chunks) if getattr(c, "steering", None)]
+    assert echoed[0] == 0 and "chosen" not in chunks[0].steering  # the role chunk: before the choice
+    with_choice = [i for i in echoed if "chosen" in chunks[i].steering]
+    finish = next(i for i, c in enumerate(chunks) if c.choices and c.choices[0].finish_reason)
+    assert len(with_choice) == 1 and with_choice[0] < finish
+    assert chunks[with_choice[0]].steering == whole.steering
+    assert chunks[finish].choices[0].finish_reason == whole.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    # Raw SSE: every event a JSON data line, then [DONE].
+    with httpx.stream("POST", srv.base + "/v1/chat/completions", timeout=300, json={
+            "messages": CHAT, "max_tokens": 8, "temperature": 0, "stream": True} | LADDER) as resp:
+        events = [ln for ln in resp.iter_lines() if ln and not ln.startswith(":")]
+    assert events[-1] == "data: [DONE]" and all(json.loads(e[6:]) for e in events[:-1])
+
+
+def test_choose_false_explicit_scales_and_what_the_ladder_cannot_honour(srv, client, engine, model_info):
+    """`choose: false` is one generation exactly as without the ladder; an explicit scale,
+    `apply`, logit mode, logit_bias, penalties and completions generate once (no
+    `chosen`); `choose: true` with any of them is a 400 naming the field."""
+    st = _resolve(model_info, {"formal": None}, False)
+    fresh(srv.server.engine)
+    off = client.chat.completions.create(model="smollm2", messages=CHAT, max_tokens=32, temperature=0,
+                                         extra_body={"steering": {"features": {"formal": None}, "choose": False}})
+    assert "chosen" not in off.steering and off.steering["apply"] == defaults_apply("chat")
+    assert off.choices[0].message.content == direct(engine, "chat", messages=CHAT, max_tokens=32, temperature=0,
+                                                     steering=st.vector, apply=off.steering["apply"])
+    single = dict(model="smollm2", messages=CHAT, max_tokens=4, temperature=0)
+    for steering, extra in (({"features": {"formal": 0.3}}, {}), ({"features": ["formal=0.2"]}, {}),
+                            ({"features": {"formal": None}, "apply": "generated"}, {}),
+                            ({"features": {"formal": None}, "mode": "logits"}, {}),
+                            ({"features": {"formal": None}}, {"logit_bias": {"0": -1}}),
+                            ({"features": {"formal": None}}, {"presence_penalty": 0.5})):
+        r = client.chat.completions.create(**single, extra_body={"steering": steering} | extra)
+        assert "chosen" not in r.steering, (steering, extra)
+    comp = client.completions.create(model="smollm2", prompt=STORY, max_tokens=4, temperature=0, extra_body=LADDER)
+    assert "chosen" not in comp.steering
+    url = srv.base + "/v1/chat/completions"
+    ask = {"messages": CHAT, "max_tokens": 4, "temperature": 0}
+    for steering, extra, param in (({"features": {"formal": 0.3}}, {}, "steering.features"),
+                                   ({"features": {"formal": None}, "apply": "all"}, {}, "steering.apply"),
+                                   ({"features": {"formal": None}, "mode": "logits"}, {}, "steering.mode"),
+                                   ({"features": {"formal": None}}, {"logit_bias": {"0": -1}}, "logit_bias"),
+                                   ({"features": {"formal": None}}, {"frequency_penalty": 1.0}, "frequency_penalty")):
+        e = _err(httpx.post(url, json=ask | extra | {"steering": steering | {"choose": True}}), 400, param)
+        assert "'steering.choose' is true" in e["message"]
+    _err(httpx.post(srv.base + "/v1/completions", json={"prompt": STORY, "steering": {
+        "features": ["formal"], "choose": True}}), 400, "steering.choose")
+    for bad in ("yes", 1, [True]):
+        e = _err(httpx.post(url, json=ask | {"steering": {"features": ["formal"], "choose": bad}}), 400,
+                 "steering.choose")
+        assert "true or false" in e["message"]
+
+
+def defaults_apply(framing: str) -> str:
+    from morph import tasks
+
+    return tasks.Defaults().apply[framing]
+
+
+def test_disconnect_cancels_a_ladder(srv):
+    """A whole ladder request whose client leaves while it runs (on the scheduler's worker,
+    as /health shows) ends cancelled and frees the worker."""
+    before = last_runs(1)
+    body = json.dumps({"messages": [{"role": "user", "content": "Write a very long story about a dragon."}],
+                       "max_tokens": 1500, "temperature": 0.7, "seed": 3} | LADDER).encode()
+    with socket.create_connection(("127.0.0.1", srv.port)) as c:
+        c.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        _health_until(srv, lambda h: h["running"] == 1)
+    t0 = time.monotonic()
+    row = _next_cancelled_row(srv, before)
+    assert row["chosen"] is None and row["mode"] == "chat apply=generated"
+    _health_until(srv, lambda h: h["running"] == 0)
+    assert time.monotonic() - t0 < 30
+
+
+def test_without_the_embedder_requests_generate_once_with_one_warning(model_info, engine, monkeypatch, capfd):
+    from morph.engine import minilm
+
+    def missing(name):
+        raise minilm.md.PackageNotFoundError(name)
+
+    monkeypatch.setattr(minilm.md, "distribution", missing)
+    rt = _runtime(model_info, engine)
+    s = Served(Server(rt, log=False))
+    try:
+        c = s.client()
+        capfd.readouterr()
+        for _ in range(2):
+            r = c.chat.completions.create(model="smollm2", messages=CHAT, max_tokens=4, temperature=0,
+                                          extra_body=LADDER)
+            assert "chosen" not in r.steering and r.steering["apply"] == defaults_apply("chat")
+        err = capfd.readouterr().err
+        assert err.count("morph: warning: ") == 1 and "steering.chosen" in err, err
+    finally:
+        s.stop()
 
 
 # --- the command, as a process ---------------------------------------------------------------

@@ -66,6 +66,7 @@ def write_cmd(obj, file, keys, features, experimental, no_suggest, no_log, threa
             profile=list(features) if features else None,
             experimental=experimental,
             log=not no_log,
+            embedder=(lambda: rt.embedder) if rt is not None else None,
         )
         ed.run(manage_gc=True)
     finally:

@@ -61,6 +61,7 @@ class Editor:
         profile: list[str] | dict[str, float | None] | None = None,
         experimental: bool = False,
         log: bool = True,
+        embedder: Callable[[], object] | None = None,
         input=None,
         output=None,
     ):
@@ -75,6 +76,9 @@ class Editor:
         self.model_name = model_name or (engine.info.file.name if engine is not None else "no model")
         self.keys = keys or self.config.editor_keys
         self.log_enabled = log
+        # Opens (or returns) the meaning check's embedder, on the engine worker: telescope
+        # commands choose among a ladder with it ([editor] choose). None: no ladder.
+        self.open_embedder = embedder
         self.message: tuple[str, str] = ("", "")  # (style class, text)
         self.confirm: Confirm | None = None
         self.loop = None

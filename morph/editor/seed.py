@@ -4,7 +4,9 @@ Explain (K in vi normal mode, F3, :explain): a popup at the cursor explains the 
 the visual selection) in the context of its sentence; any key closes it.
 Telescopic text (\\e \\c \\E \\C in normal mode, F4/F5, :expand/:compress [para]): the
 sentence or paragraph under the cursor is rewritten longer or shorter, streamed into a
-preview; Enter or y replaces the original, Esc or n keeps it.
+preview; Enter or y replaces the original, Esc or n keeps it. With the features at their
+default strengths ([editor] choose, on by default) the preview is the choice among a ladder
+of candidates generated together (morph/choose.py), shown once chosen, its rung in the title.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from prompt_toolkit.layout import ConditionalContainer, Dimension, Window
 from prompt_toolkit.layout.controls import FormattedTextControl
 from prompt_toolkit.widgets import Frame
 
-from morph import tasks
+from morph import choose, tasks
 from morph.engine.base import Request
 
 _SENT_END = re.compile(r"[.!?]+[\"'”’)\]]*(?=\s|$)")
@@ -89,6 +91,8 @@ class Preview:
     text: str = ""
     done: bool = False
     error: str = ""
+    status: str = ""  # while writing, what it does ("choosing among 5 candidates")
+    chosen: str = ""  # the ladder's rung, once chosen
 
 
 class SeedUX:
@@ -96,6 +100,7 @@ class SeedUX:
         self.ed = editor
         self.popup: Popup | None = None
         self.preview: Preview | None = None
+        self._repainted = False
         self._popup_win = Window(
             FormattedTextControl(self._popup_fragments, focusable=True, key_bindings=self._popup_keys(), show_cursor=False),
             width=Dimension(min=30, max=64, preferred=64),
@@ -153,7 +158,8 @@ class SeedUX:
         ed.suggest.dismiss()
         ed.app.layout.focus(self._popup_win)
         req = tasks.build_request("explain", sentence, word=word, defaults=ed.defaults, steering=ed.steering)
-        self._submit("explain", req, lambda piece: self._popup_piece(popup, piece), lambda: self._popup_done(popup))
+        self._submit("explain", self._streamer(req, lambda piece: self._popup_piece(popup, piece)),
+                     lambda: self._popup_done(popup))
         ed.invalidate()
 
     def _popup_piece(self, popup: Popup, piece: str) -> None:
@@ -191,8 +197,51 @@ class SeedUX:
         ed.app.layout.focus(self._preview_win)
         text = " ".join(original.split()) if scope == "sentence" else original
         req = tasks.build_request(kind, text, scope=scope, defaults=ed.defaults, steering=ed.steering)
-        self._submit("telescope", req, lambda piece: self._preview_piece(pv, piece), lambda: self._preview_done(pv))
+        stream = self._streamer(req, lambda piece: self._preview_piece(pv, piece))
+        if ed.config.editor_choose and ed.open_embedder is not None and ed.features is not None:
+            stream = self._chooser(pv, kind, text, scope, ed.features.steering(), stream)
+        self._submit("telescope", stream, lambda: self._preview_done(pv))
         ed.invalidate()
+
+    def _chooser(self, pv: Preview, kind: str, text: str, scope: str, steering, single):
+        """The worker's job for a telescope at default strengths: the ladder's choice
+        (`single`, the plain stream, where a strength was given: choose.ladder_for)."""
+        ed = self.ed
+
+        def run(job):
+            ladder = choose.ladder_for(ed.catalog, steering, ed.open_embedder, lambda why: ed.post(self._no_ladder, why))
+            if ladder is None:
+                single(job)
+                return
+            if not self._repainted:  # the embedder's first opening may print (its one-time conversion)
+                self._repainted = True
+                ed.post(self._repaint)
+            ed.post(self._preview_status, pv, f"choosing among {len(choose.RUNGS)} candidates")
+            try:
+                choice = choose.run(ed.engine, ladder.embedder, kind, text, ladder.features, defaults=ed.defaults,
+                                    cancel=job.cancel, scope=scope)
+            except KeyboardInterrupt:  # cancelled: Esc, or a newer job
+                return
+            ed.post(self._preview_chosen, pv, choice)
+
+        return run
+
+    def _repaint(self) -> None:
+        self.ed.app.renderer.clear()
+        self.ed.invalidate()
+
+    def _no_ladder(self, why: str) -> None:
+        self.ed.open_embedder = None  # said once; one generation from now on
+        self.ed.error(f"{why}; expand/compress generate once")
+
+    def _preview_status(self, pv: Preview, status: str) -> None:
+        pv.status = status
+        self.ed.invalidate()
+
+    def _preview_chosen(self, pv: Preview, choice) -> None:
+        pv.text = choice.text
+        pv.chosen = choice.chosen.rung.name + ("" if choice.chosen.keeps_meaning else ", the closest")
+        self.ed.invalidate()
 
     def _preview_piece(self, pv: Preview, piece: str) -> None:
         if pv is self.preview:
@@ -242,21 +291,29 @@ class SeedUX:
             return False
         return True
 
-    def _submit(self, kind: str, req: Request, on_piece, on_done) -> None:
+    def _streamer(self, req: Request, on_piece):
+        """A worker job streaming `req`, each piece posted to `on_piece` on the UI thread."""
         ed = self.ed
-        post = ed.post
 
         def run(job):
             req.cancel = job.cancel
+            for ev in ed.engine.stream(req):
+                if ev.text:
+                    ed.post(on_piece, ev.text)
+
+        return run
+
+    def _submit(self, kind: str, body, on_done) -> None:
+        post = self.ed.post
+
+        def run(job):
             try:
-                for ev in ed.engine.stream(req):
-                    if ev.text:
-                        post(on_piece, ev.text)
+                body(job)
             finally:  # also after an error (reported by the worker): no endless "…"
                 post(on_done)
 
-        ed.suggest.invalidate_warm()  # chat prompts replace the KV cache's prefix
-        ed.worker.submit(kind, run)
+        self.ed.suggest.invalidate_warm()  # chat prompts replace the KV cache's prefix
+        self.ed.worker.submit(kind, run)
 
     def _refocus(self) -> None:
         self.ed.app.layout.focus(self.ed.buffer)
@@ -274,8 +331,9 @@ class SeedUX:
         pv = self.preview
         if pv is None:
             return ""
-        state = "Enter/y accept · Esc/n reject" if pv.done else "writing… Esc cancels"
-        return f"{pv.kind} {pv.scope}  ({state})"
+        state = "Enter/y accept · Esc/n reject" if pv.done else f"{pv.status or 'writing'}… Esc cancels"
+        chosen = f", chose {pv.chosen}" if pv.chosen else ""
+        return f"{pv.kind} {pv.scope}{chosen}  ({state})"
 
     def _preview_fragments(self):
         pv = self.preview

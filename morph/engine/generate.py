@@ -54,6 +54,7 @@ class Job:
     seed: int | Sequence[int] | None = None  # numpy seed of this job's sampler
     # Blocks whose output rows go to `on_rows` (an empty tuple: positions only; None: no call).
     capture: Sequence[int] | None = None
+    capture_prompt: bool = True  # False: only generated rows go to `on_rows` (the prefill can be shared)
     # (block, prompt positions, row): those rows of the prompt are replaced by `row` at that
     # block (self-explanation), before the steering is added.
     replace: tuple[int, Sequence[int], np.ndarray] | None = None
@@ -100,7 +101,7 @@ class _Run:
 
     def prefill_key(self) -> tuple | None:
         """What a prompt's KV cells depend on; None: never shared (captured or edited rows)."""
-        if self.job.capture is not None or self.job.replace is not None:
+        if (self.job.capture is not None and self.job.capture_prompt) or self.job.replace is not None:
             return None
         if not self.dirs or not self.prompt_f:
             return (tuple(self.job.tokens), 0.0, b"")  # an unsteered prompt
@@ -244,13 +245,14 @@ class _Loop:
     def _decode(self, tokens, pos, seq, want, rows):
         layers, edit = _edit_for(rows)
         runs = [r for r, _, _ in rows]
-        caps = sorted({L for r in runs if r.job.capture for L in r.job.capture})
+        caps = sorted({L for r, _, p in rows if r.job.capture and (p is None or r.job.capture_prompt)
+                       for L in r.job.capture})
         logits, acts = self.runner.decode(tokens, pos, seq, want, layers=sorted(set(layers) | set(caps)), edit=edit)
         if self.on_rows is not None:
-            self._report_rows(runs, pos, acts)
+            self._report_rows(runs, pos, acts, [p is None for _, _, p in rows])
         return logits
 
-    def _report_rows(self, runs: list[_Run], pos, acts) -> None:
+    def _report_rows(self, runs: list[_Run], pos, acts, generated: list[bool]) -> None:
         """on_rows(job index, positions, {block: rows}) per job with `capture`, in row order."""
         i = 0
         while i < len(runs):
@@ -258,7 +260,7 @@ class _Loop:
             while j < len(runs) and runs[j] is runs[i]:
                 j += 1
             cap = runs[i].job.capture
-            if cap is not None:
+            if cap is not None and (generated[i] or runs[i].job.capture_prompt):
                 self.on_rows(runs[i].index, np.asarray(pos[i:j]), {L: acts[L][i:j] for L in cap})
             i = j
 

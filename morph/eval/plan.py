@@ -21,24 +21,6 @@ STEERED = ("diffmean", "sae", "file")  # condition kinds that are one vector alo
 KINDS = ("unsteered", "prompt", "diffmean", "sae", "sae+prompt", "file")
 DEFAULT_APPLY = "default"  # apply "default": each task's shipped placement (tasks.DEFAULT_APPLY), as `morph steer` does
 
-# How the prompting baseline asks for each pole, in the task's own framing:
-# "Rewrite this text <phrase>:" and, for continue, "(Written <phrase>.)" above the text.
-STYLE_PHRASES = {
-    "formal": "in a formal, polite, professional register",
-    "casual": "in a casual, chatty register",
-    "concise": "concisely, in as few words as possible",
-    "elaborate": "in an elaborate, detailed, wordy style",
-    "vivid": "vividly, with sensory, concrete imagery",
-    "plain": "plainly and literally, without imagery",
-    "technical": "in a technical register, with precise terms, numbers and units",
-    "simple": "in simple everyday words a child could follow",
-    "positive": "in a positive, enthusiastic, warm tone",
-    "critical": "in a critical, skeptical, fault-finding tone",
-    "poetic": "poetically, with rhythm and metaphor",
-    "prosaic": "as matter-of-fact, literal prose",
-}
-
-
 @dataclass
 class Source:
     """One vector that claims to steer a concept: a catalog feature or a user's file."""
@@ -57,7 +39,7 @@ class Target:
 
     @property
     def phrase(self) -> str:
-        return STYLE_PHRASES.get(self.concept) or f"in this style: {self.description or self.concept}"
+        return tasks.style_phrase(self.concept, self.description)
 
 
 @dataclass(frozen=True)
@@ -118,13 +100,8 @@ def build(prompt: EvalPrompt, cond: Condition, target: Target | None) -> Request
         src = target.sources[cond.method]
         kw["steering"] = src.vector * (src.default_scale * cond.scale_x)
         kw["apply"] = None if cond.apply == DEFAULT_APPLY else cond.apply  # None: tasks' default for the framing
-    text, style = prompt.text, None
-    if cond.prompted:
-        if prompt.task == "rewrite":
-            style = target.phrase
-        else:
-            text = f"(Written {target.phrase}.)\n\n{text}"
-    return tasks.build_request(prompt.task, text, style=style, **kw)
+    style = target.phrase if cond.prompted else None
+    return tasks.build_request(prompt.task, prompt.text, style=style, **kw)
 
 
 def plain(prompt: EvalPrompt) -> Request:

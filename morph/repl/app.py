@@ -28,7 +28,8 @@ from prompt_toolkit.history import FileHistory, History, InMemoryHistory
 from prompt_toolkit.key_binding import KeyBindings
 from prompt_toolkit.styles import Style
 
-from morph import models, paths
+from morph import choose, models, paths
+from morph.engine.base import Event
 from morph.errors import MorphError
 from morph.repl import commands
 from morph.repl.log import SessionLog, load_session
@@ -88,6 +89,7 @@ class Repl:
         self.session.set_mode(mode)
         self.session.features.load(features or {})
         self._bannered = False
+        self._status = False  # a transient status line is on screen (a tty only)
         self._real_tty = input is None and sys.stdin.isatty()
         self.on_piece: list[Callable[[str], None]] = []  # called with each streamed piece
         if history is None:
@@ -181,7 +183,8 @@ class Repl:
             self.answer(text)
 
     def answer(self, text: str) -> str | None:
-        """Stream the reply to `text`; returns the finish reason."""
+        """Stream the reply to `text` (a rewrite chosen from a ladder: printed once chosen);
+        returns the finish reason."""
         s = self.session
         prep = s.prepare(text)
         if prep.dropped:
@@ -190,10 +193,17 @@ class Repl:
         cancel = threading.Event()
         prep.request.cancel = cancel
         q: queue.Queue = queue.Queue(maxsize=1)  # keeps the worker at most a token ahead
+        ladder = self._ladder()
+        chosen: list[choose.Choice] = []
+        if ladder is not None:
+            self._show_status(f"choosing among {len(choose.rungs_for('rewrite'))} candidates…")
+            events = self._choose(ladder, text, prep.request.max_tokens, cancel, chosen)
+        else:
+            events = s.engine.stream(prep.request)
 
         def work():
             try:
-                for ev in s.engine.stream(prep.request):
+                for ev in events:
                     q.put(ev)
             except BaseException as e:  # re-raised in the main thread
                 q.put(e)
@@ -204,6 +214,7 @@ class Repl:
         with self._no_echo():
             worker.start()
             finish, timings, failure = self._drain(q, worker, cancel, parts)
+            self._clear_status()
         worker.join(timeout=5)
         reply = "".join(parts)
         if reply and not reply.endswith("\n"):
@@ -220,8 +231,46 @@ class Repl:
             self.note(f"{timings.gen_tokens} tokens, TTFT {timings.ttft_s * 1000:.0f} ms, "
                       f"{timings.tok_per_s:.1f} tok/s, {timings.evaluated_tokens}/{timings.prompt_tokens} "
                       f"prompt tokens evaluated, finish {finish}")
-        s.commit(text, reply, finish, timings.as_dict() if timings else None, prep.dropped)
+        if self.verbose and chosen:
+            self.note(choose.describe(chosen[0]))
+        s.commit(text, reply, finish, timings.as_dict() if timings else None, prep.dropped,
+                 chosen=chosen[0].as_dict() if chosen else None)
         return finish
+
+    def _ladder(self) -> choose.Ladder | None:
+        """A rewrite at the features' default strengths is chosen from a ladder (/choose)."""
+        s = self.session
+        if not (s.choose and s.mode == "rewrite") or s.sampling.get("apply"):  # --apply: as given, once
+            return None
+        return choose.ladder_for(s.catalog, s.features.steering(), lambda: self.rt.embedder, self._no_ladder)
+
+    def _no_ladder(self, why: str) -> None:
+        self.session.choose = False
+        self.note(f"{why}; rewriting once at the default strengths from now on (/choose on tries again)")
+
+    def _choose(self, ladder: choose.Ladder, text: str, max_tokens: int, cancel: threading.Event,
+                chosen: list):
+        """The ladder's choice as the one event of a stream (on the worker thread)."""
+        s = self.session
+        try:
+            choice = choose.run(s.engine, ladder.embedder, "rewrite", text, ladder.features, defaults=s.defaults,
+                                cancel=cancel, **(s.sampling | {"max_tokens": max_tokens}))
+        except KeyboardInterrupt:  # cancelled (Ctrl-C): nothing was chosen
+            yield Event(done=True, finish_reason="cancelled")
+            return
+        chosen.append(choice)
+        yield Event(text=choice.text, done=True, finish_reason=choice.chosen.finish, timings=choice.timings)
+
+    def _show_status(self, line: str) -> None:
+        """A dim line on a terminal while nothing else shows progress, erased before the reply."""
+        if getattr(self.out, "isatty", lambda: False)():
+            self.write(f"\x1b[2m{line}\x1b[0m")
+            self._status = True
+
+    def _clear_status(self) -> None:
+        if self._status:
+            self._status = False
+            self.write("\r\x1b[2K")
 
     def _drain(self, q, worker, cancel, parts):
         """Print the worker's events until the final one; Ctrl-C sets `cancel`."""
@@ -238,6 +287,7 @@ class Repl:
                     failure = item
                     break
                 if item.text:
+                    self._clear_status()
                     parts.append(item.text)
                     self.write(item.text)
                     for cb in self.on_piece:

@@ -106,6 +106,19 @@ def _mode(app, args: list[str]) -> None:
     app.say(f"mode: {app.session.mode}")
 
 
+@command("choose", "/choose [on|off]",
+         "rewrite mode with features at their default strengths: on (the default) rewrites at "
+         "several strengths and prints the strongest that keeps the meaning; off rewrites once")
+def _choose(app, args: list[str]) -> None:
+    s = app.session
+    if args and (len(args) > 1 or args[0].lower() not in ("on", "off")):
+        raise MorphError("usage: /choose on|off")
+    if args:
+        s.choose = args[0].lower() == "on"
+    app.say(f"choose: {'on' if s.choose else 'off'}"
+            + ("" if s.mode == "rewrite" else " (applies in rewrite mode)"))
+
+
 @command("clear", "/clear", "forget the conversation so far (features and mode stay)")
 def _clear(app, args: list[str]) -> None:
     app.session.clear()
@@ -252,6 +265,8 @@ class SlashCompleter(Completer):
             return [("off", "remove"), (f"{d:g}", "default"), ("default", f"{d:g}")]
         if cmd == "mode" and idx == 0:
             return [(m, "") for m in tasks.MODES]
+        if cmd == "choose" and idx == 0:
+            return [("on", "choose among a ladder"), ("off", "rewrite once")]
         if cmd == "model" and idx == 0:
             from morph import models
 

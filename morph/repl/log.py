@@ -31,24 +31,25 @@ class SessionLog:
             self.session_id = int(cur.lastrowid)
         return self.session_id
 
-    def turns(self, rows: list[tuple[str, str, dict, dict]], mode: str, features: dict) -> None:
-        """Append (role, content, features, meta) rows; meta (finish_reason, mode, timings)
-        goes in the `timings` JSON column."""
+    def turns(self, rows: list[tuple[str, str, dict, dict, dict | None]], mode: str, features: dict) -> None:
+        """Append (role, content, features, meta, chosen) rows; meta (finish_reason, mode,
+        timings) goes in the `timings` JSON column, chosen (a ladder's choice) in `chosen`."""
         if not self.enabled or not rows:
             return
-        title = next((c for r, c, _, _ in rows if r == "user"), rows[0][1])
+        title = next((row[1] for row in rows if row[0] == "user"), rows[0][1])
         with store.safe("REPL turn") as box:
             if not box:
                 return
             db = box[0]
             sid = self._ensure(db, mode, features, " ".join(title.split()))
             with db:
-                for role, content, feats, meta in rows:
+                for role, content, feats, meta, chosen in rows:
                     db.execute(
-                        "INSERT INTO repl_turns (session_id, ts, role, content, features, timings)"
-                        " VALUES (?,?,?,?,?,?)",
+                        "INSERT INTO repl_turns (session_id, ts, role, content, features, timings, chosen)"
+                        " VALUES (?,?,?,?,?,?,?)",
                         (sid, time.time(), role, content, json.dumps(feats, sort_keys=True),
-                         json.dumps(meta, sort_keys=True)),
+                         json.dumps(meta, sort_keys=True),
+                         None if chosen is None else json.dumps(chosen, sort_keys=True)),
                     )
                 db.execute("UPDATE repl_sessions SET mode=?, features=? WHERE id=?",
                            (mode, json.dumps(features, sort_keys=True), sid))

@@ -30,6 +30,7 @@ class Turn:
     features: dict[str, float]
     finish_reason: str | None = None  # assistant turns: stop | length | cancelled
     timings: dict | None = None
+    chosen: dict | None = None  # a reply chosen from a ladder: choose.Choice.as_dict()
 
 
 @dataclass
@@ -53,6 +54,7 @@ class Session:
     context: list[dict] = field(default_factory=list)  # chat messages after the system one
     transcript: list[Turn] = field(default_factory=list)
     features: Profile | None = None  # the active features (steering/profile.py)
+    choose: bool = True  # rewrite mode at default strengths: choose among a ladder (morph/choose.py)
 
     def __post_init__(self):
         if self.features is None:
@@ -123,21 +125,22 @@ class Session:
 
     # --- recording --------------------------------------------------------------------
 
-    def commit(self, text: str, reply: str, finish: str | None, timings: dict | None, dropped: int = 0) -> None:
+    def commit(self, text: str, reply: str, finish: str | None, timings: dict | None, dropped: int = 0,
+               chosen: dict | None = None) -> None:
         """Record a finished (or cancelled) exchange in context, transcript and log."""
         feats = dict(self.profile)
         rows = []
         if dropped:
             msg = f"dropped {dropped} oldest exchange{'s' if dropped > 1 else ''} to fit the context"
             self.transcript.append(Turn("note", msg, self.mode, feats))
-            rows.append(("note", msg, feats, {"event": "drop", "n": dropped}))
+            rows.append(("note", msg, feats, {"event": "drop", "n": dropped}, None))
         self.transcript.append(Turn("user", text, self.mode, feats))
-        self.transcript.append(Turn("assistant", reply, self.mode, feats, finish, timings))
+        self.transcript.append(Turn("assistant", reply, self.mode, feats, finish, timings, chosen))
         if self.mode == "chat" and (reply or finish != "cancelled"):
             self.context += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
-        rows.append(("user", text, feats, {"mode": self.mode}))
+        rows.append(("user", text, feats, {"mode": self.mode}, None))
         rows.append(("assistant", reply, feats,
-                     {"mode": self.mode, "finish_reason": finish, **(timings or {})}))
+                     {"mode": self.mode, "finish_reason": finish, **(timings or {})}, chosen))
         if self.log:
             self.log.turns(rows, self.mode, feats)
 
@@ -145,7 +148,7 @@ class Session:
         self.context = []
         self.transcript.append(Turn("note", "context cleared", self.mode, dict(self.profile)))
         if self.log and self.log.session_id is not None:
-            self.log.turns([("note", "context cleared", dict(self.profile), {"event": "clear"})],
+            self.log.turns([("note", "context cleared", dict(self.profile), {"event": "clear"}, None)],
                            self.mode, dict(self.profile))
 
     def last_reply(self) -> str | None:

@@ -10,8 +10,11 @@ Shapes follow vLLM's OpenAI server: errors are {"error": {message, type, param, 
 400 for bad parameters, 404 for an unknown model, 401 without the API key, 413 for a
 body over the limit. Steering rides in the request body (`steering`, see params.py) and
 resolves through morph.steering.profile like `morph steer -f`; a response echoes what it
-resolved to. Every request is logged to the history database (`morph log`) unless the
-server runs with --no-log.
+resolved to. A chat request whose features are left at their default strengths is
+answered by steer, check, choose (morph/choose.py): a ladder of candidates in one batch,
+the strongest that keeps the unsteered answer's meaning returned, and the echo says which
+(`steering.chosen`). Every request is logged to the history database (`morph log`) unless
+the server runs with --no-log.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import sys
+import threading
 import time
 import traceback
 import uuid
@@ -32,6 +37,7 @@ from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from morph import choose
 from morph.engine.base import Event, Request
 from morph.errors import MorphError
 from morph.server.errors import APIError, bad
@@ -54,6 +60,14 @@ class Prepared:
     n_prompt: int
     steering: dict | None  # what the request's steering resolved to (echoed, logged)
     log_input: str
+    ladder: list[choose.Feature] | None = None  # steer, check, choose instead of one generation
+
+
+@dataclass
+class Chosen(Event):
+    """A ladder's outcome as one final event: the chosen candidate's text, and the choice."""
+
+    choice: choose.Choice | None = None
 
 
 class Server:
@@ -76,6 +90,9 @@ class Server:
         self._resolved: dict[tuple, Any] = {}
         self._logit = None  # morph.steering.logits.LogitSteering, built on first use
         self._logit_lock = asyncio.Lock()
+        self._ladders: dict[tuple, list[choose.Feature]] = {}
+        self._embedder = None  # the meaning check's, opened on the first ladder (False: unavailable)
+        self._embedder_lock = asyncio.Lock()
 
     def close(self) -> None:
         self.scheduler.close()
@@ -162,7 +179,11 @@ class Server:
         prep = await self._prepare(p)
         loop = asyncio.get_running_loop()
         try:
-            job = self.scheduler.submit(prep.request, loop)
+            if prep.ladder:
+                cancel = threading.Event()
+                job = self.scheduler.call(lambda: self._choose(p, prep, cancel), loop, cancel)
+            else:
+                job = self.scheduler.submit(prep.request, loop)
         except MorphError as e:
             raise APIError(str(e), 503) from None
         watcher = asyncio.ensure_future(_cancel_on_disconnect(request, job))
@@ -192,7 +213,7 @@ class Server:
         """The engine Request for `p`: morph's defaults for its framing, the body's fields,
         its steering, and its length checked against the context."""
         sampling = self.defaults.sampling_for(p.framing) | p.sampling
-        cv, bias, apply, echo = await self._steering(p)
+        cv, bias, apply, echo, ladder = await self._steering(p)
         if p.logit_bias:
             bias = self._add_user_bias(bias, p.logit_bias)
         req = Request(prompt=p.prompt, messages=p.messages, stop=tuple(p.stop), steering=cv, apply=apply,
@@ -204,24 +225,78 @@ class Server:
             n_prompt = self._count_tokens(req)
         req.max_tokens = self._max_tokens(p, n_prompt)
         log_input = p.prompt if p.prompt is not None else json.dumps(p.messages, ensure_ascii=False)
-        return Prepared(req, n_prompt, echo, log_input)
+        return Prepared(req, n_prompt, echo, log_input, ladder)
 
     async def _steering(self, p: Params):
-        """(control vector, logit bias, apply, what to echo) for the request's steering, or
-        the server's default steering (-f) when the body has no `steering` field."""
+        """(control vector, logit bias, apply, what to echo, the ladder's features or None)
+        for the request's steering, or the server's default steering (-f) when the body has
+        no `steering` field."""
         apply = self.defaults.apply.get(p.framing, "all")
         spec = p.steering if p.steering is not None else self.default_steering
         if spec is None or not spec.features:
-            return None, None, apply, None
+            return None, None, apply, None, None
         st = await self._resolve(spec)
+        ladder = await self._ladder(p, spec, st)
         cv, bias = None, None
-        if spec.mode == "logits":  # a logit bias acts on sampled tokens only (checked in the parser)
+        if ladder:
+            apply = choose.LADDER_APPLY  # what the ladder's candidates run with (echoed, logged)
+        elif spec.mode == "logits":  # a logit bias acts on sampled tokens only (checked in the parser)
             apply = "generated"
             bias = (await self._logit_steering()).bias(st.vector)
         else:
             apply = spec.apply or apply  # checked where the body was parsed
             cv = st.vector
-        return cv, bias, apply, {"features": dict(st.profile), "apply": apply, "mode": spec.mode}
+        return cv, bias, apply, {"features": dict(st.profile), "apply": apply, "mode": spec.mode}, ladder
+
+    async def _ladder(self, p: Params, spec: SteeringRequest, st) -> list[choose.Feature] | None:
+        """The features a ladder chooses the strength of, or None: one generation (`choose`
+        false, something the ladder cannot honour, or no embedder). `choose: true` with
+        something it cannot honour is a 400 naming that field."""
+        if spec.choose is False:
+            return None
+        conflict = _no_ladder(p, spec, st)
+        if conflict is not None:
+            if spec.choose:
+                raise bad(f"'steering.choose' is true, but {conflict[1]}", conflict[0])
+            return None
+        key = tuple(st.profile.items())
+        features = self._ladders.get(key)
+        if features is None:
+            features = await run_in_threadpool(choose.ladder_features, self.rt.catalog, st)
+            if len(self._ladders) > 256:
+                self._ladders.clear()
+            self._ladders[key] = features
+        if not features or await self._meaning_embedder() is None:
+            return None
+        return features
+
+    async def _meaning_embedder(self):
+        """The meaning check's embedder, opened on the first ladder; None where it cannot be
+        (its package missing): ladders then fall back to one generation, with one warning."""
+        async with self._embedder_lock:
+            if self._embedder is None:
+                try:
+                    self._embedder = await run_in_threadpool(lambda: self.rt.embedder)
+                except MorphError as e:
+                    print(f"morph: warning: {e}; steered requests generate once (no ladder, no "
+                          "steering.chosen)", file=sys.stderr, flush=True)
+                    self._embedder = False
+            return self._embedder or None
+
+    def _choose(self, p: Params, prep: Prepared, cancel: threading.Event) -> Event:
+        """Run on the scheduler's worker: the ladder for the request's turns, as one event."""
+        if cancel.is_set():  # its client left while it queued
+            return Event(done=True, finish_reason="cancelled")
+        req = prep.request
+        try:
+            choice = choose.run(self.engine, self._embedder, p.framing, "", prep.ladder, defaults=self.defaults,
+                                cancel=cancel, messages=req.messages, stop=list(req.stop),
+                                max_tokens=req.max_tokens, **p.sampling)
+        except KeyboardInterrupt:  # choose.run's word for a cancel
+            return Event(done=True, finish_reason="cancelled")
+        c = choice.chosen
+        return Chosen(text=c.text, token_ids=tuple(c.ids), done=True, finish_reason=c.finish,
+                      timings=choice.timings, choice=choice)
 
     def _add_user_bias(self, bias, user: dict[int, float]):
         n_vocab = self.rt.info.n_vocab
@@ -300,6 +375,24 @@ class Server:
             return self._logit
 
 
+def _no_ladder(p: Params, spec: SteeringRequest, st) -> tuple[str, str] | None:
+    """(field, why) when the request asks for something a ladder cannot honour."""
+    if p.kind != "chat":
+        return "steering.choose", "completions generate once (the ladder is for chat completions)"
+    if spec.mode != "residual":
+        return "steering.mode", "the ladder steers the residual stream"
+    if spec.apply is not None:
+        return "steering.apply", "the ladder places its vectors itself (on the generated tokens)"
+    if st.explicit:
+        return "steering.features", "a scale given explicitly is honoured exactly (leave it out to choose one)"
+    if p.logit_bias:
+        return "logit_bias", "the ladder's batched generation has no logit bias"
+    for key in ("frequency_penalty", "presence_penalty"):
+        if p.sampling.get(key):
+            return key, f"the ladder's batched generation has no {key.replace('_', ' ')}"
+    return None
+
+
 def _try(fn, *args):
     try:
         return fn(*args)
@@ -332,11 +425,25 @@ class _Reply:
         self.created = int(time.time())
         self.parts: list[str] = []
         self.first_byte_s: float | None = None
+        self.chosen: dict | None = None  # a ladder's choice (Choice.as_dict), once it is made
+
+    def _take(self, item: Event) -> None:
+        if item.text:
+            self.parts.append(item.text)
+        if isinstance(item, Chosen) and item.choice is not None:
+            self.chosen = item.choice.as_dict()
+
+    def _steering(self) -> dict | None:
+        """The steering echo: what the request resolved to, and what a ladder chose."""
+        st = self.prep.steering
+        return st if st is None or self.chosen is None else st | {"chosen": self.chosen}
 
     def _usage(self, ev: Event | None) -> dict:
         t = ev.timings if ev is not None else None
         n_prompt = t.prompt_tokens if t is not None and t.prompt_tokens else self.prep.n_prompt
         n_gen = t.gen_tokens if t is not None else 0
+        if isinstance(ev, Chosen):  # the text returned (the timings count the whole ladder's)
+            n_gen = len(ev.token_ids)
         return {"prompt_tokens": n_prompt, "completion_tokens": n_gen, "total_tokens": n_prompt + n_gen}
 
     def _finish(self, ev: Event) -> str:
@@ -351,8 +458,7 @@ class _Reply:
         while True:
             if isinstance(item, Failure):
                 raise APIError(item.message, 500 if item.internal else 400)
-            if item.text:
-                self.parts.append(item.text)
+            self._take(item)
             if item.done:
                 break
             item = await self.job.events.get()
@@ -368,7 +474,7 @@ class _Reply:
         out = {"id": self.id, "object": obj, "created": self.created, "model": self.server.model_id,
                "choices": [choice], "usage": self._usage(item)}
         if self.prep.steering is not None:
-            out["steering"] = self.prep.steering
+            out["steering"] = self._steering()
         self.first_byte_s = time.perf_counter() - self.t0
         self._log(item)
         return out
@@ -376,7 +482,7 @@ class _Reply:
     # --- streams -----------------------------------------------------------------------------
 
     def _chunk(self, delta: str | None = None, finish: str | None = None, role: bool = False,
-               usage: dict | None = None, last: bool = False) -> str:
+               usage: dict | None = None, last: bool = False, steering: bool = False) -> str:
         chat = self.p.kind == "chat"
         if last:
             choices = []
@@ -389,8 +495,8 @@ class _Reply:
                "created": self.created, "model": self.server.model_id, "choices": choices}
         if self.p.include_usage:
             obj["usage"] = usage
-        if role and self.prep.steering is not None:
-            obj["steering"] = self.prep.steering
+        if (role or steering) and self.prep.steering is not None:
+            obj["steering"] = self._steering()
         return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
     async def sse(self, item, watcher: asyncio.Future):
@@ -412,11 +518,12 @@ class _Reply:
                     err = APIError(item.message, 500 if item.internal else 400)
                     yield f"data: {json.dumps(err.body())}\n\n"
                     break
-                if item.text:
-                    self.parts.append(item.text)
+                self._take(item)
+                chosen = isinstance(item, Chosen)  # the ladder's text, with the choice echoed on it
+                if item.text or chosen:
                     if self.first_byte_s is None:
                         self.first_byte_s = time.perf_counter() - self.t0
-                    yield self._chunk(item.text)
+                    yield self._chunk(item.text, steering=chosen)
                 if item.done:
                     ev = item
                     yield self._chunk(None if self.p.kind == "chat" else "", finish=self._finish(item))
@@ -454,7 +561,7 @@ class _Reply:
             mode += f" {st['mode']}" if st["mode"] != "residual" else f" apply={st['apply']}"
         finish = None if ev is None else ("cancelled" if ev.finish_reason == "cancelled" else ev.finish_reason)
         log.write(self.server.model_id, st["features"] if st else {}, mode, self.prep.log_input,
-                  "".join(self.parts), finish, timings)
+                  "".join(self.parts), finish, timings, self.chosen)
 
 
 _tasks: set[asyncio.Task] = set()

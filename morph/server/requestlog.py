@@ -17,8 +17,8 @@ class RequestLog:
         self._bg = store.Background(on_error=self._warn)
 
     def write(self, model: str, features: dict, mode: str, input: str, output: str,
-              finish: str | None, timings: dict | None) -> None:
-        row = (model, features, mode, input, output, finish, timings)
+              finish: str | None, timings: dict | None, chosen: dict | None = None) -> None:
+        row = (model, features, mode, input, output, finish, timings, chosen)
         self._bg.submit(lambda db: store.log_run(db, "serve", *row))
 
     def flush(self, timeout: float = 5.0) -> None:

@@ -83,9 +83,11 @@ class Scheduler:
     def submit(self, request: Request, loop: asyncio.AbstractEventLoop) -> Job:
         return self._put(Job(request, loop))
 
-    def call(self, fn: Callable[[], Any], loop: asyncio.AbstractEventLoop) -> Job:
-        """Run `fn` in queue order, alone on its worker (its result is the job's one event)."""
-        return self._put(Job(Request(prompt=""), loop, fn))
+    def call(self, fn: Callable[[], Any], loop: asyncio.AbstractEventLoop,
+             cancel: threading.Event | None = None) -> Job:
+        """Run `fn` in queue order, alone on its worker (its result is the job's one event).
+        `cancel` becomes the job's: `stop()` sets it, for an `fn` that watches it."""
+        return self._put(Job(Request(prompt="", cancel=cancel), loop, fn))
 
     def _put(self, job: Job) -> Job:
         with self._cv:

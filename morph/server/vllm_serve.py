@@ -72,6 +72,8 @@ def api_steering(body) -> dict:
         spec = request.parse(body)
         if spec.mode != "residual":
             raise MorphError("this server steers the residual stream only (steering.mode 'logits' is morph serve's)")
+        if spec.choose:
+            raise MorphError("this server generates once per request (steering.choose, the ladder, is morph serve's)")
         info, vector = _resolve(spec)
         return wire.encode(vector, spec.apply or "all", info.n_layer, info.n_embd) or {"apply": spec.apply or "all"}
     except MorphError as e:

@@ -142,6 +142,7 @@ class Steering:
 
     profile: dict[str, float]
     vector: ControlVector | None
+    explicit: frozenset[str] = frozenset()  # keys whose scale the user gave (and vector files)
 
     def label(self) -> str:
         return ",".join(f"{k}={v:g}" for k, v in self.profile.items())
@@ -159,6 +160,7 @@ class Profile:
         self.info = info  # ModelInfo (n_embd, n_layer) to validate against; None: no check
         self.experimental = experimental
         self.items: dict[str, float] = {}
+        self.explicit: set[str] = set()  # keys with a scale the user gave: honoured exactly
         self._vectors: dict[str, ControlVector] = {}
         self._cached: Steering | None = None
 
@@ -189,6 +191,10 @@ class Profile:
             scale = f.default_scale if spec.value is None else spec.value
             self._vector_for_feature(f)
         self.items[key] = float(scale)
+        if spec.is_file or spec.value is not None:
+            self.explicit.add(key)
+        else:
+            self.explicit.discard(key)
         self._cached = None
         return [key]
 
@@ -204,12 +210,14 @@ class Profile:
         keys = [k for k in self.items if k == name or k.partition("@")[0] == name]
         for k in keys:
             del self.items[k]
+            self.explicit.discard(k)
         if keys:
             self._cached = None
         return keys
 
     def clear(self) -> None:
         self.items.clear()
+        self.explicit.clear()
         self._cached = None
 
     def load(self, stored: Mapping[str, float | None] | Iterable[str], *, strict: bool = True) -> list[str]:
@@ -233,7 +241,8 @@ class Profile:
     def steering(self) -> Steering:
         if self._cached is None:
             parts = [(self._vectors[k], s) for k, s in self.items.items()]
-            self._cached = Steering(dict(self.items), combine(parts) if parts else None)
+            self._cached = Steering(dict(self.items), combine(parts) if parts else None,
+                                    frozenset(self.explicit & set(self.items)))
         return self._cached
 
     def vector(self) -> ControlVector | None:

@@ -7,7 +7,8 @@ plugin) accept in a request body:
     "steering": {"features": {"formal": 0.3, "concise": null} | ["formal=0.3", "concise"],
                  "apply": "all" | "generated" | "prompt-scaled[:F]",  # default: the framing's
                  "mode": "residual" | "logits",                        # default residual
-                 "experimental": false}
+                 "experimental": false,
+                 "choose": true | false}  # default: choose where it can (morph serve's ladder)
 
 `parse` checks a body's field once, at the door (a bad value is a FieldError naming the
 field); `apply_factors` is the one rule both engines follow for `apply`: (factor on
@@ -34,7 +35,7 @@ from morph.steering.profile import FILE_PREFIX
 APPLY_MODES = ("all", "generated", "prompt-scaled")
 PROMPT_SCALE = 0.5  # "prompt-scaled": the prompt's share of the vector unless ":F" says
 STEERING_MODES = ("residual", "logits")
-FIELDS = ("features", "apply", "mode", "experimental")
+FIELDS = ("features", "apply", "mode", "experimental", "choose")
 
 
 def apply_factors(apply: str) -> tuple[float, float]:
@@ -62,6 +63,7 @@ class SteeringRequest:
     apply: str | None = None  # None: the framing's default (tasks.py)
     mode: str = "residual"
     experimental: bool = False
+    choose: bool | None = None  # None: as the server decides (morph serve: the ladder where it applies)
 
 
 def parse(v: Any) -> SteeringRequest | None:
@@ -76,11 +78,12 @@ def parse(v: Any) -> SteeringRequest | None:
                          f"(known: {', '.join(FIELDS)})", "steering")
     req = SteeringRequest(_features(v.get("features")))
     for key, kind, what in (("apply", str, "a string"), ("mode", str, "a string"),
-                            ("experimental", bool, "true or false")):
+                            ("experimental", bool, "true or false"), ("choose", bool, "true or false")):
         if v.get(key) is not None and not isinstance(v[key], kind):
             raise FieldError(f"'steering.{key}' must be {what}, got {kind_of(v[key])}", f"steering.{key}")
     req.mode = v.get("mode") or "residual"
     req.experimental = bool(v.get("experimental"))
+    req.choose = v.get("choose")
     if req.mode not in STEERING_MODES:
         raise FieldError(f"'steering.mode' must be one of {', '.join(STEERING_MODES)}, got {req.mode!r}",
                          "steering.mode")
