@@ -145,6 +145,10 @@ def ladder_jobs(engine, framing: str, text: str, features: Sequence[Feature], *,
     """One generation job per rung, each the request `tasks.build_request` makes for the
     framing (the instructed ones with the style instruction), with the ladder's placement."""
     rungs = rungs_for(framing) if rungs is None else rungs
+    if overrides.get("temperature") is None:
+        # Greedy unless asked otherwise: the ladder is the search, and sampling inside it
+        # only adds candidates that drift for no reason the checks can see.
+        overrides["temperature"] = 0.0
     layers = {L for f in features for L in steered_layers(f.vector)}
     cap = rewrite_cap(len(engine.tokenize(text))) if framing == "rewrite" else None
     out = []
@@ -273,7 +277,7 @@ def pick(embedder, source: str, cands: list[Candidate], thresholds: Thresholds) 
         for c, s in zip(cands, z.mean(axis=1)):
             c.style = float(s)
     ok = [c for c in cands if c.keeps_meaning]
-    chosen = max(ok, key=lambda c: c.style) if ok else max(cands, key=lambda c: (c.finish != "until", c.token_f1, -c.style))
+    chosen = max(ok, key=lambda c: c.style) if ok else max(cands, key=lambda c: (c.finish != "until", not c.retention.invented, c.token_f1, -c.style))
     return Choice(chosen, cands)
 
 
