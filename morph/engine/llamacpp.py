@@ -217,6 +217,7 @@ class ThreadGovernor:
     other work, and the threads are the CPUs it leaves free (at least 1, at most `most`)."""
 
     INTERVAL = 0.2
+    STALE = 1.0  # a longer window (the engine sat idle) says what others did then, not now
 
     def __init__(self, most: int):
         self.most = most
@@ -251,6 +252,9 @@ class ThreadGovernor:
             return self.now
         (t0, busy0, own0), (t1, busy1, own1) = self.last, new
         self.last = new
+        if t1 - t0 > self.STALE:  # e.g. a build that ended while we waited: start with all, look again soon
+            self.now = self.most
+            return self.now
         others = max(0.0, (busy1 - busy0) - (own1 - own0)) / (t1 - t0)  # CPUs' worth of other work
         self.now = max(1, min(self.most, int(len(self.cpus) - others + 0.5)))
         return self.now
