@@ -514,7 +514,9 @@ def main() -> int:
     import llama_cpp
 
     log(f"loading {info.file.path.name} ({threads} threads)")
-    engine = LlamaEngine(info, n_ctx=4096, threads=threads, flash_attn=True)
+    # adaptive threads off: the raw llama-bench runs right before each figure would count as
+    # other work and cost threads (bench/contention.py measures that behaviour)
+    engine = LlamaEngine(info, n_ctx=4096, threads=threads, flash_attn=True, adaptive_threads=False)
     block = min(STEER_BLOCK, info.n_layer // 2)
     cv_one = random_vector(engine, [block])
     cv_all = random_vector(engine, list(range(1, info.n_layer)))
