@@ -302,12 +302,14 @@ def token_f1(embedder, source: str, texts: Sequence[str]) -> list[float]:
     return scores
 
 
-def ladder_features(catalog, steering) -> list[Feature] | None:
+def ladder_features(catalog, steering, engine=None) -> list[Feature] | None:
     """The features a ladder varies: all of a profile's, each at its default scale and from
     the catalog. None (no ladder) when a scale was given or a vector file is in it: an
     explicit `=SCALE` is honoured exactly."""
     if steering is None or not steering.profile or steering.explicit:
         return None
+    if engine is not None and not getattr(engine, "runs_ladders", True):
+        return None  # the vLLM engine's batch runner edits only a sequence's first call
     out = []
     for key in steering.profile:
         f = catalog.get(key, experimental=True)  # already resolved (and allowed) by the profile
@@ -321,11 +323,11 @@ class Ladder(NamedTuple):
 
 
 def ladder_for(catalog, steering, open_embedder: Callable[[], object],
-               on_fallback: Callable[[str], None]) -> Ladder | None:
+               on_fallback: Callable[[str], None], engine=None) -> Ladder | None:
     """What a ladder needs where the user left the strengths to morph: the features and the
     embedder. None means one generation: a scale was given (or a vector file), or the
     embedder cannot open (its package is missing), which `on_fallback` is told."""
-    features = ladder_features(catalog, steering)
+    features = ladder_features(catalog, steering, engine)
     if not features:
         return None
     try:

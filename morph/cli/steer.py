@@ -83,7 +83,8 @@ def steer_cmd(obj, features, vectors, mode, max_tokens, temperature, top_p, seed
                         repeat_penalty=repeat_penalty)
         ladder = None if (no_choose or mode != "rewrite" or apply) else choose.ladder_for(
             rt.catalog, steering, lambda: rt.embedder,  # without the embedder: one rewrite at the defaults
-            lambda why: click.echo(f"morph: {why}; rewriting once at the default strengths (as --no-choose)", err=True))
+            lambda why: click.echo(f"morph: {why}; rewriting once at the default strengths (as --no-choose)", err=True),
+            engine=rt.engine)
         chosen = None
         if ladder:
             out, finish, timings, chosen = _choose_to_stdout(rt, text, ladder, sampling)

@@ -209,7 +209,8 @@ class SeedUX:
         ed = self.ed
 
         def run(job):
-            ladder = choose.ladder_for(ed.catalog, steering, ed.open_embedder, lambda why: ed.post(self._no_ladder, why))
+            ladder = choose.ladder_for(ed.catalog, steering, ed.open_embedder, lambda why: ed.post(self._no_ladder, why),
+                                       engine=ed.engine)
             if ladder is None:
                 single(job)
                 return

@@ -134,6 +134,10 @@ def _edit_registered(fn):
 
 class VllmEngine(EngineCommon):
     name = "vllm"
+    # Steer-check-choose ladders need per-row edits on every decode step of a batch; this
+    # engine's batch runner edits a sequence only in its first call, so front ends generate
+    # once instead (morph/choose.py ladder_features).
+    runs_ladders = False
 
     def __init__(
         self,

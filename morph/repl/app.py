@@ -242,7 +242,8 @@ class Repl:
         s = self.session
         if not (s.choose and s.mode == "rewrite") or s.sampling.get("apply"):  # --apply: as given, once
             return None
-        return choose.ladder_for(s.catalog, s.features.steering(), lambda: self.rt.embedder, self._no_ladder)
+        return choose.ladder_for(s.catalog, s.features.steering(), lambda: self.rt.embedder, self._no_ladder,
+                                 engine=s.engine)
 
     def _no_ladder(self, why: str) -> None:
         self.session.choose = False

@@ -262,7 +262,7 @@ class Server:
         key = tuple(st.profile.items())
         features = self._ladders.get(key)
         if features is None:
-            features = await run_in_threadpool(choose.ladder_features, self.rt.catalog, st)
+            features = await run_in_threadpool(choose.ladder_features, self.rt.catalog, st, self.engine)
             if len(self._ladders) > 256:
                 self._ladders.clear()
             self._ladders[key] = features

@@ -28,8 +28,9 @@ def test_steer_gpu_equals_engine_and_tensor_parallel_1(vengine, formal):
     """`morph --gpu --tensor-parallel-size 1 steer -f formal` = the engine with the same request
     (the TP code path at N=1: the option reaches vLLM, the hooks see a whole residual)."""
     text = "hey, can u send me the report by friday?"
-    # --no-choose: one generation, the request below (the ladder's choice is tests/test_choose.py's)
-    p = morph(["--gpu", "--tensor-parallel-size", "1", "steer", "--experimental", "-f", "formal", "--no-choose",
+    # at its default strength: the GPU engine runs no ladder (VllmEngine.runs_ladders), so
+    # this is one generation, the request below
+    p = morph(["--gpu", "--tensor-parallel-size", "1", "steer", "--experimental", "-f", "formal",
                "--temperature", "0", "--max-tokens", "24", "--no-log"], stdin=text)
     assert p.returncode == 0, p.stderr[-2000:]
     req = tasks.build_request("rewrite", text, max_tokens=24, temperature=0.0, top_p=0.95, seed=None,
