@@ -30,7 +30,7 @@ from typing import Callable, NamedTuple, Sequence
 import numpy as np
 
 from morph import meaning, tasks
-from morph.engine.base import Timings
+from morph.engine.base import Timings, apply_factors
 from morph.engine.generate import Job, generate, runner_for
 from morph.errors import MorphError
 from morph.steering.vector import ControlVector
@@ -186,11 +186,12 @@ class Reads:
         gen = positions >= self.n_prompt[i]
         if not gen.any():
             return
-        steering = self.jobs[i].steering
+        job = self.jobs[i]
+        factor = apply_factors(job.apply)[1]  # the vector's factor on generated tokens
         for L, a in acts.items():
             a = a[gen]
-            if steering is not None and L in steering.directions:
-                a = a - np.asarray(steering.directions[L], np.float32)  # generation factor 1: "generated"
+            if job.steering is not None and L in job.steering.directions and factor:
+                a = a - np.float32(factor) * np.asarray(job.steering.directions[L], np.float32)
             self.rows[i].setdefault(L, []).append(a.copy())
 
     def mean(self, i: int, layer: int, unit: np.ndarray) -> float:

@@ -21,7 +21,6 @@ import base64
 import hashlib
 import importlib.metadata as md
 import json
-import os
 import struct
 import sys
 from pathlib import Path
