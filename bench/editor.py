@@ -15,10 +15,10 @@ terminal shows.
   before (no saved KV state); `reopened`: opened again after a clean quit. Each trial is a
   new process; `parts` splits it with the trace (last key -> request is the debounce).
 - open_ms (--open-trials processes): process start -> the first screen output showing the
-  document (pty); it
-  includes Python's imports (the model loads after the first paint: attach_ms is process
-  start -> the engine attached). editor_open_ms: the editor's own part, from reading the
-  file to the first paint. Modules are byte-compiled first, as an install has them.
+  document (pty); it includes Python's imports (the model loads after the first paint:
+  attach_ms is process start -> the engine attached). editor_open_ms: the editor's own
+  part, from reading the file to the first paint. Modules are byte-compiled first, as an
+  install has them.
 - keystroke_ms: a key is sent while a suggestion is streaming (0-150 ms after its first
   piece, at random; `sent_while_streaming` counts those sent before its last piece); latency = send -> the first terminal output that contains the typed
   character (a '§', which the model never writes, so ghost text cannot be mistaken for it).
