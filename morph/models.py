@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import importlib.metadata as md
 import math
 import os
 import re
@@ -81,6 +80,7 @@ def model_id_for(path: Path, general_name: str = "") -> str:
 
 
 def embedded_default() -> ModelFile | None:
+    import importlib.metadata as md  # ~40 ms: here, not on every `morph` start
     from morph import _bundle
 
     _bundle.unpacked()  # in the single-file executable: puts the model's dist-info on sys.path
@@ -108,6 +108,7 @@ _PART = re.compile(r"^(?P<file>[^/]+\.gguf)\.part(?P<n>\d+)$", re.I)
 
 def packaged_models() -> list[ModelFile]:
     """Models installed as `<file>.gguf.partNN` pieces across packages (metadata only)."""
+    import importlib.metadata as md
     pieces: dict[str, list[tuple[int, Path, int]]] = {}
     sums: dict[str, str] = {}
     for dist in md.distributions():

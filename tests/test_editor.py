@@ -686,6 +686,73 @@ def test_markdown_lexer_lines_and_fences():
     assert not any(st == CODE_STYLE for st, _t in get(6))
 
 
+def test_markdown_lexer_deferred_is_plain_until_loaded():
+    from prompt_toolkit.document import Document
+
+    from morph.editor.lexer import MarkdownLexer
+
+    lexer = MarkdownLexer(load_now=False)
+    doc = Document("# Title\n\nSome *emph* text.")
+    assert lexer.lex_document(doc)(0) == [("", "# Title")]  # before pygments: the text, unstyled
+    ready = threading.Event()
+    lexer.load(on_ready=ready.set)
+    assert ready.wait(10)
+    assert any("heading" in st for st, _t in lexer.lex_document(doc)(0))
+
+
+def test_the_document_shows_before_the_model_and_typing_waits_for_it(tmp_path):
+    """A loader (the CLI's): the editor runs and takes keys while it loads; once the engine is
+    attached the text typed meanwhile gets its suggestion."""
+    doc = tmp_path / "a.md"
+    doc.write_text("The cat")
+    release, eng = threading.Event(), FakeEngine()
+    seen_running = []
+
+    def loader():
+        release.wait(10)
+        return eng, None, "fake.gguf"
+
+    s = Session(doc, loader=loader)
+    try:
+        wait(lambda: s.ed._load_thread is not None, what="loading started after the first paint")
+        assert s.ed.engine is None and s.ed.worker is None and "loading" in s.ed.model_name
+        s.send("A")  # end of the line, insert mode, while the model loads
+        wait(lambda: s.ed.insert_mode(), what="insert mode")
+        seen_running.append(s.ed.app.is_running)
+        release.set()
+        assert s.wait_ghost() == REPLY
+        assert s.ed.model_name == "fake.gguf" and s.ed.worker is not None
+        assert eng.requests and eng.requests[-1].prompt.endswith("The cat")
+    finally:
+        release.set()
+        s.close()
+    assert seen_running == [True]
+
+
+def test_a_loader_that_fails_ends_the_editor_with_its_error(tmp_path):
+    doc = tmp_path / "a.md"
+    doc.write_text("Keep me.\n")
+
+    def loader():
+        raise MorphError("unknown feature 'nosuch'")
+
+    with create_pipe_input() as inp:
+        ed = Editor(doc, config=Config(), input=inp, output=DummyOutput(), loader=loader)
+        got = []
+
+        def run():
+            try:
+                ed.run()
+            except MorphError as e:
+                got.append(e)
+
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        t.join(10)
+    assert not t.is_alive() and [str(e) for e in got] == ["unknown feature 'nosuch'"]
+    assert doc.read_text() == "Keep me.\n"
+
+
 def test_editor_leaves_a_core_for_the_ui():
     from morph.cli.write import editor_threads
 

@@ -171,3 +171,18 @@ def test_kill_9_mid_edit_then_recover(tmux, tmp_path, data_dir):
     tmux.wait_exit(s2)
     assert doc.read_text().startswith("Saved line. Unsaved words here.")
     assert not list(rec_dir.glob("*.json"))  # gone after a clean save and quit
+
+
+def test_a_feature_the_catalog_lacks_is_one_error_line_after_the_document_shows(tmux, tmp_path):
+    """The model (and the catalog) load after the first paint; `-f` naming no feature still
+    ends `morph write` with one error line and status 1, the file untouched."""
+    doc = tmp_path / "notes.md"
+    doc.write_text("Keep this text.\n")
+    err, rc = tmp_path / "err", tmp_path / "rc"
+    cmd = " ".join(_q(a) for a in morph_write(doc) + ["-f", "nosuchfeature"])
+    s = tmux.start("sh", "-c", f"{cmd} 2>{_q(str(err))}; echo $? >{_q(str(rc))}")
+    tmux.wait_exit(s, timeout=60)
+    assert rc.read_text().strip() == "1"
+    lines = err.read_text().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("morph: error:") and "nosuchfeature" in lines[0], lines
+    assert doc.read_text() == "Keep this text.\n"

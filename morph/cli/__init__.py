@@ -8,15 +8,5 @@ the exit status in EXIT_STATUS; Ctrl-C exits 130. A command started through `mai
 
 from morph.cli.app import EXIT_STATUS, Ctx, cli, main  # noqa: F401 (the `morph` entry point: morph.cli:main)
 
-# Subcommands register themselves on `cli` when imported.
-from morph.cli import models as _models  # noqa: F401
-from morph.cli import steer as _steer  # noqa: F401
-from morph.cli import log as _log  # noqa: F401
-from morph.cli import features as _features  # noqa: F401
-from morph.cli import vectors as _vectors  # noqa: F401
-from morph.cli import repl as _repl  # noqa: F401
-from morph.cli import write as _write  # noqa: F401
-from morph.cli import history as _history  # noqa: F401
-from morph.cli import eval as _eval  # noqa: F401
-from morph.cli import serve as _serve  # noqa: F401
-from morph.cli import doctor as _doctor  # noqa: F401
+# Subcommands (morph/cli/<name>.py) register themselves on `cli` when first looked up
+# (app.COMMANDS): each command imports only what it needs.

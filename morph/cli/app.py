@@ -8,6 +8,7 @@ the exit status in EXIT_STATUS; Ctrl-C exits 130.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import sys
 
 import click
@@ -40,9 +41,26 @@ class Ctx:
         return open_runtime(self.model, gpu=self.gpu, tensor_parallel_size=self.tensor_parallel_size)
 
 
+# Each subcommand's module, imported when the command is looked up (it registers itself
+# on `cli`): `morph write` paints without first importing numpy, the server or the eval.
+COMMANDS = {name: f"morph.cli.{mod}" for name, mod in (
+    ("models", "models"), ("steer", "steer"), ("log", "log"), ("features", "features"),
+    ("vectors", "vectors"), ("repl", "repl"), ("write", "write"), ("history", "history"),
+    ("eval", "eval"), ("serve", "serve"), ("doctor", "doctor"))}
+
+
 class MorphGroup(click.Group):
     """Parsing (make_context) and running (invoke, subcommands' parsing included) both end
-    in one error line: click's multi-line "Usage: ... Error: ..." block never shows."""
+    in one error line: click's multi-line "Usage: ... Error: ..." block never shows.
+    Subcommands in COMMANDS load on first use."""
+
+    def list_commands(self, ctx):
+        return sorted(set(super().list_commands(ctx)) | set(COMMANDS))
+
+    def get_command(self, ctx, name):
+        if name not in self.commands and name in COMMANDS:
+            importlib.import_module(COMMANDS[name])
+        return super().get_command(ctx, name)
 
     def make_context(self, info_name, args, parent=None, **extra):
         with _one_line_errors():
@@ -94,7 +112,7 @@ def cli(ctx, model, gpu, tensor_parallel_size, data_dir, verbose):
         _start_crash_report()
     ctx.obj = Ctx(model, gpu, verbose, tensor_parallel_size)
     if ctx.invoked_subcommand is None:
-        repl = cli.commands.get("repl")
+        repl = cli.get_command(ctx, "repl")
         if repl is not None and sys.stdin.isatty() and sys.stdout.isatty():
             ctx.invoke(repl)
         else:

@@ -8,11 +8,7 @@ from __future__ import annotations
 
 import click
 
-from morph import tasks
 from morph.errors import MorphError
-from morph.steering.request import apply_factors
-
-_S = tasks.Sampling()
 
 
 def feature_option(help: str):
@@ -21,6 +17,9 @@ def feature_option(help: str):
 
 def sampling_options(fn):
     """--temperature --top-p --seed --repeat-penalty --apply --experimental."""
+    from morph import tasks  # not for `morph write`, which paints before the engine's modules load
+
+    _S = tasks.Sampling()
     for opt in reversed([
         click.option("--temperature", type=click.FloatRange(0, 5), default=None,
                      help=f"0 = greedy (deterministic) [default: {_S.temperature}, or config.toml]."),
@@ -43,6 +42,8 @@ def sampling_options(fn):
 
 def _check_apply(ctx, param, value):
     if value is not None:
+        from morph.steering.request import apply_factors
+
         try:
             apply_factors(value)
         except MorphError as e:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import threading
 
 import click
 
@@ -44,41 +43,37 @@ def write_cmd(obj, file, keys, features, experimental, no_suggest, no_log, threa
         raise NeedsTerminal("morph write needs a terminal (for pipes use `morph steer`)")
     for spec in features:  # bad specs fail before the model loads
         profile.parse(spec)
-    # Markdown highlighting's pygments modules take ~0.1 s to import: overlap that with the
-    # model load (C code, the GIL released) instead of adding it to the first paint.
-    threading.Thread(target=_preload_lexer, daemon=True).start()
-    rt = None
-    if no_suggest:
-        cfg = load_config()
-        engine = catalog = None
-        model_name = "no model"
-    else:
-        rt = _editor_runtime(obj, threads)
-        cfg, engine, catalog, model_name = rt.config, rt.engine, rt.catalog, rt.model_name
+    cfg = load_config()
+    # The model loads on a thread after the first paint (Editor's loader): the document is on
+    # screen in the time Python takes to import the editor, whatever the model.
+    # vLLM (--gpu) starts in the main thread, before the editor, as it always did.
+    opened: list = []
+
+    def loader():
+        rt = _editor_runtime(obj, threads, cfg)
+        opened.append(rt)
+        return rt.engine, rt.catalog, rt.model_name
+
+    now = None if no_suggest or not obj.gpu else loader()
+    ed = Editor(
+        file,
+        engine=now and now[0],
+        catalog=now and now[1],
+        config=cfg,
+        model_name=now[2] if now else "no model",
+        keys=keys,
+        profile=list(features) if features else None,
+        experimental=experimental,
+        log=not no_log,
+        embedder=lambda: opened[0].embedder if opened else None,
+        loader=None if no_suggest or now else loader,
+    )
     try:
-        ed = Editor(
-            file,
-            engine=engine,
-            catalog=catalog,
-            config=cfg,
-            model_name=model_name,
-            keys=keys,
-            profile=list(features) if features else None,
-            experimental=experimental,
-            log=not no_log,
-            embedder=(lambda: rt.embedder) if rt is not None else None,
-        )
         ed.run(manage_gc=True)
     finally:
-        if rt is not None:
+        ed.wait_loaded()
+        for rt in opened:
             rt.close()
-
-
-def _preload_lexer() -> None:
-    try:
-        import pygments.lexers.markup  # noqa: F401
-    except ImportError:
-        pass
 
 
 def editor_threads(configured: int | None, cores: int) -> int:
@@ -88,14 +83,12 @@ def editor_threads(configured: int | None, cores: int) -> int:
     return configured if configured else max(1, cores - 1)
 
 
-def _editor_runtime(obj, threads: int | None):
-    from morph.config import load_config
+def _editor_runtime(obj, threads: int | None, cfg):
     from morph.engine import load_engine
     from morph.engine.llamacpp import default_threads
     from morph.runtime import Runtime, model_info
     from morph.steering.catalog import Catalog
 
-    cfg = load_config()
     info = model_info(obj.model or cfg.model, obj.gpu)
     n = editor_threads(threads or cfg.threads, default_threads())
     engine = load_engine(info, gpu=obj.gpu, n_ctx=cfg.n_ctx, threads=n,

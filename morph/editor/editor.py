@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,7 @@ class Editor:
         experimental: bool = False,
         log: bool = True,
         embedder: Callable[[], object] | None = None,
+        loader: Callable[[], tuple] | None = None,
         input=None,
         output=None,
     ):
@@ -71,9 +73,15 @@ class Editor:
         self.ebuf = EditorBuffer(path)  # MorphError for files we must not edit
         self.buffer: Buffer = self.ebuf.buffer
         self.path: Path = self.ebuf.path
-        self.engine = engine
-        self.catalog = catalog
-        self.model_name = model_name or (engine.info.file.name if engine is not None else "no model")
+        self.engine = None
+        self.catalog = None
+        self.worker: EngineWorker | None = None
+        self.features: Profile | None = None
+        # loader (the CLI): opens (engine, catalog, model name) on a thread started after the
+        # first paint, so a document shows at once; ghost text starts when it is attached.
+        self._loader = loader
+        self._load_thread = None
+        self.model_name = "loading model…" if loader is not None else (model_name or "no model")
         self.keys = keys or self.config.editor_keys
         self.log_enabled = log
         # Opens (or returns) the meaning check's embedder, on the engine worker: telescope
@@ -92,18 +100,20 @@ class Editor:
 
         self.command_buffer = Buffer(name="command", multiline=False)
         self.bg = Background(on_error=lambda m: self.post(self.error, m))
-        self.worker = EngineWorker(engine, on_error=self._worker_error) if engine is not None else None
         self.suggest = SuggestionController(self)
-
         self.defaults = tasks.defaults(self.config)
-        info = engine.info if engine is not None else None
-        self.features = Profile(catalog, info, experimental=experimental) if catalog is not None else None
-        self._init_profile(profile)
+        self._experimental = experimental
+        self._profile_override = profile
+        if loader is None:
+            self._attach(engine, catalog, model_name)
         self.recovered = self._check_recovery()
 
         from morph.editor.panel import FeaturePanel
         from morph.editor.seed import SeedUX
 
+        from morph.editor.lexer import lexer_for
+
+        self.lexer = lexer_for(self.path, deferred=True)
         self.panel = FeaturePanel(self)
         self.seed = SeedUX(self)
         self.app = self._create_app(input, output)
@@ -120,7 +130,7 @@ class Editor:
         app = Application(
             layout=build_layout(self),
             key_bindings=build_key_bindings(self),
-            style=editor_style(),
+            style=editor_style(markdown=False),
             editing_mode=EditingMode.EMACS if self.keys == "emacs" else EditingMode.VI,
             full_screen=True,
             mouse_support=False,
@@ -141,7 +151,75 @@ class Editor:
             app.input.read_keys = traced_read_keys
             app.before_render += lambda _: self.trace("render_start")
             app.after_render += lambda _: self.trace("render")
+        app.after_render += self._after_first_render
         return app
+
+    def _after_first_render(self, app) -> None:
+        """The document is on screen: now the slower parts (highlighting, the model)."""
+        app.after_render -= self._after_first_render
+        from morph.editor.style import editor_style
+
+        def highlighted():  # the lexer's thread: pygments is imported now
+            style = editor_style()
+            self.post(self._set_style, style)
+
+        if hasattr(self.lexer, "load"):
+            self.lexer.load(on_ready=highlighted)
+        else:
+            self._set_style(editor_style())
+        self._start_loading()
+
+    def _set_style(self, style) -> None:
+        self.app.style = style
+        self.invalidate()
+
+    def _attach(self, engine, catalog, model_name: str = "") -> None:
+        """The engine and the catalog: at construction, or once the loader has them (UI thread)."""
+        self.engine, self.catalog = engine, catalog
+        if engine is not None:
+            self.model_name = model_name or engine.info.file.name
+            self.worker = EngineWorker(engine, on_error=self._worker_error)
+        if catalog is not None:
+            info = engine.info if engine is not None else None
+            self.features = Profile(catalog, info, experimental=self._experimental)
+            self._init_profile(self._profile_override)  # -f that does not resolve: MorphError
+
+    def _start_loading(self) -> None:
+        """After the first paint: open the engine on a thread, attach it on the UI thread."""
+        if self._loader is None or self._load_thread is not None:
+            return
+        loader = self._loader
+
+        def run():
+            try:
+                got = loader()
+            except BaseException as e:  # reported by the UI thread: the app exits with it
+                self.post(self._load_failed, e)
+                return
+            self.post(self._loaded, *got)
+
+        self._load_thread = threading.Thread(target=run, name="morph-load", daemon=True)
+        self._load_thread.start()
+
+    def _loaded(self, engine, catalog, model_name) -> None:
+        try:
+            self._attach(engine, catalog, model_name)
+        except MorphError as e:  # `-f NAME` the catalog does not have: as before the editor opened
+            self._load_failed(e)
+            return
+        self.trace("attached")
+        self.suggest.on_open()
+        self.suggest.on_change()  # typed while loading: a suggestion once the pause comes
+        self.invalidate()
+
+    def _load_failed(self, exc: BaseException) -> None:
+        if self.app.is_running:
+            self.app.exit(exception=exc)  # `morph write` prints it as one error line
+
+    def wait_loaded(self) -> None:
+        """Block until a loader started has finished (on quit: the engine is closed after)."""
+        if self._load_thread is not None:
+            self._load_thread.join()
 
     def _init_profile(self, override: list[str] | dict[str, float | None] | None) -> None:
         """-f on the command line (strict), else the document's stored profile, else the

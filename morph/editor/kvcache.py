@@ -25,8 +25,6 @@ import os
 import struct
 from pathlib import Path
 
-import numpy as np
-
 from morph import fsutil, paths
 
 MAGIC = b"MORPHKV1"
@@ -55,7 +53,7 @@ def save(engine, request, doc_path: Path, max_bytes: int) -> int:
     if got is None or len(got[0]) < MIN_TOKENS:
         return 0
     tokens, payload = got
-    tok = np.asarray(tokens, dtype="<i4").tobytes()
+    tok = struct.pack(f"<{len(tokens)}i", *tokens)
     header = json.dumps({
         "doc": str(doc_path), "key": engine.state_key(request), "n_tokens": len(tokens),
         "payload_bytes": len(payload), "checksum": _checksum(tok, payload),
@@ -87,7 +85,7 @@ def _read(path: Path) -> tuple[dict, list[int], bytes] | None:
     tok, payload = data[start : start + 4 * n], data[start + 4 * n :]
     if header.get("checksum") != _checksum(tok, payload):
         return None
-    return header, np.frombuffer(tok, dtype="<i4").tolist(), payload
+    return header, list(struct.unpack(f"<{n}i", tok)), payload
 
 
 def restore(engine, request, doc_path: Path) -> int:

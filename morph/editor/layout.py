@@ -18,7 +18,6 @@ from prompt_toolkit.layout.controls import BufferControl, FormattedTextControl
 from prompt_toolkit.layout.processors import BeforeInput
 
 from morph.editor.ghost import GhostBufferControl, GhostProcessor
-from morph.editor.lexer import lexer_for
 
 
 def short_name(name: str, limit: int = 40) -> str:
@@ -89,7 +88,7 @@ def build_layout(ed) -> Layout:
     ghost = GhostProcessor(ed.suggest)
     control = GhostBufferControl(
         buffer=ed.buffer,
-        lexer=lexer_for(ed.path),
+        lexer=ed.lexer,
         input_processors=[ghost],
         ghost=ghost,
     )

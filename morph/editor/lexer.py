@@ -10,6 +10,7 @@ line), and mark fenced blocks with one cheap scan per document.
 from __future__ import annotations
 
 import re
+import threading
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable
@@ -25,11 +26,31 @@ CODE_STYLE = "class:pygments.literal.string.backtick"
 
 
 class MarkdownLexer(Lexer):
-    def __init__(self):
+    """Plain text until pygments is imported (at once, or on a thread by `load()`): its
+    Markdown rules take ~40 ms to import, which the editor spends after the first paint."""
+
+    def __init__(self, load_now: bool = True):
+        self._pygments = None
+        self._lex_line = lru_cache(maxsize=8192)(self._lex_line_uncached)
+        if load_now:
+            self._import()
+
+    def _import(self) -> None:
         from pygments.lexers.markup import MarkdownLexer as PygmentsMarkdown
 
         self._pygments = PygmentsMarkdown(stripnl=False, ensurenl=False)
-        self._lex_line = lru_cache(maxsize=8192)(self._lex_line_uncached)
+
+    def load(self, on_ready: Callable[[], None] | None = None) -> None:
+        """Import pygments on a thread; on_ready() once lines are highlighted."""
+        def run():
+            try:
+                self._import()
+            except ImportError:  # pygments is a dependency; stay usable without it anyway
+                return
+            if on_ready is not None:
+                on_ready()
+
+        threading.Thread(target=run, name="morph-lexer", daemon=True).start()
 
     def _lex_line_uncached(self, line: str) -> tuple:
         # Pygments' rules expect the newline (headings are `^#.+\n`); lex it, then drop it.
@@ -69,15 +90,18 @@ class MarkdownLexer(Lexer):
                 return []
             if in_fence(i):
                 return [(CODE_STYLE, line)]
+            if self._pygments is None:
+                return [("", line)]
             return list(self._lex_line(line))
 
         return get_line
 
 
-def lexer_for(path: Path) -> Lexer:
+def lexer_for(path: Path, deferred: bool = False) -> Lexer:
+    """deferred: a Markdown lexer that highlights once its `load()` ran (the editor's)."""
     try:
         if path.suffix.lower() in MARKDOWN_SUFFIXES:
-            return MarkdownLexer()
+            return MarkdownLexer(load_now=not deferred)
         from pygments.lexers import get_lexer_for_filename
         from pygments.util import ClassNotFound
 

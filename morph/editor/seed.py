@@ -21,7 +21,7 @@ from prompt_toolkit.layout import ConditionalContainer, Dimension, Window
 from prompt_toolkit.layout.controls import FormattedTextControl
 from prompt_toolkit.widgets import Frame
 
-from morph import choose, tasks
+from morph import tasks
 from morph.engine.base import Request
 
 _SENT_END = re.compile(r"[.!?]+[\"'”’)\]]*(?=\s|$)")
@@ -206,6 +206,8 @@ class SeedUX:
     def _chooser(self, pv: Preview, kind: str, text: str, scope: str, steering, single):
         """The worker's job for a telescope at default strengths: the ladder's choice
         (`single`, the plain stream, where a strength was given: choose.ladder_for)."""
+        from morph import choose  # numpy and the embedder's code: not before the first paint
+
         ed = self.ed
 
         def run(job):

@@ -29,7 +29,10 @@ EDITOR_STYLE = Style.from_dict(
 )
 
 
-def editor_style() -> Style:
+def editor_style(markdown: bool = True) -> Style:
+    """markdown=False: without pygments' token colours (they are imported after the first paint)."""
+    if not markdown:
+        return EDITOR_STYLE
     try:
         from pygments.styles import get_style_by_name
 

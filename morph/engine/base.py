@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Mapping, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Protocol, Sequence, runtime_checkable
 
-import numpy as np
-
-from morph.models import ModelInfo
 from morph.steering.request import APPLY_MODES, PROMPT_SCALE, apply_factors  # noqa: F401 (engine API)
-from morph.steering.vector import ControlVector
+
+if TYPE_CHECKING:  # annotations only: the editor paints before numpy is imported
+    import numpy as np
+
+    from morph.models import ModelInfo
+    from morph.steering.vector import ControlVector
 
 
 @dataclass
@@ -84,7 +86,7 @@ class Event:
     timings: Timings | None = None
 
 
-EditFn = Callable[[int, np.ndarray], "np.ndarray | None"]  # (layer, acts) -> new acts or None
+EditFn = Callable[[int, "np.ndarray"], "np.ndarray | None"]  # (layer, acts) -> new acts or None
 
 
 class BatchRunner(Protocol):

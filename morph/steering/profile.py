@@ -25,10 +25,12 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import TYPE_CHECKING, Iterable, Mapping
 
 from morph.errors import MorphError
-from morph.steering.vector import ControlVector, combine
+
+if TYPE_CHECKING:  # loaded where vectors are: the editor paints before numpy is imported
+    from morph.steering.vector import ControlVector
 
 MAX_SCALE = 2.0  # 2x the residual norm already wrecks every model we measured
 OFF = "off"
@@ -240,6 +242,8 @@ class Profile:
 
     def steering(self) -> Steering:
         if self._cached is None:
+            from morph.steering.vector import combine
+
             parts = [(self._vectors[k], s) for k, s in self.items.items()]
             self._cached = Steering(dict(self.items), combine(parts) if parts else None,
                                     frozenset(self.explicit & set(self.items)))
@@ -262,6 +266,8 @@ class Profile:
 
     def _vector_for_file(self, key: str) -> ControlVector:
         if key not in self._vectors:
+            from morph.steering.vector import ControlVector
+
             path = key[len(FILE_PREFIX):]
             cv = ControlVector.load(path)
             self._validate(cv, path)
