@@ -716,6 +716,8 @@ def test_the_document_shows_before_the_model_and_typing_waits_for_it(tmp_path):
     try:
         wait(lambda: s.ed._load_thread is not None, what="loading started after the first paint")
         assert s.ed.engine is None and s.ed.worker is None and "loading" in s.ed.model_name
+        with pytest.raises(MorphError, match="still loading"):
+            s.ed.set_feature("formal", 0.3)
         s.send("A")  # end of the line, insert mode, while the model loads
         wait(lambda: s.ed.insert_mode(), what="insert mode")
         seen_running.append(s.ed.app.is_running)

@@ -589,6 +589,8 @@ class Editor:
 
     def _profile(self):
         if self.features is None:
+            if self._loader is not None and self.engine is None:
+                raise MorphError("the model is still loading: try again in a moment")
             raise MorphError("no feature catalog (no model loaded)")
         return self.features
 
