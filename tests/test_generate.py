@@ -132,6 +132,38 @@ def test_jobs_with_one_prompt_share_its_prefill(engine):
     assert outs[1].ids == outs[2].ids and outs[0].ids != outs[1].ids
 
 
+def test_prompts_that_start_alike_share_their_common_cells(engine):
+    """Two rewrites of different texts (one system prompt, the instruction in one of them):
+    the second copies the cells they share and evaluates only the rest, and both generate
+    what `engine.stream` gives from a fresh cache."""
+    from morph import tasks
+
+    reqs = [tasks.build_request("rewrite", "hey, can u send me the report by friday? thx", temperature=0.0,
+                                max_tokens=24),
+            tasks.build_request("rewrite", "hey, can u send me the report by friday? thx", temperature=0.0,
+                                max_tokens=24, style="in a formal, polite, professional register")]
+    jobs = [Job.from_request(engine, r) for r in reqs]
+    common = next(i for i, (a, b) in enumerate(zip(jobs[0].tokens, jobs[1].tokens)) if a != b)
+    assert common >= 16
+    evaluated = []
+    with runner_for(engine, jobs) as runner:
+        counting = _Counting(runner)
+        real_decode = counting.decode
+
+        def decode(tokens, pos, seq, *a, **kw):
+            evaluated.append(len(tokens))
+            return real_decode(tokens, pos, seq, *a, **kw)
+
+        counting.decode = decode
+        outs = generate(counting, jobs)
+    assert (counting.prefills, counting.copies) == (1, 1)
+    assert evaluated[:2] == [len(jobs[0].tokens), len(jobs[1].tokens) - common]  # both begin before any step
+    for r, o in zip(reqs, outs):
+        engine.reset_cache()
+        c = collect(engine.stream(r))
+        assert (o.ids, o.text) == (c.token_ids, c.text)
+
+
 def test_sampled_jobs_follow_their_seed(engine):
     """Sampled jobs: the same seed gives the same text whatever else is in the batch."""
     base = replace(Job.from_request(engine, gi.eval_requests(engine)[0]), temperature=0.9, top_p=0.95, top_k=40)

@@ -15,7 +15,8 @@ Greedy jobs give `engine.stream`'s tokens bit for bit (tests/test_generate.py), 
 - tokens are chosen after llama.cpp's repeat penalty (engine/sampling.py).
 Jobs with the same prompt tokens and prompt steering share one prefill: the next one gets
 a copy of the KV cells and the first token's logits (a memory copy instead of a prompt
-evaluation; see BatchRunner.copy).
+evaluation; see BatchRunner.copy). A prompt that only starts like one already evaluated
+(the same system prompt, another instruction) copies the common cells and evaluates the rest.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from morph.steering.vector import ControlVector
 N_SEQ = 32  # sequences decoded together (2 cores: ~32 is where the aggregate rate levels off)
 N_BATCH = 512  # tokens per decode call at most
 PROMPT_CHUNK = 128  # prompt tokens per call, as LlamaEngine evaluates a prompt (same kernels)
+MIN_SHARED_PREFIX = 16  # a shorter common start is evaluated again rather than copied
 
 
 @dataclass
@@ -216,7 +218,10 @@ class _Loop:
             self.runner.copy(src, s, len(run.job.tokens))
             row = self.first[key]
         else:
-            row = self._prefill(s, run)
+            src, n = self._shared_prefix(key) if key is not None else (None, 0)
+            if src is not None:
+                self.runner.copy(src, s, n)  # e.g. the system prompt of a ladder's other prompt
+            row = self._prefill(s, run, start=n)
             if key is not None:
                 self.first[key] = row
         self.held[s] = key
@@ -225,10 +230,27 @@ class _Loop:
         self._take(s, row)
         return True
 
-    def _prefill(self, s: int, run: _Run) -> np.ndarray:
-        self.runner.clear(s)
+    def _shared_prefix(self, key: tuple) -> tuple[int | None, int]:
+        """The slot holding the longest prompt that starts like `key`'s, under the same
+        prompt steering, and how many tokens they share (at least MIN_SHARED_PREFIX, and
+        one fewer than the prompt: its last token is evaluated for the logits)."""
+        toks, best, n_best = key[0], None, MIN_SHARED_PREFIX - 1
+        for t, held in enumerate(self.held):
+            if held is None or held[1:] != key[1:]:
+                continue
+            other = held[0]
+            n = next((i for i, (a, b) in enumerate(zip(toks, other)) if a != b), min(len(toks), len(other)))
+            n = min(n, len(toks) - 1)
+            if n > n_best:
+                best, n_best = t, n
+        return (best, n_best) if best is not None else (None, 0)
+
+    def _prefill(self, s: int, run: _Run, start: int = 0) -> np.ndarray:
+        """Evaluate the prompt from `start` (the cells before it were copied into slot s)."""
+        if start == 0:
+            self.runner.clear(s)
         toks, n = run.job.tokens, len(run.job.tokens)
-        for a in range(0, n, self.chunk):
+        for a in range(start, n, self.chunk):
             b = min(n, a + self.chunk)
             logits = self._decode(toks[a:b], list(range(a, b)), [s] * (b - a), [False] * (b - a - 1) + [True],
                                   [(run, run.prompt_f, p) for p in range(a, b)])
