@@ -153,14 +153,21 @@ def targets_from_catalog(catalog, names: list[str] | None, known_concepts: list[
 
 
 def ladder_of(catalog, name: str) -> list:
-    """The features `morph steer -f NAME --experimental` runs its ladder with: the profile
-    the CLI builds for a bare name, through the product's own choose.ladder_features."""
+    """The features `morph steer -f NAME` runs its ladder with (the profile the CLI builds
+    for a bare name, through the product's own choose.ladder_features): the offered method,
+    or with none offered what `--experimental` resolves it to."""
     from morph import choose
+    from morph.errors import MorphError
     from morph.steering.profile import Profile
 
-    p = Profile(catalog, experimental=True)
-    p.apply(name)
-    return choose.ladder_features(catalog, p.steering()) or []
+    for experimental in (False, True):
+        p = Profile(catalog, experimental=experimental)
+        try:
+            p.apply(name)
+        except MorphError:
+            continue  # experimental: only with --experimental
+        return choose.ladder_features(catalog, p.steering()) or []
+    return []
 
 
 def target_from_file(path: str, scale: float | None, concept: str | None, known_concepts: list[str],

@@ -177,50 +177,27 @@ def _r(x: float, n: int = 4):
 
 def ladder_outputs(engine, embedder, items: list[tuple[EvalPrompt, Target]], cache: Cache,
                    progress: bool = True) -> list[dict]:
-    """What `morph steer -f CONCEPT` prints for each rewrite (prompt, target), by the
-    product's own code (morph.choose): its ladder's jobs (ladder_jobs, greedy, the eval's
-    token limit), their unsteered reads (Reads), then choose_among. Only the batch differs
-    from choose.run: every ladder of the run goes through one generate call (greedy batched
-    jobs give engine.stream's tokens; tests/test_eval_choose.py checks the texts equal
-    choose.run's). Each record names the rung chosen and every candidate's scores."""
+    """What `morph steer -f CONCEPT` prints for each rewrite (prompt, target): morph.choose.run
+    itself, the product's call (its ladder in one batch, its checks, its choice), greedy with
+    the eval's token limit. Each record keeps the rung chosen, every candidate's scores and
+    text. Cached by the ladder's exact jobs, rungs, thresholds and vectors."""
     from morph import choose
-    from morph.engine.generate import generate as run_jobs, runner_for
 
-    ladders = [choose.ladder_jobs(engine, p.task, p.text, t.ladder, **planmod.GEN) for p, t in items]
-    flat = [(i, job) for i, lad in enumerate(ladders) for _, job in lad]
-    keys = [_digest("ladder", CACHE_VERSION, _model_id(engine), job.tokens, _job_fields(job),
-                    [f.key for f in items[i][1].ladder], [f.vector.fingerprint() for f in items[i][1].ladder])
-            for i, job in flat]
-    recs: list[dict | None] = [cache.get(k) for k in keys]
-    todo = [j for j, r in enumerate(recs) if r is None]
-    with _progress(len(flat), "ladders", progress) as bar:
-        bar.update(len(flat) - len(todo))
-        if todo:
-            jobs = [flat[j][1] for j in todo]
-            reads = choose.Reads(jobs, [len(job.tokens) for job in jobs])
-
-            def done(k: int, o) -> None:
-                j = todo[k]
-                feats = items[flat[j][0]][1].ladder
-                rec = {"text": o.text, "ids": o.ids, "finish": o.finish,
-                       "reads": {f.key: reads.mean(k, *choose.unit_direction(f)) for f in feats}}
-                reads.rows[k] = {}  # read: its rows are no longer needed
-                cache.put(keys[j], rec)
-                recs[j] = rec
-                bar.update(1)
-
-            with runner_for(engine, jobs) as runner:
-                run_jobs(runner, jobs, on_rows=reads, on_done=done)
-    out, j = [], 0
-    for (p, t), lad in zip(items, ladders):
-        cands = []
-        for r, _ in lad:
-            rec = recs[j]
-            j += 1
-            cands.append(choose.Candidate(r, rec["text"].strip(), list(rec["ids"]), rec["finish"], reads=rec["reads"]))
-        choice = choose.choose_among(embedder, p.task, p.text, cands)
-        c = choice.chosen
-        out.append({"text": c.text, "ids": c.ids, "finish": c.finish, "chosen": choice.as_dict()})
+    out = []
+    with _progress(len(items), "choose", progress) as bar:
+        for p, t in items:
+            jobs = choose.ladder_jobs(engine, p.task, p.text, t.ladder, **planmod.GEN)
+            key = _digest("choice", CACHE_VERSION, _model_id(engine), [(r, j.tokens, _job_fields(j)) for r, j in jobs],
+                          choose.THRESHOLDS, [f.key for f in t.ladder], [f.vector.fingerprint() for f in t.ladder],
+                          str(getattr(embedder, "path", "")))
+            rec = cache.get(key)
+            if rec is None:
+                c = choose.run(engine, embedder, p.task, p.text, t.ladder, **planmod.GEN)
+                rec = {"text": c.text, "ids": c.chosen.ids, "finish": c.chosen.finish, "chosen": c.as_dict(),
+                       "candidates": {x.rung.name: x.text for x in c.candidates}}
+                cache.put(key, rec)
+            out.append(rec)
+            bar.update(1)
     return out
 
 
