@@ -121,3 +121,50 @@ def test_the_eval_text_is_what_morph_steer_prints(measured, tmp_path):
     assert r.returncode == 0, r.stderr.decode()
     got = next(o for o in res["outputs"] if o["condition"] == "choose" and o["prompt"] == p.id)
     assert r.stdout.decode().strip() == got["text"].strip()
+
+
+# --- the judge the report uses: a model the product's checks never use -------------------
+
+@pytest.fixture(scope="module")
+def gemma(emb, threads):
+    from morph.eval import probe
+
+    j = probe.gemma_judge(emb, threads=threads)
+    yield j
+    j.features.close()
+
+
+def test_the_gemma_judge_reads_style_on_its_held_out_examples(gemma):
+    """Gemma 3 270M's block-6 features: measured 1.0 held-out accuracy on five axes, 0.944
+    on poetry (MiniLM's judge: 0.92 mean)."""
+    acc = {name: v["heldout_accuracy"] for name, v in gemma.heldout().items()}
+    assert len(acc) == 6 and min(acc.values()) >= 0.88 and sum(acc.values()) / 6 >= 0.95, acc
+    s = gemma.score(["Hey, you coming to lunch or what?",
+                     "We would be honoured if you could attend the luncheon on Friday."], "formal")
+    assert s[1] > 0.5 > s[0]
+    assert gemma.embed is not gemma.features  # relevance stays MiniLM's
+
+
+def test_eval_cli_choose_with_the_gemma_judge(data_dir, tmp_path):
+    """`--task rewrite --judge gemma`: only rewrites, the choose row with its rungs, concept
+    scores from Gemma's judge, relevance from MiniLM and (relevance_probe) from Gemma."""
+    import json
+
+    from click.testing import CliRunner
+
+    from morph.cli import cli
+
+    out = tmp_path / "res.json"
+    r = CliRunner().invoke(cli, ["eval", "--split", "report", "--task", "rewrite", "--features", "formal",
+                                 "--conditions", "unsteered,prompt,choose", "--limit", "1", "--judge", "gemma",
+                                 "--threads", "1", "--no-cache", "--no-progress", "--out", str(out)],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())
+    assert res["meta"]["n_by_task"] == {"rewrite": 1} and res["meta"]["judge"]["embedder"].startswith("gemma-3-270m")
+    row = next(x for x in res["rows"] if x["condition"] == "choose")
+    assert sum(row["rungs"].values()) == 1 and 0 <= row["relevance_probe"] <= 1 and "goal" in row
+    assert all("relevance_probe" in o for o in res["outputs"])
+    assert "per input" in r.output  # the selected table says how the strength was set
+    bad = CliRunner().invoke(cli, ["eval", "--task", "rewrite,poems", "--quick"])
+    assert bad.exit_code == 1 and "unknown task 'poems'" in bad.output
