@@ -419,7 +419,8 @@ def select(rows: list[dict], tuned: dict | None = None) -> dict:
                 same = [r for r in cands if r["apply"] == want["apply"]] or cands
                 pick = [min(same, key=near)]
             methods[method] = pick[0]
-        best = max(methods.values(), key=_rank, default=None)
+        # The method a bare name picks among the vectors (the choice is not one of them).
+        best = max((r for m, r in methods.items() if m != "choose"), key=_rank, default=None)
         prompt_row = next((r for r in rows if r["concept"] == concept and r["kind"] == "prompt"), None)
         out[concept] = {"methods": methods, "best": best["method"] if best else None,
                         "tuned": tuned is not None and concept in tuned,
