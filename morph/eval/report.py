@@ -199,6 +199,9 @@ def eval_md(results: dict, path: Path) -> Path:
              md_table(["axis", "poles", "train", "held-out", "held-out accuracy"],
                       [[a, " / ".join(v["poles"]), str(v["train"]), str(v["test"]), f"{v['heldout_accuracy']:.3f}"]
                        for a, v in meta["judge"]["axes"].items()]), "",
+             f"Relevance: {meta['judge'].get('relevance', 'all-MiniLM-L6-v2 cosine')}. The choice's meaning check "
+             "reads the same MiniLM model token by token, so on `choose` this relevance partly measures the "
+             "selector; the concept judge should then be another model's (`--judge gemma`).", "",
              "## Does each feature meet the goal? (issue 20 item 6)", "",
              f"A feature meets the goal when, on this split, its concept shift is at least "
              f"{runmod.GOAL['shift_vs_prompting']} x the style instruction's, its relevance at least "
