@@ -125,7 +125,8 @@ def eval_cmd(obj, features, vectors, concept, methods, kinds, task_names, judge_
             raise MorphError("--report-md draws its plots with matplotlib: pip install 'morph[eval]'")
     names = _csv(features)
     method_list = tuple(_csv(methods) or ())
-    kind_list = tuple(_csv(kinds) or planmod.KINDS)
+    # --gpu has no ladder yet (engine.runs_ladders): choose only where asked for, then refused
+    kind_list = tuple(_csv(kinds) or (k for k in planmod.KINDS if not (obj.gpu and k == "choose")))
     bad = [k for k in kind_list if k not in planmod.KINDS]
     if bad:
         raise MorphError(f"unknown condition {bad[0]!r} (use: {', '.join(planmod.KINDS)})")
