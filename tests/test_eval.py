@@ -138,6 +138,11 @@ def test_selection_prefers_goal_then_hmean_and_honours_tuning():
     assert tuned["formal"] == {"sae": {"apply": "all", "scale_x": 2.0, "scale": None}, "diffmean": {"apply": "all", "scale_x": 0.5, "scale": None}}
     sel = run.select(rows, tuned)["formal"]
     assert sel["methods"]["sae"]["scale_x"] == 2.0 and sel["best"] == "sae"  # meets the goal beats hmean
+    # The choice is shown beside the vectors, never picked as a bare name's method nor tuned.
+    choice = {**r("choose", None, 0.9, True), "scale": None}
+    sel = run.select(rows + [choice])["formal"]
+    assert sel["methods"]["choose"] is choice and sel["best"] == "diffmean"
+    assert "choose" not in run.tuned_choice({"rows": rows + [choice]})["formal"]
 
 
 def test_requests_are_the_ones_morph_steer_sends():
