@@ -57,7 +57,10 @@ def selected_rows(results: dict) -> list[list[str]]:
     for concept, sel in results["selected"].items():
         p = sel["prompting"]
         for method, r in sel["methods"].items():
-            strength = "per input" if method == "choose" else f"{r['scale']:g} (x{r['scale_x']:g})"
+            if method == "choose":  # the ladder's choice on rewrites; one request at the default elsewhere
+                strength = "per input" if r.get("rungs") else "default"
+            else:
+                strength = f"{r['scale']:g} (x{r['scale_x']:g})"
             body.append([concept, method + (" (best)" if method == sel["best"] else ""), r["apply"] or "-",
                          strength, _f(r["concept_shift"]),
                          _f(p["concept_shift"] if p else None), _f(r["relevance_ratio"], "{:.2f}"),
