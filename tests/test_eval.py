@@ -85,32 +85,51 @@ def test_scores():
     assert scores.relevance(a, np.array([[1.0, 0.0], [-1.0, 0.0]])).tolist() == [1.0, 0.0]
 
 
-def _row(shift, moved_toward=3, moved_away=0, rel=0.9, nll=1.1):
+def _row(shift, moved_toward=3, moved_away=0, rel=0.9, nll=1.1, nll_abs=1.0, rep=0.0):
     return {"concept_shift": shift, "moved_toward": moved_toward, "moved_away": moved_away,
-            "relevance_ratio": rel, "nll_ratio": nll}
+            "relevance_ratio": rel, "nll_ratio": nll, "nll": nll_abs, "repetition": rep}
+
+
+def test_gate_rules():
+    """Issue 10's shipping gate for one vector (it still sets `experimental`)."""
+    prompting = _row(0.10)
+    assert run.gate(_row(0.12), prompting)["meets_goal"]
+    assert run.gate(_row(0.10), prompting)["meets_goal"]  # >= the prompting baseline
+    g = run.gate(_row(0.08), prompting)
+    assert not g["meets_goal"] and not g["beats_prompting"]
+    assert not run.gate(_row(0.2, rel=0.84), prompting)["keeps_relevance"]
+    assert not run.gate(_row(0.2, nll=1.21), prompting)["keeps_fluency"]
+    # Wrong way: a non-positive mean, or more prompts moved away than toward.
+    neg = _row(-0.01)
+    assert not run.gate(neg, _row(-0.05))["right_way"]
+    assert not run.gate(_row(0.2, moved_toward=2, moved_away=3), prompting)["meets_goal"]
+    # Moving nothing is not moving the right way, even where prompting moves nothing either.
+    assert not run.gate(_row(0.01, moved_toward=0, moved_away=0), _row(-0.02))["right_way"]
+    assert not run.gate(_row(0.03, moved_toward=1, moved_away=1), _row(-0.02))["right_way"]
 
 
 def test_goal_rules():
-    prompting = _row(0.10)
-    assert run.goal(_row(0.12), prompting)["meets_goal"]
-    assert run.goal(_row(0.10), prompting)["meets_goal"]  # >= the prompting baseline
-    g = run.goal(_row(0.08), prompting)
-    assert not g["meets_goal"] and not g["beats_prompting"]
-    assert not run.goal(_row(0.2, rel=0.84), prompting)["keeps_relevance"]
-    assert not run.goal(_row(0.2, nll=1.21), prompting)["keeps_fluency"]
-    # Wrong way: a non-positive mean, or more prompts moved away than toward.
-    neg = _row(-0.01)
-    assert not run.goal(neg, _row(-0.05))["right_way"]
-    assert not run.goal(_row(0.2, moved_toward=2, moved_away=3), prompting)["meets_goal"]
-    # Moving nothing is not moving the right way, even where prompting moves nothing either.
-    assert not run.goal(_row(0.01, moved_toward=0, moved_away=0), _row(-0.02))["right_way"]
-    assert not run.goal(_row(0.03, moved_toward=1, moved_away=1), _row(-0.02))["right_way"]
+    """Issue 20 item 6: shift >= 1.5x the instruction's, relevance >= 0.9x unsteered, never
+    the wrong way; fluency against the instruction's output (NLL <= 1.2x, repetition +0.05)."""
+    prompting = _row(0.10, nll_abs=1.5, rep=0.02)
+    assert run.goal(_row(0.151, nll_abs=1.79, rep=0.069), prompting)["meets_goal"]  # just inside every bound
+    assert not run.goal(_row(0.14, nll_abs=1.5), prompting)["beats_prompting"]
+    assert not run.goal(_row(0.2, rel=0.89, nll_abs=1.5), prompting)["keeps_relevance"]
+    # NLL is held against the instruction's, not unsteered text: x1.6 unsteered passes here...
+    assert run.goal(_row(0.2, nll=1.6, nll_abs=1.6), prompting)["keeps_fluency"]
+    # ...and x1.21 the instruction's does not, nor repetition 0.06 above it.
+    assert not run.goal(_row(0.2, nll_abs=1.5 * 1.21), prompting)["keeps_fluency"]
+    assert not run.goal(_row(0.2, nll_abs=1.5, rep=0.081), prompting)["keeps_fluency"]
+    assert not run.goal(_row(0.2, moved_toward=2, moved_away=3, nll_abs=1.5), prompting)["right_way"]
+    # Where the instruction moves nothing (or away), any real move in the right way beats it.
+    assert run.goal(_row(0.06, nll_abs=1.5), _row(-0.05, nll_abs=1.5))["beats_prompting"]
+    assert not run.goal(_row(0.2), None)["meets_goal"]  # no instruction row: nothing to compare with
 
 
 def test_selection_prefers_goal_then_hmean_and_honours_tuning():
     def r(method, x, hm, ok, apply="all"):
         return {"concept": "formal", "kind": method, "method": method, "apply": apply, "scale_x": x,
-                "hmean": hm, "goal": {"meets_goal": ok}}
+                "hmean": hm, "gate": {"meets_goal": ok}}
     rows = [{"concept": "formal", "kind": "prompt", "method": None}, r("sae", 1.0, 0.5, False), r("sae", 2.0, 0.4, True),
             r("diffmean", 1.0, 0.6, False), r("diffmean", 0.5, 0.3, True)]
     sel = run.select(rows)["formal"]
@@ -119,6 +138,11 @@ def test_selection_prefers_goal_then_hmean_and_honours_tuning():
     assert tuned["formal"] == {"sae": {"apply": "all", "scale_x": 2.0, "scale": None}, "diffmean": {"apply": "all", "scale_x": 0.5, "scale": None}}
     sel = run.select(rows, tuned)["formal"]
     assert sel["methods"]["sae"]["scale_x"] == 2.0 and sel["best"] == "sae"  # meets the goal beats hmean
+    # The choice is shown beside the vectors, never picked as a bare name's method nor tuned.
+    choice = {**r("choose", None, 0.9, True), "scale": None}
+    sel = run.select(rows + [choice])["formal"]
+    assert sel["methods"]["choose"] is choice and sel["best"] == "diffmean"
+    assert "choose" not in run.tuned_choice({"rows": rows + [choice]})["formal"]
 
 
 def test_requests_are_the_ones_morph_steer_sends():
@@ -170,7 +194,7 @@ def _sweep_rows(shift, rel, nll):
                              "by_task": {t: dict(s) for t in ("rewrite", "continue")}, **s})
     prompt_row = rows[0]
     for r in rows[1:]:
-        r["goal"] = run.goal(r, prompt_row)
+        r["gate"] = run.gate(r, prompt_row)
     return rows
 
 
@@ -313,11 +337,11 @@ def _shipped_entries() -> dict[tuple[str, str], dict]:
 
 def test_the_gate_on_the_stored_outputs_gives_the_shipped_features(tmp_path, data_dir):
     stored = _stored_report()
-    # The rows are what aggregate() makes of the stored outputs, figure for figure (the
-    # goal aside: it follows whatever rule the gate has now).
+    # The rows are what aggregate() makes of the stored outputs, figure for figure.
     rows = _aggregate(stored, stored["outputs"])
-    assert [{k: v for k, v in r.items() if k != "goal"} for r in rows] == \
-        [{k: v for k, v in r.items() if k != "goal"} for r in stored["rows"]]
+    judged = ("goal", "gate", "nll_vs_prompting")  # follow whatever rules the goal and the gate have now
+    assert [{k: v for k, v in r.items() if k not in judged} for r in rows] == \
+        [{k: v for k, v in r.items() if k not in judged} for r in stored["rows"]]
     # The gate turns them into the shipped entries: offered or experimental, and the
     # scores each records.
     shipped = _shipped_entries()

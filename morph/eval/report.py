@@ -10,15 +10,17 @@ from morph import fsutil
 from morph.eval import run as runmod
 from morph.eval import scores
 
-COLUMNS = ("concept", "condition", "shift", "rel", "rel_x", "nll_x", "rep", "hmean", "goal")
+# nll_x: NLL ratio to the unsteered output; nll_p: to the style instruction's (the goal's measure)
+COLUMNS = ("concept", "condition", "shift", "rel", "rel_x", "nll_x", "nll_p", "rep", "hmean", "goal")
 
 
 def _f(x, fmt="{:+.3f}") -> str:
     return "-" if x is None else fmt.format(x)
 
 
-def _goal_mark(r: dict) -> str:
-    g = r.get("goal")
+def _goal_mark(r: dict, key: str = "goal") -> str:
+    """The goal (issue 20 item 6) or, key "gate", the shipping gate that set today's flags."""
+    g = r.get(key)
     if g is None:
         return ""
     if g["meets_goal"]:
@@ -29,8 +31,8 @@ def _goal_mark(r: dict) -> str:
 
 def table_rows(rows: list[dict]) -> list[list[str]]:
     return [[r["concept"], r["condition"], _f(r["concept_shift"]), _f(r["relevance"], "{:.3f}"),
-             _f(r["relevance_ratio"], "{:.2f}"), _f(r["nll_ratio"], "{:.2f}"), _f(r["repetition"], "{:.3f}"),
-             _f(r["hmean"], "{:.3f}"), _goal_mark(r)] for r in rows]
+             _f(r["relevance_ratio"], "{:.2f}"), _f(r["nll_ratio"], "{:.2f}"), _f(r.get("nll_vs_prompting"), "{:.2f}"),
+             _f(r["repetition"], "{:.3f}"), _f(r["hmean"], "{:.3f}"), _goal_mark(r)] for r in rows]
 
 
 def _aligned(header, body: list[list[str]]) -> str:
@@ -55,10 +57,14 @@ def selected_rows(results: dict) -> list[list[str]]:
     for concept, sel in results["selected"].items():
         p = sel["prompting"]
         for method, r in sel["methods"].items():
-            body.append([concept, method + (" (best)" if method == sel["best"] else ""), r["apply"],
-                         f"{r['scale']:g} (x{r['scale_x']:g})", _f(r["concept_shift"]),
+            if method == "choose":  # the ladder's choice on rewrites; one request at the default elsewhere
+                strength = "per input" if r.get("rungs") else "default"
+            else:
+                strength = f"{r['scale']:g} (x{r['scale_x']:g})"
+            body.append([concept, method + (" (best)" if method == sel["best"] else ""), r["apply"] or "-",
+                         strength, _f(r["concept_shift"]),
                          _f(p["concept_shift"] if p else None), _f(r["relevance_ratio"], "{:.2f}"),
-                         _f(r["nll_ratio"], "{:.2f}"), _f(r["hmean"], "{:.3f}"), _goal_mark(r)])
+                         _f(r.get("nll_vs_prompting"), "{:.2f}"), _f(r["hmean"], "{:.3f}"), _goal_mark(r)])
     return body
 
 
@@ -68,11 +74,11 @@ def summary_line(results: dict) -> str:
         good = [m for m, r in sel["methods"].items() if r["goal"]["meets_goal"]]
         (ok if good else short).append(f"{concept} ({', '.join(good)})" if good else concept)
     return (f"Meet the goal: {len(ok)} of {len(ok) + len(short)} features"
-            + (f": {', '.join(ok)}" if ok else "") + (f". Experimental: {', '.join(short)}." if short else "."))
+            + (f": {', '.join(ok)}" if ok else "") + (f". Short of it: {', '.join(short)}." if short else "."))
 
 
 SELECTED_HEADER = ["feature", "method", "apply", "scale", "concept shift", "prompting shift",
-                   "relevance ratio", "NLL ratio", "hmean", "meets goal"]
+                   "relevance ratio", "NLL vs prompting", "hmean", "meets goal"]
 
 
 def plot(results: dict, concept: str, path: Path) -> Path:
@@ -86,7 +92,7 @@ def plot(results: dict, concept: str, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(5.2, 3.8), dpi=110)
     lines: dict[str, list[dict]] = {}
     for r in rows:
-        if r["method"] is not None:
+        if r["method"] not in (None, "choose"):
             lines.setdefault(f"{r['kind']} ({r['apply']})", []).append(r)
     for label, rs in sorted(lines.items()):
         rs = sorted(rs, key=lambda r: r["scale_x"])
@@ -95,15 +101,15 @@ def plot(results: dict, concept: str, path: Path) -> Path:
         for r in rs:
             ax.annotate(f"x{r['scale_x']:g}", (r["relevance"], r["concept_shift"]), fontsize=7,
                         xytext=(3, 3), textcoords="offset points")
-    for kind, marker in (("unsteered", "s"), ("prompt", "*")):
+    for kind, marker, color in (("unsteered", "s", "black"), ("prompt", "*", "red"), ("choose", "D", "purple")):
         for r in rows:
             if r["kind"] == kind:
-                ax.scatter([r["relevance"]], [r["concept_shift"]], marker=marker, s=80, color="black" if kind == "unsteered" else "red",
+                ax.scatter([r["relevance"]], [r["concept_shift"]], marker=marker, s=80, color=color,
                            label="prompting" if kind == "prompt" else kind, zorder=5)
     base = next((r for r in rows if r["kind"] == "unsteered"), None)
     if base:
         ax.axvline(base["relevance"] * runmod.GOAL["relevance_ratio_min"], color="grey", ls=":", lw=1,
-                   label="0.85 x unsteered relevance")
+                   label=f"{runmod.GOAL['relevance_ratio_min']} x unsteered relevance")
     ax.axhline(0, color="grey", lw=0.6)
     ax.set_xlabel("relevance (MiniLM cosine to input)")
     ax.set_ylabel(f"concept shift (P({concept}) - unsteered)")
@@ -119,7 +125,7 @@ def plot(results: dict, concept: str, path: Path) -> Path:
 def plot_grid(results: dict, path: Path) -> Path:
     """One small PNG for every feature: concept shift against relevance across the scale
     sweep (a line per method and placement that was swept), the other placements as
-    points, prompting (star) and unsteered (square), and the 0.85 x unsteered relevance line."""
+    points, prompting (star), unsteered (square), and the goal's relevance line."""
     import math
 
     import matplotlib
@@ -131,7 +137,7 @@ def plot_grid(results: dict, path: Path) -> Path:
     ncol = min(4, len(concepts))
     nrow = math.ceil(len(concepts) / ncol)
     fig, axes = plt.subplots(nrow, ncol, figsize=(3.1 * ncol, 2.5 * nrow), dpi=80, squeeze=False)
-    colors = {"sae": "tab:blue", "diffmean": "tab:orange", "file": "tab:green"}
+    colors = {"sae": "tab:blue", "diffmean": "tab:orange", "file": "tab:green", "choose": "purple"}
     styles = ["-", "--", ":", "-."]
     handles = {}
     for ax, concept in zip(axes.flat, concepts):
@@ -142,8 +148,8 @@ def plot_grid(results: dict, path: Path) -> Path:
                 groups.setdefault((r["kind"], r["apply"]), []).append(r)
         applies = list(dict.fromkeys(a for _, a in groups))
         for (kind, apply), rs in groups.items():
-            rs = sorted(rs, key=lambda r: r["scale_x"])
-            label = f"{kind} ({apply})"
+            rs = sorted(rs, key=lambda r: r["scale_x"] or 0.0)
+            label = "choose (per input)" if kind == "choose" else f"{kind} ({apply})"
             if len(rs) > 1:
                 h, = ax.plot([r["relevance"] for r in rs], [r["concept_shift"] for r in rs], marker="o", ms=3,
                              color=colors.get(kind, "grey"), ls=styles[applies.index(apply) % len(styles)], lw=1)
@@ -161,7 +167,7 @@ def plot_grid(results: dict, path: Path) -> Path:
                                                            color="red", zorder=5))
         if base:
             handles.setdefault("unsteered", ax.scatter([base["relevance"]], [0.0], marker="s", s=20, color="black", zorder=5))
-            handles.setdefault("0.85 x unsteered relevance", ax.axvline(
+            handles.setdefault(f"{runmod.GOAL['relevance_ratio_min']} x unsteered relevance", ax.axvline(
                 base["relevance"] * runmod.GOAL["relevance_ratio_min"], color="grey", ls=":", lw=1))
         ax.axhline(0, color="grey", lw=0.5)
         ax.set_title(concept, fontsize=8)
@@ -191,17 +197,25 @@ def eval_md(results: dict, path: Path) -> Path:
              f"Scale choice: {meta['selection']}.", "",
              *[f"- {n}" for n in meta.get("notes", [])], *([""] if meta.get("notes") else []),
              "## The judge", "",
-             f"Judge: {meta['judge']['embedder']}: one logistic regression per axis on MiniLM embeddings, trained on "
+             f"Judge: {meta['judge']['embedder']}: one logistic regression per axis on those text features, trained on "
              "`morph/data/eval/judge/` (written for the judge, not the recipes); accuracy on its held-out part:", "",
              md_table(["axis", "poles", "train", "held-out", "held-out accuracy"],
                       [[a, " / ".join(v["poles"]), str(v["train"]), str(v["test"]), f"{v['heldout_accuracy']:.3f}"]
                        for a, v in meta["judge"]["axes"].items()]), "",
-             "## Does each feature meet the goal? (issue 10 item 5)", "",
-             "A feature meets the goal when, on this split, its concept shift is at least the prompting "
-             f"baseline's, its relevance is at least {runmod.GOAL['relevance_ratio_min']} x the unsteered "
-             f"relevance, its NLL at most {runmod.GOAL['nll_ratio_max']} x the unsteered NLL, and it does not "
-             f"move its concept the wrong way (it must move it: mean shift > 0, and more prompts moved toward it "
-             f"than away, each by more than {runmod.SHIFT_EPS}). Features that fall short are marked experimental in features.json.", "",
+             f"Relevance: {meta['judge'].get('relevance', 'all-MiniLM-L6-v2 cosine')}. The choice's meaning check "
+             "reads the same MiniLM model token by token, so on `choose` this relevance partly measures the "
+             "selector; the concept judge should then be another model's (`--judge gemma`).", "",
+             "## Does each feature meet the goal? (issue 20 item 6)", "",
+             f"A feature meets the goal when, on this split, its concept shift is at least "
+             f"{runmod.GOAL['shift_vs_prompting']} x the style instruction's, its relevance at least "
+             f"{runmod.GOAL['relevance_ratio_min']} x the unsteered relevance, its NLL (under the unsteered model) at "
+             f"most {runmod.GOAL['nll_vs_prompting_max']} x the instruction's and its repetition at most "
+             f"{runmod.GOAL['repetition_vs_prompting_max']} above it, and it does not move its concept the wrong way "
+             f"(mean shift > 0, and more prompts moved toward it than away, each by more than {runmod.SHIFT_EPS}). "
+             "`choose` is what `morph steer -f NAME` prints at its default strength: on rewrites the ladder's "
+             "choice, elsewhere the single default. `experimental` in features.json is still set by issue 10's "
+             f"gate for one vector (shift >= the instruction's, relevance >= {runmod.GATE['relevance_ratio_min']} x, "
+             f"NLL <= {runmod.GATE['nll_ratio_max']} x unsteered).", "",
              md_table(SELECTED_HEADER, selected_rows(results)), "",
              summary_line(results), "",
              "## Scores", "",
@@ -235,7 +249,7 @@ def eval_md(results: dict, path: Path) -> Path:
                       "default before tuning; `scale` is absolute)</summary>", "",
                       md_table(["condition", "scale", "shift", "rel_x", "nll_x", "hmean", "goal"],
                                [[r["condition"], f"{r['scale']:g}", _f(r["concept_shift"]), _f(r["relevance_ratio"], "{:.2f}"),
-                                 _f(r["nll_ratio"], "{:.2f}"), _f(r["hmean"], "{:.3f}"), _goal_mark(r)] for r in trows]),
+                                 _f(r["nll_ratio"], "{:.2f}"), _f(r["hmean"], "{:.3f}"), _goal_mark(r, "gate")] for r in trows]),
                       "", "</details>", ""]
         by_task = [[r["condition"], t, _f(v["concept_shift"]), _f(v["relevance"], "{:.3f}"),
                     _f(v["relevance_ratio"], "{:.2f}"), _f(v["nll_ratio"], "{:.2f}")]
@@ -251,7 +265,7 @@ def eval_entry(r: dict, prompt_row: dict | None, meta: dict) -> dict:
     e = {k: r[k] for k in keys}
     e.update({"prompting_shift": prompt_row["concept_shift"] if prompt_row else None,
               "condition": r["kind"], "apply": r["apply"], "scale": r["scale"], "scale_x": r["scale_x"],
-              "meets_goal": r["goal"]["meets_goal"], "checks": {k: v for k, v in r["goal"].items() if k != "meets_goal"},
+              "meets_goal": r["gate"]["meets_goal"], "checks": {k: v for k, v in r["gate"].items() if k != "meets_goal"},
               "split": meta["split"], "n_prompts": r["n"], "judge": meta["judge"]["embedder"],
               "date": meta["date"]})
     return e
@@ -282,7 +296,7 @@ def write_tuned_scales(results: dict, manifest: Path) -> list[str]:
         scores["tune"] = {
             "scale": r["scale"], "scale_x": r["scale_x"], "swept": sorted({x["scale"] for x in rows if x["concept"] == e["name"]
                                                                              and x["kind"] == e["method"] and x["apply"] == DEFAULT_APPLY}),
-            "apply": DEFAULT_APPLY, "meets_goal_on_tune": r["goal"]["meets_goal"], "hmean": r["hmean"],
+            "apply": DEFAULT_APPLY, "meets_goal_on_tune": r["gate"]["meets_goal"], "hmean": r["hmean"],
             "concept_shift": r["concept_shift"], "relevance_ratio": r["relevance_ratio"], "nll_ratio": r["nll_ratio"],
             "split": "tune", "n_prompts": r["n"], "date": results["meta"]["date"]}
         changed.append(f"{e['name']}@{e['method']}")
@@ -311,7 +325,7 @@ def write_features(results: dict, manifest: Path) -> list[str]:
         rc = old.get("random_control") if isinstance(old, dict) else None
         if isinstance(rc, dict) and (old.get("scale"), old.get("apply")) == (r["scale"], r["apply"]):
             e["scores"]["eval"]["random_control"] = rc
-        e["experimental"] = not r["goal"]["meets_goal"] or bool((e["scores"]["eval"].get("random_control") or {}).get("meets_goal"))
+        e["experimental"] = not r["gate"]["meets_goal"] or bool((e["scores"]["eval"].get("random_control") or {}).get("meets_goal"))
         changed.append(f"{e['name']}@{e['method']}")
     fsutil.atomic_write(manifest, (json.dumps(raw, indent=2) + "\n").encode("utf-8"))
     return changed
