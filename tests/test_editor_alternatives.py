@@ -219,3 +219,14 @@ def test_alternatives_off(session):
     s.send(ALT_NEXT)
     time.sleep(0.05)
     assert s.ed.suggest.text == REPLY and s.ed.buffer.text == "The cat"
+
+
+def test_the_config_key(data_dir, capsys):
+    from morph.config import load_config
+
+    assert load_config().alternatives == 3
+    for value, want in (("0", 0), ("7", 7), ("8", 3), ('"two"', 3), ("true", 3)):
+        (data_dir / "config.toml").write_text(f"[editor]\nalternatives = {value}\n")
+        assert load_config().alternatives == want, value
+    err = capsys.readouterr().err
+    assert err.count("ignoring editor.alternatives") == 3

@@ -21,7 +21,9 @@ and a request reuses whichever shares the longer prefix with it (a new prompt re
 one used less recently). `prefill` evaluates a prompt without generating, so the editor
 can prepare the text before the cursor, or the window it will need next, while the
 other sequence still serves suggestions. `export_state` / `import_state` carry a cached
-prompt's cells across processes (editor/kvcache.py keys and stores them).
+prompt's cells across processes (editor/kvcache.py keys and stores them). Beside the two
+slots, ALT_SEQS scratch sequences let `alternatives` decode several continuations of a
+cached prompt together (a suggestion's alternatives), one llama_decode per step.
 """
 
 from __future__ import annotations
