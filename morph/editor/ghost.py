@@ -510,7 +510,7 @@ class SuggestionController:
         if not self.visible() or not s.alts:
             return False
         ok = [i for i, a in enumerate(s.alts) if a.text.startswith(s.accepted) and len(a.text) > len(s.accepted)]
-        if len(ok) < 2 and s.index in ok:
+        if not ok or ok == [s.index]:
             return False
         pos = ok.index(s.index) if s.index in ok else (-1 if step > 0 else 0)
         self._show(s, ok[(pos + step) % len(ok)])
