@@ -26,6 +26,10 @@ terminal shows.
 - ttft_ms: after typing a word (keys 40 ms apart) and pausing: the suggestion request
   (debounce elapsed) -> its first piece on the UI thread; screen_ttft_ms adds the render
   (-> the next terminal output). engine_ttft_ms and evaluated_tokens come from the engine.
+- alternatives_ms (`--alt-samples` pauses after the TTFT ones, `--alternatives` per
+  suggestion): a suggestion's last piece -> its alternatives decoded, scored and on screen
+  (`alternatives_count`: how many there were to cycle through, the first included).
+  keystroke_idle_ms's keys now meet those being decoded.
 - jump_ms: a far jump in normal mode (`:N` to a paragraph in the middle, or `gg`), a rest
   of `--think-ms`, `o`, a word, a pause: last key -> ghost text on the pty.
 - save_ms: `:w` after an edit -> the message redrawn on the pty (save_inside_ms: the
@@ -441,6 +445,8 @@ def main() -> None:
     ap.add_argument("--saves", type=int, default=6)
     ap.add_argument("--think-ms", type=int, default=1000, help="open or jump -> the first key")
     ap.add_argument("--debounce-ms", type=int, default=250)
+    ap.add_argument("--alternatives", type=int, default=3, help="[editor] alternatives")
+    ap.add_argument("--alt-samples", type=int, default=10, help="pauses timed until the alternatives are ready")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (trace, document)")
     ap.add_argument("--threads", type=int, default=None, help="passed to morph write (default: its own)")
     args = ap.parse_args()
@@ -453,7 +459,8 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="morph-bench-editor-"))
     data_dir = tmp / "data"
     data_dir.mkdir()
-    (data_dir / "config.toml").write_text(f"[editor]\ndebounce_ms = {args.debounce_ms}\nsuggestion_tokens = 32\n")
+    (data_dir / "config.toml").write_text(f"[editor]\ndebounce_ms = {args.debounce_ms}\nsuggestion_tokens = 32\n"
+                                          f"alternatives = {args.alternatives}\n")
     feat = pick_feature(data_dir)
     doc = tmp / "doc.md"
     text = make_document(args.words)
@@ -521,6 +528,20 @@ def main() -> None:
                 evaluated.append(done.get("evaluated_tokens", 0))
             print(f"  ttft {i + 1}/{args.samples}: {ttft[-1]:.1f} ms (engine {engine_ttft[-1] if engine_ttft else 0:.1f}, "
                   f"evaluated {evaluated[-1] if evaluated else '?'})", file=sys.stderr)
+
+        # Alternatives: a pause, and the suggestion's alternatives waited for (their own
+        # generator, so the samples below stay as they were).
+        alt_ms, alt_n = [], []
+        alt_rng = random.Random(2)
+        for i in range(args.alt_samples if args.alternatives else 0):
+            last = type_keys(app.send, list(" " + alt_rng.choice(words)))
+            req = trace.wait("request", last, 10)
+            done = trace.wait("done", req["t"], 20) if req else None
+            alt = trace.wait("alternatives", done["t"], 30) if done else None
+            if alt is not None:
+                alt_ms.append((alt["t"] - done["t"]) * 1000)
+                alt_n.append(alt["n"])
+            print(f"  alternatives {i + 1}/{args.alt_samples}: {alt_ms[-1] if alt else None} ms", file=sys.stderr)
 
         keys, streaming, parts = [], 0, []
         after = app.send(" ")  # start a suggestion; each typed mark starts the next one
@@ -633,6 +654,9 @@ def main() -> None:
             "engine_ttft_ms": summary(engine_ttft),
             "evaluated_tokens": summary([float(x) for x in evaluated]),
             "pause_to_ghost_ms": summary(pause_ghost),
+            "alternatives": args.alternatives,
+            "alternatives_ms": summary(alt_ms),
+            "alternatives_count": summary([float(n) for n in alt_n]),
             "jump_ms": {k: summary(v) for k, v in jumps.items()},
             "save_ms": summary(saves),
             "save_inside_ms": summary(saves_inside),

@@ -65,7 +65,12 @@ DEFAULT_TOML = """\
 # kv_cache_mb = 256    # saved suggestion state per document (kvcache/, ~20 MB each); 0: none
 # choose = true        # expand/compress at the features' default strengths: the strongest of a
 #                      # ladder of candidates that keeps the meaning; false: one generation
+# alternatives = 3     # more suggestions decoded together after the first (Alt-] / Alt-[
+#                      # cycle, the best by fluency and repetition shows); 0: none; at most 7
 """
+
+
+MAX_ALTERNATIVES = 7  # the engine's scratch sequences (engine/llama.ALT_SEQS) hold these and the first
 
 
 @dataclass
@@ -83,6 +88,7 @@ class Config:
     suggestion_tokens: int = 32
     kv_cache_mb: int = 256
     editor_choose: bool = True  # telescope at default strengths: choose among a ladder (morph/choose.py)
+    alternatives: int = 3  # ghost text: suggestions decoded after the first, to cycle through (editor/alternatives.py)
     tensor_parallel_size: int = 1
     gpu_compile: bool = False
 
@@ -139,6 +145,12 @@ def load_config(create: bool = True) -> Config:
             cfg.kv_cache_mb = ed["kv_cache_mb"]
         if isinstance(ed.get("choose"), bool):
             cfg.editor_choose = ed["choose"]
+        alts = ed.get("alternatives")
+        if isinstance(alts, int) and not isinstance(alts, bool) and 0 <= alts <= MAX_ALTERNATIVES:
+            cfg.alternatives = alts
+        elif alts is not None:
+            print(f"morph: warning: {path}: ignoring editor.alternatives = {alts!r} "
+                  f"(a whole number 0..{MAX_ALTERNATIVES})", file=sys.stderr)
     return cfg
 
 

@@ -78,7 +78,7 @@ class FakeEngine:
                 return
             time.sleep(self.delay)
             t.gen_tokens += 1
-            yield Event(text=(" " if i else "") + w)
+            yield Event(text=(" " if i else "") + w, token_ids=(i,))
         t.decode_s = max(1e-3, self.delay * len(words))
         yield Event(done=True, finish_reason="stop", timings=t)
 
@@ -95,11 +95,11 @@ def wait(cond, timeout=5.0, what="condition"):
 class Session:
     """An Editor running on its own thread, fed through a pipe."""
 
-    def __init__(self, path, engine=None, catalog=None, keys="vi", debounce_ms=20, **kw):
+    def __init__(self, path, engine=None, catalog=None, keys="vi", debounce_ms=20, alternatives=3, **kw):
         self._inp_cm = create_pipe_input()
         self.inp = self._inp_cm.__enter__()
         self.engine = FakeEngine() if engine is None else engine
-        cfg = Config(debounce_ms=debounce_ms, suggestion_tokens=16)
+        cfg = Config(debounce_ms=debounce_ms, suggestion_tokens=16, alternatives=alternatives)
         self.ed = Editor(path, engine=self.engine, catalog=catalog, config=cfg, keys=keys,
                          input=self.inp, output=DummyOutput(), **kw)
         self.thread = threading.Thread(target=self.ed.run, daemon=True)

@@ -186,3 +186,29 @@ def test_a_feature_the_catalog_lacks_is_one_error_line_after_the_document_shows(
     lines = err.read_text().strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("morph: error:") and "nosuchfeature" in lines[0], lines
     assert doc.read_text() == "Keep this text.\n"
+
+
+def test_alt_bracket_shows_another_alternative_and_tab_accepts_it(tmux, tmp_path):
+    """After the suggestion, its alternatives (decoded by the real model in one batch) are
+    counted in the status bar; Alt-] puts the next one on screen and Tab takes that one."""
+    doc = tmp_path / "alts.md"
+    typed = "The weather today is"
+    s = tmux.start(*morph_write(doc))
+    tmux.wait_screen(s, lambda scr: "NORMAL" in scr, 30, "the editor")
+    tmux.send(s, "i")
+    tmux.type(s, typed)
+    scr = tmux.wait_screen(s, lambda scr: "Alt-] 1/" in status_line(scr), 90, "alternatives ready")
+    first = scr.split("\n")[0].rstrip()
+    assert first.startswith(typed) and len(first) > len(typed) + 2
+    tmux.send(s, "M-]")
+    scr = tmux.wait_screen(s, lambda scr: "Alt-] 2/" in status_line(scr), 10, "the next alternative")
+    second = scr.split("\n")[0].rstrip()
+    assert second.startswith(typed) and second != first
+    tmux.send(s, "Tab")
+    tmux.wait_screen(s, lambda scr: "Alt-]" not in status_line(scr), 10, "accepted")
+    tmux.send(s, "Escape")
+    tmux.wait_screen(s, lambda scr: "NORMAL" in status_line(scr), 10, "normal mode")
+    tmux.type(s, ":wq")
+    tmux.send(s, "Enter")
+    tmux.wait_exit(s)
+    assert doc.read_text(encoding="utf-8").startswith(second)

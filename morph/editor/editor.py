@@ -401,8 +401,9 @@ class Editor:
                                                            self.worker.resume_idle)
         if self._trace_fh is not None:
             self.trace("key")
-        # Leaving insert mode (vi Esc) dismisses a suggestion shown or on its way.
-        if self.suggest.current is not None and not self.insert_mode():
+        # Leaving insert mode (vi Esc) dismisses a suggestion shown or on its way (the F2
+        # panel only hides it: it shows its scores).
+        if self.suggest.current is not None and not self.insert_mode() and not self.panel.is_open:
             self.suggest.dismiss()
 
     # --- messages --------------------------------------------------------------------
@@ -625,13 +626,15 @@ class Editor:
 
     # --- history ---------------------------------------------------------------------------
 
-    def log_suggestion(self, action, text, accepted, features, ttft_s, tok_per_s) -> None:
-        self.trace("log", action=action, chars=len(text), accepted=len(accepted or ""))
+    def log_suggestion(self, action, text, accepted, features, ttft_s, tok_per_s, chosen=None) -> None:
+        """`chosen`: which alternative showed and its scores (None: no alternatives were ready)."""
+        self.trace("log", action=action, chars=len(text), accepted=len(accepted or ""),
+                   alternative=chosen["alternative"] if chosen else None)
         if not self.log_enabled or not text:
             return
         path = self.path
         self.bg.submit(
-            lambda db: history.log_suggestion(db, path, action, text, accepted, features, ttft_s, tok_per_s)
+            lambda db: history.log_suggestion(db, path, action, text, accepted, features, ttft_s, tok_per_s, chosen)
         )
 
 

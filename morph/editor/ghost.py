@@ -18,20 +18,24 @@ on one thread), so the controller keeps the window ready ahead of the user:
   next keystroke and resumed later) it evaluates the full window at the cursor, and the
   window that follows the next step once the cursor nears it; after a jump in normal
   mode the short window there comes first.
+
+Once a suggestion has streamed, its alternatives are decoded in one batch by a job of their
+own (editor/alternatives.py), cancelled by typing like the suggestion; the best of them
+replaces what shows unless part of it was accepted already, and Alt-] / Alt-[ cycle.
 """
 
 from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from prompt_toolkit.layout.controls import BufferControl, UIContent
 from prompt_toolkit.layout.processors import Processor, Transformation, TransformationInput
 from prompt_toolkit.mouse_events import MouseEvent
 
 from morph import tasks
-from morph.editor import kvcache
+from morph.editor import alternatives, kvcache
 
 GHOST_STYLE = "class:ghost"
 WINDOW_CHARS = 4000  # prompt window before the cursor (~900 tokens of English)
@@ -97,6 +101,11 @@ class Suggestion:
     job: object | None = None
     logged: bool = False
     extra: dict = field(default_factory=dict)
+    request: object | None = None  # the request that streamed it (the full or the short window)
+    ids: list = field(default_factory=list)  # its token ids as the engine sampled them
+    strip0: int = 0  # `strip` as it was at the start (alternatives lose as many blanks)
+    alts: list = field(default_factory=list)  # alternatives.Alternative, best first, once ready
+    index: int = 0  # which of `alts` shows
 
     @property
     def ttft_s(self) -> float | None:
@@ -252,6 +261,7 @@ class SuggestionController:
             anchor_text=ed.buffer.text,
             anchor_cursor=ed.buffer.cursor_position,
             strip=strip,
+            strip0=strip,
             features=dict(ed.profile),
             t_request=time.perf_counter(),
         )
@@ -264,6 +274,7 @@ class SuggestionController:
 
         def run(job):
             req = self._pick(full_req, short_req)
+            s.request = req
             s.extra["window_chars"] = len(req.prompt)
             ed.trace("window", chars=len(req.prompt), short=req is short_req)
             # The first piece goes to the screen at once; later ones are batched so the UI
@@ -273,6 +284,7 @@ class SuggestionController:
             last = 0.0
             visible = False  # until text that is not blank went out, send every piece
             for ev in ed.engine.stream(req):
+                s.ids.extend(ev.token_ids)
                 if ev.text:
                     pending.append(ev.text)
                     now = time.perf_counter()
@@ -444,6 +456,81 @@ class SuggestionController:
             "done", finish=ev.finish_reason, **(ev.timings.as_dict() if ev.timings else {})
         )
         self.ed.invalidate()
+        if ev.finish_reason != "cancelled":
+            self._ask_alternatives(s)
+
+    # --- alternatives ----------------------------------------------------------------
+
+    def _ask_alternatives(self, s: Suggestion) -> None:
+        """Decode `[editor] alternatives` more continuations of `s`'s prompt in one batch and
+        score `s` with them (a worker job; typing cancels it like a suggestion)."""
+        ed = self.ed
+        n = min(ed.config.alternatives, getattr(ed.engine, "alt_seqs", 0) - 1)
+        if n <= 0 or s.request is None or not s.ids or not (s.accepted + s.text).strip():
+            return
+        req = replace(s.request, temperature=alternatives.TEMPERATURE, cancel=None)
+        seeds = [alternatives.SEED + i for i in range(n)]
+        post = ed.post
+
+        def run(job):
+            t = time.perf_counter()
+            out = ed.engine.alternatives(req, seeds, cancel=job.cancel, known=[list(s.ids)])
+            if not job.cancelled and out:
+                post(self._on_alternatives, s, req.prompt, out, seeds, (time.perf_counter() - t) * 1000)
+
+        ed.worker.submit("alternatives", run)
+
+    def _on_alternatives(self, s: Suggestion, before: str, out: list, seeds: list, ms: float) -> None:
+        if s is not self.current:
+            return
+        shown = s.accepted + s.text
+        first = alternatives.Alternative(shown, alternatives.score(before, shown, out[0].logprobs), streamed=True)
+        alts, texts = [first], {shown.strip()}
+        for a, seed in zip(out[1:], seeds):
+            text = alternatives.cut_blanks(a.text, s.strip0)
+            if a.finish != "cancelled" and text.strip() and text.strip() not in texts:
+                texts.add(text.strip())
+                alts.append(alternatives.Alternative(text, alternatives.score(before, a.text, a.logprobs), seed=seed))
+        s.alts = alternatives.rank(alts)
+        s.index = s.alts.index(first)
+        if not s.accepted and s.alts[0] is not first:  # the best shows, unless part was taken already
+            self._show(s, 0)
+        self.ed.trace("alternatives", ms=round(ms, 1), n=len(s.alts), shown=s.index,
+                      fluency=[round(a.scores.fluency, 3) for a in s.alts])
+        self.ed.invalidate()
+
+    def _show(self, s: Suggestion, i: int) -> None:
+        s.index = i
+        s.text = s.alts[i].text[len(s.accepted):]
+
+    def cycle(self, step: int) -> bool:
+        """Alt-] (+1) / Alt-[ (-1): show the next or previous alternative (of those that
+        go on from what was accepted of the suggestion so far)."""
+        s = self.current
+        if not self.visible() or not s.alts:
+            return False
+        ok = [i for i, a in enumerate(s.alts) if a.text.startswith(s.accepted) and len(a.text) > len(s.accepted)]
+        if not ok or ok == [s.index]:
+            return False
+        pos = ok.index(s.index) if s.index in ok else (-1 if step > 0 else 0)
+        self._show(s, ok[(pos + step) % len(ok)])
+        self.ed.trace("cycle", shown=s.index)
+        self.ed.invalidate()
+        return True
+
+    def position(self) -> tuple[int, int] | None:
+        """(1-based index, count) of the alternative that shows, once they are ready."""
+        s = self.current
+        return (s.index + 1, len(s.alts)) if s is not None and s.alts else None
+
+    def scores_line(self) -> str:
+        """The F2 panel's line for the suggestion that shows ("" without alternatives)."""
+        s = self.current
+        if s is None or not s.alts:
+            return ""
+        a = s.alts[s.index]
+        where = "the first" if a.streamed else f"seed {a.seed}"
+        return f"suggestion {s.index + 1}/{len(s.alts)} ({where}): {a.scores.describe()}"
 
     # --- accept / dismiss (UI thread) --------------------------------------------------
 
@@ -468,7 +555,7 @@ class SuggestionController:
         if not s.text and (s.done or how == "all"):
             self._log(s, "accepted" if how == "all" else how)
             self.current = None
-            self.ed.worker.cancel(("suggest",))
+            self.ed.worker.cancel(("suggest", "alternatives"))
             self.schedule()
         self.ed.invalidate()
         return True
@@ -485,7 +572,7 @@ class SuggestionController:
         if s is None:
             return
         self.current = None
-        self.ed.worker.cancel(("suggest",))
+        self.ed.worker.cancel(("suggest", "alternatives"))
         if s.accepted:  # partly taken (word/line), the rest typed over or dismissed
             self._log(s, s.extra.get("how", "word"))
         elif s.text:
@@ -497,7 +584,12 @@ class SuggestionController:
             return
         s.logged = True
         tps = s.timings.tok_per_s if s.timings is not None else None
-        self.ed.log_suggestion(action, s.accepted + s.text, s.accepted or None, s.features, s.ttft_s, tps)
+        chosen = None
+        if s.alts:  # which alternative showed (the history's `chosen`)
+            a = s.alts[s.index]
+            chosen = {"alternative": s.index + 1, "of": len(s.alts), "streamed": a.streamed, "seed": a.seed,
+                      **a.scores.as_dict()}
+        self.ed.log_suggestion(action, s.accepted + s.text, s.accepted or None, s.features, s.ttft_s, tps, chosen)
 
 
 def _split_fragments(fragments, x: int):

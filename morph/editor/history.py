@@ -93,13 +93,16 @@ def log_suggestion(
     features: dict,
     ttft_s: float | None,
     tok_per_s: float | None,
+    chosen: dict | None = None,
 ) -> None:
+    """`chosen`: which of the suggestion's alternatives showed, with its scores."""
     doc = document_id(db, path)
     with db:
         db.execute(
-            "INSERT INTO suggestions (document_id, ts, action, text, accepted, features, ttft_s, tok_per_s)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (doc, time.time(), action, text, accepted, json.dumps(features, sort_keys=True), ttft_s, tok_per_s),
+            "INSERT INTO suggestions (document_id, ts, action, text, accepted, features, ttft_s, tok_per_s, chosen)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (doc, time.time(), action, text, accepted, json.dumps(features, sort_keys=True), ttft_s, tok_per_s,
+             None if chosen is None else json.dumps(chosen, sort_keys=True)),
         )
 
 

@@ -4,6 +4,7 @@ Suggestions (when ghost text is shown):
   Tab                      accept all of it
   Ctrl-Right, Ctrl-B (vi), Alt-f (emacs)   accept the next word
   Ctrl-E, End, Shift-Tab   accept the next line
+  Alt-] / Alt-[            the next / previous alternative (once they are decoded)
   Ctrl-]                   dismiss, stay in insert mode
   Esc                      vi: dismiss and leave insert mode; emacs: dismiss
   (typing anything else cancels it; a new one comes after a pause)
@@ -61,6 +62,14 @@ def build_key_bindings(ed) -> KeyBindings:
     @kb.add("s-tab", filter=ghost & ~confirm)
     def _(event):
         ed.suggest.accept("line")
+
+    @kb.add("escape", "]", filter=ghost & ~confirm)
+    def _(event):
+        ed.suggest.cycle(1)
+
+    @kb.add("escape", "[", filter=ghost & ~confirm)
+    def _(event):
+        ed.suggest.cycle(-1)
 
     @kb.add("c-]", filter=ghost & ~confirm)
     def _(event):

@@ -47,6 +47,9 @@ def status_fragments(ed):
 def status_right_fragments(ed):
     s = ed.suggest
     right = []
+    pos = s.position() if s.visible() else None
+    if pos is not None and pos[1] > 1:
+        right.append(("class:status.timing", f"Alt-] {pos[0]}/{pos[1]}  "))
     if s.last_ttft_s is not None:
         t = f"TTFT {s.last_ttft_s * 1000:.0f} ms"
         if s.last_tok_per_s:

@@ -3,7 +3,8 @@
 Keys in the panel: Up/Down or j/k move, Space/Enter toggles, +/- (or Right/Left) change
 the strength by 0.05, 0 resets it to the feature's default, Esc/F2/q close. A change
 cancels the suggestion on screen; the next one uses the new profile, which is stored with
-the document in morph.db.
+the document in morph.db. Without a change the suggestion is only hidden while the panel
+is open, and its line at the bottom shows its scores (editor/alternatives.py).
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ class FeaturePanel:
         self.close() if self.is_open else self.open()
 
     def open(self) -> None:
-        self.ed.suggest.dismiss()
+        if not self.ed.suggest.shown():
+            self.ed.suggest.dismiss()  # one on its way: the panel may change what it would be
         self.is_open = True
         self.ed.app.layout.focus(self._window)
         self.ed.invalidate()
@@ -49,7 +51,8 @@ class FeaturePanel:
     def close(self) -> None:
         self.is_open = False
         self.ed.app.layout.focus(self.ed.buffer)
-        self.ed.suggest.schedule()
+        if not self.ed.suggest.shown():
+            self.ed.suggest.schedule()
         self.ed.invalidate()
 
     # --- model ------------------------------------------------------------------------
@@ -92,11 +95,13 @@ class FeaturePanel:
 
     def _fragments(self):
         feats = self.features
+        line = self.ed.suggest.scores_line()
+        tail = [("class:panel.dim", f"\n{line}  (Alt-] / Alt-[ in the text)\n")] if line else []
         if not feats:
             return [
                 ("class:panel.dim", "No features for this model yet.\n"),
                 ("class:panel.dim", "Build some with `morph vectors build`, or see `morph features`.\n"),
-            ]
+            ] + tail
         out = []
         width = max(len(f.name) for f in feats)
         for i, f in enumerate(feats):
@@ -107,7 +112,7 @@ class FeaturePanel:
             out.append((sel + ("class:panel.on" if on else ""), f" {mark} {f.name:<{width}}"))
             out.append((sel, f"  {f.method:<8} {scale:+.2f}  {f.eval_label:<32} "))
             out.append((sel + "class:panel.dim", f"{f.description}\n"))
-        return out
+        return out + tail
 
     def _keys(self) -> KeyBindings:
         kb = KeyBindings()

@@ -21,7 +21,9 @@ and a request reuses whichever shares the longer prefix with it (a new prompt re
 one used less recently). `prefill` evaluates a prompt without generating, so the editor
 can prepare the text before the cursor, or the window it will need next, while the
 other sequence still serves suggestions. `export_state` / `import_state` carry a cached
-prompt's cells across processes (editor/kvcache.py keys and stores them).
+prompt's cells across processes (editor/kvcache.py keys and stores them). Beside the two
+slots, ALT_SEQS scratch sequences let `alternatives` decode several continuations of a
+cached prompt together (a suggestion's alternatives), one llama_decode per step.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import hashlib
 import os
 import threading
 import time
+from dataclasses import dataclass, replace
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -49,6 +52,11 @@ PROMPT_CHUNK = 128  # prompt tokens per decode call: cancellation is checked bet
 # debounce (250 ms): 16 tokens are ~0.1 s on one thread of the 2-core box (~0.3 s when a
 # neighbour loads it), for ~10% less throughput than 128.
 PREFILL_CHUNK = 16
+# Scratch sequences beside the two slots (the editor's): the alternatives to a suggestion
+# are decoded in them together, each from a copy of the slot's prompt cells (in the one
+# unified KV cache a copy shares the cells), and removed again.
+ALT_SEQS = 8
+GIVEN_CHUNK = 4  # a given continuation's tokens per step: a step (the latency of a cancel) stays short
 
 
 class _Slot:
@@ -84,7 +92,7 @@ class LlamaEngine(EngineCommon):
             self.llm = open_llama(
                 info.file.path,
                 extra_bufts=extra_bufts,  # None: config.toml, else off on AMX CPUs (llamacpp.py)
-                n_seq_max=slots,
+                n_seq_max=slots + (ALT_SEQS if slots == 2 else 0),
                 n_ctx=n_ctx,
                 n_batch=n_batch,
                 n_threads=self.threads,
@@ -115,6 +123,7 @@ class LlamaEngine(EngineCommon):
         if slots not in (1, 2):
             raise MorphError("the llama.cpp engine keeps one or two prompts (slots=1|2)")
         self.slots = slots
+        self.alt_seqs = ALT_SEQS if slots == 2 else 0  # sequences `alternatives` may use at once
         n = self.llm.n_ctx()
         self._other = _Slot(1, np.zeros(n, np.intc), np.zeros(n, np.int32)) if slots == 2 else None
         self._file_sample: str | None = None  # state_key's model file digest, made once
@@ -344,11 +353,7 @@ class LlamaEngine(EngineCommon):
     def _eval(self, tokens: Sequence[int], logits_all: bool = False) -> None:
         """Append `tokens` to the current sequence under the vector set now (tagged with it).
         (Llama.eval knows only sequence 0.)"""
-        if self._governor is not None:
-            k = self._governor.threads()
-            if k != self._threads_now:
-                self._lc.llama_set_n_threads(self.llm._ctx.ctx, k, k)
-                self._threads_now = k
+        self._adapt_threads()
         llm = self.llm
         n, k = llm.n_tokens, len(tokens)
         b = llm._batch.batch
@@ -365,6 +370,13 @@ class LlamaEngine(EngineCommon):
         self._kv_tag[n : n + k] = self._tag()
         llm.n_tokens = n + k
         self._logits_key = (self._seq, n + k, self._tag())  # get_logits_ith(-1) is after this
+
+    def _adapt_threads(self) -> None:
+        if self._governor is not None:
+            k = self._governor.threads()
+            if k != self._threads_now:
+                self._lc.llama_set_n_threads(self.llm._ctx.ctx, k, k)
+                self._threads_now = k
 
     def _last_logits(self) -> np.ndarray:
         ptr = self.llm._ctx.get_logits_ith(-1)
@@ -679,6 +691,122 @@ class LlamaEngine(EngineCommon):
         tim.total_s = end - t0
         yield Event(done=True, finish_reason=finish, timings=tim)
 
+    # --- alternatives (the editor's suggestions) --------------------------------------------
+
+    def alternatives(self, request: Request, seeds: Sequence[int], cancel: threading.Event | None = None,
+                     known: Sequence[Sequence[int]] = ()) -> list[Alternative]:
+        """Continuations of `request`'s prompt, one per seed, decoded together: the prompt
+        is brought into a slot as `stream` does (cached cells reused, the same steering
+        placement), its cells are copied into scratch sequences (shared, not copied, in the
+        unified cache), and each step is one llama_decode with one token per live sequence,
+        each sampled by its own sampler (the request's sampling with that seed) under the
+        same stop rules as `stream`. `known`: token ids of continuations generated before
+        (the suggestion `stream` gave), scored in the same batch (teacher-forced); they come
+        first in the result, with finish "given". The scratch sequences are removed again
+        (also on cancel or error); the slot keeps exactly the prompt, so a later `stream`
+        reuses it (its last token is evaluated again: the logits here are the batch's).
+        A cancel (`cancel`, `request.cancel` or `cancel()`) ends every sequence where it is
+        (finish "cancelled")."""
+        n = len(seeds) + len(known)
+        if n > self.alt_seqs:
+            raise MorphError(f"this engine decodes at most {self.alt_seqs} alternatives at once")
+        if not n:
+            return []
+        tokens, max_tokens = self.checked_prompt(request)
+        cancel = cancel or request.cancel or threading.Event()
+        self._cancel.clear()
+        prompt_f, gen_f = apply_factors(request.apply)
+        with self._lock:
+            self.set_steering(_scaled(request.steering, prompt_f))
+            _, stopped = self._prime(tokens, cancel, reserve=n * max_tokens, reuse_logits=True)
+            if stopped:
+                return []
+            # Every token decoded here is a generated one: the generation's share of the vector.
+            self.set_steering(_scaled(request.steering, gen_f))
+            base = self.llm.n_tokens
+            seqs = range(self.slots, self.slots + n)
+            runs = [_AltRun(seqs[i], None, list(k)[:max_tokens]) for i, k in enumerate(known)]
+            runs += [_AltRun(seqs[len(known) + i], self._sampler(replace(request, seed=int(s))))
+                     for i, s in enumerate(seeds)]
+            for r in runs:
+                if not max_tokens or (r.sampler is None and not r.ids):
+                    r.finish = "given" if r.sampler is None else "length"
+            try:
+                for r in runs:
+                    self._seq_rm(r.seq, 0)
+                    self._lc.llama_memory_seq_cp(self._mem, self._seq, r.seq, 0, base)
+                self._decode_alternatives(runs, base, max_tokens, [s for s in request.stop if s], cancel)
+            finally:
+                for r in runs:
+                    self._seq_rm(r.seq, 0)
+                    if r.sampler is not None:
+                        r.sampler.close()
+                self._logits_key = None  # the context's logits are the batch's now
+        return [Alternative(r.text, r.ids, r.finish or "length", r.logprobs) for r in runs]
+
+    def _decode_alternatives(self, runs: list["_AltRun"], base: int, max_tokens: int, stops: list[str],
+                             cancel: threading.Event) -> None:
+        ctx = self.llm._ctx
+        b = self.llm._batch.batch
+        rows = {id(r): -1 for r in runs}  # batch row of each run's next-token logits (-1: the prompt's)
+        known_rows: list[tuple[_AltRun, int]] = []
+        while True:
+            live = [r for r in runs if r.finish is None]
+            if not live:
+                return
+            if cancel.is_set() or self._cancel.is_set():
+                for r in live:
+                    r.end("cancelled", stops)
+                return
+            k = 0
+
+            def add(tok: int, pos: int, seq: int) -> int:
+                nonlocal k
+                b.token[k], b.pos[k], b.seq_id[k][0], b.n_seq_id[k], b.logits[k] = tok, pos, seq, 1, True
+                k += 1
+                return k - 1
+
+            for r in live:
+                if r.sampler is None:  # a given continuation: GIVEN_CHUNK of its tokens per step
+                    if not r.logprobs:
+                        r.logprobs.append(self._logprob(-1, r.ids[0]))
+                    j0 = len(r.logprobs) - 1  # the next token to evaluate
+                    for j in range(j0, min(j0 + GIVEN_CHUNK, len(r.ids) - 1)):
+                        known_rows.append((r, add(r.ids[j], base + j, r.seq)))
+                    if j0 + GIVEN_CHUNK >= len(r.ids) - 1:
+                        r.finish = "given"
+                        r.text = self.detokenize(r.ids)
+                    continue
+                row = rows[id(r)]
+                tok = r.sampler.sample(ctx, row)
+                if self.is_eog(tok):
+                    r.end("stop", stops)
+                    continue
+                r.logprobs.append(self._logprob(row, tok))
+                r.ids.append(tok)
+                r.text += r.decoder.decode(self._piece(tok))
+                cut = _find_stop(r.text, stops) if stops else None
+                if cut is not None:
+                    r.text, r.finish = r.text[:cut], "stop"
+                elif len(r.ids) >= max_tokens or base + len(r.ids) >= self.n_ctx:
+                    r.end("length", stops)
+                else:
+                    rows[id(r)] = add(tok, base + len(r.ids) - 1, r.seq)
+            if not k:
+                return
+            b.n_tokens = k
+            self._adapt_threads()
+            ctx.decode(self.llm._batch)
+            for r, row in known_rows:
+                r.logprobs.append(self._logprob(row, r.ids[len(r.logprobs)]))
+            known_rows.clear()
+
+    def _logprob(self, row: int, tok: int) -> float:
+        """log p(tok) from the logits of batch row `row` of the last decode (-1: its last)."""
+        x = np.ctypeslib.as_array(self.llm._ctx.get_logits_ith(row), shape=(self._n_vocab,))
+        m = float(x.max())
+        return float(x[tok]) - m - float(np.log(np.exp(x - m).sum()))
+
     # --- activation capture and batched runs (contexts of their own) -------------------
 
     def _capturer(self):
@@ -699,6 +827,43 @@ class LlamaEngine(EngineCommon):
         from morph.engine.batch import BatchRunner
 
         return BatchRunner(self, n_seq=n_seq, n_ctx=n_ctx, n_batch=n_batch, unified=unified)
+
+
+@dataclass
+class Alternative:
+    """A continuation from `LlamaEngine.alternatives`: its text as `stream` would give it
+    (stop strings cut), its token ids (end-of-generation excluded), why it ended, and each
+    token's log-probability under the model as it ran (its steering included; before the
+    sampler's penalties and temperature)."""
+
+    text: str
+    ids: list[int]
+    finish: str
+    logprobs: list[float]
+
+    @property
+    def mean_logprob(self) -> float:
+        return float(np.mean(self.logprobs)) if self.logprobs else 0.0
+
+
+class _AltRun:
+    """One sequence of `alternatives` while it decodes."""
+
+    def __init__(self, seq: int, sampler, ids: list[int] | None = None):
+        self.seq, self.sampler = seq, sampler
+        self.ids = ids if ids is not None else []
+        self.logprobs: list[float] = []
+        self.text = ""
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.finish: str | None = None
+
+    def end(self, finish: str, stops: list[str]) -> None:
+        """Ended by end-of-generation, a limit or a cancel: the decoder's tail is still text."""
+        self.text += self.decoder.decode(b"", final=True)
+        cut = _find_stop(self.text, stops) if stops else None
+        if cut is not None:
+            self.text, finish = self.text[:cut], "stop"
+        self.finish = finish
 
 
 def _file_sample(path: str, size: int, n: int = 1 << 20) -> str:
