@@ -43,6 +43,7 @@ from morph.engine.base import Event, Request, Timings, apply_factors
 from morph.engine.chat import EngineCommon
 from morph.engine import llamacpp
 from morph.engine.llamacpp import default_threads, open_llama
+from morph.engine.sampling import logprob_at
 from morph.errors import MorphError
 from morph.models import ModelInfo
 from morph.steering.vector import ControlVector
@@ -441,9 +442,7 @@ class LlamaEngine(EngineCommon):
             finally:
                 self._seq_rm(self._seq, n0)
                 llm.n_tokens = n0
-        m = rows.max(axis=1, keepdims=True)
-        lse = (m + np.log(np.exp(rows - m).sum(axis=1, keepdims=True)))[:, 0]
-        return rows[np.arange(len(cont)), cont] - lse
+        return logprob_at(rows, cont)
 
     def stream(self, request: Request) -> Iterator[Event]:
         t0 = time.perf_counter()
@@ -804,8 +803,7 @@ class LlamaEngine(EngineCommon):
     def _logprob(self, row: int, tok: int) -> float:
         """log p(tok) from the logits of batch row `row` of the last decode (-1: its last)."""
         x = np.ctypeslib.as_array(self.llm._ctx.get_logits_ith(row), shape=(self._n_vocab,))
-        m = float(x.max())
-        return float(x[tok]) - m - float(np.log(np.exp(x - m).sum()))
+        return float(logprob_at(x[None], [tok])[0])
 
     # --- activation capture and batched runs (contexts of their own) -------------------
 

@@ -53,3 +53,10 @@ def sample_row(row: np.ndarray, rng: np.random.Generator, temperature: float, to
     c = np.cumsum(p)
     j = min(int(np.searchsorted(c, rng.random() * c[-1], side="right")), len(c) - 1)
     return int(cand[j])
+
+
+def logprob_at(rows: np.ndarray, toks) -> np.ndarray:
+    """log-softmax of each logits row at its token (`toks[i]` for row i), in the rows' dtype."""
+    m = rows.max(axis=1, keepdims=True)
+    lse = m[:, 0] + np.log(np.exp(rows - m).sum(axis=1))
+    return rows[np.arange(len(rows)), toks] - lse

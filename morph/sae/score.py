@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from morph.engine.base import BatchRunner
+from morph.engine.sampling import logprob_at
 
 
 @dataclass
@@ -81,11 +82,7 @@ def logprobs(runner: BatchRunner, items: list[Item], layer: int, full: bool = Fa
 def _log_softmax_at(logits: np.ndarray, toks: np.ndarray, want: np.ndarray) -> np.ndarray:
     """log-softmax of each output row at the token that follows it in the batch."""
     rows = np.flatnonzero(want)
-    nxt = toks[rows + 1]
-    lg = np.asarray(logits, np.float32)
-    mx = lg.max(axis=1)
-    lse = mx + np.log(np.exp(lg - mx[:, None]).sum(axis=1))
-    return lg[np.arange(len(rows)), nxt] - lse
+    return logprob_at(np.asarray(logits, np.float32), toks[rows + 1])
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
