@@ -55,24 +55,26 @@ def write_cmd(obj, file, keys, features, experimental, no_suggest, no_log, threa
         return rt.engine, rt.catalog, rt.model_name
 
     now = None if no_suggest or not obj.gpu else loader()
-    ed = Editor(
-        file,
-        engine=now and now[0],
-        catalog=now and now[1],
-        config=cfg,
-        model_name=now[2] if now else "no model",
-        keys=keys,
-        profile=list(features) if features else None,
-        experimental=experimental,
-        log=not no_log,
-        embedder=lambda: opened[0].embedder if opened else None,
-        loader=None if no_suggest or now else loader,
-    )
+    ed = None
     try:
+        ed = Editor(
+            file,
+            engine=now and now[0],
+            catalog=now and now[1],
+            config=cfg,
+            model_name=now[2] if now else "no model",
+            keys=keys,
+            profile=list(features) if features else None,
+            experimental=experimental,
+            log=not no_log,
+            embedder=lambda: opened[0].embedder if opened else None,
+            loader=None if no_suggest or now else loader,
+        )
         ed.run(manage_gc=True)
     finally:
-        ed.wait_loaded()
-        for rt in opened:
+        if ed is not None:
+            ed.wait_loaded()
+        for rt in opened:  # also when the editor could not open (the --gpu engine loads first)
             rt.close()
 
 
