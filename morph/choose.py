@@ -211,7 +211,7 @@ def run(engine, embedder, framing: str, text: str, features: Sequence[Feature], 
     jobs = [j for _, j in pairs]
     reads = Reads(jobs, [len(j.tokens) for j in jobs])
     with runner_for(engine, jobs) as runner:
-        outs = generate(runner, jobs, cancel=cancel, on_rows=reads)
+        outs = generate(runner, jobs, cancel=cancel, on_rows=reads, share_prefix=True)  # the two prompts' system prompt
     if cancel is not None and cancel.is_set():
         raise KeyboardInterrupt
     cands = [Candidate(r, o.text.strip(), o.ids, o.finish) for (r, _), o in zip(pairs, outs)]

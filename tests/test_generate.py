@@ -133,9 +133,9 @@ def test_jobs_with_one_prompt_share_its_prefill(engine):
 
 
 def test_prompts_that_start_alike_share_their_common_cells(engine):
-    """Two rewrites of different texts (one system prompt, the instruction in one of them):
-    the second copies the cells they share and evaluates only the rest, and both generate
-    what `engine.stream` gives from a fresh cache."""
+    """share_prefix (the ladder's): two rewrites of one text, the instruction in one of them,
+    the second copies the cells they share and evaluates only the rest; here both still
+    generate what `engine.stream` gives from a fresh cache (not guaranteed in general: rounding)."""
     from morph import tasks
 
     reqs = [tasks.build_request("rewrite", "hey, can u send me the report by friday? thx", temperature=0.0,
@@ -155,7 +155,7 @@ def test_prompts_that_start_alike_share_their_common_cells(engine):
             return real_decode(tokens, pos, seq, *a, **kw)
 
         counting.decode = decode
-        outs = generate(counting, jobs)
+        outs = generate(counting, jobs, share_prefix=True)
     assert (counting.prefills, counting.copies) == (1, 1)
     assert evaluated[:2] == [len(jobs[0].tokens), len(jobs[1].tokens) - common]  # both begin before any step
     for r, o in zip(reqs, outs):

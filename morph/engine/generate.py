@@ -15,8 +15,9 @@ Greedy jobs give `engine.stream`'s tokens bit for bit (tests/test_generate.py), 
 - tokens are chosen after llama.cpp's repeat penalty (engine/sampling.py).
 Jobs with the same prompt tokens and prompt steering share one prefill: the next one gets
 a copy of the KV cells and the first token's logits (a memory copy instead of a prompt
-evaluation; see BatchRunner.copy). A prompt that only starts like one already evaluated
-(the same system prompt, another instruction) copies the common cells and evaluates the rest.
+evaluation; see BatchRunner.copy). With `share_prefix` (the ladder only), a prompt that only
+starts like one already evaluated (the same system prompt, another instruction) copies the
+common cells and evaluates the rest: cheaper, but not bit for bit `engine.stream`.
 """
 
 from __future__ import annotations
@@ -169,9 +170,10 @@ def _edit_for(rows: list[tuple[_Run, float, Sequence[int] | None]]):
 class _Loop:
     """The state of one `generate` call: slots of the runner, each running one job."""
 
-    def __init__(self, runner, cancel, on_token, on_rows, on_done, prompt_chunk, share_prefill):
+    def __init__(self, runner, cancel, on_token, on_rows, on_done, prompt_chunk, share_prefill, share_prefix=False):
         self.runner, self.engine = runner, runner.engine
         self.share = share_prefill
+        self.share_prefix = share_prefill and share_prefix
         self.cancel = cancel or threading.Event()
         self.on_token, self.on_rows, self.on_done = on_token, on_rows, on_done
         self.chunk = prompt_chunk or runner.n_batch
@@ -218,7 +220,7 @@ class _Loop:
             self.runner.copy(src, s, len(run.job.tokens))
             row = self.first[key]
         else:
-            src, n = self._shared_prefix(key) if key is not None else (None, 0)
+            src, n = self._shared_prefix(key) if key is not None and self.share_prefix else (None, 0)
             if src is not None:
                 self.runner.copy(src, s, n)  # e.g. the system prompt of a ladder's other prompt
             row = self._prefill(s, run, start=n)
@@ -341,7 +343,8 @@ def generate(runner, jobs: Iterable[Job], *, cancel: threading.Event | None = No
              on_token: Callable[[int, int], None] | None = None,
              on_rows: Callable[[int, np.ndarray, dict[int, np.ndarray]], None] | None = None,
              on_done: Callable[[int, Output], None] | None = None,
-             prompt_chunk: int | None = PROMPT_CHUNK, share_prefill: bool = True) -> list[Output]:
+             prompt_chunk: int | None = PROMPT_CHUNK, share_prefill: bool = True,
+             share_prefix: bool = False) -> list[Output]:
     """Outputs of `jobs` (any iterable, taken as slots free up), in order.
 
     `runner`: a BatchRunner with `unified=False` (see `runner_for`) and room for each
@@ -352,8 +355,13 @@ def generate(runner, jobs: Iterable[Job], *, cancel: threading.Event | None = No
     call); `on_done(i, output)` as job i ends. `prompt_chunk`: prompt tokens per call
     (None: a whole prompt per call, up to the runner's n_batch). `share_prefill=False`:
     every job evaluates its own prompt (bench/batch.py measures what sharing saves).
+    `share_prefix`: a prompt that only starts like one evaluated before copies the common
+    cells and evaluates the rest in chunks of its own, so its tokens may differ from
+    `engine.stream`'s by rounding (2 of 4 report-half rewrites of `morph eval --quick`):
+    for the ladder (choose.py), never for callers that must match `engine.stream`.
     """
-    return _Loop(runner, cancel, on_token, on_rows, on_done, prompt_chunk, share_prefill).run(jobs)
+    return _Loop(runner, cancel, on_token, on_rows, on_done, prompt_chunk, share_prefill,
+                 share_prefix).run(jobs)
 
 
 def runner_for(engine, jobs: Sequence[Job], n_seq: int = N_SEQ):
