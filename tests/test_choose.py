@@ -69,9 +69,8 @@ def test_the_ladder_is_one_batch_of_what_each_rung_gives_alone(engine, emb, choi
     for rung, job in jobs.items():
         req = tasks.build_request("rewrite", TEXT, max_tokens=48, temperature=0.0, repeat_penalty=1.0,
                                   style=choose.instruction([formal]) if rung.instructed else None,
-                                  steering=choose.combined([formal], rung.scale), apply=choose.LADDER_APPLY,
-                                  stop=["\n\n"])  # the ladder's: a one-paragraph input gets one paragraph
-        assert list(engine.prepare_tokens(req)) == job.tokens and "\n\n" in job.stop
+                                  steering=choose.combined([formal], rung.scale), apply=choose.LADDER_APPLY)
+        assert list(engine.prepare_tokens(req)) == job.tokens and job.ends_at is not None
         cand = by_rung[rung.name]
         # A fresh engine: one that reuses an earlier prompt's cells evaluates the rest in
         # other splits, and on this model that moves log-probs by up to ~0.2 (measured).
@@ -82,6 +81,8 @@ def test_the_ladder_is_one_batch_of_what_each_rung_gives_alone(engine, emb, choi
             if cand.finish == "until":  # the ladder's length cap (choose.rewrite_cap) ended it
                 assert len(cand.ids) == choose.rewrite_cap(len(engine.tokenize(TEXT))) + 1
                 alone, text = alone[: len(cand.ids)], None
+            elif job.ends_at(text) >= 0 and text.strip().startswith(cand.text):  # one line in, one line out
+                alone, text = alone[: len(cand.ids)], text[: job.ends_at(text)]
             if text is not None and text.strip() == cand.text:
                 continue
             # batched vs alone: other batch shapes, other kernels (equal up to the first near-tie)
@@ -94,6 +95,56 @@ def test_the_ladder_is_one_batch_of_what_each_rung_gives_alone(engine, emb, choi
     assert plain.steering is not None and plain.apply == choose.LADDER_APPLY
 
 
+def test_a_rewrite_candidate_has_as_many_lines_as_its_input(engine, emb, formal):
+    """What a candidate adds after the input's last line (commentary, a reply, a sign-off)
+    is cut by the decode loop as the line starts, and generation of that candidate ends."""
+    one = choose.lines_end(1)
+    assert one("Could you send it?") == -1 and one("Could you send it?\n") == -1
+    assert one("Could you send it?\nI hope this message finds you well.") == len("Could you send it?")
+    two = choose.lines_end(2)
+    letter = "Dear Dana,\n\nThe printer is fixed."
+    assert two(letter) == -1 and two(letter + "\n\nBest regards,") == len(letter)
+    # On the real model: a one-line message, and candidates that would go on to a second line.
+    text = "hey, can u send me the report by friday? thx"
+    c = choose.run(engine, emb, "rewrite", text, [formal], max_tokens=48, temperature=0.0)
+    assert all("\n" not in x.text for x in c.candidates), [x.text for x in c.candidates]
+    from dataclasses import replace
+
+    from morph.engine.generate import generate, runner_for
+
+    went_on = 0
+    for _, job in choose.ladder_jobs(engine, "rewrite", text, [formal], max_tokens=48, temperature=0.0):
+        # each alone (one batch shape, so the same tokens up to the cut), with the rule and without
+        with runner_for(engine, [job]) as runner:
+            cut = generate(runner, [job])[0]
+        free = replace(job, ends_at=None)
+        with runner_for(engine, [free]) as runner:
+            whole = generate(runner, [free])[0]
+        assert "\n" not in cut.text.strip()
+        if "\n" in whole.text.strip():
+            went_on += 1
+            assert whole.text.startswith(cut.text) and cut.ids == whole.ids[: len(cut.ids)] and len(cut.ids) < len(whole.ids)
+            assert cut.finish == "stop"
+        else:
+            assert cut.ids == whole.ids
+    assert went_on, "no candidate went past one line here: this test checks nothing"
+
+
+def test_concise_is_read_by_length_and_the_shorter_kept_candidate_wins(emb, formal):
+    src = "The swimming pool will close for cleaning from Monday to Wednesday, and the lessons booked for those days will move to the following week."
+    long_ = src
+    short = "The pool closes Monday to Wednesday for cleaning; those days' lessons move to the following week."
+    concise = choose.Feature("concise@sae", formal.vector, "concisely")
+    cands = [choose.Candidate(choose.Rung("0.3", 0.3), long_, [], "stop"),
+             choose.Candidate(choose.Rung("instruction", 0.0, True), short, [], "stop")]
+    for c in cands:
+        c.reads = {concise.key: choose.style_read(concise, None, 0, c, len(src.split()))}
+    assert cands[1].reads[concise.key] > cands[0].reads[concise.key]
+    choice = choose.pick(emb, src, cands, choose.THRESHOLDS["rewrite"])
+    assert all(c.keeps_meaning for c in cands), [c.scores() for c in cands]
+    assert choice.chosen is cands[1]
+
+
 def test_the_style_read_is_the_unsteered_models(engine, formal):
     """The read taken while a steered candidate is generated equals reading its tokens again
     with no vector at all (the vector is added after the block the read is taken at)."""
@@ -101,12 +152,13 @@ def test_the_style_read_is_the_unsteered_models(engine, formal):
 
     layer, unit = choose.unit_direction(formal)
     rung, job = next((r, j) for r, j in choose.ladder_jobs(engine, "rewrite", TEXT, [formal], max_tokens=32,
-                                                            temperature=0.0) if r.name == "0.4")
+                                                            temperature=0.0) if r.name == "0.5")
     reads = choose.Reads([job], [len(job.tokens)])
     with runner_for(engine, [job]) as runner:
         out = generate(runner, [job], on_rows=reads)[0]
     steered = np.concatenate(reads.rows[0][layer])
-    assert 0 < len(steered) <= len(out.ids) + 1
+    steered = steered[: len(out.ids)]  # tokens decoded past a cut have rows too; the read leaves them out
+    assert len(steered) > 0
     reread = Job(tokens=job.tokens + out.ids, max_tokens=1, capture=[layer])  # no vector
     rows = {}
 
@@ -120,7 +172,7 @@ def test_the_style_read_is_the_unsteered_models(engine, formal):
     # the same rows up to batch-split noise, far from the steered rows themselves
     assert np.abs(steered - clean).max() < 0.05 * np.abs(clean).max()
     assert np.abs((steered + job.steering.directions[layer]) - clean).max() > 0.5 * np.linalg.norm(job.steering.directions[layer]) / np.sqrt(len(unit))
-    assert abs(reads.mean(0, layer, unit) - float((clean @ unit).mean())) < 0.05 * max(1.0, abs(float((clean @ unit).mean())))
+    assert abs(reads.mean(0, layer, unit, n=len(out.ids)) - float((clean @ unit).mean())) < 0.05 * max(1.0, abs(float((clean @ unit).mean())))
 
 
 def test_the_choice_is_the_strongest_that_keeps_the_meaning(choice):

@@ -63,6 +63,7 @@ class Job:
     replace: tuple[int, Sequence[int], np.ndarray] | None = None
     until: Callable[[list[int]], bool] | None = None  # ends the job (finish "until") when true for the ids so far
     keep_first_logits: bool = False  # Output.first_logits: the logits the first token came from
+    ends_at: Callable[[str], int] | None = None  # like stop, computed: where the text so far ends (-1: not yet)
 
     @classmethod
     def from_request(cls, engine, req: Request) -> "Job":
@@ -303,9 +304,10 @@ class _Loop:
         run.ids.append(tok)
         if self.on_token is not None:
             self.on_token(run.index, tok)
-        if job.stop:
+        if job.stop or job.ends_at is not None:
             text = self.engine.detokenize(run.ids)
-            cut = min((i for i in (text.find(st) for st in job.stop) if i >= 0), default=-1)
+            cuts = [text.find(st) for st in job.stop] + ([job.ends_at(text)] if job.ends_at is not None else [])
+            cut = min((i for i in cuts if i >= 0), default=-1)
             if cut >= 0:
                 while run.ids and len(self.engine.detokenize(run.ids[:-1])) >= cut:
                     run.ids.pop()  # tokens wholly after the cut are not part of the text

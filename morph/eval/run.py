@@ -180,7 +180,7 @@ def ladder_outputs(engine, embedder, items: list[tuple[EvalPrompt, Target]], cac
     """What `morph steer -f CONCEPT` prints for each rewrite (prompt, target): morph.choose.run
     itself, the product's call (its ladder in one batch, its checks, its choice), greedy with
     the eval's token limit. Each record keeps the rung chosen, every candidate's scores and
-    text. Cached by the ladder's exact jobs, rungs, thresholds and vectors."""
+    text. Cached by the ladder's exact jobs, rungs and vectors, and the code that checks and chooses."""
     from morph import choose
 
     out = []
@@ -188,7 +188,7 @@ def ladder_outputs(engine, embedder, items: list[tuple[EvalPrompt, Target]], cac
         for p, t in items:
             jobs = choose.ladder_jobs(engine, p.task, p.text, t.ladder, **planmod.GEN)
             key = _digest("choice", CACHE_VERSION, _model_id(engine), [(r, j.tokens, _job_fields(j)) for r, j in jobs],
-                          choose.THRESHOLDS, [f.key for f in t.ladder], [f.vector.fingerprint() for f in t.ladder],
+                          _choice_code(), [f.key for f in t.ladder], [f.vector.fingerprint() for f in t.ladder],
                           str(getattr(embedder, "path", "")))
             rec = cache.get(key)
             if rec is None:
@@ -201,11 +201,22 @@ def ladder_outputs(engine, embedder, items: list[tuple[EvalPrompt, Target]], cac
     return out
 
 
+def _choice_code() -> str:
+    """The choice's own code (its thresholds, reads and rule): a change there changes the
+    choice among the same candidates, so it is part of a ladder's cache key."""
+    import inspect
+
+    from morph import choose, meaning
+
+    return _digest(inspect.getsource(choose), inspect.getsource(meaning))
+
+
 def _job_fields(job) -> dict:
     """A ladder job's generation fields for its cache key (its vector by fingerprint)."""
     keep = ("apply", "max_tokens", "stop", "temperature", "top_p", "top_k", "repeat_penalty", "repeat_last_n",
             "seed", "capture")
-    return {k: getattr(job, k) for k in keep} | {"vec": job.steering.fingerprint().hex() if job.steering is not None else ""}
+    return {k: getattr(job, k) for k in keep} | {"vec": job.steering.fingerprint().hex() if job.steering is not None else "",
+                                                 "ends_at": getattr(job.ends_at, "__qualname__", None)}
 
 
 def evaluate(engine, judge, targets: list[Target], prompts: list[EvalPrompt], conditions: list[Condition],
