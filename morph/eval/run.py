@@ -206,17 +206,19 @@ def _choice_code() -> str:
     choice among the same candidates, so it is part of a ladder's cache key."""
     import inspect
 
-    from morph import choose, meaning
+    from morph import __version__, choose, meaning
 
-    return _digest(inspect.getsource(choose), inspect.getsource(meaning))
+    try:
+        return _digest(inspect.getsource(choose), inspect.getsource(meaning))
+    except OSError:  # no source files (the single executable): its version stands for its code
+        return __version__
 
 
 def _job_fields(job) -> dict:
     """A ladder job's generation fields for its cache key (its vector by fingerprint)."""
     keep = ("apply", "max_tokens", "stop", "temperature", "top_p", "top_k", "repeat_penalty", "repeat_last_n",
             "seed", "capture")
-    return {k: getattr(job, k) for k in keep} | {"vec": job.steering.fingerprint().hex() if job.steering is not None else "",
-                                                 "ends_at": getattr(job.ends_at, "__qualname__", None)}
+    return {k: getattr(job, k) for k in keep} | {"vec": job.steering.fingerprint().hex() if job.steering is not None else ""}
 
 
 def evaluate(engine, judge, targets: list[Target], prompts: list[EvalPrompt], conditions: list[Condition],
