@@ -184,11 +184,12 @@ def ladder_outputs(engine, embedder, items: list[tuple[EvalPrompt, Target]], cac
     from morph import choose
 
     out = []
+    code = _choice_code()
     with _progress(len(items), "choose", progress) as bar:
         for p, t in items:
             jobs = choose.ladder_jobs(engine, p.task, p.text, t.ladder, **planmod.GEN)
             key = _digest("choice", CACHE_VERSION, _model_id(engine), [(r, j.tokens, _job_fields(j)) for r, j in jobs],
-                          _choice_code(), [f.key for f in t.ladder], [f.vector.fingerprint() for f in t.ladder],
+                          code, [f.key for f in t.ladder], [f.vector.fingerprint() for f in t.ladder],
                           str(getattr(embedder, "path", "")))
             rec = cache.get(key)
             if rec is None:
