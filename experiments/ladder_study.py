@@ -98,12 +98,18 @@ def replay(argv):
         D["prompts"].update(d["prompts"]); D["cands"] += d["cands"]; D["base_rel"].update(d["base_rel"])
         for k, v in d["base"].items(): D["base"][k].update(v)
         for k, v in d["judge"].items(): D["judge"][k].update(v)
+    from morph import choose, meaning
+
     by = defaultdict(lambda: defaultdict(dict))
     for c in D["cands"]:
         by[c["feature"]][c["prompt"]][c["rung"]] = c
+        # the product's own checks and fallback run on it (one feature: its style ranks as its read)
+        c["cand"] = choose.Candidate(choose.Rung(c["rung"], 0.0), c["text"], [], c["finish"], style=c["read"],
+                                     token_f1=c["token_f1"], retention=meaning.Retention(**c["ret"]))
 
     def fallback(cs):
-        return max(cs, key=lambda c: (c["finish"] != "until", not c["ret"]["invented"], c["token_f1"], -c["read"]))
+        best = choose.closest([c["cand"] for c in cs])
+        return next(c for c in cs if c["cand"] is best)
 
     def sim(spec, rungs, score, keep=lambda c: c["keeps"]):
         con = spec.split("@")[0]
@@ -146,9 +152,9 @@ def replay(argv):
                 print(f"  {ln:5s} {sn:9s} shift {r['shift']:+.3f} x{r['x']:.2f} rel_x {r['rel_x']:.2f} tw/aw {r['tw']}/{r['aw']}  | instr {r['p_shift']:+.3f} rel_x {r['p_rel_x']:.2f}" + (f"  {r['ch']}" if sn == "read" and ln == "shipped" else ""))
 
     print("\n#### threshold grid (ladders first / shipped / all7), scorer read & short & ORACLE")
-    def mk(f1, cont, names=1.0, inv=0):
-        return lambda c: (c["finish"] != "until" and c["token_f1"] >= f1 and c["ret"]["content"] >= cont and c["ret"]["numbers"] >= 1.0
-                          and c["ret"]["names"] >= names and len(c["ret"]["invented"]) <= inv and bool(c["text"]))
+    def mk(f1, cont):
+        th = choose.Thresholds(token_f1=f1, content=cont)
+        return lambda c: bool(c["text"]) and choose.keeps(c["cand"], th)
     for spec in by:
         print("==", spec)
         for ln in ("first", "shipped", "all7"):

@@ -318,8 +318,13 @@ def pick(embedder, source: str, cands: list[Candidate], thresholds: Thresholds) 
         for c, s in zip(cands, z.mean(axis=1)):
             c.style = float(s)
     ok = [c for c in cands if c.keeps_meaning]
-    chosen = max(ok, key=lambda c: c.style) if ok else max(cands, key=lambda c: (c.finish != "until", not c.retention.invented, c.token_f1, -c.style))
-    return Choice(chosen, cands)
+    return Choice(max(ok, key=lambda c: c.style) if ok else closest(cands), cands)
+
+
+def closest(cands: Sequence[Candidate]) -> Candidate:
+    """Where no candidate keeps the meaning: one that ended on its own and invents no name,
+    the best aligned with the source, the least styled on a tie."""
+    return max(cands, key=lambda c: (c.finish != "until", not c.retention.invented, c.token_f1, -c.style))
 
 
 def keeps(c: Candidate, t: Thresholds) -> bool:
