@@ -6,13 +6,20 @@ itself (its line rule, length cap and meaning check), with each candidate's unst
 self-read, MiniLM relevance and the Gemma 3 270M judge's concept score; plus the unsteered
 and the instruction-only rewrite (what `morph eval` calls prompt). One JSON file.
 
+With `--samples K`: K seeded samples (temperature 0.7, top-p 0.95, seed 1000 x the prompt's
+index plus the rung's) of the instruction and of instruction+0.2, as rungs s:<rung>:<k>
+(`--rungs ''` generates only these). Tried at stop 28 as a ladder, "sampled" below (the
+instruction alone and +0.2/+0.3, greedy, and one sample of each, with the vector alone at
+0.3 as a second batch where none keeps the meaning: "sampled>0.3"); not shipped (EVAL.md).
+
 `replay`: the choice replayed offline from those files for ladders (rung subsets), style
 scorers (direction read, length, ladder order, the judge itself as an oracle ceiling) and
 meaning thresholds; per feature: the shift as a ratio to the instruction's and the
 relevance ratio to unsteered, as EVAL.md reports them.
 
     python -m experiments.ladder_study generate --out tuneA.json --features formal@diffmean,concise@sae
-    python -m experiments.ladder_study replay tuneA.json tuneB.json
+    python -m experiments.ladder_study generate --out s.json --rungs '' --samples 4 --features formal@diffmean
+    python -m experiments.ladder_study replay tuneA.json tuneB.json s.json
 
 About 4-5 minutes per feature on 1 thread (52 prompts x 7 rungs).
 """
@@ -38,6 +45,10 @@ def generate(argv):
     ap.add_argument("--features", default="formal@diffmean,casual@diffmean,concise@sae,concise@diffmean,simple@sae,simple@diffmean,positive@diffmean,vivid@diffmean")
     ap.add_argument("--rungs", default="0.2,0.3,0.4,0.5,i,i+0.2,i+0.3")
     ap.add_argument("--limit", type=int)
+    ap.add_argument("--samples", type=int, default=0,
+                    help="K sampled candidates each of the instruction and instruction+0.2 (rungs s:<rung>:<k>), "
+                         "besides the greedy rungs (none: --rungs '')")
+    ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
 
@@ -45,7 +56,8 @@ def generate(argv):
         if s == "i": return Rung("instruction", 0.0, True)
         if s.startswith("i+"): return Rung("instruction+" + s[2:], float(s[2:]), True)
         return Rung(s, float(s))
-    rungs = [rung(s) for s in a.rungs.split(",")]
+    rungs = [rung(s) for s in a.rungs.split(",") if s]
+    sampled = [Rung(f"s:{b.name}:{k}", b.scale, True) for b in (rung("i"), rung("i+0.2")) for k in range(a.samples)]
     info = models.check(models.resolve(None)); eng = LlamaEngine(info, n_ctx=2048, threads=1)
     cat = Catalog(info.model_id); emb = Embedder(threads=1)
     ps = [p for p in P.load_prompts(a.split, tasks=("rewrite",), limit=a.limit)]
@@ -57,12 +69,15 @@ def generate(argv):
     for spec in a.features.split(","):
         f = cat.get(spec, experimental=True)
         feat = choose.Feature(f.key, f.load_vector(), tasks.style_phrase(f.name, f.description))
-        for p in ps:
+        for i, p in enumerate(ps):
             eng.reset_cache()
             req = tasks.build_request("rewrite", p.text, style=feat.phrase, **planmod.GEN)
             out["base"][p.id]["prompt:" + f.name] = collect(eng.stream(req)).text.strip()
-            ch = choose.run(eng, emb, "rewrite", p.text, [feat], rungs=rungs, **planmod.GEN)
-            for c in ch.candidates:
+            cands = choose.run(eng, emb, "rewrite", p.text, [feat], rungs=rungs, **planmod.GEN).candidates if rungs else []
+            if sampled:  # Prompt-and-Rerank's sampling: seeded per prompt, one seed per rung (choose.ladder_jobs)
+                cands += choose.run(eng, emb, "rewrite", p.text, [feat], rungs=sampled, **{
+                    **planmod.GEN, "temperature": a.temperature, "top_p": 0.95, "seed": 1000 * i}).candidates
+            for c in cands:
                 out["cands"].append({"prompt": p.id, "feature": spec, "concept": f.name, "rung": c.rung.name,
                     "text": c.text, "finish": c.finish, "n": len(c.ids), "read": c.reads[f.key],
                     "token_f1": c.token_f1, "ret": c.retention.as_dict(), "keeps": c.keeps_meaning})
@@ -95,9 +110,9 @@ def replay(argv):
     D = {"prompts": {}, "base": defaultdict(dict), "cands": [], "judge": defaultdict(dict), "base_rel": {}}
     for f in files:
         d = json.load(open(f))
-        D["prompts"].update(d["prompts"]); D["cands"] += d["cands"]; D["base_rel"].update(d["base_rel"])
-        for k, v in d["base"].items(): D["base"][k].update(v)
-        for k, v in d["judge"].items(): D["judge"][k].update(v)
+        D["prompts"].update(d["prompts"]); D["cands"] += d["cands"]; D["base_rel"].update(d.get("base_rel", {}))
+        for k, v in d.get("base", {}).items(): D["base"][k].update(v)  # a --rungs '' file has no base
+        for k, v in d.get("judge", {}).items(): D["judge"][k].update(v)
     from morph import choose, meaning
 
     by = defaultdict(lambda: defaultdict(dict))
@@ -111,19 +126,26 @@ def replay(argv):
         best = choose.closest([c["cand"] for c in cs])
         return next(c for c in cs if c["cand"] is best)
 
-    def sim(spec, rungs, score, keep=lambda c: c["keeps"]):
+    def sim(spec, rungs, score, keep=lambda c: c["keeps"], second=()):
         con = spec.split("@")[0]
         J = D["judge"][con]
         sh, shp, rel, rel0, relp, tw, aw, ch = [], [], [], [], [], 0, 0, defaultdict(int)
         for pid, rs in by[spec].items():
             cs = [rs[r] for r in rungs if r in rs]
+            if len(cs) < len(rungs):  # a ladder these files do not have in full
+                continue
             ok = [c for c in cs if keep(c)]
+            if not ok and second:  # a second batch, generated only where none kept the meaning
+                cs = cs + [rs[r] for r in second if r in rs]
+                ok = [c for c in cs if keep(c)]
             pick = max(ok, key=lambda c: score(c, cs)) if ok else fallback(cs)
             ch[pick["rung"] if ok else "fb:" + pick["rung"]] += 1
             s = pick["judge"] - J[f"{pid}|unsteered"]
             sh.append(s); shp.append(J[f"{pid}|prompt:{con}"] - J[f"{pid}|unsteered"])
             rel.append(pick["rel"]); rel0.append(D["base_rel"][f"{pid}|unsteered"]); relp.append(D["base_rel"][f"{pid}|prompt:{con}"])
             tw += s > 0.05; aw += s < -0.05
+        if not sh:
+            return dict(shift=np.nan, x=np.nan, rel_x=np.nan, p_shift=np.nan, p_rel_x=np.nan, tw=0, aw=0, ch={})
         return dict(shift=np.mean(sh), x=np.mean(sh) / np.mean(shp), rel_x=np.mean(rel) / np.mean(rel0),
                     p_shift=np.mean(shp), p_rel_x=np.mean(relp) / np.mean(rel0), tw=tw, aw=aw, ch=dict(ch))
 
@@ -143,13 +165,23 @@ def replay(argv):
         "shipped": ["0.3", "0.5", "instruction", "instruction+0.2", "instruction+0.3"],
         "D": ["0.2", "0.3", "instruction", "instruction+0.2"],
         "all7": ["0.2", "0.3", "0.4", "0.5", "instruction", "instruction+0.2", "instruction+0.3"],
+        # with --samples: the sampled ladder tried at stop 28, without and with a second batch
+        "sampled": ["instruction", "instruction+0.2", "instruction+0.3", "s:instruction:0", "s:instruction+0.2:0"],
+        "s8": [f"s:{r}:{k}" for r in ("instruction", "instruction+0.2") for k in range(4)],
     }
+    SECOND = {"sampled>0.3": ("sampled", ["0.3"])}
     for spec in by:
         print(f"== {spec}  (n={len(by[spec])})")
         for ln, rungs in LADDERS.items():
             for sn, sc in SC.items():
                 r = sim(spec, rungs, sc)
                 print(f"  {ln:5s} {sn:9s} shift {r['shift']:+.3f} x{r['x']:.2f} rel_x {r['rel_x']:.2f} tw/aw {r['tw']}/{r['aw']}  | instr {r['p_shift']:+.3f} rel_x {r['p_rel_x']:.2f}" + (f"  {r['ch']}" if sn == "read" and ln == "shipped" else ""))
+
+    for spec in by:
+        for name, (ln, second) in SECOND.items():
+            for sn in ("read", "short", "ORACLE"):
+                r = sim(spec, LADDERS[ln], SC[sn], second=second)
+                print(f"  {spec} {name} {sn:6s} shift {r['shift']:+.3f} x{r['x']:.2f} rel_x {r['rel_x']:.2f} tw/aw {r['tw']}/{r['aw']}")
 
     print("\n#### threshold grid (ladders first / shipped / all7), scorer read & short & ORACLE")
     def mk(f1, cont):

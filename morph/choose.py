@@ -155,10 +155,12 @@ def ladder_jobs(engine, framing: str, text: str, features: Sequence[Feature], *,
     layers = {L for f in features for L in steered_layers(f.vector)}
     cap = rewrite_cap(len(engine.tokenize(text))) if framing == "rewrite" else None
     out = []
-    for r in rungs:
+    for i, r in enumerate(rungs):
         req = tasks.build_request(framing, text, defaults=defaults, style=instruction(features) if r.instructed else None,
                                   steering=combined(features, r.scale), apply=LADDER_APPLY, **overrides)
         job = Job.from_request(engine, req)
+        if job.temperature > 0 and job.seed is not None:
+            job.seed = int(job.seed) + i  # one seed for all would give rungs that share a recipe one text
         job.capture = sorted(layers)
         job.capture_prompt = False
         if cap is not None:

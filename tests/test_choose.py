@@ -130,6 +130,20 @@ def test_a_rewrite_candidate_has_as_many_lines_as_its_input(engine, emb, formal)
     assert went_on, "no candidate went past one line here: this test checks nothing"
 
 
+def test_a_sampled_ladder_gives_each_rung_its_own_seed(engine, emb, formal):
+    """With a temperature and a seed, rungs that share a recipe are different samples (one
+    seed would make them the same text), and the same seed gives the same candidates again."""
+    same = [choose.Rung(f"instruction:{k}", 0.0, True) for k in range(3)]
+    run = lambda: choose.run(engine, emb, "rewrite", TEXT, [formal], rungs=same, max_tokens=32,
+                             temperature=0.9, top_p=0.95, seed=11)
+    a, b = run(), run()
+    assert [c.ids for c in a.candidates] == [c.ids for c in b.candidates]
+    assert len({tuple(c.ids) for c in a.candidates}) > 1, [c.text for c in a.candidates]
+    seeds = [j.seed for _, j in choose.ladder_jobs(engine, "rewrite", TEXT, [formal], rungs=same,
+                                                    temperature=0.9, seed=11)]
+    assert seeds == [11, 12, 13]
+
+
 def test_concise_is_read_by_length_and_the_shorter_kept_candidate_wins(emb, formal):
     src = "The swimming pool will close for cleaning from Monday to Wednesday, and the lessons booked for those days will move to the following week."
     long_ = src
